@@ -1,0 +1,30 @@
+"""torchode_adjoint: neural-ODE layers for PyTorch with fixed-step solvers and exact bookkeeping.
+
+The public names only; see the documentation for the guides.
+"""
+
+from ._block import ODEBlock
+from ._check import GradientCheck, GradientReport, check_gradients
+from ._dynamics import NFECounter
+from ._layers import ConcatConv2d
+from ._odeint import GRADIENT_MODES, odeint
+from ._solvers import available_solvers, get_solver, register_solver
+from ._tableau import ButcherTableau
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ButcherTableau",
+    "ConcatConv2d",
+    "GRADIENT_MODES",
+    "GradientCheck",
+    "GradientReport",
+    "NFECounter",
+    "ODEBlock",
+    "__version__",
+    "available_solvers",
+    "check_gradients",
+    "get_solver",
+    "odeint",
+    "register_solver",
+]

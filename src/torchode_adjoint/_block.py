@@ -1,0 +1,161 @@
+"""``ODEBlock``: an ``nn.Module`` shell that stores its configuration and calls ``odeint``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._dynamics import NFECounter
+from ._odeint import GradientMode, check_step, odeint, resolve_mode
+from ._solvers import get_solver
+from ._tableau import ButcherTableau
+
+__all__ = ["ODEBlock"]
+
+
+def _time_value(value: float | torch.Tensor, name: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(
+                f"`{name}` must be a real scalar, got a tensor of shape {tuple(value.shape)}."
+            )
+        value = value.detach().reshape(()).item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite real number or 0-dim tensor, got {value!r}.")
+    return float(value)
+
+
+class ODEBlock(nn.Module):
+    """A neural-ODE layer: ``forward(y0)`` returns ``y(t1)`` for ``dy/dt = dynamics(t, y)``.
+
+    Parameters
+    ----------
+    dynamics : nn.Module
+        ``dynamics(t, y) -> dy/dt``, with ``t`` a 0-dim tensor; its parameters that require grad
+        are the ones the adjoint differentiates.
+    solver : str or ButcherTableau, default "euler"
+        See :func:`~torchode_adjoint.available_solvers`.
+    step : float or None, default 0.1
+        The largest step size; ``None`` takes one step from ``t0`` to ``t1``.
+    adjoint : bool or {"backprop", "adjoint"}, default True
+        The gradient mode, as in :func:`~torchode_adjoint.odeint`.
+    t0, t1 : float or Tensor, default 0.0 and 1.0
+        Integration interval (``t1 < t0`` integrates backwards). An ``nn.Parameter`` makes the
+        time learnable and is registered among the block's parameters.
+    check_finite : bool, default True
+        Raise when the state becomes non-finite (see :func:`~torchode_adjoint.odeint`).
+
+    Attributes
+    ----------
+    nfe_forward : int
+        Evaluations of ``dynamics`` in the last forward pass (steps x stages).
+    nfe_backward : int
+        Evaluations in the last backward pass (0 for backprop).
+
+    Raises
+    ------
+    ValueError
+        For ``t0 == t1``, a bad ``step``, an unknown ``solver`` or ``adjoint``.
+    TypeError
+        If ``dynamics`` is not an ``nn.Module``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from torchode_adjoint import ODEBlock
+    >>> class F(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.lin = nn.Linear(2, 2)
+    ...     def forward(self, t, y):
+    ...         return torch.tanh(self.lin(y))
+    >>> block = ODEBlock(F(), solver="rk4", step=0.25)
+    >>> block(torch.randn(5, 2)).shape
+    torch.Size([5, 2])
+    >>> block.nfe_forward
+    16
+    """
+
+    def __init__(
+        self,
+        dynamics: nn.Module,
+        solver: str | ButcherTableau = "euler",
+        step: float | None = 0.1,
+        adjoint: bool | GradientMode = True,
+        t0: float | torch.Tensor = 0.0,
+        t1: float | torch.Tensor = 1.0,
+        *,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(dynamics, nn.Module):
+            raise TypeError(
+                f"`dynamics` must be an nn.Module taking (t, y), got {type(dynamics).__name__}; "
+                "wrap a function in a module or call `odeint(func, y0, t, params=...)` instead."
+            )
+        self.dynamics = dynamics
+        self.solver = get_solver(solver)
+        self.step = check_step(step)
+        self.adjoint = resolve_mode(adjoint)
+        self.check_finite = bool(check_finite)
+        if _time_value(t0, "t0") == _time_value(t1, "t1"):
+            raise ValueError(
+                f"`t0` and `t1` must differ, got t0 = t1 = {_time_value(t0, 't0')}; an ODE block "
+                "over an empty interval is the identity."
+            )
+        for name, value in (("t0", t0), ("t1", t1)):
+            if isinstance(value, nn.Parameter):
+                setattr(self, name, value)
+            else:
+                self.register_buffer(
+                    name,
+                    torch.as_tensor(value, dtype=torch.get_default_dtype())
+                    .detach()
+                    .clone()
+                    .reshape(()),
+                )
+        self._nfe = NFECounter()
+
+    @property
+    def nfe_forward(self) -> int:
+        """Evaluations of the dynamics in the last forward pass."""
+        return self._nfe.forward
+
+    @property
+    def nfe_backward(self) -> int:
+        """Evaluations of the dynamics in the last backward pass."""
+        return self._nfe.backward
+
+    def forward(self, y0: torch.Tensor) -> torch.Tensor:
+        """Integrate from ``t0`` to ``t1``.
+
+        Parameters
+        ----------
+        y0 : Tensor, shape (B, *S)
+
+        Returns
+        -------
+        Tensor, shape (B, *S)
+            The state at ``t1``.
+        """
+        t = torch.stack((self.t0, self.t1))
+        sol = odeint(
+            self.dynamics,
+            y0,
+            t,
+            solver=self.solver,
+            step=self.step,
+            adjoint=self.adjoint,
+            check_finite=self.check_finite,
+            nfe=self._nfe,
+        )
+        return sol[-1]
+
+    def extra_repr(self) -> str:
+        return (
+            f"solver={self.solver.name!r}, step={self.step}, adjoint={self.adjoint!r}, "
+            f"t0={float(self.t0):g}, t1={float(self.t1):g}"
+        )

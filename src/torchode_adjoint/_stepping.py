@@ -1,0 +1,166 @@
+"""One generic explicit Runge--Kutta step for any tableau, and the fixed-step loop."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ._grid import TimeGrid, stage_times, step_sizes
+from ._tableau import ButcherTableau
+
+__all__ = ["StepPlan", "plan_for", "combine", "rk_step", "integrate"]
+
+Step = float | torch.Tensor
+DynamicsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A tableau's non-zero coefficients, resolved once per tableau.
+
+    Attributes
+    ----------
+    stages : int
+    rows : tuple of tuple of (int, float)
+        For each stage ``j``, the pairs ``(l, a_jl)`` with ``a_jl != 0``.
+    weights : tuple of (int, float)
+        The pairs ``(j, b_j)`` with ``b_j != 0``.
+    b : tuple of float
+        All weights, zeros included.
+    """
+
+    stages: int
+    rows: tuple[tuple[tuple[int, float], ...], ...]
+    weights: tuple[tuple[int, float], ...]
+    b: tuple[float, ...]
+
+
+@functools.lru_cache(maxsize=64)
+def plan_for(tableau: ButcherTableau) -> StepPlan:
+    """The :class:`StepPlan` of a tableau (cached: tableaus are frozen and hashable)."""
+    rows = tuple(
+        tuple((m, a_jm) for m, a_jm in enumerate(row[:j]) if a_jm != 0.0)
+        for j, row in enumerate(tableau.a)
+    )
+    weights = tuple((j, b_j) for j, b_j in enumerate(tableau.b) if b_j != 0.0)
+    return StepPlan(stages=tableau.stages, rows=rows, weights=weights, b=tableau.b)
+
+
+def combine(
+    y: torch.Tensor, h: Step, terms: Sequence[tuple[int, float]], ks: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """``y + h * sum(coef * ks[l] for l, coef in terms)`` with fused kernels.
+
+    With a float ``h`` each term is one ``torch.add(..., alpha=)``; with a tensor ``h`` (times
+    that need a gradient) the sum is formed first and added with one ``addcmul``.
+    """
+    if not terms:
+        return y
+    if isinstance(h, float):
+        out = y
+        for m, coef in terms:
+            out = torch.add(out, ks[m], alpha=coef * h)
+        return out
+    (l0, c0), *rest = terms
+    if not rest:
+        return torch.addcmul(y, ks[l0], h, value=c0)
+    acc = ks[l0] * c0
+    for m, coef in rest:
+        acc = torch.add(acc, ks[m], alpha=coef)
+    return torch.addcmul(y, acc, h)
+
+
+def rk_step(
+    f: DynamicsFn,
+    y: torch.Tensor,
+    h: Step,
+    times: Sequence[torch.Tensor],
+    pos: int,
+    plan: StepPlan,
+) -> torch.Tensor:
+    """One explicit RK step from ``y``; stage ``j`` is evaluated at ``times[pos + j]``."""
+    ks: list[torch.Tensor] = []
+    for j in range(plan.stages):
+        ks.append(f(times[pos + j], combine(y, h, plan.rows[j], ks)))
+    return combine(y, h, plan.weights, ks)
+
+
+def integrate(
+    f: DynamicsFn,
+    y0: torch.Tensor,
+    t: torch.Tensor,
+    grid: TimeGrid,
+    tableau: ButcherTableau,
+    *,
+    check_finite: bool,
+) -> torch.Tensor:
+    """Integrate over the grid and return the states at the output times.
+
+    Parameters
+    ----------
+    f : callable
+        ``f(t, y) -> dy/dt``.
+    y0 : Tensor, shape (*S)
+    t : Tensor, shape (T,)
+        Output times in ``y0``'s dtype and device. When it requires grad (backprop through the
+        solver with learnable times), stage times and step sizes are differentiable tensors.
+    grid : TimeGrid
+    tableau : ButcherTableau
+    check_finite : bool
+        Check the result once, after the loop, and locate the first non-finite step if needed.
+
+    Returns
+    -------
+    Tensor, shape (T, *S)
+    """
+    plan = plan_for(tableau)
+    times = stage_times(t, grid, tableau.c)
+    hs: Sequence[Step] = step_sizes(t, grid) if t.requires_grad else grid.h
+    ys = [y0]
+    y = y0
+    pos = 0
+    for i, n in enumerate(grid.n_steps):
+        h = hs[i]
+        for _ in range(n):
+            y = rk_step(f, y, h, times, pos, plan)
+            pos += plan.stages
+        ys.append(y)
+    sol = torch.stack(ys)
+    # One host sync per call, never one per step: see locate_non_finite for the slow path.
+    if check_finite and not bool(torch.isfinite(sol).all()):
+        locate_non_finite(f, sol, t, grid, tableau)
+    return sol
+
+
+def locate_non_finite(
+    f: DynamicsFn, sol: torch.Tensor, t: torch.Tensor, grid: TimeGrid, tableau: ButcherTableau
+) -> None:
+    """Raise a RuntimeError naming the first time at which the state became non-finite.
+
+    Only called on failure: re-integrates the first bad interval step by step, checking each.
+    """
+    finite = torch.isfinite(sol.detach().reshape(sol.shape[0], -1)).all(dim=1).tolist()
+    i = finite.index(False)
+    if i == 0:
+        raise ValueError("`y0` contains NaN or infinite values; pass a finite initial state.")
+    plan = plan_for(tableau)
+    t_a, n, h = grid.times[i - 1], grid.n_steps[i - 1], grid.h[i - 1]
+    times = stage_times(t.detach(), grid, tableau.c)
+    pos = sum(grid.n_steps[: i - 1]) * plan.stages
+    y = sol[i - 1].detach()
+    where = f"t = {grid.times[i]:.6g}"
+    with torch.no_grad():
+        for k in range(n):
+            y = rk_step(f, y, h, times, pos, plan)
+            pos += plan.stages
+            if not bool(torch.isfinite(y).all()):
+                interval = f"[{t_a:.6g}, {grid.times[i]:.6g}]"
+                where = f"t = {t_a + (k + 1) * h:.6g} (step {k + 1} of {n} in {interval})"
+                break
+    raise RuntimeError(
+        f"the ODE state became NaN or infinite at {where}; reduce `step`, use a more stable "
+        "solver, or check the dynamics (pass `check_finite=False` to skip this check)."
+    )

@@ -1,0 +1,125 @@
+"""Butcher tableaus: explicit Runge--Kutta methods described as data."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["ButcherTableau"]
+
+# Consistency conditions (sum(b) == 1, c_i == sum_j a_ij) are checked to this absolute tolerance:
+# loose enough for coefficients typed as decimals (e.g. 0.1666...), tight enough to catch a typo.
+_COEFF_TOL = 1e-10
+
+
+def _as_floats(values: Sequence[float], field: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"`{field}` must be a sequence of real numbers, got {values!r}; "
+            f"pass e.g. `{field}=[0.0, 1.0]`."
+        ) from err
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"`{field}` must hold finite numbers, got {out}.")
+    return out
+
+
+@dataclass(frozen=True)
+class ButcherTableau:
+    """An explicit Runge--Kutta method as its Butcher tableau.
+
+    A method with ``s`` stages advances ``y`` by one step ``h`` as::
+
+        k_i = f(t + c_i h, y + h * sum_{j<i} a_ij k_j),   i = 0..s-1
+        y_next = y + h * sum_i b_i k_i
+
+    The tableau is validated when it is built, so a registered method is always consistent.
+
+    Parameters
+    ----------
+    c : sequence of float, length s
+        Stage nodes; ``c[0]`` must be 0 and ``c[i]`` must equal the row sum of ``a[i]``.
+    a : sequence of sequences of float, shape (s, s)
+        The full, strictly lower-triangular coupling matrix (zeros on and above the diagonal).
+    b : sequence of float, length s
+        Weights; they must sum to 1.
+    order : int
+        The method's order of accuracy ``p`` (global error O(h^p)).
+    name : str, default "custom"
+        A label used in messages and reprs.
+
+    Raises
+    ------
+    ValueError
+        Naming the field: wrong lengths or shapes, a non-zero entry on or above the diagonal of
+        ``a``, weights not summing to 1, ``c[i]`` different from the row sum of ``a[i]``,
+        a non-positive order or a non-finite coefficient.
+    TypeError
+        If a field is not made of real numbers.
+
+    Examples
+    --------
+    >>> from torchode_adjoint import ButcherTableau
+    >>> heun = ButcherTableau(c=[0.0, 1.0], a=[[0.0, 0.0], [1.0, 0.0]], b=[0.5, 0.5], order=2)
+    >>> heun.stages
+    2
+    """
+
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    order: int
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        c = _as_floats(self.c, "c")
+        b = _as_floats(self.b, "b")
+        try:
+            rows = list(self.a)
+        except TypeError as err:
+            raise TypeError(f"`a` must be a sequence of rows, got {self.a!r}.") from err
+        a = tuple(_as_floats(row, "a") for row in rows)
+        s = len(b)
+        if s == 0:
+            raise ValueError("`b` must have at least one weight (one stage), got an empty `b`.")
+        if len(c) != s:
+            raise ValueError(
+                f"`c` must have one node per stage ({s}, the length of `b`), got {len(c)}."
+            )
+        if len(a) != s or any(len(row) != s for row in a):
+            shape = (len(a), *sorted({len(row) for row in a}))
+            raise ValueError(
+                f"`a` must be a full {s}x{s} matrix (one row and column per stage, zeros on and "
+                f"above the diagonal), got rows of lengths {shape[1:]} in {shape[0]} rows."
+            )
+        for i, row in enumerate(a):
+            for j in range(i, s):
+                if row[j] != 0.0:
+                    raise ValueError(
+                        f"`a` must be strictly lower-triangular for an explicit method, got "
+                        f"a[{i}][{j}] = {row[j]}; implicit methods are not supported."
+                    )
+        if abs(sum(b) - 1.0) > _COEFF_TOL:
+            raise ValueError(f"`b` must sum to 1 (consistency), got sum(b) = {sum(b)!r}.")
+        for i, row in enumerate(a):
+            if abs(sum(row) - c[i]) > _COEFF_TOL:
+                raise ValueError(
+                    f"`c[{i}]` must equal the row sum of `a[{i}]` ({sum(row)!r}), got {c[i]!r}."
+                )
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
+            raise ValueError(f"`order` must be a positive int, got {self.order!r}.")
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"`name` must be a non-empty str, got {self.name!r}.")
+        object.__setattr__(self, "c", c)
+        object.__setattr__(self, "a", a)
+        object.__setattr__(self, "b", b)
+
+    @property
+    def stages(self) -> int:
+        """Number of stages, i.e. evaluations of the dynamics per step."""
+        return len(self.b)
+
+    def __repr__(self) -> str:
+        return f"ButcherTableau(name={self.name!r}, order={self.order}, stages={self.stages})"
