@@ -106,17 +106,15 @@ class ODEBlock(nn.Module):
                 f"`t0` and `t1` must differ, got t0 = t1 = {_time_value(t0, 't0')}; an ODE block "
                 "over an empty interval is the identity."
             )
+        # Learnable times are parameters; fixed ones stay Python floats (no float32 rounding of
+        # 0.2 before a float64 state sees it) and become a tensor in the state's dtype per call.
+        self._fixed_times: dict[str, float] = {}
         for name, value in (("t0", t0), ("t1", t1)):
             if isinstance(value, nn.Parameter):
                 setattr(self, name, value)
             else:
-                self.register_buffer(
-                    name,
-                    torch.as_tensor(value, dtype=torch.get_default_dtype())
-                    .detach()
-                    .clone()
-                    .reshape(()),
-                )
+                self._fixed_times[name] = _time_value(value, name)
+        self._t_cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self._nfe = NFECounter()
 
     @property
@@ -141,7 +139,7 @@ class ODEBlock(nn.Module):
         Tensor, shape (B, *S)
             The state at ``t1``.
         """
-        t = torch.stack((self.t0, self.t1))
+        t = self._times(y0)
         sol = odeint(
             self.dynamics,
             y0,
@@ -154,8 +152,29 @@ class ODEBlock(nn.Module):
         )
         return sol[-1]
 
+    def _time(self, name: str) -> float | torch.Tensor:
+        return self._fixed_times[name] if name in self._fixed_times else getattr(self, name)
+
+    def _times(self, y0: torch.Tensor) -> torch.Tensor:
+        """``[t0, t1]`` in ``y0``'s dtype and device, differentiable in learnable times."""
+        if len(self._fixed_times) == 2:
+            key = (y0.dtype, y0.device)
+            if key not in self._t_cache:
+                values = (self._fixed_times["t0"], self._fixed_times["t1"])
+                self._t_cache[key] = torch.tensor(values, dtype=y0.dtype, device=y0.device)
+            return self._t_cache[key]
+        return torch.stack(
+            [
+                torch.as_tensor(self._time(name), dtype=y0.dtype, device=y0.device)
+                if name in self._fixed_times
+                else getattr(self, name).reshape(())
+                for name in ("t0", "t1")
+            ]
+        )
+
     def extra_repr(self) -> str:
+        t0, t1 = (float(self._time(name)) for name in ("t0", "t1"))
         return (
             f"solver={self.solver.name!r}, step={self.step}, adjoint={self.adjoint!r}, "
-            f"t0={float(self.t0):g}, t1={float(self.t1):g}"
+            f"t0={t0:g}, t1={t1:g}"
         )

@@ -144,7 +144,7 @@ def check_gradients(
         kwargs.setdefault("step", block.step)
         kwargs.setdefault("adjoint", block.adjoint)
         if t is None:
-            t = torch.stack((block.t0, block.t1))
+            t = block._times(y0.detach().double())
         func_or_block = block.dynamics
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     if isinstance(func_or_block, nn.Module):

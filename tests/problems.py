@@ -1,0 +1,81 @@
+"""Analytic ODEs with exact solutions, and small dynamics modules used across tests."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class Problem:
+    """``dy/dt = f(t, y)`` with ``y(t) = exact(t, y0, t0)``."""
+
+    name: str
+    f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    exact: Callable[[float, torch.Tensor, float], torch.Tensor]
+    y0: torch.Tensor
+
+
+_A = torch.tensor([[-0.5, 1.0, 0.0], [-1.0, -0.3, 0.2], [0.1, 0.0, -0.8]], dtype=DTYPE)
+_W = torch.tensor([[0.0, -2.0], [2.0, 0.0]], dtype=DTYPE)
+
+PROBLEMS = [
+    Problem(
+        "decay",
+        lambda t, y: -y,
+        lambda t, y0, t0: y0 * torch.exp(torch.tensor(-(t - t0), dtype=DTYPE)),
+        torch.tensor([1.0, -2.0], dtype=DTYPE),
+    ),
+    Problem(
+        "linear",
+        lambda t, y: y @ _A.T,
+        lambda t, y0, t0: torch.linalg.matrix_exp(_A * (t - t0)) @ y0,
+        torch.tensor([1.0, 0.5, -1.0], dtype=DTYPE),
+    ),
+    Problem(
+        "rotation",
+        lambda t, y: y @ _W.T,
+        lambda t, y0, t0: torch.linalg.matrix_exp(_W * (t - t0)) @ y0,
+        torch.tensor([1.0, 0.0], dtype=DTYPE),
+    ),
+    Problem(
+        # Non-autonomous: y' = cos(t) y, y = y0 exp(sin t - sin t0); exercises the stage times.
+        "time_dependent",
+        lambda t, y: torch.cos(t) * y,
+        lambda t, y0, t0: y0 * math.exp(math.sin(t) - math.sin(t0)),
+        torch.tensor([1.0, 2.0], dtype=DTYPE),
+    ),
+]
+
+
+class MLPDynamics(nn.Module):
+    """A small time-dependent MLP: f(t, y) = W2 tanh(W1 y + t u + b1) + b2."""
+
+    def __init__(self, dim: int = 3, hidden: int = 8) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(dim, hidden)
+        self.u = nn.Parameter(torch.randn(hidden) * 0.5)
+        self.l2 = nn.Linear(hidden, dim)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.l1(y) + t * self.u))
+
+
+class ConvBNDynamics(nn.Module):
+    """Conv + BatchNorm + ReLU with a time channel, like the CIFAR-10 ODENet dynamics."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        from torchode_adjoint import ConcatConv2d
+
+        self.conv = ConcatConv2d(channels, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.bn(self.conv(t, y)))
