@@ -1,0 +1,111 @@
+"""Every bad input raises ValueError or TypeError naming the argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from problems import MLPDynamics
+from torchode_adjoint import ODEBlock, odeint
+
+Y0 = torch.ones(2, 3)
+T = torch.tensor([0.0, 1.0])
+F = MLPDynamics()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "arg"),
+    [
+        (dict(step=0.0), ValueError, "`step`"),
+        (dict(step=-0.1), ValueError, "`step`"),
+        (dict(step=float("nan")), ValueError, "`step`"),
+        (dict(step=float("inf")), ValueError, "`step`"),
+        (dict(step="0.1"), TypeError, "`step`"),
+        (dict(step=True), TypeError, "`step`"),
+        (dict(solver="dopri5"), ValueError, "`solver`"),
+        (dict(adjoint="sometimes"), ValueError, "`adjoint`"),
+        (dict(params=torch.ones(2)), TypeError, "`params`"),
+        (dict(params=[1.0]), TypeError, "`params`"),
+    ],
+)
+def test_bad_options_name_the_argument(kwargs: dict, exc: type, arg: str) -> None:
+    with pytest.raises(exc, match=arg):
+        odeint(F, Y0, T, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("t", "exc"),
+    [
+        (torch.tensor([0.0]), ValueError),
+        (torch.tensor(1.0), ValueError),
+        (torch.tensor([[0.0, 1.0]]), ValueError),
+        (torch.tensor([0.0, 0.5, 0.5, 1.0]), ValueError),
+        (torch.tensor([0.0, 1.0, 0.5]), ValueError),
+        (torch.tensor([0.0, float("nan")]), ValueError),
+        (torch.tensor([0.0, 1.0], dtype=torch.complex64), TypeError),
+        ("0 to 1", TypeError),
+    ],
+)
+def test_bad_times_name_t(t: object, exc: type) -> None:
+    with pytest.raises(exc, match="`t`"):
+        odeint(F, Y0, t)
+
+
+def test_times_that_collapse_in_the_state_dtype_are_rejected() -> None:
+    t = torch.tensor([0.0, 1.0, 1.0 + 1e-12], dtype=torch.float64)
+    with pytest.raises(ValueError, match="`t`.*strictly"):
+        odeint(F, Y0, t)
+
+
+def test_times_on_the_meta_device_are_rejected_as_another_device() -> None:
+    with pytest.raises(ValueError, match="`t`.*device"):
+        odeint(F, Y0, torch.tensor([0.0, 1.0], device="meta"))
+
+
+@pytest.mark.parametrize("y0", [torch.ones(2, dtype=torch.long), [1.0, 2.0], None])
+def test_non_floating_y0_raises_type_error_naming_y0(y0: object) -> None:
+    with pytest.raises(TypeError, match="`y0`"):
+        odeint(F, y0, T)
+
+
+def test_non_callable_func_raises_naming_func() -> None:
+    with pytest.raises(TypeError, match="`func`"):
+        odeint("f", Y0, T)
+
+
+def test_dynamics_returning_another_shape_names_func() -> None:
+    with pytest.raises(ValueError, match="`func`.*shape"):
+        odeint(lambda t, y: y.sum(-1), Y0, T, params=())
+
+
+def test_dynamics_returning_another_dtype_names_func() -> None:
+    with pytest.raises(TypeError, match="`func`.*dtype"):
+        odeint(lambda t, y: y.double(), Y0, T, params=())
+
+
+def test_dynamics_returning_a_non_tensor_names_func() -> None:
+    with pytest.raises(TypeError, match="`func`"):
+        odeint(lambda t, y: 1.0, Y0, T, params=())
+
+
+def test_adjoint_with_a_plain_function_requires_params() -> None:
+    lin = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="`params`"):
+        odeint(lambda t, y: lin(y), Y0, T)
+    # Backprop needs no list, and params=() is an explicit "none".
+    odeint(lambda t, y: lin(y), Y0, T, adjoint=False)
+    odeint(lambda t, y: -y, Y0, T, params=())
+
+
+def test_block_rejects_equal_times_and_non_module_dynamics() -> None:
+    with pytest.raises(ValueError, match="`t0` and `t1`"):
+        ODEBlock(F, t0=1.0, t1=1.0)
+    with pytest.raises(TypeError, match="`dynamics`"):
+        ODEBlock(lambda t, y: -y)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`step`"):
+        ODEBlock(F, step=-1.0)
+    with pytest.raises(ValueError, match="`solver`"):
+        ODEBlock(F, solver="nope")
+    with pytest.raises(ValueError, match="`t1`"):
+        ODEBlock(F, t1=float("inf"))
