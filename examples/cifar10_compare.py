@@ -1,0 +1,462 @@
+"""CIFAR-10: ResNet vs ODENet vs the ResidualODE hybrid, with real measurements.
+
+Trains each requested network with the same stem, head, data and optimiser, and reports best and
+final test accuracy, training and test time, parameters, the reference study's "memory" (state
+dict bytes) beside measured memory of a training step (bytes saved for backward; peak bytes of
+live tensors on CPU via the profiler, or peak CUDA allocation), and forward/backward NFE.
+
+    python examples/cifar10_compare.py --quick --data-dir ../shared/data
+    python examples/cifar10_compare.py --data-dir ../shared/data            # the full study
+    torchrun --nproc_per_node=2 examples/cifar10_compare.py --quick ...     # DistributedDataParallel
+
+Checkpoints are written atomically after every epoch; ``--resume`` continues from the last
+finished epoch and gives the same results as an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torchode_adjoint.datasets.cifar10 import CIFAR10, augment, load_cifar10, normalize
+from torchode_adjoint.measure import peak_memory_bytes, saved_tensor_bytes, state_dict_bytes
+from torchode_adjoint.models.cifar10 import ModelSpec, build_model, ode_blocks, parse_model_spec
+
+FULL_MODELS = ["resnet1", "odenet@0.5", "hybrid1@0.1"]
+PRESETS = {
+    "thesis": "one conv and one norm applied twice per block, as the reference study",
+    "standard": "two separate convs and norms per block",
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines one model's training, stored in its checkpoint."""
+
+    model: str
+    preset: str
+    norm: str
+    solver: str
+    gradient: str
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    seed: int
+    train_subset: int | None
+    test_subset: int | None
+
+    @property
+    def run_name(self) -> str:
+        name = f"{self.model}-{self.preset}-{self.norm}-{self.solver}-{self.gradient}"
+        return f"{name}-lr{self.lr:g}-bs{self.batch_size}-seed{self.seed}"
+
+
+class Distributed:
+    """Rank and world size; a no-op outside torchrun."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default="./data",
+                   help="folder holding cifar-10-batches-bin/ (or -py/), or that folder itself")
+    p.add_argument("--output-dir", default="./runs/cifar10_compare")
+    p.add_argument("--models", nargs="+", default=None,
+                   help=f"specs: resnetK, odenet@STEP, hybridK@STEP (default {FULL_MODELS})")
+    p.add_argument("--preset", choices=["thesis", "standard"], default="thesis",
+                   help="thesis: one conv and norm applied twice per block; standard: two")
+    p.add_argument("--norm", choices=["batch", "group"], default="batch")
+    p.add_argument("--solver", default="euler")
+    p.add_argument("--gradient", choices=["backprop", "adjoint"], default="adjoint")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--train-subset", type=int, default=None, help="train on the first N images")
+    p.add_argument("--test-subset", type=int, default=None, help="test on the first N images")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop each model after N more epochs in this invocation (time-boxing)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--download", action="store_true",
+                   help="download the official archive when the data is not found")
+    p.add_argument("--quick", action="store_true",
+                   help="about a minute on a 2-core CPU: 10,000 training images, 3 epochs, "
+                        "the full test set, all three families")
+    args = p.parse_args(argv)
+    if args.quick:
+        defaults = dict(epochs=3, train_subset=10000,
+                        models=["resnet1", "odenet@0.5", "hybrid1@0.5"])
+        for key, value in defaults.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
+    args.models = args.models or FULL_MODELS
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        p.error("--lr must be a positive number")
+    try:
+        args.specs = [parse_model_spec(m) for m in args.models]
+    except ValueError as err:
+        p.error(str(err))
+    return args
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """Write to a temporary file in the same folder, then rename over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def evaluate(model: nn.Module, data: CIFAR10, device: torch.device, batch: int = 1000
+             ) -> tuple[float, float]:
+    """Test accuracy (percent) and the seconds it took over the whole set."""
+    model.eval()
+    correct = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(data), batch):
+            x = normalize(data.images[i : i + batch].to(device, non_blocking=True))
+            correct += int((model(x).argmax(1) == data.labels[i : i + batch].to(device)).sum())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    model.train()
+    return 100.0 * correct / len(data), seconds
+
+
+def measure_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device
+                 ) -> dict[str, int | None]:
+    """Memory and NFE of one training step, on a copy so that training is unaffected."""
+    probe = copy.deepcopy(model)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        loss_fn(probe(x), y).backward()
+        probe.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocator and lazy initialisation
+    with saved_tensor_bytes() as saved:
+        loss = loss_fn(probe(x), y)
+    loss.backward()
+    probe.zero_grad(set_to_none=True)
+    peak = peak_memory_bytes(step, device)
+    blocks = ode_blocks(probe)
+    return {
+        "saved_for_backward_bytes": saved.bytes,
+        "peak_memory_bytes": peak,
+        "nfe_forward": sum(b.nfe_forward for b in blocks),
+        "nfe_backward": sum(b.nfe_backward for b in blocks),
+    }
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """Every epoch's shuffling and augmentation depend only on (seed, epoch): resumable."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+
+
+def train_model(cfg: RunConfig, train: CIFAR10, test: CIFAR10, device: torch.device,
+                out_dir: Path, ddp: Distributed, *, resume: bool, stop_after: int | None,
+                progress: bool) -> dict | None:
+    """Train one network; returns its result record, or None if stopped early."""
+    run_dir = out_dir / cfg.run_name
+    ckpt_path, result_path = run_dir / "checkpoint.pt", run_dir / "result.json"
+    if ddp.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    ddp.barrier()
+    if resume and result_path.exists():
+        record = json.loads(result_path.read_text())
+        if ddp.main:
+            print(f"[{cfg.model}] already finished: best {record['best_test_acc']:.2f} %")
+        return record
+
+    torch.manual_seed(cfg.seed)
+    spec: ModelSpec = parse_model_spec(cfg.model)
+    model = build_model(spec, preset=cfg.preset, norm=cfg.norm, solver=cfg.solver,  # type: ignore[arg-type]
+                        adjoint=cfg.gradient).to(device)
+    if cfg.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+    history: list[dict] = []
+    train_time = 0.0
+    start_epoch = 0
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if state["config"] != asdict(cfg):
+            raise SystemExit(f"{ckpt_path} was written with another configuration; use another "
+                             "--output-dir or drop --resume.")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history, train_time, start_epoch = state["history"], state["train_time_s"], state["epoch"]
+        if ddp.main:
+            print(f"[{cfg.model}] resumed after epoch {start_epoch}")
+    net: nn.Module = model
+    if ddp.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    n = len(train)
+    per_rank = cfg.batch_size // ddp.world
+    if per_rank * ddp.world != cfg.batch_size:
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the world size "
+                         f"{ddp.world}.")
+    steps_per_epoch = n // cfg.batch_size
+    x0 = normalize(train.images[:per_rank].to(device))
+    y0 = train.labels[:per_rank].to(device)
+    measured = measure_step(model, x0, y0, device)
+    loss_fn = nn.CrossEntropyLoss()
+    images, labels = train.images.to(device), train.labels.to(device)
+
+    epochs_run = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        if stop_after is not None and epochs_run >= stop_after:
+            return None
+        gen = epoch_generator(cfg.seed, epoch, device)
+        perm = torch.randperm(n, generator=gen, device=device)
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        start = time.perf_counter()
+        bar = _progress(range(steps_per_epoch), steps_per_epoch,
+                        f"{cfg.model} {epoch + 1}/{cfg.epochs}", progress and ddp.main)
+        for i in bar:
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            x = normalize(augment(images[idx], gen))  # the same augmentation on every rank
+            y = labels[idx]
+            x = x[ddp.rank * per_rank : (ddp.rank + 1) * per_rank]
+            y = y[ddp.rank * per_rank : (ddp.rank + 1) * per_rank]
+            logits = net(x)
+            loss = loss_fn(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * y.shape[0]
+            correct += (logits.argmax(1) == y).sum()
+            seen += y.shape[0]
+            if progress and ddp.main and hasattr(bar, "set_postfix") and i % 10 == 0:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{float(loss):.3f}",
+                                acc=f"{100.0 * float(correct) / seen:.1f}",
+                                img_s=f"{seen * ddp.world / max(elapsed, 1e-9):.0f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_time = time.perf_counter() - start
+        train_time += epoch_time
+        test_acc, test_time = evaluate(model, test, device)
+        entry = {
+            "epoch": epoch + 1,
+            "train_loss": float(loss_sum) / max(seen, 1),
+            "train_acc": 100.0 * float(correct) / max(seen, 1),
+            "test_acc": test_acc,
+            "epoch_time_s": epoch_time,
+            "test_time_s": test_time,
+        }
+        history.append(entry)
+        epochs_run += 1
+        if ddp.main:
+            print(f"[{cfg.model}] epoch {epoch + 1}/{cfg.epochs}  loss {entry['train_loss']:.4f}  "
+                  f"train {entry['train_acc']:.2f} %  test {test_acc:.2f} %  "
+                  f"{epoch_time:.1f} s  {seen * ddp.world / epoch_time:.0f} img/s", flush=True)
+            atomic_save({"config": asdict(cfg), "model": model.state_dict(),
+                         "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history,
+                         "train_time_s": train_time}, ckpt_path)
+        ddp.barrier()
+
+    record = {
+        **asdict(cfg),
+        "label": spec.label,
+        "step": spec.step,
+        "params": sum(p.numel() for p in model.parameters()),
+        "state_dict_bytes": state_dict_bytes(model),
+        "best_test_acc": max(h["test_acc"] for h in history),
+        "final_test_acc": history[-1]["test_acc"],
+        "train_time_s": train_time,
+        "test_time_s": history[-1]["test_time_s"],
+        **measured,
+        "device": describe_device(device),
+        "world_size": ddp.world,
+        "train_images": len(train),
+        "test_images": len(test),
+        "history": history,
+    }
+    if ddp.main:
+        atomic_write_text(json.dumps(record, indent=2), result_path)
+    return record
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def write_reports(records: list[dict], out_dir: Path, command: str) -> None:
+    """results.json, results.csv, results.md and the plots."""
+    atomic_write_text(json.dumps(records, indent=2), out_dir / "results.json")
+    keys = ["model", "label", "preset", "norm", "solver", "step", "gradient", "lr", "params",
+            "state_dict_bytes", "best_test_acc", "final_test_acc", "train_time_s",
+            "test_time_s", "saved_for_backward_bytes", "peak_memory_bytes", "nfe_forward",
+            "nfe_backward", "epochs", "device", "train_images", "test_images"]
+    tmp = out_dir / "results.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    os.replace(tmp, out_dir / "results.csv")
+    lines = [
+        "| network | step | lr | best acc % | final acc % | train s | test s | params | "
+        "\"memory\" B (state dict) | saved for backward MiB | peak step MiB | NFE fwd | NFE bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        step = "-" if r["step"] is None else f"{r['step']:g}"
+        lines.append(
+            f"| {r['label']} | {step} | {r['lr']:g} | {r['best_test_acc']:.2f} | "
+            f"{r['final_test_acc']:.2f} | {r['train_time_s']:.0f} | {r['test_time_s']:.2f} | "
+            f"{r['params']:,} | {r['state_dict_bytes']:,} | "
+            f"{_mib(r['saved_for_backward_bytes'])} | {_mib(r['peak_memory_bytes'])} | "
+            f"{r['nfe_forward']} | {r['nfe_backward']} |"
+        )
+    r0 = records[0]
+    notes = [
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Device: {r0['device']}; preset {r0['preset']}, norm {r0['norm']}, solver "
+        f"{r0['solver']}, gradient {r0['gradient']}, optimiser {r0['optimizer']}, batch "
+        f"{r0['batch_size']}, {r0['epochs']} epochs, seed {r0['seed']}; "
+        f"{r0['train_images']:,} training and {r0['test_images']:,} test images.",
+        "",
+        "Memory columns, per training step at the batch size above: *\"memory\" B* is the "
+        "reference study's column (parameter and buffer bytes, shared weights once); *saved for "
+        "backward* is the bytes of tensors autograd kept for the backward pass "
+        "(`torch.autograd.graph.saved_tensors_hooks`); *peak step* is the peak of live tensor "
+        "bytes allocated during one forward+backward (CUDA: `max_memory_allocated`; CPU: the "
+        "memory timeline of `torch.profiler` with `profile_memory=True`). NFE are per training "
+        "step, summed over the ODE blocks.",
+    ]
+    atomic_write_text("\n".join(lines + notes) + "\n", out_dir / "results.md")
+    plot(records, out_dir)
+
+
+def plot(records: list[dict], out_dir: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install '.[examples]')")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in records:
+        epochs = [h["epoch"] for h in r["history"]]
+        axes[0].plot(epochs, [h["test_acc"] for h in r["history"]], label=r["label"])
+        axes[1].plot(epochs, [h["train_loss"] for h in r["history"]], label=r["label"])
+    axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title="CIFAR-10 test accuracy")
+    axes[1].set(xlabel="epoch", ylabel="training loss", title="training loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out_dir / "curves.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_dir / "curves.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    ddp = Distributed(device)
+    train = load_cifar10(args.data_dir, train=True, download=args.download)
+    test = load_cifar10(args.data_dir, train=False, download=args.download)
+    if args.train_subset:
+        train = CIFAR10(train.images[: args.train_subset], train.labels[: args.train_subset],
+                        train.source)
+    if args.test_subset:
+        test = CIFAR10(test.images[: args.test_subset], test.labels[: args.test_subset],
+                       test.source)
+    out_dir = Path(args.output_dir)
+    if ddp.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"CIFAR-10 from {train.source}: {len(train):,} train / {len(test):,} test images; "
+              f"preset {args.preset!r} ({PRESETS[args.preset]}), device {describe_device(device)}, world size {ddp.world}")
+    records = []
+    for spec in args.specs:
+        cfg = RunConfig(model=spec.name, preset=args.preset, norm=args.norm, solver=args.solver,
+                        gradient=args.gradient, epochs=args.epochs, batch_size=args.batch_size,
+                        optimizer=args.optimizer, lr=args.lr, seed=args.seed,
+                        train_subset=args.train_subset, test_subset=args.test_subset)
+        record = train_model(cfg, train, test, device, out_dir, ddp, resume=args.resume,
+                             stop_after=args.stop_after, progress=not args.no_progress)
+        if record is not None:
+            records.append(record)
+    if ddp.main and records:
+        command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
+        write_reports(records, out_dir, command)
+        print((out_dir / "results.md").read_text())
+    if ddp.world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data sets for the examples and benchmarks (not imported by ``import torchode_adjoint``)."""
