@@ -1,0 +1,121 @@
+"""The CIFAR-10 comparison script end to end: real data, resume equivalence, DDP on 2 processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_files import write_bin
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "cifar10_compare.py"
+REAL_DATA = Path(os.environ.get("CIFAR10_DIR", ROOT.parent / "shared" / "data"))
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("cifar10_compare", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = _load_script()
+
+
+@pytest.mark.skipif(not (REAL_DATA / "cifar-10-batches-bin").is_dir(),
+                    reason=f"CIFAR-10 not found at {REAL_DATA} (set CIFAR10_DIR)")
+def test_quick_comparison_runs_on_a_slice_of_the_real_data_and_writes_every_report(tmp_path):
+    out = tmp_path / "out"
+    rc = compare.main(["--quick", "--data-dir", str(REAL_DATA), "--output-dir", str(out),
+                       "--train-subset", "1000", "--test-subset", "500", "--epochs", "1",
+                       "--batch-size", "100", "--no-progress"])
+    assert rc == 0
+    records = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in records] == ["resnet1", "odenet@0.5", "hybrid1@0.5"]
+    required = {"model", "preset", "solver", "step", "gradient", "params", "best_test_acc",
+                "final_test_acc", "train_time_s", "test_time_s", "peak_memory_bytes",
+                "nfe_forward", "nfe_backward", "epochs", "device", "history"}
+    for r in records:
+        assert required <= set(r)
+        assert 0.0 <= r["best_test_acc"] <= 100.0
+        assert r["peak_memory_bytes"] is None or r["peak_memory_bytes"] > 0
+    assert records[1]["nfe_forward"] == 4 and records[1]["nfe_backward"] == 4  # 2 blocks x 2 steps
+    assert records[0]["nfe_forward"] == 0
+    for name in ("results.csv", "results.md", "curves.png"):
+        assert (out / name).stat().st_size > 0
+    assert "ResNet, 1 block" in (out / "results.md").read_text()
+
+
+def _args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(data), "--output-dir", str(out), "--models", "odenet@0.5",
+            "--epochs", "2", "--batch-size", "20", "--no-progress", *extra]
+
+
+def test_resumed_run_gives_the_same_results_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    write_bin(tmp_path / "data")
+    compare.main(_args(tmp_path / "data", tmp_path / "a"))
+    compare.main(_args(tmp_path / "data", tmp_path / "b", "--stop-after", "1"))
+    run_b = next((tmp_path / "b").glob("*/checkpoint.pt")).parent
+    assert not (run_b / "result.json").exists()
+    assert torch.load(run_b / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    compare.main(_args(tmp_path / "data", tmp_path / "b", "--resume"))
+    a = json.loads((tmp_path / "a" / "results.json").read_text())[0]
+    b = json.loads((tmp_path / "b" / "results.json").read_text())[0]
+    for key in ("best_test_acc", "final_test_acc"):
+        assert a[key] == b[key]
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    sa = torch.load(next((tmp_path / "a").glob("*/checkpoint.pt")), weights_only=True)
+    sb = torch.load(run_b / "checkpoint.pt", weights_only=True)
+    for key, value in sa["model"].items():
+        assert torch.equal(value, sb["model"][key]), key
+
+
+def test_no_temporary_files_are_left_after_a_run(tmp_path: Path) -> None:
+    write_bin(tmp_path / "data")
+    compare.main(_args(tmp_path / "data", tmp_path / "out", "--epochs", "1"))
+    assert not list((tmp_path / "out").rglob("*.tmp*"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_on_two_cpu_processes_matches_a_single_process_on_the_same_global_batch(tmp_path):
+    write_bin(tmp_path / "data", per_file=16, n_test=10)  # 80 images: 2 steps of 40
+    common = ["--data-dir", str(tmp_path / "data"), "--models", "odenet@0.5", "--epochs", "1",
+              "--batch-size", "40", "--norm", "group", "--optimizer", "sgd", "--lr", "0.05",
+              "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, str(SCRIPT), *common, "--output-dir",
+                             str(tmp_path / "single")], env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={_free_port()}", str(SCRIPT), *common, "--output-dir",
+         str(tmp_path / "ddp")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    rec = json.loads((tmp_path / "ddp" / "results.json").read_text())[0]
+    assert rec["world_size"] == 2
+    sa = torch.load(next((tmp_path / "single").glob("*/checkpoint.pt")), weights_only=True)
+    sb = torch.load(next((tmp_path / "ddp").glob("*/checkpoint.pt")), weights_only=True)
+    initial = compare.build_model(compare.parse_model_spec("odenet@0.5"), norm="group")
+    moved = 0
+    for key, value in sa["model"].items():
+        torch.testing.assert_close(sb["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+        if value.is_floating_point() and not torch.equal(value, initial.state_dict()[key]):
+            moved += 1
+    assert moved > 0  # the comparison is between trained parameters
