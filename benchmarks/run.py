@@ -1,0 +1,317 @@
+"""Benchmark suite: every solver and gradient mode, side by side with torchdiffeq.
+
+    python -m benchmarks.run --quick --output-dir benchmarks/results/quick
+    python -m benchmarks.run --output-dir benchmarks/results/cpu
+
+Writes ``results.json``, ``report.md`` and PNG plots. torchdiffeq is measured when it is
+installed (``pip install .[bench]``) and skipped with a message otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from torchode_adjoint import GRADIENT_MODES, NFECounter, get_solver, odeint
+from torchode_adjoint.measure import saved_tensor_bytes
+
+from .timing import alternating_medians
+from .workloads import Counting, Oscillator, Workload, conv_workload, mlp_workload
+
+# Our solver name -> torchdiffeq's method with the same tableau (its "rk4" is the 3/8 rule).
+TORCHDIFFEQ_METHOD = {"euler": "euler", "midpoint": "midpoint", "rk38": "rk4"}
+
+try:
+    import torchdiffeq
+except ImportError:  # pragma: no cover - optional extra
+    torchdiffeq = None
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads, {gpu}")
+
+
+def _times(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor([0.0, 1.0], dtype=dtype, device=device)
+
+
+def ours_loss(w: Workload, solver: str, n: int, mode: str) -> Callable[[], torch.Tensor]:
+    """The forward pass and loss of one training step with this library."""
+    y0 = w.y0.detach().clone().requires_grad_()
+    t = _times(y0.device, y0.dtype)
+
+    def run() -> torch.Tensor:
+        sol = odeint(w.func, y0, t, solver=solver, step=1.0 / n, adjoint=mode)
+        return sol[-1].square().mean()
+
+    return run
+
+
+def tdq_loss(w: Workload, solver: str, n: int, adjoint: bool) -> Callable[[], torch.Tensor]:
+    """The same with torchdiffeq's ``odeint_adjoint`` or ``odeint``."""
+    y0 = w.y0.detach().clone().requires_grad_()
+    t = _times(y0.device, y0.dtype)
+    fn = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
+    kw = {"adjoint_params": tuple(w.func.parameters())} if adjoint else {}
+
+    def run() -> torch.Tensor:
+        sol = fn(w.func, y0, t, method=TORCHDIFFEQ_METHOD[solver],
+                 options={"step_size": 1.0 / n}, **kw)
+        return sol[-1].square().mean()
+
+    return run
+
+
+def train_step(loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """Forward, loss and backward."""
+    return lambda: loss().backward()
+
+
+def ours_forward(w: Workload, solver: str, n: int) -> Callable[[], None]:
+    t = _times(w.y0.device, w.y0.dtype)
+
+    def run() -> None:
+        with torch.no_grad():
+            odeint(w.func, w.y0, t, solver=solver, step=1.0 / n, adjoint=True)
+
+    return run
+
+
+def tdq_forward(w: Workload, solver: str, n: int) -> Callable[[], None]:
+    t = _times(w.y0.device, w.y0.dtype)
+
+    def run() -> None:
+        with torch.no_grad():
+            torchdiffeq.odeint(w.func, w.y0, t, method=TORCHDIFFEQ_METHOD[solver],
+                               options={"step_size": 1.0 / n})
+
+    return run
+
+
+def floor(w: Workload, evaluations: int) -> Callable[[], None]:
+    """The physical floor of a forward pass: ``evaluations`` bare calls of the dynamics."""
+    t0 = _times(w.y0.device, w.y0.dtype)[0]
+
+    def run() -> None:
+        with torch.no_grad():
+            for _ in range(evaluations):
+                w.func(t0, w.y0)
+
+    return run
+
+
+def saved_bytes(loss: Callable[[], torch.Tensor]) -> int:
+    """Bytes saved for backward by the forward pass of one training step.
+
+    The backward pass runs outside the count: the graphs the adjoint builds and frees stage by
+    stage during backward are transient, not memory kept from the forward pass.
+    """
+    with saved_tensor_bytes() as saved:
+        value = loss()
+    value.backward()
+    return saved.bytes
+
+
+def cuda_peak(loss: Callable[[], torch.Tensor]) -> int | None:
+    """Peak CUDA bytes allocated during one training step, above what was allocated before."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss().backward()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated() - base)
+
+
+def nfe_ours(w: Workload, solver: str, n: int, mode: str) -> tuple[int, int]:
+    counter = NFECounter()
+    y0 = w.y0.detach().clone().requires_grad_()
+    sol = odeint(w.func, y0, _times(y0.device, y0.dtype), solver=solver, step=1.0 / n,
+                 adjoint=mode, nfe=counter)
+    sol[-1].sum().backward()
+    return counter.forward, counter.backward
+
+
+def nfe_tdq(w: Workload, solver: str, n: int, adjoint: bool) -> tuple[int, int]:
+    counting = Counting(w.func)
+    y0 = w.y0.detach().clone().requires_grad_()
+    fn = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
+    kw = {"adjoint_params": tuple(w.func.parameters())} if adjoint else {}
+    sol = fn(counting, y0, _times(y0.device, y0.dtype), method=TORCHDIFFEQ_METHOD[solver],
+             options={"step_size": 1.0 / n}, **kw)
+    forward = counting.calls
+    sol[-1].sum().backward()
+    return forward, counting.calls - forward
+
+
+def bench_speed(w: Workload, solvers: list[str], steps: list[int], repeats: int) -> list[dict]:
+    rows = []
+    have_tdq = torchdiffeq is not None
+    for solver in solvers:
+        stages = get_solver(solver).stages
+        for n in steps:
+            cands: dict[str, Callable[[], None]] = {
+                f"ours_{m}": train_step(ours_loss(w, solver, n, m)) for m in GRADIENT_MODES
+            }
+            cands["ours_forward"] = ours_forward(w, solver, n)
+            cands["floor"] = floor(w, n * stages)
+            if have_tdq:
+                cands["tdq_adjoint"] = train_step(tdq_loss(w, solver, n, True))
+                cands["tdq_backprop"] = train_step(tdq_loss(w, solver, n, False))
+                cands["tdq_forward"] = tdq_forward(w, solver, n)
+            times = alternating_medians(cands, repeats=repeats)
+            row: dict = {"workload": w.name, "solver": solver, "steps": n,
+                         "time_s": times, "saved_bytes": {}, "cuda_peak_bytes": {}, "nfe": {}}
+            for m in GRADIENT_MODES:
+                row["saved_bytes"][f"ours_{m}"] = saved_bytes(ours_loss(w, solver, n, m))
+                row["cuda_peak_bytes"][f"ours_{m}"] = cuda_peak(ours_loss(w, solver, n, m))
+                row["nfe"][f"ours_{m}"] = nfe_ours(w, solver, n, m)
+            if have_tdq:
+                for adj, name in ((True, "tdq_adjoint"), (False, "tdq_backprop")):
+                    row["saved_bytes"][name] = saved_bytes(tdq_loss(w, solver, n, adj))
+                    row["cuda_peak_bytes"][name] = cuda_peak(tdq_loss(w, solver, n, adj))
+                    row["nfe"][name] = nfe_tdq(w, solver, n, adj)
+            rows.append(row)
+            print(_speed_line(row), flush=True)
+    return rows
+
+
+def _speed_line(row: dict) -> str:
+    t = row["time_s"]
+    parts = [f"{row['workload']:>6} {row['solver']:>8} n={row['steps']:<5}"]
+    parts.append(f"adjoint {t['ours_adjoint'] * 1e3:8.2f} ms")
+    parts.append(f"adj/bp {t['ours_adjoint'] / t['ours_backprop']:.2f}")
+    parts.append(f"fwd/floor {t['ours_forward'] / t['floor']:.2f}")
+    if "tdq_adjoint" in t:
+        parts.append(f"vs torchdiffeq: adjoint {t['ours_adjoint'] / t['tdq_adjoint']:.2f}x, "
+                     f"backprop {t['ours_backprop'] / t['tdq_backprop']:.2f}x, "
+                     f"fwd/floor {t['tdq_forward'] / t['floor']:.2f}")
+    return "  ".join(parts)
+
+
+def bench_gradients(solvers: list[str], steps: list[int]) -> list[dict]:
+    """Gradient error of every mode against a float64 reference (rk4, 2,000 steps, backprop)."""
+    w = mlp_workload(batch=64, dim=8, dtype=torch.float64)
+    params = list(w.func.parameters())
+
+    def grads(solver: str, n: int, mode: str, lib: str = "ours") -> torch.Tensor:
+        y0 = w.y0.detach().clone().requires_grad_()
+        t = _times(y0.device, y0.dtype)
+        if lib == "ours":
+            sol = odeint(w.func, y0, t, solver=solver, step=1.0 / n, adjoint=mode)
+        else:
+            fn = torchdiffeq.odeint_adjoint if mode == "adjoint" else torchdiffeq.odeint
+            kw = {"adjoint_params": tuple(params)} if mode == "adjoint" else {}
+            sol = fn(w.func, y0, t, method=TORCHDIFFEQ_METHOD[solver],
+                     options={"step_size": 1.0 / n}, **kw)
+        g = torch.autograd.grad(sol[-1].square().mean(), [y0, *params])
+        return torch.cat([x.flatten() for x in g])
+
+    ref = grads("rk4", 2000, "backprop")
+    rows = []
+    for solver in solvers:
+        for n in steps:
+            row = {"solver": solver, "steps": n, "rel_error": {}}
+            for mode in GRADIENT_MODES:
+                row["rel_error"][f"ours_{mode}"] = float((grads(solver, n, mode) - ref).norm()
+                                                         / ref.norm())
+            if torchdiffeq is not None and solver in TORCHDIFFEQ_METHOD:
+                for mode in ("adjoint", "backprop"):
+                    g = grads(solver, n, mode, lib="tdq")
+                    row["rel_error"][f"tdq_{mode}"] = float((g - ref).norm() / ref.norm())
+            rows.append(row)
+    return rows
+
+
+def bench_accuracy(solvers: list[str], steps: list[int]) -> list[dict]:
+    """Workload 3: max error at t = 2 against the closed form, per solver and step count."""
+    osc = Oscillator().double()
+    y0 = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    exact = torch.tensor(osc.exact(2.0, (1.0, 0.0)), dtype=torch.float64)
+    rows = []
+    for solver in solvers:
+        for n in steps:
+            with torch.no_grad():
+                sol = odeint(osc, y0, torch.tensor([0.0, 2.0], dtype=torch.float64),
+                             solver=solver, step=2.0 / n, check_finite=False)
+            err = float((sol[-1, 0] - exact).abs().max())
+            rows.append({"solver": solver, "steps": n, "step": 2.0 / n, "error": err})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the CI preset: under two minutes")
+    p.add_argument("--output-dir", default="benchmarks/results/latest")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if torchdiffeq is None:
+        print("torchdiffeq is not installed: measuring this library alone "
+              "(pip install '.[bench]' for the comparison)")
+    device = torch.device(args.device)
+    solvers = ["euler", "midpoint", "rk38"]
+    if args.quick:
+        mlp_steps, conv_steps, repeats, conv_batch = [10, 100], [2, 5], 5, 32
+    else:
+        mlp_steps, conv_steps, repeats, conv_batch = [10, 100, 1000], [2, 10, 20], 9, 128
+    started = time.time()
+    workloads = [mlp_workload()]
+    workloads += [conv_workload(batch=conv_batch, size=s) for s in (8, 4)]
+    speed = []
+    for w in workloads:
+        w = Workload(w.name, w.title, w.func.to(device), w.y0.to(device))
+        steps = mlp_steps if w.name == "mlp" else conv_steps
+        speed += bench_speed(w, solvers if w.name == "mlp" else ["euler", "rk38"], steps,
+                             repeats if w.name == "mlp" else max(3, repeats // 2))
+    grad_steps = [10, 100] if args.quick else [10, 30, 100, 300]
+    gradients = bench_gradients(solvers, grad_steps)
+    accuracy = bench_accuracy(["euler", "midpoint", "heun", "rk3", "rk4", "rk38"],
+                              [50, 100, 200, 400, 800])
+    results = {
+        "machine": machine(),
+        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None
+                                                          else sys.argv[1:]),
+        "torchdiffeq": getattr(torchdiffeq, "__version__", None),
+        "quick": args.quick,
+        "wall_s": time.time() - started,
+        "workloads": {w.name: w.title for w in workloads},
+        "speed": speed,
+        "gradients": gradients,
+        "accuracy": accuracy,
+    }
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out / "results.json")
+    from .report import write_report
+
+    write_report(results, out)
+    print(f"wrote {out / 'report.md'} in {results['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
