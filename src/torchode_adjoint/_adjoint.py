@@ -12,7 +12,9 @@ output time to the first with the same tableau and grid::
 Each stage makes one evaluation of ``f`` and one vector--Jacobian product for ``y``, the
 parameters and ``t`` together; parameter gradients arrive already summed over the batch.
 At every output time ``t_i`` the incoming gradient is added to ``a``, the state is reset to the
-stored forward state, and ``dL/dt_i = dL/dy(t_i) . f(t_i, y_i)``.
+stored forward state, and ``dL/dt_i = dL/dy(t_i) . f(t_i, y_i)``. The Function returns the states
+at ``t[1:]`` as separate outputs, so that the gradient for ``y(t_0) = y0`` flows around it and a
+caller that needs only the final state stacks nothing.
 """
 
 from __future__ import annotations
@@ -33,48 +35,54 @@ __all__ = ["solve_adjoint"]
 
 def solve_adjoint(
     spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]
-) -> torch.Tensor:
+) -> list[torch.Tensor]:
     """Solve with the continuous adjoint for the backward pass.
 
     Gradient: approximate, with error O(step^p) against the gradient of the discretised forward
     pass (the backward pass re-integrates the state instead of storing it). Memory: the states at
     the output times, independent of the number of steps.
     """
-    return _ContinuousAdjoint.apply(spec, y0, t, *params)
+    return list(_ContinuousAdjoint.apply(spec, y0, t, *params))
 
 
 class _ContinuousAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, ...]:
         f = Dynamics(spec.func)
-        sol = integrate(f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite)
+        states = integrate(f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite)
         spec.counter.forward, spec.counter.backward = f.nfe, 0
         ctx.spec = spec
-        ctx.save_for_backward(sol, t, *params)
-        return sol
+        ctx.n_states = len(states)
+        ctx.set_materialize_grads(False)
+        # The states at the output times only: memory independent of the number of steps.
+        ctx.save_for_backward(*states, t, *params)
+        return tuple(states)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_sol: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, *grad_states: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         spec: SolveSpec = ctx.spec
-        sol, t, *params = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        states, t, params = saved[: ctx.n_states], saved[ctx.n_states], saved[ctx.n_states + 1 :]
         need_t = ctx.needs_input_grad[2]
         need_p = bool(params) and any(ctx.needs_input_grad[3:])
         grid, plan = spec.grid, plan_for(spec.tableau)
-        times = stage_times(t, grid, spec.tableau.c, reverse=True)
+        times = stage_times(t.detach(), grid, spec.tableau.c, reverse=True)
         f = Dynamics(spec.func, check=False)
 
-        a = torch.zeros_like(sol[0])
+        a = torch.zeros_like(states[-1])
         g_p = [torch.zeros_like(p) for p in params] if need_p else []
         g_t = torch.zeros((), dtype=t.dtype, device=t.device)
         dl_dt: list[torch.Tensor] = []
         pos = 0
         with torch.enable_grad(), frozen_batchnorm(spec.func):
             for i in range(len(grid.times) - 1, 0, -1):
-                a = a + grad_sol[i]
-                y = sol[i]
+                grad_i = grad_states[i - 1]
+                if grad_i is not None:
+                    a = a + grad_i
+                y = states[i - 1]
                 h = grid.h[i - 1]
                 for k in range(grid.n_steps[i - 1]):
                     y, a, f_end, g_t = _adjoint_step(
@@ -83,7 +91,7 @@ class _ContinuousAdjoint(torch.autograd.Function):
                     pos += plan.stages
                     if k == 0 and need_t:
                         # The step's first stage is f(t_i, y_i): reuse it for dL/dt_i.
-                        d = torch.sum(grad_sol[i] * f_end)
+                        d = g_t.new_zeros(()) if grad_i is None else torch.sum(grad_i * f_end)
                         dl_dt.append(d)
                         g_t = g_t - d
         spec.counter.backward = f.nfe
@@ -92,7 +100,7 @@ class _ContinuousAdjoint(torch.autograd.Function):
                 "the adjoint state dL/dy became NaN or infinite during the backward pass; reduce "
                 "`step`, or use `adjoint=False` (pass `check_finite=False` to skip this check)."
             )
-        grad_y0 = a + grad_sol[0] if ctx.needs_input_grad[1] else None
+        grad_y0 = a if ctx.needs_input_grad[1] else None
         grad_t = torch.stack([g_t, *reversed(dl_dt)]) if need_t else None
         grad_params = g_p if need_p else [None] * len(params)
         return (None, grad_y0, grad_t, *grad_params)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._dynamics import NFECounter
-from ._odeint import GradientMode, check_step, odeint, resolve_mode
+from ._odeint import GradientMode, check_step, resolve_mode, solve_states
 from ._solvers import get_solver
 from ._tableau import ButcherTableau
 
@@ -140,7 +140,7 @@ class ODEBlock(nn.Module):
             The state at ``t1``.
         """
         t = self._times(y0)
-        sol = odeint(
+        states = solve_states(
             self.dynamics,
             y0,
             t,
@@ -150,7 +150,7 @@ class ODEBlock(nn.Module):
             check_finite=self.check_finite,
             nfe=self._nfe,
         )
-        return sol[-1]
+        return states[-1]
 
     def _time(self, name: str) -> float | torch.Tensor:
         return self._fixed_times[name] if name in self._fixed_times else getattr(self, name)

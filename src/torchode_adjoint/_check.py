@@ -188,7 +188,8 @@ def check_gradients(
     def loss_at(y_in: torch.Tensor, t_in: torch.Tensor) -> float:
         g = regrid(grid, t_in.tolist())
         with torch.no_grad():
-            return float((w * integrate(func, y_in, t_in, g, tableau, check_finite=False)).sum())
+            states = integrate(func, y_in, t_in, g, tableau, check_finite=False)
+            return float((w * torch.stack([y_in, *states])).sum())
 
     checks = []
     for idx, (name, x) in enumerate(zip(names, inputs)):

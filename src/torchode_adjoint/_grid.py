@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -78,19 +79,22 @@ def _fractions(
 
 def stage_times(
     t: torch.Tensor, grid: TimeGrid, c: tuple[float, ...], *, reverse: bool = False
-) -> list[torch.Tensor]:
-    """All stage times of the integration as 0-dim tensors, built by one vectorised op.
+) -> tuple[torch.Tensor, ...]:
+    """All stage times of the integration as 0-dim tensors in ``t``'s dtype and device.
 
     The time of stage ``j`` of step ``k`` in interval ``i`` is
-    ``t[i] + (k + c_j) / n_i * (t[i+1] - t[i])``, differentiable with respect to ``t``.
-    With ``reverse=True`` the list runs backwards through the intervals and steps (for the
-    adjoint, which starts each step at its end) and the stage times are
-    ``t[i] + (k + 1 - c_j) / n_i * (t[i+1] - t[i])``.
+    ``t[i] + (k + c_j) / n_i * (t[i+1] - t[i])``. With ``reverse=True`` the sequence runs
+    backwards through the intervals and steps (for the adjoint, which starts each step at its
+    end) and the stage times are ``t[i] + (k + 1 - c_j) / n_i * (t[i+1] - t[i])``.
+
+    When ``t`` requires grad the times are computed from it by one vectorised, differentiable op;
+    otherwise they are computed on the host from ``grid.times`` and cached per grid, tableau,
+    dtype and device, so that repeated calls (an ``ODEBlock`` in a training loop) build nothing.
 
     Parameters
     ----------
     t : Tensor, shape (T,)
-        Output times in the state's dtype and device.
+        Output times in the state's dtype and device; their values equal ``grid.times``.
     grid : TimeGrid
     c : tuple of float
         The tableau's nodes.
@@ -98,14 +102,26 @@ def stage_times(
 
     Returns
     -------
-    list of Tensor
+    tuple of Tensor
         ``grid.total_steps * len(c)`` scalars, in the order the integration visits them.
     """
+    if not t.requires_grad:
+        return _host_stage_times(grid, c, reverse, t.dtype, t.device)
     index, frac = _fractions(grid, c, reverse)
     idx = torch.tensor(index, device=t.device)
     fr = torch.tensor(frac, dtype=t.dtype, device=t.device)
     t_a = t[:-1][idx]
-    return list(torch.addcmul(t_a, fr, t[1:][idx] - t_a).unbind(0))
+    return torch.addcmul(t_a, fr, t[1:][idx] - t_a).unbind(0)
+
+
+@functools.lru_cache(maxsize=32)
+def _host_stage_times(
+    grid: TimeGrid, c: tuple[float, ...], reverse: bool, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    index, frac = _fractions(grid, c, reverse)
+    ts = grid.times
+    values = [ts[i] + f * (ts[i + 1] - ts[i]) for i, f in zip(index, frac)]
+    return torch.tensor(values, dtype=dtype, device=device).unbind(0)
 
 
 def step_sizes(t: torch.Tensor, grid: TimeGrid) -> list[torch.Tensor]:

@@ -20,6 +20,7 @@ from ._tableau import ButcherTableau
 
 __all__ = [
     "odeint",
+    "solve_states",
     "GradientMode",
     "GRADIENT_MODES",
     "resolve_mode",
@@ -28,24 +29,27 @@ __all__ = [
 ]
 
 GradientMode = Literal["backprop", "adjoint"]
-Solver = Callable[[SolveSpec, torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+Solver = Callable[
+    [SolveSpec, torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], list[torch.Tensor]
+]
 
 
 def _solve_backprop(
     spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]
-) -> torch.Tensor:
+) -> list[torch.Tensor]:
     """Backpropagation through the solver's operations.
 
     Gradient: exact for the discretised forward pass. Memory: every stage's activations of the
     dynamics, growing linearly with the number of steps.
     """
     f = Dynamics(spec.func)
-    sol = integrate(f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite)
+    states = integrate(f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite)
     spec.counter.forward, spec.counter.backward = f.nfe, 0
-    return sol
+    return states
 
 
-# One entry per gradient mode, all with the internal signature (spec, y0, t, params) -> solution.
+# One entry per gradient mode, all with the internal signature
+# (spec, y0, t, params) -> the states at t[1:].
 # `needs_params` says whether the mode must be told the parameters explicitly.
 _MODES: dict[str, tuple[Solver, bool]] = {
     "backprop": (_solve_backprop, False),
@@ -253,6 +257,41 @@ def odeint(
     ...            params=())
     >>> round(y[-1, 0].item(), 4)
     0.3679
+    """
+    return torch.stack(
+        [
+            y0,
+            *solve_states(
+                func,
+                y0,
+                t,
+                solver=solver,
+                step=step,
+                adjoint=adjoint,
+                params=params,
+                check_finite=check_finite,
+                nfe=nfe,
+            ),
+        ]
+    )
+
+
+def solve_states(
+    func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    y0: torch.Tensor,
+    t: torch.Tensor | Sequence[float],
+    *,
+    solver: str | ButcherTableau = "euler",
+    step: float | None = 0.1,
+    adjoint: bool | GradientMode = True,
+    params: Iterable[torch.Tensor] | None = None,
+    check_finite: bool = True,
+    nfe: NFECounter | None = None,
+) -> list[torch.Tensor]:
+    """:func:`odeint` without the final stack: the states at ``t[1:]`` as a list.
+
+    Validates every input and dispatches to the gradient mode; :class:`ODEBlock` uses it to
+    return the final state without copying ``y0`` and ``y(t1)`` into a stacked tensor.
     """
     if not callable(func):
         raise TypeError(f"`func` must be callable as func(t, y), got {type(func).__name__}.")

@@ -96,8 +96,8 @@ def integrate(
     tableau: ButcherTableau,
     *,
     check_finite: bool,
-) -> torch.Tensor:
-    """Integrate over the grid and return the states at the output times.
+) -> list[torch.Tensor]:
+    """Integrate over the grid and return the states at the output times after the first.
 
     Parameters
     ----------
@@ -114,12 +114,13 @@ def integrate(
 
     Returns
     -------
-    Tensor, shape (T, *S)
+    list of Tensor, T - 1 of shape (*S)
+        The states at ``t[1:]``; the caller stacks them with ``y0`` if it needs to.
     """
     plan = plan_for(tableau)
     times = stage_times(t, grid, tableau.c)
     hs: Sequence[Step] = step_sizes(t, grid) if t.requires_grad else grid.h
-    ys = [y0]
+    states = []
     y = y0
     pos = 0
     for i, n in enumerate(grid.n_steps):
@@ -127,22 +128,33 @@ def integrate(
         for _ in range(n):
             y = rk_step(f, y, h, times, pos, plan)
             pos += plan.stages
-        ys.append(y)
-    sol = torch.stack(ys)
+        states.append(y)
     # One host sync per call, never one per step: see locate_non_finite for the slow path.
-    if check_finite and not bool(torch.isfinite(sol).all()):
-        locate_non_finite(f, sol, t, grid, tableau)
-    return sol
+    if check_finite and not bool(_all_finite(states)):
+        locate_non_finite(f, y0, states, t, grid, tableau)
+    return states
+
+
+def _all_finite(states: list[torch.Tensor]) -> torch.Tensor:
+    if len(states) == 1:
+        return torch.isfinite(states[0]).all()
+    return torch.stack([torch.isfinite(s).all() for s in states]).all()
 
 
 def locate_non_finite(
-    f: DynamicsFn, sol: torch.Tensor, t: torch.Tensor, grid: TimeGrid, tableau: ButcherTableau
+    f: DynamicsFn,
+    y0: torch.Tensor,
+    states: list[torch.Tensor],
+    t: torch.Tensor,
+    grid: TimeGrid,
+    tableau: ButcherTableau,
 ) -> None:
     """Raise a RuntimeError naming the first time at which the state became non-finite.
 
     Only called on failure: re-integrates the first bad interval step by step, checking each.
     """
-    finite = torch.isfinite(sol.detach().reshape(sol.shape[0], -1)).all(dim=1).tolist()
+    sol = torch.stack([y0, *states]).detach()
+    finite = torch.isfinite(sol.reshape(sol.shape[0], -1)).all(dim=1).tolist()
     i = finite.index(False)
     if i == 0:
         raise ValueError("`y0` contains NaN or infinite values; pass a finite initial state.")

@@ -74,7 +74,9 @@ def peak_memory_bytes(step: Callable[[], object], device: torch.device) -> int |
     except ImportError:  # pragma: no cover - depends on the torch version
         return None
     with profile(
-        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+        activities=[ProfilerActivity.CPU],
+        profile_memory=True,
+        record_shapes=True,
         with_stack=True,
     ) as prof:
         step()

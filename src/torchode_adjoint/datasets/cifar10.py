@@ -87,8 +87,10 @@ def find_cifar10(data_dir: str | os.PathLike[str]) -> tuple[str, Path] | None:
 
 def _read_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
-        raise CIFAR10Error(f"CIFAR-10 file {path} is missing; the binary layout needs all of "
-                           f"{[f + '.bin' for f in TRAIN_FILES + TEST_FILES]}.")
+        raise CIFAR10Error(
+            f"CIFAR-10 file {path} is missing; the binary layout needs all of "
+            f"{[f + '.bin' for f in TRAIN_FILES + TEST_FILES]}."
+        )
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % RECORD_BYTES:
         raise CIFAR10Error(
@@ -123,8 +125,10 @@ class _PlainDataUnpickler(pickle.Unpickler):
 
 def _read_py(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
-        raise CIFAR10Error(f"CIFAR-10 file {path} is missing; the python layout needs all of "
-                           f"{TRAIN_FILES + TEST_FILES}.")
+        raise CIFAR10Error(
+            f"CIFAR-10 file {path} is missing; the python layout needs all of "
+            f"{TRAIN_FILES + TEST_FILES}."
+        )
     try:
         with open(path, "rb") as fh:
             batch = _PlainDataUnpickler(io.BytesIO(fh.read()), encoding="bytes").load()
@@ -133,15 +137,17 @@ def _read_py(path: Path) -> tuple[np.ndarray, np.ndarray]:
         images = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(labels, dtype=np.int64)
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
-        raise CIFAR10Error(f"CIFAR-10 file {path} is truncated or corrupt ({err}); download it "
-                           "again.") from err
+        raise CIFAR10Error(
+            f"CIFAR-10 file {path} is truncated or corrupt ({err}); download it again."
+        ) from err
     if images.shape[0] != labels.shape[0] or labels.size == 0 or labels.max() > 9:
         raise CIFAR10Error(f"CIFAR-10 file {path} is corrupt: images and labels do not match.")
     return images, labels
 
 
-def load_cifar10(data_dir: str | os.PathLike[str], *, train: bool, download: bool = False
-                 ) -> CIFAR10:
+def load_cifar10(
+    data_dir: str | os.PathLike[str], *, train: bool, download: bool = False
+) -> CIFAR10:
     """Read one split from either official layout under ``data_dir``.
 
     Parameters

@@ -119,9 +119,11 @@ class ModelSpec:
     def label(self) -> str:
         """Human-readable: ``ResNet, 1 block``, ``ODENet, step 0.5``."""
         title = {"resnet": "ResNet", "odenet": "ODENet", "hybrid": "ResidualODE"}[self.family]
-        parts = [] if self.family == "odenet" else [
-            f"{self.blocks} block" + ("s" if self.blocks > 1 else "")
-        ]
+        parts = (
+            []
+            if self.family == "odenet"
+            else [f"{self.blocks} block" + ("s" if self.blocks > 1 else "")]
+        )
         if self.family != "resnet":
             parts.append(f"step {self.step:g}")
         return f"{title}, {', '.join(parts)}"
