@@ -51,7 +51,9 @@ class _ContinuousAdjoint(torch.autograd.Function):
         ctx: Any, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         f = Dynamics(spec.func)
-        states = integrate(f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite)
+        states = integrate(
+            f, y0, t.detach(), spec.grid, spec.tableau, check_finite=spec.check_finite
+        )
         spec.counter.forward, spec.counter.backward = f.nfe, 0
         ctx.spec = spec
         ctx.n_states = len(states)

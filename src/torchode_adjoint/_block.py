@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from ._dynamics import NFECounter
-from ._odeint import GradientMode, check_step, resolve_mode, solve_states
+from ._odeint import (
+    GradientMode,
+    check_checkpoint_every,
+    check_step,
+    resolve_mode,
+    solve_states,
+)
 from ._solvers import get_solver
 from ._tableau import ButcherTableau
 
@@ -39,13 +45,16 @@ class ODEBlock(nn.Module):
         See :func:`~torchode_adjoint.available_solvers`.
     step : float or None, default 0.1
         The largest step size; ``None`` takes one step from ``t0`` to ``t1``.
-    adjoint : bool or {"backprop", "adjoint"}, default True
-        The gradient mode, as in :func:`~torchode_adjoint.odeint`.
+    adjoint : bool or {"backprop", "adjoint", "checkpoint", "reversible"}, default True
+        The gradient mode, as in :func:`~torchode_adjoint.odeint`: what each costs and whether
+        its gradient is exact is documented there.
     t0, t1 : float or Tensor, default 0.0 and 1.0
         Integration interval (``t1 < t0`` integrates backwards). An ``nn.Parameter`` makes the
         time learnable and is registered among the block's parameters.
     check_finite : bool, default True
         Raise when the state becomes non-finite (see :func:`~torchode_adjoint.odeint`).
+    checkpoint_every : int, default 1
+        With ``adjoint="checkpoint"``: keep the state every this many steps.
 
     Attributes
     ----------
@@ -89,6 +98,7 @@ class ODEBlock(nn.Module):
         t1: float | torch.Tensor = 1.0,
         *,
         check_finite: bool = True,
+        checkpoint_every: int = 1,
     ) -> None:
         super().__init__()
         if not isinstance(dynamics, nn.Module):
@@ -101,6 +111,7 @@ class ODEBlock(nn.Module):
         self.step = check_step(step)
         self.adjoint = resolve_mode(adjoint)
         self.check_finite = bool(check_finite)
+        self.checkpoint_every = check_checkpoint_every(checkpoint_every)
         if _time_value(t0, "t0") == _time_value(t1, "t1"):
             raise ValueError(
                 f"`t0` and `t1` must differ, got t0 = t1 = {_time_value(t0, 't0')}; an ODE block "
@@ -149,6 +160,7 @@ class ODEBlock(nn.Module):
             adjoint=self.adjoint,
             check_finite=self.check_finite,
             nfe=self._nfe,
+            checkpoint_every=self.checkpoint_every,
         )
         return states[-1]
 

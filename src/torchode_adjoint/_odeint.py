@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from ._adjoint import solve_adjoint
+from ._checkpoint import solve_checkpoint
 from ._dynamics import Dynamics, NFECounter
 from ._grid import make_grid
+from ._reversible import solve_reversible
 from ._solvers import get_solver
 from ._spec import SolveSpec
 from ._stepping import integrate
@@ -28,7 +30,7 @@ __all__ = [
     "check_times",
 ]
 
-GradientMode = Literal["backprop", "adjoint"]
+GradientMode = Literal["backprop", "adjoint", "checkpoint", "reversible"]
 Solver = Callable[
     [SolveSpec, torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], list[torch.Tensor]
 ]
@@ -54,6 +56,8 @@ def _solve_backprop(
 _MODES: dict[str, tuple[Solver, bool]] = {
     "backprop": (_solve_backprop, False),
     "adjoint": (solve_adjoint, True),
+    "checkpoint": (solve_checkpoint, True),
+    "reversible": (solve_reversible, True),
 }
 GRADIENT_MODES: tuple[str, ...] = tuple(_MODES)
 
@@ -95,6 +99,16 @@ def check_step(step: object) -> float | None:
         raise ValueError(
             f"`step` must be a positive finite number, got {value!r}; pass the largest step "
             "size, e.g. `step=0.1`, or `step=None` for one step per interval of `t`."
+        )
+    return value
+
+
+def check_checkpoint_every(value: object) -> int:
+    """Validate ``checkpoint_every`` (a positive int)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"`checkpoint_every` must be a positive int, got {value!r}; pass e.g. "
+            "`checkpoint_every=1` to keep every step's state, or 10 for every tenth."
         )
     return value
 
@@ -189,6 +203,7 @@ def odeint(
     params: Iterable[torch.Tensor] | None = None,
     check_finite: bool = True,
     nfe: NFECounter | None = None,
+    checkpoint_every: int = 1,
 ) -> torch.Tensor:
     """Integrate ``dy/dt = func(t, y)`` with a fixed-step explicit Runge--Kutta method.
 
@@ -210,11 +225,20 @@ def odeint(
         A name from :func:`~torchode_adjoint.available_solvers` or a tableau.
     step : float or None, default 0.1
         The largest step size. ``None`` takes exactly one step per interval of ``t``.
-    adjoint : bool or {"backprop", "adjoint"}, default True
-        The gradient mode. ``True``/``"adjoint"``: the continuous adjoint (approximate gradient,
-        error O(step^p); memory independent of the number of steps). ``False``/``"backprop"``:
-        backpropagation through the solver (exact gradient of the discretised solution; memory
-        linear in the number of steps).
+    adjoint : bool or {"backprop", "adjoint", "checkpoint", "reversible"}, default True
+        The gradient mode.
+
+        - ``True``/``"adjoint"``: the continuous adjoint of Chen et al. (2018). Approximate
+          gradient (error O(step^p) against the discrete one); memory independent of the number
+          of steps; backward costs one evaluation and VJP per stage.
+        - ``False``/``"backprop"``: backpropagation through the solver. Exact gradient of the
+          discretised solution; memory linear in the number of steps (every activation).
+        - ``"checkpoint"``: the checkpointed discrete adjoint. Exact (backprop's gradient to
+          round-off); memory one state per ``checkpoint_every`` steps plus one segment's
+          activations; backward re-runs every step once.
+        - ``"reversible"``: the reversible Heun method (needs ``solver="heun"``; order 2, one
+          evaluation per step). Exact for its discretisation; memory independent of the number
+          of steps; backward reconstructs each state algebraically.
     params : iterable of Tensor, optional
         The tensors the adjoint differentiates. Default: ``func.parameters()`` that require grad
         when ``func`` is an ``nn.Module``. Required with the adjoint when ``func`` is not a
@@ -224,6 +248,9 @@ def odeint(
         Costs one device-to-host sync per call, never one per step.
     nfe : NFECounter, optional
         Filled with the numbers of evaluations of ``func`` in the forward and backward pass.
+    checkpoint_every : int, default 1
+        With ``adjoint="checkpoint"``: keep the state every this many steps (the memory/time
+        dial: fewer states kept, longer segments re-run with their activations).
 
     Returns
     -------
@@ -271,6 +298,7 @@ def odeint(
                 params=params,
                 check_finite=check_finite,
                 nfe=nfe,
+                checkpoint_every=checkpoint_every,
             ),
         ]
     )
@@ -287,6 +315,7 @@ def solve_states(
     params: Iterable[torch.Tensor] | None = None,
     check_finite: bool = True,
     nfe: NFECounter | None = None,
+    checkpoint_every: int = 1,
 ) -> list[torch.Tensor]:
     """:func:`odeint` without the final stack: the states at ``t[1:]`` as a list.
 
@@ -306,6 +335,11 @@ def solve_states(
     counter = nfe if nfe is not None else NFECounter()
     counter.forward = counter.backward = 0
     spec = SolveSpec(
-        func=func, tableau=tableau, grid=grid, check_finite=bool(check_finite), counter=counter
+        func=func,
+        tableau=tableau,
+        grid=grid,
+        check_finite=bool(check_finite),
+        counter=counter,
+        checkpoint_every=check_checkpoint_every(checkpoint_every),
     )
     return solve(spec, y0, t_cast, param_list)

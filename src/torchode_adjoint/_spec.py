@@ -30,6 +30,8 @@ class SolveSpec:
     check_finite : bool
     counter : NFECounter
         Filled by the forward pass and, where the mode re-evaluates, by the backward pass.
+    checkpoint_every : int
+        For the checkpointed mode: keep the state at every this many steps.
     """
 
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -37,3 +39,4 @@ class SolveSpec:
     grid: TimeGrid
     check_finite: bool
     counter: NFECounter
+    checkpoint_every: int = 1

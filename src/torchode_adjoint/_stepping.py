@@ -96,6 +96,8 @@ def integrate(
     tableau: ButcherTableau,
     *,
     check_finite: bool,
+    checkpoints: list[torch.Tensor] | None = None,
+    checkpoint_every: int = 1,
 ) -> list[torch.Tensor]:
     """Integrate over the grid and return the states at the output times after the first.
 
@@ -111,6 +113,10 @@ def integrate(
     tableau : ButcherTableau
     check_finite : bool
         Check the result once, after the loop, and locate the first non-finite step if needed.
+    checkpoints : list, optional
+        When given, the state at the start of every ``checkpoint_every``-th step of each interval
+        (except its first step, whose state is ``y0`` or the previous output) is appended to it.
+    checkpoint_every : int, default 1
 
     Returns
     -------
@@ -125,7 +131,9 @@ def integrate(
     pos = 0
     for i, n in enumerate(grid.n_steps):
         h = hs[i]
-        for _ in range(n):
+        for k in range(n):
+            if checkpoints is not None and k and k % checkpoint_every == 0:
+                checkpoints.append(y)
             y = rk_step(f, y, h, times, pos, plan)
             pos += plan.stages
         states.append(y)

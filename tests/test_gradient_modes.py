@@ -1,0 +1,200 @@
+"""The exact low-memory modes: checkpointed discrete adjoint and reversible Heun."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from problems import PROBLEMS, ConvBNDynamics, MLPDynamics, Problem
+from torchode_adjoint import NFECounter, ODEBlock, available_solvers, odeint
+from torchode_adjoint._reversible import reversible_heun_forward, reversible_heun_reverse
+from torchode_adjoint.measure import saved_tensor_bytes
+
+D = torch.float64
+T = torch.tensor([0.0, 0.4371, 1.0713], dtype=D)
+
+
+def _grads(f, y0, t, w, **kw):
+    y0 = y0.detach().clone().requires_grad_()
+    t = t.detach().clone().requires_grad_()
+    sol = odeint(f, y0, t, **kw)
+    return torch.autograd.grad((w * sol).sum(), [y0, t, *f.parameters()])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("solver", available_solvers())
+@pytest.mark.parametrize("every", [1, 2, 3, 7])
+def test_checkpoint_gradients_equal_backprop_to_round_off(solver: str, every: int, gen) -> None:
+    f = MLPDynamics().double()
+    y0 = torch.randn(4, 3, dtype=D, generator=gen)
+    w = torch.randn(len(T), 4, 3, dtype=D, generator=gen)
+    g_ck = _grads(f, y0, T, w, solver=solver, step=0.1, adjoint="checkpoint",
+                  checkpoint_every=every)
+    g_bp = _grads(f, y0, T, w, solver=solver, step=0.1, adjoint=False)
+    for a, b in zip(g_ck, g_bp):
+        assert _rel(a, b) < 1e-10
+
+
+def test_checkpoint_on_a_decreasing_grid_with_a_loss_on_one_time(gen) -> None:
+    f = MLPDynamics().double()
+    y0 = torch.randn(4, 3, dtype=D, generator=gen)
+    t = torch.tensor([1.3, 0.7, -0.2], dtype=D)
+    w = torch.zeros(3, 4, 3, dtype=D)
+    w[1] = 1.0
+    g_ck = _grads(f, y0, t, w, solver="rk4", step=0.1, adjoint="checkpoint", checkpoint_every=4)
+    g_bp = _grads(f, y0, t, w, solver="rk4", step=0.1, adjoint=False)
+    for a, b in zip(g_ck, g_bp):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def _reference_reversible_heun(f, y0, t, n_per_interval):
+    """Plain autograd through reversible Heun, differentiable in t: an independent reference."""
+    y, z = y0, y0
+    f_k = f(t[0], y0)
+    out = [y0]
+    for i, n in enumerate(n_per_interval):
+        h = (t[i + 1] - t[i]) / n
+        for m in range(n):
+            t_next = t[i] + (m + 1) * h
+            z_new = 2 * y - z + h * f_k
+            f_new = f(t_next, z_new)
+            y = y + h / 2 * (f_k + f_new)
+            z, f_k = z_new, f_new
+        out.append(y)
+    return torch.stack(out)
+
+
+def test_reversible_gradients_equal_backprop_through_reversible_heun(gen) -> None:
+    f = MLPDynamics().double()
+    y0 = torch.randn(4, 3, dtype=D, generator=gen)
+    w = torch.randn(len(T), 4, 3, dtype=D, generator=gen)
+    g = _grads(f, y0, T, w, solver="heun", step=0.1, adjoint="reversible")
+    yr = y0.clone().requires_grad_()
+    tr = T.clone().requires_grad_()
+    sol = _reference_reversible_heun(f, yr, tr, [5, 7])  # ceil(0.4371/0.1), ceil(0.6342/0.1)
+    ref = torch.autograd.grad((w * sol).sum(), [yr, tr, *f.parameters()])
+    with torch.no_grad():
+        ours = odeint(f, y0, T, solver="heun", step=0.1, adjoint="reversible")
+    torch.testing.assert_close(ours, sol.detach(), rtol=1e-12, atol=1e-12)
+    for a, b in zip(g, ref):
+        assert _rel(a, b) < 1e-9
+
+
+def test_reversible_gradient_matches_finite_differences(gen) -> None:
+    k = torch.tensor(0.9, dtype=D, requires_grad=True)
+    y0 = torch.randn(3, dtype=D, generator=gen)
+
+    def f(t, y):
+        return torch.sin(k * y) + t
+
+    def loss(kv: float) -> float:
+        with torch.no_grad():
+            k.fill_(kv)
+            return float(odeint(f, y0, T, solver="heun", step=0.1, adjoint="reversible",
+                                params=[k]).sum())
+
+    sol = odeint(f, y0, T, solver="heun", step=0.1, adjoint="reversible", params=[k])
+    (g,) = torch.autograd.grad(sol.sum(), [k])
+    eps = 1e-6
+    fd = (loss(0.9 + eps) - loss(0.9 - eps)) / (2 * eps)
+    assert float(g) == pytest.approx(fd, rel=1e-7)
+
+
+def test_reversible_step_reconstructs_the_previous_state_to_round_off(gen) -> None:
+    f = MLPDynamics().double()
+    y = torch.randn(8, 3, dtype=D, generator=gen)
+    z = y + 0.01 * torch.randn(8, 3, dtype=D, generator=gen)
+    t = torch.tensor(0.3, dtype=D)
+    f_k = f(t, z)
+    states = [(y, z, f_k)]
+    h = 0.05
+    with torch.no_grad():
+        for m in range(50):
+            states.append(reversible_heun_forward(f, *states[-1], h, t + (m + 1) * h))
+        y_back, z_back, f_back = states[-1]
+        for m in range(49, -1, -1):
+            z_prev = reversible_heun_reverse(y_back, z_back, f_back, h)
+            f_prev = f(t + m * h, z_prev)
+            y_prev = y_back - h / 2 * (f_prev + f_back)
+            y_back, z_back, f_back = y_prev, z_prev, f_prev
+    torch.testing.assert_close(y_back, y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(z_back, z, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=[p.name for p in PROBLEMS])
+def test_reversible_heun_converges_at_order_two(problem: Problem) -> None:
+    errors = []
+    for n in (40, 80):
+        sol = odeint(problem.f, problem.y0, torch.tensor([0.1, 1.1], dtype=D), solver="heun",
+                     step=1.0 / n, adjoint="reversible", params=())
+        errors.append(float((sol[-1] - problem.exact(1.1, problem.y0, 0.1)).abs().max()))
+    assert math.log2(errors[0] / errors[1]) == pytest.approx(2.0, abs=0.3)
+
+
+def _saved(mode: str, n: int, **kw) -> int:
+    f = MLPDynamics(dim=8, hidden=32)
+    y0 = torch.randn(16, 8, requires_grad=True)
+    with saved_tensor_bytes() as saved:
+        sol = odeint(f, y0, torch.tensor([0.0, 1.0]), solver="heun", step=1.0 / n,
+                     adjoint=mode, **kw)
+    sol[-1].sum().backward()
+    return saved.bytes
+
+
+def test_checkpoint_memory_grows_by_one_state_per_kept_step() -> None:
+    state = 16 * 8 * 4
+    for every in (1, 5):
+        b100 = _saved("checkpoint", 100, checkpoint_every=every)
+        b200 = _saved("checkpoint", 200, checkpoint_every=every)
+        assert b200 - b100 == (100 // every) * state
+    assert _saved("checkpoint", 100, checkpoint_every=10) < _saved("backprop", 100) / 10
+
+
+def test_reversible_memory_is_flat_in_the_number_of_steps() -> None:
+    assert _saved("reversible", 10) == _saved("reversible", 1000)
+
+
+@pytest.mark.parametrize(("mode", "solver", "fwd", "bwd"), [
+    ("checkpoint", "rk4", 4 * 4, 4 * 4),
+    ("reversible", "heun", 4 + 1, 4 + 1),
+])
+def test_nfe_of_the_exact_modes(mode, solver, fwd, bwd) -> None:
+    nfe = NFECounter()
+    y0 = torch.randn(2, 3, requires_grad=True)
+    odeint(MLPDynamics(), y0, torch.tensor([0.0, 1.0]), solver=solver, step=0.25, adjoint=mode,
+           nfe=nfe)[-1].sum().backward()
+    assert (nfe.forward, nfe.backward) == (fwd, bwd)
+
+
+@pytest.mark.parametrize(("mode", "solver"), [("checkpoint", "rk4"), ("reversible", "heun")])
+def test_exact_modes_leave_batchnorm_buffers_untouched_and_match_backprop(mode, solver) -> None:
+    torch.manual_seed(0)
+    f = ConvBNDynamics().double()
+    y0 = torch.randn(4, 3, 5, 5, dtype=D)
+    block = ODEBlock(f, solver=solver, step=0.25, adjoint=mode)
+    out = block(y0)
+    before = {k: v.clone() for k, v in f.named_buffers()}
+    out.square().sum().backward()
+    for k, v in f.named_buffers():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    if mode == "checkpoint":
+        g_mode = torch.cat([p.grad.flatten() for p in f.parameters()])
+        f.zero_grad()
+        ODEBlock(f, solver=solver, step=0.25, adjoint=False)(y0).square().sum().backward()
+        g_bp = torch.cat([p.grad.flatten() for p in f.parameters()])
+        assert _rel(g_mode, g_bp) < 1e-10
+
+
+def test_reversible_needs_the_heun_solver_and_checkpoint_every_is_validated() -> None:
+    with pytest.raises(ValueError, match="`solver='heun'`"):
+        odeint(MLPDynamics(), torch.ones(2, 3), torch.tensor([0.0, 1.0]), adjoint="reversible")
+    with pytest.raises(ValueError, match="`checkpoint_every`"):
+        odeint(MLPDynamics(), torch.ones(2, 3), torch.tensor([0.0, 1.0]), adjoint="checkpoint",
+               checkpoint_every=0)
+    with pytest.raises(ValueError, match="`checkpoint_every`"):
+        ODEBlock(MLPDynamics(), checkpoint_every=2.5)  # type: ignore[arg-type]
