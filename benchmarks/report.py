@@ -60,6 +60,12 @@ def _memory_table(speed: list[dict]) -> list[str]:
     for r in speed:
         cells = " | ".join(_mib(r["saved_bytes"].get(k)) for k in keys)
         lines.append(f"| {r['workload']} | {r['solver']} | {r['steps']} | {cells} |")
+    lines += ["", "Time of a training step for every gradient mode (ms):", "",
+              "| workload | solver | steps | " + " | ".join(keys) + " |",
+              "|---|---|---|" + "---|" * len(keys)]
+    for r in speed:
+        cells = " | ".join(_ms(r["time_s"].get(k)) for k in keys)
+        lines.append(f"| {r['workload']} | {r['solver']} | {r['steps']} | {cells} |")
     if any(v is not None for r in speed for v in r["cuda_peak_bytes"].values()):
         lines += ["", "CUDA peak allocated bytes per training step:", "",
                   "| workload | solver | steps | " + " | ".join(f"{k} MiB" for k in keys) + " |",
@@ -117,7 +123,7 @@ def memory_flatness(speed: list[dict]) -> list[str]:
             if len(rows) < 2:
                 continue
             lo, hi = rows[0], rows[-1]
-            for key in sorted(lo["saved_bytes"]):
+            for key in sorted(set(lo["saved_bytes"]) & set(hi["saved_bytes"])):
                 a, b = lo["saved_bytes"][key], hi["saved_bytes"][key]
                 lines.append(f"| {workload} | {solver} | {key} | {lo['steps']} -> {hi['steps']} | "
                              f"{b / a:.2f}x |")
@@ -186,18 +192,20 @@ def _plots(results: dict, out: Path) -> None:
             if key in rows[0]["time_s"]:
                 axes[0].loglog(steps, [r["time_s"][key] * 1e3 for r in rows], style, marker="o",
                                label=f"{key} {solver}")
-    for key in sorted(speed[0]["saved_bytes"]):
-        rows = sorted((r for r in speed if r["solver"] == solvers[0]), key=lambda r: r["steps"])
+    mem_solver = "heun" if "heun" in solvers else solvers[0]
+    mem_rows = sorted((r for r in speed if r["solver"] == mem_solver), key=lambda r: r["steps"])
+    for key in sorted(mem_rows[0]["saved_bytes"]):
+        rows = mem_rows
         axes[1].loglog([r["steps"] for r in rows],
                        [r["saved_bytes"][key] / 2**20 for r in rows], marker="o", label=key)
     for solver in sorted({r["solver"] for r in results["gradients"]}):
         rows = [r for r in results["gradients"] if r["solver"] == solver]
-        for key in sorted(rows[0]["rel_error"]):
+        for key in sorted(k for k in rows[0]["rel_error"] if k.startswith("ours")):
             axes[2].loglog([1.0 / r["steps"] for r in rows], [r["rel_error"][key] for r in rows],
                            marker="o", label=f"{key} {solver}")
     axes[0].set(xlabel="steps", ylabel="ms per training step", title="MLP: time vs steps")
     axes[1].set(xlabel="steps", ylabel="MiB saved for backward",
-                title=f"MLP ({solvers[0]}): memory vs steps")
+                title=f"MLP ({mem_solver}): memory vs steps")
     axes[2].set(xlabel="step size", ylabel="relative gradient error", title="gradient error")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")

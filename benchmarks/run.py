@@ -27,7 +27,12 @@ from .timing import alternating_medians
 from .workloads import Counting, Oscillator, Workload, conv_workload, mlp_workload
 
 # Our solver name -> torchdiffeq's method with the same tableau (its "rk4" is the 3/8 rule).
-TORCHDIFFEQ_METHOD = {"euler": "euler", "midpoint": "midpoint", "rk38": "rk4"}
+TORCHDIFFEQ_METHOD = {"euler": "euler", "midpoint": "midpoint", "heun": "heun2", "rk38": "rk4"}
+
+
+def modes_for(solver: str) -> list[str]:
+    """Every gradient mode that applies to a solver (the reversible mode is reversible Heun)."""
+    return [m for m in GRADIENT_MODES if m != "reversible" or solver == "heun"]
 
 try:
     import torchdiffeq
@@ -170,7 +175,7 @@ def bench_speed(w: Workload, solvers: list[str], steps: list[int], repeats: int)
         stages = get_solver(solver).stages
         for n in steps:
             cands: dict[str, Callable[[], None]] = {
-                f"ours_{m}": train_step(ours_loss(w, solver, n, m)) for m in GRADIENT_MODES
+                f"ours_{m}": train_step(ours_loss(w, solver, n, m)) for m in modes_for(solver)
             }
             cands["ours_forward"] = ours_forward(w, solver, n)
             cands["floor"] = floor(w, n * stages)
@@ -181,7 +186,7 @@ def bench_speed(w: Workload, solvers: list[str], steps: list[int], repeats: int)
             times = alternating_medians(cands, repeats=repeats)
             row: dict = {"workload": w.name, "solver": solver, "steps": n,
                          "time_s": times, "saved_bytes": {}, "cuda_peak_bytes": {}, "nfe": {}}
-            for m in GRADIENT_MODES:
+            for m in modes_for(solver):
                 row["saved_bytes"][f"ours_{m}"] = saved_bytes(ours_loss(w, solver, n, m))
                 row["cuda_peak_bytes"][f"ours_{m}"] = cuda_peak(ours_loss(w, solver, n, m))
                 row["nfe"][f"ours_{m}"] = nfe_ours(w, solver, n, m)
@@ -231,7 +236,7 @@ def bench_gradients(solvers: list[str], steps: list[int]) -> list[dict]:
     for solver in solvers:
         for n in steps:
             row = {"solver": solver, "steps": n, "rel_error": {}}
-            for mode in GRADIENT_MODES:
+            for mode in modes_for(solver):
                 row["rel_error"][f"ours_{mode}"] = float((grads(solver, n, mode) - ref).norm()
                                                          / ref.norm())
             if torchdiffeq is not None and solver in TORCHDIFFEQ_METHOD:
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print("torchdiffeq is not installed: measuring this library alone "
               "(pip install '.[bench]' for the comparison)")
     device = torch.device(args.device)
-    solvers = ["euler", "midpoint", "rk38"]
+    solvers = ["euler", "midpoint", "heun", "rk38"]
     if args.quick:
         mlp_steps, conv_steps, repeats, conv_batch = [10, 100], [2, 5], 5, 32
     else:
