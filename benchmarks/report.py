@@ -55,21 +55,31 @@ def _speed_table(speed: list[dict]) -> list[str]:
 
 def _memory_table(speed: list[dict]) -> list[str]:
     keys = sorted({k for r in speed for k in r["saved_bytes"]})
-    lines = ["| workload | solver | steps | " + " | ".join(f"{k} MiB" for k in keys) + " |",
-             "|---|---|---|" + "---|" * len(keys)]
+    lines = [
+        "| workload | solver | steps | " + " | ".join(f"{k} MiB" for k in keys) + " |",
+        "|---|---|---|" + "---|" * len(keys),
+    ]
     for r in speed:
         cells = " | ".join(_mib(r["saved_bytes"].get(k)) for k in keys)
         lines.append(f"| {r['workload']} | {r['solver']} | {r['steps']} | {cells} |")
-    lines += ["", "Time of a training step for every gradient mode (ms):", "",
-              "| workload | solver | steps | " + " | ".join(keys) + " |",
-              "|---|---|---|" + "---|" * len(keys)]
+    lines += [
+        "",
+        "Time of a training step for every gradient mode (ms):",
+        "",
+        "| workload | solver | steps | " + " | ".join(keys) + " |",
+        "|---|---|---|" + "---|" * len(keys),
+    ]
     for r in speed:
         cells = " | ".join(_ms(r["time_s"].get(k)) for k in keys)
         lines.append(f"| {r['workload']} | {r['solver']} | {r['steps']} | {cells} |")
     if any(v is not None for r in speed for v in r["cuda_peak_bytes"].values()):
-        lines += ["", "CUDA peak allocated bytes per training step:", "",
-                  "| workload | solver | steps | " + " | ".join(f"{k} MiB" for k in keys) + " |",
-                  "|---|---|---|" + "---|" * len(keys)]
+        lines += [
+            "",
+            "CUDA peak allocated bytes per training step:",
+            "",
+            "| workload | solver | steps | " + " | ".join(f"{k} MiB" for k in keys) + " |",
+            "|---|---|---|" + "---|" * len(keys),
+        ]
         for r in speed:
             cells = " | ".join(_mib(r["cuda_peak_bytes"].get(k)) for k in keys)
             lines.append(f"| {r['workload']} | {r['solver']} | {r['steps']} | {cells} |")
@@ -80,9 +90,7 @@ def _gradient_table(gradients: list[dict]) -> list[str]:
     keys = sorted({k for r in gradients for k in r["rel_error"]})
     lines = ["| solver | steps | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for r in gradients:
-        cells = " | ".join(
-            f"{r['rel_error'][k]:.2e}" if k in r["rel_error"] else "-" for k in keys
-        )
+        cells = " | ".join(f"{r['rel_error'][k]:.2e}" if k in r["rel_error"] else "-" for k in keys)
         lines.append(f"| {r['solver']} | {r['steps']} | {cells} |")
     return lines
 
@@ -96,21 +104,34 @@ def target_checks(speed: list[dict]) -> list[dict]:
             return
         bound = TARGETS[(metric, prefix)]
         med, worst = statistics.median(values), max(values)
-        checks.append({"target": what, "bound": bound, "median": med, "worst": worst,
-                       "met": med <= bound})
+        checks.append(
+            {"target": what, "bound": bound, "median": med, "worst": worst, "met": med <= bound}
+        )
 
     for prefix, label in (("mlp", "workload 1 (MLP)"), ("conv", "workload 2 (conv)")):
         rows = [r for r in speed if r["workload"].startswith(prefix)]
-        add("adjoint_vs_torchdiffeq", prefix,
-            [r["time_s"]["ours_adjoint"] / r["time_s"]["tdq_adjoint"]
-             for r in rows if "tdq_adjoint" in r["time_s"]],
-            f"adjoint training step / torchdiffeq odeint_adjoint, {label}")
-        add("forward_vs_floor", prefix,
+        add(
+            "adjoint_vs_torchdiffeq",
+            prefix,
+            [
+                r["time_s"]["ours_adjoint"] / r["time_s"]["tdq_adjoint"]
+                for r in rows
+                if "tdq_adjoint" in r["time_s"]
+            ],
+            f"adjoint training step / torchdiffeq odeint_adjoint, {label}",
+        )
+        add(
+            "forward_vs_floor",
+            prefix,
             [r["time_s"]["ours_forward"] / r["time_s"]["floor"] for r in rows],
-            f"forward-only / bare-calls floor, {label}")
-    add("adjoint_vs_backprop", "",
+            f"forward-only / bare-calls floor, {label}",
+        )
+    add(
+        "adjoint_vs_backprop",
+        "",
         [r["time_s"]["ours_adjoint"] / r["time_s"]["ours_backprop"] for r in speed],
-        "adjoint / backprop training step, all workloads")
+        "adjoint / backprop training step, all workloads",
+    )
     return checks
 
 
@@ -118,17 +139,24 @@ def memory_flatness(speed: list[dict]) -> list[str]:
     lines = []
     for workload in sorted({r["workload"] for r in speed}):
         for solver in sorted({r["solver"] for r in speed if r["workload"] == workload}):
-            rows = sorted((r for r in speed if r["workload"] == workload
-                           and r["solver"] == solver), key=lambda r: r["steps"])
+            rows = sorted(
+                (r for r in speed if r["workload"] == workload and r["solver"] == solver),
+                key=lambda r: r["steps"],
+            )
             if len(rows) < 2:
                 continue
             lo, hi = rows[0], rows[-1]
             for key in sorted(set(lo["saved_bytes"]) & set(hi["saved_bytes"])):
                 a, b = lo["saved_bytes"][key], hi["saved_bytes"][key]
-                lines.append(f"| {workload} | {solver} | {key} | {lo['steps']} -> {hi['steps']} | "
-                             f"{b / a:.2f}x |")
-    return ["| workload | solver | mode | steps | saved-bytes growth |",
-            "|---|---|---|---|---|", *lines]
+                lines.append(
+                    f"| {workload} | {solver} | {key} | {lo['steps']} -> {hi['steps']} | "
+                    f"{b / a:.2f}x |"
+                )
+    return [
+        "| workload | solver | mode | steps | saved-bytes growth |",
+        "|---|---|---|---|---|",
+        *lines,
+    ]
 
 
 def write_report(results: dict, out: Path) -> None:
@@ -154,17 +182,35 @@ def write_report(results: dict, out: Path) -> None:
     ]
     for c in target_checks(speed):
         met = "yes" if c["met"] else f"no (median {c['median'] / c['bound'] - 1:+.0%} over)"
-        lines.append(f"| {c['target']} | {c['bound']:.2f} | {c['median']:.2f} | "
-                     f"{c['worst']:.2f} | {met} |")
-    lines += ["", "## Time per call", "", *_speed_table(speed),
-              "", "## Memory saved for backward (MiB)", "", *_memory_table(speed),
-              "", "Growth from the fewest to the most steps:", "", *memory_flatness(speed),
-              "", "## Gradient error", "",
-              "Relative error of the concatenated gradient (y0 and all parameters) against a "
-              "float64 reference (rk4, 2,000 steps, backprop), MLP dynamics in float64.", "",
-              *_gradient_table(gradients),
-              "", "## Accuracy on the damped oscillator", "",
-              "| solver | steps | step | max abs error at t = 2 |", "|---|---|---|---|"]
+        lines.append(
+            f"| {c['target']} | {c['bound']:.2f} | {c['median']:.2f} | {c['worst']:.2f} | {met} |"
+        )
+    lines += [
+        "",
+        "## Time per call",
+        "",
+        *_speed_table(speed),
+        "",
+        "## Memory saved for backward (MiB)",
+        "",
+        *_memory_table(speed),
+        "",
+        "Growth from the fewest to the most steps:",
+        "",
+        *memory_flatness(speed),
+        "",
+        "## Gradient error",
+        "",
+        "Relative error of the concatenated gradient (y0 and all parameters) against a "
+        "float64 reference (rk4, 2,000 steps, backprop), MLP dynamics in float64.",
+        "",
+        *_gradient_table(gradients),
+        "",
+        "## Accuracy on the damped oscillator",
+        "",
+        "| solver | steps | step | max abs error at t = 2 |",
+        "|---|---|---|---|",
+    ]
     for r in accuracy:
         lines.append(f"| {r['solver']} | {r['steps']} | {r['step']:.4g} | {r['error']:.2e} |")
     tmp = out / "report.md.tmp"
@@ -190,22 +236,38 @@ def _plots(results: dict, out: Path) -> None:
         steps = [r["steps"] for r in rows]
         for key, style in (("ours_adjoint", "-"), ("tdq_adjoint", "--")):
             if key in rows[0]["time_s"]:
-                axes[0].loglog(steps, [r["time_s"][key] * 1e3 for r in rows], style, marker="o",
-                               label=f"{key} {solver}")
+                axes[0].loglog(
+                    steps,
+                    [r["time_s"][key] * 1e3 for r in rows],
+                    style,
+                    marker="o",
+                    label=f"{key} {solver}",
+                )
     mem_solver = "heun" if "heun" in solvers else solvers[0]
     mem_rows = sorted((r for r in speed if r["solver"] == mem_solver), key=lambda r: r["steps"])
     for key in sorted(mem_rows[0]["saved_bytes"]):
         rows = mem_rows
-        axes[1].loglog([r["steps"] for r in rows],
-                       [r["saved_bytes"][key] / 2**20 for r in rows], marker="o", label=key)
+        axes[1].loglog(
+            [r["steps"] for r in rows],
+            [r["saved_bytes"][key] / 2**20 for r in rows],
+            marker="o",
+            label=key,
+        )
     for solver in sorted({r["solver"] for r in results["gradients"]}):
         rows = [r for r in results["gradients"] if r["solver"] == solver]
         for key in sorted(k for k in rows[0]["rel_error"] if k.startswith("ours")):
-            axes[2].loglog([1.0 / r["steps"] for r in rows], [r["rel_error"][key] for r in rows],
-                           marker="o", label=f"{key} {solver}")
+            axes[2].loglog(
+                [1.0 / r["steps"] for r in rows],
+                [r["rel_error"][key] for r in rows],
+                marker="o",
+                label=f"{key} {solver}",
+            )
     axes[0].set(xlabel="steps", ylabel="ms per training step", title="MLP: time vs steps")
-    axes[1].set(xlabel="steps", ylabel="MiB saved for backward",
-                title=f"MLP ({mem_solver}): memory vs steps")
+    axes[1].set(
+        xlabel="steps",
+        ylabel="MiB saved for backward",
+        title=f"MLP ({mem_solver}): memory vs steps",
+    )
     axes[2].set(xlabel="step size", ylabel="relative gradient error", title="gradient error")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")

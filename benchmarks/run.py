@@ -34,6 +34,7 @@ def modes_for(solver: str) -> list[str]:
     """Every gradient mode that applies to a solver (the reversible mode is reversible Heun)."""
     return [m for m in GRADIENT_MODES if m != "reversible" or solver == "heun"]
 
+
 try:
     import torchdiffeq
 except ImportError:  # pragma: no cover - optional extra
@@ -50,8 +51,10 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads, {gpu}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, {gpu}"
+    )
 
 
 def _times(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -78,8 +81,9 @@ def tdq_loss(w: Workload, solver: str, n: int, adjoint: bool) -> Callable[[], to
     kw = {"adjoint_params": tuple(w.func.parameters())} if adjoint else {}
 
     def run() -> torch.Tensor:
-        sol = fn(w.func, y0, t, method=TORCHDIFFEQ_METHOD[solver],
-                 options={"step_size": 1.0 / n}, **kw)
+        sol = fn(
+            w.func, y0, t, method=TORCHDIFFEQ_METHOD[solver], options={"step_size": 1.0 / n}, **kw
+        )
         return sol[-1].square().mean()
 
     return run
@@ -105,8 +109,9 @@ def tdq_forward(w: Workload, solver: str, n: int) -> Callable[[], None]:
 
     def run() -> None:
         with torch.no_grad():
-            torchdiffeq.odeint(w.func, w.y0, t, method=TORCHDIFFEQ_METHOD[solver],
-                               options={"step_size": 1.0 / n})
+            torchdiffeq.odeint(
+                w.func, w.y0, t, method=TORCHDIFFEQ_METHOD[solver], options={"step_size": 1.0 / n}
+            )
 
     return run
 
@@ -150,8 +155,15 @@ def cuda_peak(loss: Callable[[], torch.Tensor]) -> int | None:
 def nfe_ours(w: Workload, solver: str, n: int, mode: str) -> tuple[int, int]:
     counter = NFECounter()
     y0 = w.y0.detach().clone().requires_grad_()
-    sol = odeint(w.func, y0, _times(y0.device, y0.dtype), solver=solver, step=1.0 / n,
-                 adjoint=mode, nfe=counter)
+    sol = odeint(
+        w.func,
+        y0,
+        _times(y0.device, y0.dtype),
+        solver=solver,
+        step=1.0 / n,
+        adjoint=mode,
+        nfe=counter,
+    )
     sol[-1].sum().backward()
     return counter.forward, counter.backward
 
@@ -161,8 +173,14 @@ def nfe_tdq(w: Workload, solver: str, n: int, adjoint: bool) -> tuple[int, int]:
     y0 = w.y0.detach().clone().requires_grad_()
     fn = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
     kw = {"adjoint_params": tuple(w.func.parameters())} if adjoint else {}
-    sol = fn(counting, y0, _times(y0.device, y0.dtype), method=TORCHDIFFEQ_METHOD[solver],
-             options={"step_size": 1.0 / n}, **kw)
+    sol = fn(
+        counting,
+        y0,
+        _times(y0.device, y0.dtype),
+        method=TORCHDIFFEQ_METHOD[solver],
+        options={"step_size": 1.0 / n},
+        **kw,
+    )
     forward = counting.calls
     sol[-1].sum().backward()
     return forward, counting.calls - forward
@@ -184,8 +202,15 @@ def bench_speed(w: Workload, solvers: list[str], steps: list[int], repeats: int)
                 cands["tdq_backprop"] = train_step(tdq_loss(w, solver, n, False))
                 cands["tdq_forward"] = tdq_forward(w, solver, n)
             times = alternating_medians(cands, repeats=repeats)
-            row: dict = {"workload": w.name, "solver": solver, "steps": n,
-                         "time_s": times, "saved_bytes": {}, "cuda_peak_bytes": {}, "nfe": {}}
+            row: dict = {
+                "workload": w.name,
+                "solver": solver,
+                "steps": n,
+                "time_s": times,
+                "saved_bytes": {},
+                "cuda_peak_bytes": {},
+                "nfe": {},
+            }
             for m in modes_for(solver):
                 row["saved_bytes"][f"ours_{m}"] = saved_bytes(ours_loss(w, solver, n, m))
                 row["cuda_peak_bytes"][f"ours_{m}"] = cuda_peak(ours_loss(w, solver, n, m))
@@ -207,9 +232,11 @@ def _speed_line(row: dict) -> str:
     parts.append(f"adj/bp {t['ours_adjoint'] / t['ours_backprop']:.2f}")
     parts.append(f"fwd/floor {t['ours_forward'] / t['floor']:.2f}")
     if "tdq_adjoint" in t:
-        parts.append(f"vs torchdiffeq: adjoint {t['ours_adjoint'] / t['tdq_adjoint']:.2f}x, "
-                     f"backprop {t['ours_backprop'] / t['tdq_backprop']:.2f}x, "
-                     f"fwd/floor {t['tdq_forward'] / t['floor']:.2f}")
+        parts.append(
+            f"vs torchdiffeq: adjoint {t['ours_adjoint'] / t['tdq_adjoint']:.2f}x, "
+            f"backprop {t['ours_backprop'] / t['tdq_backprop']:.2f}x, "
+            f"fwd/floor {t['tdq_forward'] / t['floor']:.2f}"
+        )
     return "  ".join(parts)
 
 
@@ -226,8 +253,14 @@ def bench_gradients(solvers: list[str], steps: list[int]) -> list[dict]:
         else:
             fn = torchdiffeq.odeint_adjoint if mode == "adjoint" else torchdiffeq.odeint
             kw = {"adjoint_params": tuple(params)} if mode == "adjoint" else {}
-            sol = fn(w.func, y0, t, method=TORCHDIFFEQ_METHOD[solver],
-                     options={"step_size": 1.0 / n}, **kw)
+            sol = fn(
+                w.func,
+                y0,
+                t,
+                method=TORCHDIFFEQ_METHOD[solver],
+                options={"step_size": 1.0 / n},
+                **kw,
+            )
         g = torch.autograd.grad(sol[-1].square().mean(), [y0, *params])
         return torch.cat([x.flatten() for x in g])
 
@@ -237,8 +270,9 @@ def bench_gradients(solvers: list[str], steps: list[int]) -> list[dict]:
         for n in steps:
             row = {"solver": solver, "steps": n, "rel_error": {}}
             for mode in modes_for(solver):
-                row["rel_error"][f"ours_{mode}"] = float((grads(solver, n, mode) - ref).norm()
-                                                         / ref.norm())
+                row["rel_error"][f"ours_{mode}"] = float(
+                    (grads(solver, n, mode) - ref).norm() / ref.norm()
+                )
             if torchdiffeq is not None and solver in TORCHDIFFEQ_METHOD:
                 for mode in ("adjoint", "backprop"):
                     g = grads(solver, n, mode, lib="tdq")
@@ -256,8 +290,14 @@ def bench_accuracy(solvers: list[str], steps: list[int]) -> list[dict]:
     for solver in solvers:
         for n in steps:
             with torch.no_grad():
-                sol = odeint(osc, y0, torch.tensor([0.0, 2.0], dtype=torch.float64),
-                             solver=solver, step=2.0 / n, check_finite=False)
+                sol = odeint(
+                    osc,
+                    y0,
+                    torch.tensor([0.0, 2.0], dtype=torch.float64),
+                    solver=solver,
+                    step=2.0 / n,
+                    check_finite=False,
+                )
             err = float((sol[-1, 0] - exact).abs().max())
             rows.append({"solver": solver, "steps": n, "step": 2.0 / n, "error": err})
     return rows
@@ -275,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if torchdiffeq is None:
-        print("torchdiffeq is not installed: measuring this library alone "
-              "(pip install '.[bench]' for the comparison)")
+        print(
+            "torchdiffeq is not installed: measuring this library alone "
+            "(pip install '.[bench]' for the comparison)"
+        )
     device = torch.device(args.device)
     solvers = ["euler", "midpoint", "heun", "rk38"]
     if args.quick:
@@ -290,16 +332,21 @@ def main(argv: list[str] | None = None) -> int:
     for w in workloads:
         w = Workload(w.name, w.title, w.func.to(device), w.y0.to(device))
         steps = mlp_steps if w.name == "mlp" else conv_steps
-        speed += bench_speed(w, solvers if w.name == "mlp" else ["euler", "rk38"], steps,
-                             repeats if w.name == "mlp" else max(3, repeats // 2))
+        speed += bench_speed(
+            w,
+            solvers if w.name == "mlp" else ["euler", "rk38"],
+            steps,
+            repeats if w.name == "mlp" else max(3, repeats // 2),
+        )
     grad_steps = [10, 100] if args.quick else [10, 30, 100, 300]
     gradients = bench_gradients(solvers, grad_steps)
-    accuracy = bench_accuracy(["euler", "midpoint", "heun", "rk3", "rk4", "rk38"],
-                              [50, 100, 200, 400, 800])
+    accuracy = bench_accuracy(
+        ["euler", "midpoint", "heun", "rk3", "rk4", "rk38"], [50, 100, 200, 400, 800]
+    )
     results = {
         "machine": machine(),
-        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None
-                                                          else sys.argv[1:]),
+        "command": "python -m benchmarks.run "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "torchdiffeq": getattr(torchdiffeq, "__version__", None),
         "quick": args.quick,
         "wall_s": time.time() - started,

@@ -7,7 +7,7 @@ live tensors on CPU via the profiler, or peak CUDA allocation), and forward/back
 
     python examples/cifar10_compare.py --quick --data-dir ../shared/data
     python examples/cifar10_compare.py --data-dir ../shared/data            # the full study
-    torchrun --nproc_per_node=2 examples/cifar10_compare.py --quick ...     # DistributedDataParallel
+    torchrun --nproc_per_node=2 examples/cifar10_compare.py --quick ...     # DDP, 2 processes
 
 Checkpoints are written atomically after every epoch; ``--resume`` continues from the last
 finished epoch and gives the same results as an uninterrupted run with the same seed.
@@ -85,13 +85,24 @@ class Distributed:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default="./data",
-                   help="folder holding cifar-10-batches-bin/ (or -py/), or that folder itself")
+    p.add_argument(
+        "--data-dir",
+        default="./data",
+        help="folder holding cifar-10-batches-bin/ (or -py/), or that folder itself",
+    )
     p.add_argument("--output-dir", default="./runs/cifar10_compare")
-    p.add_argument("--models", nargs="+", default=None,
-                   help=f"specs: resnetK, odenet@STEP, hybridK@STEP (default {FULL_MODELS})")
-    p.add_argument("--preset", choices=["thesis", "standard"], default="thesis",
-                   help="thesis: one conv and norm applied twice per block; standard: two")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help=f"specs: resnetK, odenet@STEP, hybridK@STEP (default {FULL_MODELS})",
+    )
+    p.add_argument(
+        "--preset",
+        choices=["thesis", "standard"],
+        default="thesis",
+        help="thesis: one conv and norm applied twice per block; standard: two",
+    )
     p.add_argument("--norm", choices=["batch", "group"], default="batch")
     p.add_argument("--solver", default="euler")
     p.add_argument("--gradient", choices=["backprop", "adjoint"], default="adjoint")
@@ -101,23 +112,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
     p.add_argument("--train-subset", type=int, default=None, help="train on the first N images")
     p.add_argument("--test-subset", type=int, default=None, help="test on the first N images")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop each model after N more epochs in this invocation (time-boxing)")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop each model after N more epochs in this invocation (time-boxing)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--download", action="store_true",
-                   help="download the official archive when the data is not found")
-    p.add_argument("--quick", action="store_true",
-                   help="about a minute on a 2-core CPU: 10,000 training images, 3 epochs, "
-                        "the full test set, all three families")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="download the official archive when the data is not found",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="about a minute on a 2-core CPU: 10,000 training images, 3 epochs, "
+        "the full test set, all three families",
+    )
     args = p.parse_args(argv)
     if args.quick:
-        defaults = dict(epochs=3, train_subset=10000,
-                        models=["resnet1", "odenet@0.5", "hybrid1@0.5"])
+        defaults = dict(
+            epochs=3, train_subset=10000, models=["resnet1", "odenet@0.5", "hybrid1@0.5"]
+        )
         for key, value in defaults.items():
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
@@ -157,8 +180,9 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def evaluate(model: nn.Module, data: CIFAR10, device: torch.device, batch: int = 1000
-             ) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, data: CIFAR10, device: torch.device, batch: int = 1000
+) -> tuple[float, float]:
     """Test accuracy (percent) and the seconds it took over the whole set."""
     model.eval()
     correct = 0
@@ -174,8 +198,9 @@ def evaluate(model: nn.Module, data: CIFAR10, device: torch.device, batch: int =
     return 100.0 * correct / len(data), seconds
 
 
-def measure_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device
-                 ) -> dict[str, int | None]:
+def measure_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device
+) -> dict[str, int | None]:
     """Memory and NFE of one training step, on a copy so that training is unaffected."""
     probe = copy.deepcopy(model)
     loss_fn = nn.CrossEntropyLoss()
@@ -204,9 +229,18 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
-def train_model(cfg: RunConfig, train: CIFAR10, test: CIFAR10, device: torch.device,
-                out_dir: Path, ddp: Distributed, *, resume: bool, stop_after: int | None,
-                progress: bool) -> dict | None:
+def train_model(
+    cfg: RunConfig,
+    train: CIFAR10,
+    test: CIFAR10,
+    device: torch.device,
+    out_dir: Path,
+    ddp: Distributed,
+    *,
+    resume: bool,
+    stop_after: int | None,
+    progress: bool,
+) -> dict | None:
     """Train one network; returns its result record, or None if stopped early."""
     run_dir = out_dir / cfg.run_name
     ckpt_path, result_path = run_dir / "checkpoint.pt", run_dir / "result.json"
@@ -221,8 +255,13 @@ def train_model(cfg: RunConfig, train: CIFAR10, test: CIFAR10, device: torch.dev
 
     torch.manual_seed(cfg.seed)
     spec: ModelSpec = parse_model_spec(cfg.model)
-    model = build_model(spec, preset=cfg.preset, norm=cfg.norm, solver=cfg.solver,  # type: ignore[arg-type]
-                        adjoint=cfg.gradient).to(device)
+    model = build_model(
+        spec,
+        preset=cfg.preset,
+        norm=cfg.norm,
+        solver=cfg.solver,  # type: ignore[arg-type]
+        adjoint=cfg.gradient,
+    ).to(device)
     if cfg.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     else:
@@ -233,8 +272,10 @@ def train_model(cfg: RunConfig, train: CIFAR10, test: CIFAR10, device: torch.dev
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         if state["config"] != asdict(cfg):
-            raise SystemExit(f"{ckpt_path} was written with another configuration; use another "
-                             "--output-dir or drop --resume.")
+            raise SystemExit(
+                f"{ckpt_path} was written with another configuration; use another "
+                "--output-dir or drop --resume."
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         history, train_time, start_epoch = state["history"], state["train_time_s"], state["epoch"]
@@ -249,8 +290,9 @@ def train_model(cfg: RunConfig, train: CIFAR10, test: CIFAR10, device: torch.dev
     n = len(train)
     per_rank = cfg.batch_size // ddp.world
     if per_rank * ddp.world != cfg.batch_size:
-        raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the world size "
-                         f"{ddp.world}.")
+        raise SystemExit(
+            f"--batch-size {cfg.batch_size} must be divisible by the world size {ddp.world}."
+        )
     steps_per_epoch = n // cfg.batch_size
     x0 = normalize(train.images[:per_rank].to(device))
     y0 = train.labels[:per_rank].to(device)
@@ -269,8 +311,12 @@ def train_model(cfg: RunConfig, train: CIFAR10, test: CIFAR10, device: torch.dev
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         start = time.perf_counter()
-        bar = _progress(range(steps_per_epoch), steps_per_epoch,
-                        f"{cfg.model} {epoch + 1}/{cfg.epochs}", progress and ddp.main)
+        bar = _progress(
+            range(steps_per_epoch),
+            steps_per_epoch,
+            f"{cfg.model} {epoch + 1}/{cfg.epochs}",
+            progress and ddp.main,
+        )
         for i in bar:
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             x = normalize(augment(images[idx], gen))  # the same augmentation on every rank
@@ -287,9 +333,11 @@ def train_model(cfg: RunConfig, train: CIFAR10, test: CIFAR10, device: torch.dev
             seen += y.shape[0]
             if progress and ddp.main and hasattr(bar, "set_postfix") and i % 10 == 0:
                 elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{float(loss):.3f}",
-                                acc=f"{100.0 * float(correct) / seen:.1f}",
-                                img_s=f"{seen * ddp.world / max(elapsed, 1e-9):.0f}")
+                bar.set_postfix(
+                    loss=f"{float(loss):.3f}",
+                    acc=f"{100.0 * float(correct) / seen:.1f}",
+                    img_s=f"{seen * ddp.world / max(elapsed, 1e-9):.0f}",
+                )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_time = time.perf_counter() - start
@@ -306,12 +354,23 @@ def train_model(cfg: RunConfig, train: CIFAR10, test: CIFAR10, device: torch.dev
         history.append(entry)
         epochs_run += 1
         if ddp.main:
-            print(f"[{cfg.model}] epoch {epoch + 1}/{cfg.epochs}  loss {entry['train_loss']:.4f}  "
-                  f"train {entry['train_acc']:.2f} %  test {test_acc:.2f} %  "
-                  f"{epoch_time:.1f} s  {seen * ddp.world / epoch_time:.0f} img/s", flush=True)
-            atomic_save({"config": asdict(cfg), "model": model.state_dict(),
-                         "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history,
-                         "train_time_s": train_time}, ckpt_path)
+            print(
+                f"[{cfg.model}] epoch {epoch + 1}/{cfg.epochs}  loss {entry['train_loss']:.4f}  "
+                f"train {entry['train_acc']:.2f} %  test {test_acc:.2f} %  "
+                f"{epoch_time:.1f} s  {seen * ddp.world / epoch_time:.0f} img/s",
+                flush=True,
+            )
+            atomic_save(
+                {
+                    "config": asdict(cfg),
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "train_time_s": train_time,
+                },
+                ckpt_path,
+            )
         ddp.barrier()
 
     record = {
@@ -349,10 +408,30 @@ def _mib(value: int | None) -> str:
 def write_reports(records: list[dict], out_dir: Path, command: str) -> None:
     """results.json, results.csv, results.md and the plots."""
     atomic_write_text(json.dumps(records, indent=2), out_dir / "results.json")
-    keys = ["model", "label", "preset", "norm", "solver", "step", "gradient", "lr", "params",
-            "state_dict_bytes", "best_test_acc", "final_test_acc", "train_time_s",
-            "test_time_s", "saved_for_backward_bytes", "peak_memory_bytes", "nfe_forward",
-            "nfe_backward", "epochs", "device", "train_images", "test_images"]
+    keys = [
+        "model",
+        "label",
+        "preset",
+        "norm",
+        "solver",
+        "step",
+        "gradient",
+        "lr",
+        "params",
+        "state_dict_bytes",
+        "best_test_acc",
+        "final_test_acc",
+        "train_time_s",
+        "test_time_s",
+        "saved_for_backward_bytes",
+        "peak_memory_bytes",
+        "nfe_forward",
+        "nfe_backward",
+        "epochs",
+        "device",
+        "train_images",
+        "test_images",
+    ]
     tmp = out_dir / "results.csv.tmp"
     with open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
@@ -361,7 +440,7 @@ def write_reports(records: list[dict], out_dir: Path, command: str) -> None:
     os.replace(tmp, out_dir / "results.csv")
     lines = [
         "| network | step | lr | best acc % | final acc % | train s | test s | params | "
-        "\"memory\" B (state dict) | saved for backward MiB | peak step MiB | NFE fwd | NFE bwd |",
+        '"memory" B (state dict) | saved for backward MiB | peak step MiB | NFE fwd | NFE bwd |',
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -383,7 +462,7 @@ def write_reports(records: list[dict], out_dir: Path, command: str) -> None:
         f"{r0['batch_size']}, {r0['epochs']} epochs, seed {r0['seed']}; "
         f"{r0['train_images']:,} training and {r0['test_images']:,} test images.",
         "",
-        "Memory columns, per training step at the batch size above: *\"memory\" B* is the "
+        'Memory columns, per training step at the batch size above: *"memory" B* is the '
         "reference study's column (parameter and buffer bytes, shared weights once); *saved for "
         "backward* is the bytes of tensors autograd kept for the backward pass "
         "(`torch.autograd.graph.saved_tensors_hooks`); *peak step* is the peak of live tensor "
@@ -433,24 +512,48 @@ def main(argv: list[str] | None = None) -> int:
     train = load_cifar10(args.data_dir, train=True, download=args.download)
     test = load_cifar10(args.data_dir, train=False, download=args.download)
     if args.train_subset:
-        train = CIFAR10(train.images[: args.train_subset], train.labels[: args.train_subset],
-                        train.source)
+        train = CIFAR10(
+            train.images[: args.train_subset], train.labels[: args.train_subset], train.source
+        )
     if args.test_subset:
-        test = CIFAR10(test.images[: args.test_subset], test.labels[: args.test_subset],
-                       test.source)
+        test = CIFAR10(
+            test.images[: args.test_subset], test.labels[: args.test_subset], test.source
+        )
     out_dir = Path(args.output_dir)
     if ddp.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"CIFAR-10 from {train.source}: {len(train):,} train / {len(test):,} test images; "
-              f"preset {args.preset!r} ({PRESETS[args.preset]}), device {describe_device(device)}, world size {ddp.world}")
+        print(
+            f"CIFAR-10 from {train.source}: {len(train):,} train / {len(test):,} test images; "
+            f"preset {args.preset!r} ({PRESETS[args.preset]}), "
+            f"device {describe_device(device)}, world size {ddp.world}"
+        )
     records = []
     for spec in args.specs:
-        cfg = RunConfig(model=spec.name, preset=args.preset, norm=args.norm, solver=args.solver,
-                        gradient=args.gradient, epochs=args.epochs, batch_size=args.batch_size,
-                        optimizer=args.optimizer, lr=args.lr, seed=args.seed,
-                        train_subset=args.train_subset, test_subset=args.test_subset)
-        record = train_model(cfg, train, test, device, out_dir, ddp, resume=args.resume,
-                             stop_after=args.stop_after, progress=not args.no_progress)
+        cfg = RunConfig(
+            model=spec.name,
+            preset=args.preset,
+            norm=args.norm,
+            solver=args.solver,
+            gradient=args.gradient,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            seed=args.seed,
+            train_subset=args.train_subset,
+            test_subset=args.test_subset,
+        )
+        record = train_model(
+            cfg,
+            train,
+            test,
+            device,
+            out_dir,
+            ddp,
+            resume=args.resume,
+            stop_after=args.stop_after,
+            progress=not args.no_progress,
+        )
         if record is not None:
             records.append(record)
     if ddp.main and records:

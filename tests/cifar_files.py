@@ -37,8 +37,12 @@ def write_py(root: Path, per_file: int = 20, n_test: int = 30, seed: int = 0) ->
     folder.mkdir(parents=True, exist_ok=True)
     for name, n in [(t, per_file) for t in TRAIN] + [("test_batch", n_test)]:
         pixels, labels = _images(rng, n)
-        batch = {b"batch_label": name.encode(), b"labels": labels.tolist(), b"data": pixels,
-                 b"filenames": [f"{i}.png".encode() for i in range(n)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels.tolist(),
+            b"data": pixels,
+            b"filenames": [f"{i}.png".encode() for i in range(n)],
+        }
         with open(folder / name, "wb") as fh:
             pickle.dump(batch, fh, protocol=2)
     return folder

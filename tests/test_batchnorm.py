@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from problems import ConvBNDynamics
+
 from torchode_adjoint import ODEBlock
 
 D = torch.float64

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from problems import MLPDynamics
 from torch import nn
 
-from problems import MLPDynamics
 from torchode_adjoint import GRADIENT_MODES, ODEBlock, available_solvers, get_solver, odeint
 
 D = torch.float64

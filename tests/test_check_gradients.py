@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from problems import MLPDynamics
+
 from torchode_adjoint import GradientReport, ODEBlock, check_gradients
 
 
@@ -12,8 +12,9 @@ def test_report_for_a_block_has_one_row_per_input_and_small_errors() -> None:
     block = ODEBlock(MLPDynamics(), solver="rk4", step=0.05)
     report = check_gradients(block, torch.randn(4, 3))
     assert isinstance(report, GradientReport)
-    assert [c.name for c in report.checks] == ["y0", "t"] + [n for n, _ in
-                                                             block.dynamics.named_parameters()]
+    assert [c.name for c in report.checks] == ["y0", "t"] + [
+        n for n, _ in block.dynamics.named_parameters()
+    ]
     assert report.mode == "adjoint" and report.solver == "rk4"
     assert report.max_rel_err_backprop < 1e-5
     assert report.max_rel_err_fd < 1e-4
@@ -22,8 +23,14 @@ def test_report_for_a_block_has_one_row_per_input_and_small_errors() -> None:
 
 
 def test_backprop_mode_agrees_with_finite_differences_to_high_precision() -> None:
-    report = check_gradients(MLPDynamics(), torch.randn(4, 3), torch.tensor([0.0, 0.5, 1.0]),
-                             solver="midpoint", step=0.1, adjoint=False)
+    report = check_gradients(
+        MLPDynamics(),
+        torch.randn(4, 3),
+        torch.tensor([0.0, 0.5, 1.0]),
+        solver="midpoint",
+        step=0.1,
+        adjoint=False,
+    )
     assert report.max_rel_err_backprop == 0.0
     assert report.max_rel_err_fd < 1e-6
 

@@ -6,15 +6,21 @@ import math
 
 import pytest
 import torch
-
 from problems import PROBLEMS, Problem
+
 from torchode_adjoint import available_solvers, get_solver, odeint
 
 
 def _error(problem: Problem, solver: str, n: int) -> float:
     t0, t1 = 0.1, 1.1
-    sol = odeint(problem.f, problem.y0, torch.tensor([t0, t1], dtype=torch.float64),
-                 solver=solver, step=(t1 - t0) / n, adjoint=False)
+    sol = odeint(
+        problem.f,
+        problem.y0,
+        torch.tensor([t0, t1], dtype=torch.float64),
+        solver=solver,
+        step=(t1 - t0) / n,
+        adjoint=False,
+    )
     return float((sol[-1] - problem.exact(t1, problem.y0, t0)).abs().max())
 
 

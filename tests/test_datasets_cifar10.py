@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from cifar_files import write_bin, write_py
+
 from torchode_adjoint.datasets.cifar10 import CIFAR10Error, augment, load_cifar10, normalize
 
 

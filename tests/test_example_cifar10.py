@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cifar_files import write_bin
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,19 +31,51 @@ def _load_script():
 compare = _load_script()
 
 
-@pytest.mark.skipif(not (REAL_DATA / "cifar-10-batches-bin").is_dir(),
-                    reason=f"CIFAR-10 not found at {REAL_DATA} (set CIFAR10_DIR)")
+@pytest.mark.skipif(
+    not (REAL_DATA / "cifar-10-batches-bin").is_dir(),
+    reason=f"CIFAR-10 not found at {REAL_DATA} (set CIFAR10_DIR)",
+)
 def test_quick_comparison_runs_on_a_slice_of_the_real_data_and_writes_every_report(tmp_path):
     out = tmp_path / "out"
-    rc = compare.main(["--quick", "--data-dir", str(REAL_DATA), "--output-dir", str(out),
-                       "--train-subset", "1000", "--test-subset", "500", "--epochs", "1",
-                       "--batch-size", "100", "--no-progress"])
+    rc = compare.main(
+        [
+            "--quick",
+            "--data-dir",
+            str(REAL_DATA),
+            "--output-dir",
+            str(out),
+            "--train-subset",
+            "1000",
+            "--test-subset",
+            "500",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "100",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     records = json.loads((out / "results.json").read_text())
     assert [r["model"] for r in records] == ["resnet1", "odenet@0.5", "hybrid1@0.5"]
-    required = {"model", "preset", "solver", "step", "gradient", "params", "best_test_acc",
-                "final_test_acc", "train_time_s", "test_time_s", "peak_memory_bytes",
-                "nfe_forward", "nfe_backward", "epochs", "device", "history"}
+    required = {
+        "model",
+        "preset",
+        "solver",
+        "step",
+        "gradient",
+        "params",
+        "best_test_acc",
+        "final_test_acc",
+        "train_time_s",
+        "test_time_s",
+        "peak_memory_bytes",
+        "nfe_forward",
+        "nfe_backward",
+        "epochs",
+        "device",
+        "history",
+    }
     for r in records:
         assert required <= set(r)
         assert 0.0 <= r["best_test_acc"] <= 100.0
@@ -57,8 +88,20 @@ def test_quick_comparison_runs_on_a_slice_of_the_real_data_and_writes_every_repo
 
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data-dir", str(data), "--output-dir", str(out), "--models", "odenet@0.5",
-            "--epochs", "2", "--batch-size", "20", "--no-progress", *extra]
+    return [
+        "--data-dir",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--models",
+        "odenet@0.5",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "20",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_resumed_run_gives_the_same_results_as_an_uninterrupted_one(tmp_path: Path) -> None:
@@ -94,18 +137,47 @@ def _free_port() -> int:
 
 def test_ddp_on_two_cpu_processes_matches_a_single_process_on_the_same_global_batch(tmp_path):
     write_bin(tmp_path / "data", per_file=16, n_test=10)  # 80 images: 2 steps of 40
-    common = ["--data-dir", str(tmp_path / "data"), "--models", "odenet@0.5", "--epochs", "1",
-              "--batch-size", "40", "--norm", "group", "--optimizer", "sgd", "--lr", "0.05",
-              "--no-progress"]
+    common = [
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--models",
+        "odenet@0.5",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "40",
+        "--norm",
+        "group",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, str(SCRIPT), *common, "--output-dir",
-                             str(tmp_path / "single")], env=env, capture_output=True, text=True)
+    single = subprocess.run(
+        [sys.executable, str(SCRIPT), *common, "--output-dir", str(tmp_path / "single")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master_port={_free_port()}", str(SCRIPT), *common, "--output-dir",
-         str(tmp_path / "ddp")],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            str(SCRIPT),
+            *common,
+            "--output-dir",
+            str(tmp_path / "ddp"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     rec = json.loads((tmp_path / "ddp" / "results.json").read_text())[0]

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from problems import PROBLEMS, ConvBNDynamics, MLPDynamics, Problem
+
 from torchode_adjoint import NFECounter, ODEBlock, available_solvers, odeint
 from torchode_adjoint._reversible import reversible_heun_forward, reversible_heun_reverse
 from torchode_adjoint.measure import saved_tensor_bytes
@@ -33,8 +33,9 @@ def test_checkpoint_gradients_equal_backprop_to_round_off(solver: str, every: in
     f = MLPDynamics().double()
     y0 = torch.randn(4, 3, dtype=D, generator=gen)
     w = torch.randn(len(T), 4, 3, dtype=D, generator=gen)
-    g_ck = _grads(f, y0, T, w, solver=solver, step=0.1, adjoint="checkpoint",
-                  checkpoint_every=every)
+    g_ck = _grads(
+        f, y0, T, w, solver=solver, step=0.1, adjoint="checkpoint", checkpoint_every=every
+    )
     g_bp = _grads(f, y0, T, w, solver=solver, step=0.1, adjoint=False)
     for a, b in zip(g_ck, g_bp):
         assert _rel(a, b) < 1e-10
@@ -95,8 +96,9 @@ def test_reversible_gradient_matches_finite_differences(gen) -> None:
     def loss(kv: float) -> float:
         with torch.no_grad():
             k.fill_(kv)
-            return float(odeint(f, y0, T, solver="heun", step=0.1, adjoint="reversible",
-                                params=[k]).sum())
+            return float(
+                odeint(f, y0, T, solver="heun", step=0.1, adjoint="reversible", params=[k]).sum()
+            )
 
     sol = odeint(f, y0, T, solver="heun", step=0.1, adjoint="reversible", params=[k])
     (g,) = torch.autograd.grad(sol.sum(), [k])
@@ -130,8 +132,15 @@ def test_reversible_step_reconstructs_the_previous_state_to_round_off(gen) -> No
 def test_reversible_heun_converges_at_order_two(problem: Problem) -> None:
     errors = []
     for n in (40, 80):
-        sol = odeint(problem.f, problem.y0, torch.tensor([0.1, 1.1], dtype=D), solver="heun",
-                     step=1.0 / n, adjoint="reversible", params=())
+        sol = odeint(
+            problem.f,
+            problem.y0,
+            torch.tensor([0.1, 1.1], dtype=D),
+            solver="heun",
+            step=1.0 / n,
+            adjoint="reversible",
+            params=(),
+        )
         errors.append(float((sol[-1] - problem.exact(1.1, problem.y0, 0.1)).abs().max()))
     assert math.log2(errors[0] / errors[1]) == pytest.approx(2.0, abs=0.3)
 
@@ -140,8 +149,9 @@ def _saved(mode: str, n: int, **kw) -> int:
     f = MLPDynamics(dim=8, hidden=32)
     y0 = torch.randn(16, 8, requires_grad=True)
     with saved_tensor_bytes() as saved:
-        sol = odeint(f, y0, torch.tensor([0.0, 1.0]), solver="heun", step=1.0 / n,
-                     adjoint=mode, **kw)
+        sol = odeint(
+            f, y0, torch.tensor([0.0, 1.0]), solver="heun", step=1.0 / n, adjoint=mode, **kw
+        )
     sol[-1].sum().backward()
     return saved.bytes
 
@@ -159,15 +169,19 @@ def test_reversible_memory_is_flat_in_the_number_of_steps() -> None:
     assert _saved("reversible", 10) == _saved("reversible", 1000)
 
 
-@pytest.mark.parametrize(("mode", "solver", "fwd", "bwd"), [
-    ("checkpoint", "rk4", 4 * 4, 4 * 4),
-    ("reversible", "heun", 4 + 1, 4 + 1),
-])
+@pytest.mark.parametrize(
+    ("mode", "solver", "fwd", "bwd"),
+    [
+        ("checkpoint", "rk4", 4 * 4, 4 * 4),
+        ("reversible", "heun", 4 + 1, 4 + 1),
+    ],
+)
 def test_nfe_of_the_exact_modes(mode, solver, fwd, bwd) -> None:
     nfe = NFECounter()
     y0 = torch.randn(2, 3, requires_grad=True)
-    odeint(MLPDynamics(), y0, torch.tensor([0.0, 1.0]), solver=solver, step=0.25, adjoint=mode,
-           nfe=nfe)[-1].sum().backward()
+    odeint(
+        MLPDynamics(), y0, torch.tensor([0.0, 1.0]), solver=solver, step=0.25, adjoint=mode, nfe=nfe
+    )[-1].sum().backward()
     assert (nfe.forward, nfe.backward) == (fwd, bwd)
 
 
@@ -194,7 +208,12 @@ def test_reversible_needs_the_heun_solver_and_checkpoint_every_is_validated() ->
     with pytest.raises(ValueError, match="`solver='heun'`"):
         odeint(MLPDynamics(), torch.ones(2, 3), torch.tensor([0.0, 1.0]), adjoint="reversible")
     with pytest.raises(ValueError, match="`checkpoint_every`"):
-        odeint(MLPDynamics(), torch.ones(2, 3), torch.tensor([0.0, 1.0]), adjoint="checkpoint",
-               checkpoint_every=0)
+        odeint(
+            MLPDynamics(),
+            torch.ones(2, 3),
+            torch.tensor([0.0, 1.0]),
+            adjoint="checkpoint",
+            checkpoint_every=0,
+        )
     with pytest.raises(ValueError, match="`checkpoint_every`"):
         ODEBlock(MLPDynamics(), checkpoint_every=2.5)  # type: ignore[arg-type]

@@ -13,8 +13,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from problems import MLPDynamics
+
 from torchode_adjoint import available_solvers, get_solver, odeint
 
 D = torch.float64
@@ -37,8 +37,9 @@ def test_backprop_passes_gradcheck_for_y0_times_and_parameters(solver: str, gen)
     t = T.clone().requires_grad_()
 
     def run(y0: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return odeint(lambda tt, y: _f_functional(tt, y, w), y0, t, solver=solver, step=0.2,
-                      adjoint=False)
+        return odeint(
+            lambda tt, y: _f_functional(tt, y, w), y0, t, solver=solver, step=0.2, adjoint=False
+        )
 
     assert torch.autograd.gradcheck(run, (y0, t, w), eps=1e-6, atol=1e-8, rtol=1e-6)
 
@@ -160,8 +161,15 @@ def test_float64_times_with_float32_state_get_a_float64_gradient(adjoint: bool) 
 def test_zero_dim_state(adjoint: bool) -> None:
     k = torch.tensor(0.7, dtype=D, requires_grad=True)
     y0 = torch.tensor(2.0, dtype=D, requires_grad=True)
-    sol = odeint(lambda t, y: -k * y, y0, torch.tensor([0.0, 1.0], dtype=D), solver="rk4",
-                 step=0.01, adjoint=adjoint, params=[k])
+    sol = odeint(
+        lambda t, y: -k * y,
+        y0,
+        torch.tensor([0.0, 1.0], dtype=D),
+        solver="rk4",
+        step=0.01,
+        adjoint=adjoint,
+        params=[k],
+    )
     assert sol.shape == (2,)
     sol[-1].backward()
     # y(1) = y0 exp(-k): dy/dy0 = exp(-k), dy/dk = -y0 exp(-k).
@@ -174,8 +182,15 @@ def test_function_dynamics_with_explicit_params_gets_parameter_gradients(gen) ->
     y0 = torch.randn(4, 3, dtype=D, generator=gen)
 
     def run(adjoint: bool) -> list[torch.Tensor]:
-        sol = odeint(lambda t, y: torch.tanh(lin(y)), y0, torch.tensor([0.0, 1.0], dtype=D),
-                     solver="rk4", step=0.05, adjoint=adjoint, params=lin.parameters())
+        sol = odeint(
+            lambda t, y: torch.tanh(lin(y)),
+            y0,
+            torch.tensor([0.0, 1.0], dtype=D),
+            solver="rk4",
+            step=0.05,
+            adjoint=adjoint,
+            params=lin.parameters(),
+        )
         return list(torch.autograd.grad(sol[-1].sum(), list(lin.parameters())))
 
     for a, b in zip(run(True), run(False)):

@@ -14,8 +14,14 @@ from torchode_adjoint import NFECounter, odeint
 
 def _steps(t: list[float], step: float | None, dtype: torch.dtype) -> int:
     nfe = NFECounter()
-    odeint(lambda t, y: -y, torch.ones(1, dtype=dtype), torch.tensor(t, dtype=dtype), step=step,
-           adjoint=False, nfe=nfe)
+    odeint(
+        lambda t, y: -y,
+        torch.ones(1, dtype=dtype),
+        torch.tensor(t, dtype=dtype),
+        step=step,
+        adjoint=False,
+        nfe=nfe,
+    )
     return nfe.forward  # euler: one evaluation per step
 
 
@@ -33,16 +39,18 @@ def _steps(t: list[float], step: float | None, dtype: torch.dtype) -> int:
         ([0.0, 1.0, 3.0], None, 2),
     ],
 )
-def test_step_counts_per_interval(t: list[float], step: float | None, expected: int,
-                                  dtype: torch.dtype) -> None:
+def test_step_counts_per_interval(
+    t: list[float], step: float | None, expected: int, dtype: torch.dtype
+) -> None:
     assert _steps(t, step, dtype) == expected
 
 
 def test_output_times_are_hit_exactly_with_a_grid_not_aligned_to_the_step() -> None:
     # y' = 1 integrates exactly with Euler: y(t) = t - t0 at every output time.
     t = torch.tensor([0.0, 0.37, 0.41, 1.93], dtype=torch.float64)
-    sol = odeint(lambda t, y: torch.ones_like(y), torch.zeros(1, dtype=torch.float64), t,
-                 step=0.1, params=())
+    sol = odeint(
+        lambda t, y: torch.ones_like(y), torch.zeros(1, dtype=torch.float64), t, step=0.1, params=()
+    )
     torch.testing.assert_close(sol[:, 0], t, rtol=0, atol=1e-14)
 
 
@@ -51,8 +59,9 @@ def test_decreasing_times_integrate_backwards() -> None:
     y1 = torch.tensor([math.exp(-1.0)], dtype=torch.float64)
     sol = odeint(lambda t, y: -y, y1, t, solver="rk4", step=0.01, params=())
     torch.testing.assert_close(sol[-1], torch.ones(1, dtype=torch.float64), rtol=1e-9, atol=0)
-    torch.testing.assert_close(sol[1], torch.tensor([math.exp(-0.5)], dtype=torch.float64),
-                               rtol=1e-9, atol=0)
+    torch.testing.assert_close(
+        sol[1], torch.tensor([math.exp(-0.5)], dtype=torch.float64), rtol=1e-9, atol=0
+    )
 
 
 @given(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from problems import MLPDynamics
 from torch import nn
 
-from problems import MLPDynamics
 from torchode_adjoint import ODEBlock, odeint
 
 Y0 = torch.ones(2, 3)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from problems import MLPDynamics
+
 from torchode_adjoint import odeint
 
 
@@ -19,8 +19,9 @@ def saved_bytes(adjoint: bool, n_steps: int) -> int:
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        sol = odeint(f, y0, torch.tensor([0.0, 1.0]), solver="rk4", step=1.0 / n_steps,
-                     adjoint=adjoint)
+        sol = odeint(
+            f, y0, torch.tensor([0.0, 1.0]), solver="rk4", step=1.0 / n_steps, adjoint=adjoint
+        )
     sol[-1].sum().backward()  # the graph is usable
     return total
 

@@ -50,21 +50,23 @@ def test_output_shape_and_one_training_step_changes_every_parameter(name, preset
 def test_standard_preset_has_separate_convs() -> None:
     thesis = build_model(parse_model_spec("odenet@0.5"), preset="thesis")
     standard = build_model(parse_model_spec("odenet@0.5"), preset="standard")
-    assert sum(p.numel() for p in standard.parameters()) > sum(p.numel() for p in thesis.parameters())
+    assert sum(p.numel() for p in standard.parameters()) > sum(
+        p.numel() for p in thesis.parameters()
+    )
 
 
 def test_ode_stages_carry_solver_step_and_gradient_mode() -> None:
     model = build_model(parse_model_spec("odenet@0.25"), solver="rk4", adjoint=False)
     blocks = ode_blocks(model)
     assert len(blocks) == 2 and all(isinstance(b, ODEBlock) for b in blocks)
-    assert all(b.step == 0.25 and b.solver.name == "rk4" and b.adjoint == "backprop"
-               for b in blocks)
+    assert all(
+        b.step == 0.25 and b.solver.name == "rk4" and b.adjoint == "backprop" for b in blocks
+    )
     assert len(ode_blocks(build_model(parse_model_spec("hybrid2@0.5")))) == 1
     assert ode_blocks(build_model(parse_model_spec("resnet3"))) == []
 
 
-@pytest.mark.parametrize("text", ["odenet", "resnet1@0.5", "odenet2@0.5", "vgg16",
-                                  "hybrid0@0.5"])
+@pytest.mark.parametrize("text", ["odenet", "resnet1@0.5", "odenet2@0.5", "vgg16", "hybrid0@0.5"])
 def test_bad_model_specs_are_refused_with_the_format(text: str) -> None:
     with pytest.raises(ValueError, match="spec"):
         parse_model_spec(text)

@@ -24,24 +24,31 @@ def test_nan_raises_runtime_error_naming_the_first_bad_step_time(adjoint: bool) 
     # Euler evaluates at 0.5, 0.6, 0.7, ...: the first NaN derivative (at 0.7) makes the state
     # at the end of that step, t = 0.8, non-finite.
     with pytest.raises(RuntimeError, match=r"t = 0\.8 ") as info:
-        odeint(_blows_up_after(0.62), torch.ones(2, dtype=D), t, step=0.1, adjoint=adjoint,
-               params=())
+        odeint(
+            _blows_up_after(0.62), torch.ones(2, dtype=D), t, step=0.1, adjoint=adjoint, params=()
+        )
     assert "step 3 of 5" in str(info.value)
 
 
 def test_check_finite_false_returns_the_non_finite_result() -> None:
-    sol = odeint(_blows_up_after(0.62), torch.ones(2, dtype=D), torch.tensor([0.0, 1.0]).double(),
-                 step=0.1, params=(), check_finite=False)
+    sol = odeint(
+        _blows_up_after(0.62),
+        torch.ones(2, dtype=D),
+        torch.tensor([0.0, 1.0]).double(),
+        step=0.1,
+        params=(),
+        check_finite=False,
+    )
     assert torch.isnan(sol[-1]).all()
 
 
 def test_non_finite_y0_is_named() -> None:
     with pytest.raises(ValueError, match="`y0`"):
-        odeint(lambda t, y: -y, torch.tensor([float("inf")]), torch.tensor([0.0, 1.0]),
-               params=())
+        odeint(lambda t, y: -y, torch.tensor([float("inf")]), torch.tensor([0.0, 1.0]), params=())
 
 
 def test_overflowing_state_is_reported_as_infinite() -> None:
     with pytest.raises(RuntimeError, match="NaN or infinite"):
-        odeint(lambda t, y: y * y, torch.tensor([10.0]), torch.tensor([0.0, 5.0]), step=0.05,
-               params=())
+        odeint(
+            lambda t, y: y * y, torch.tensor([10.0]), torch.tensor([0.0, 5.0]), step=0.05, params=()
+        )

@@ -26,8 +26,15 @@ def test_stage_times_and_states_follow_the_tableau(solver: str, adjoint: bool) -
     rec = Recorder()
     y0 = torch.tensor([0.3, -1.2], dtype=torch.float64)
     t0, t1, n = 0.2, 0.8, 3
-    odeint(rec, y0, torch.tensor([t0, t1], dtype=torch.float64), solver=tab, step=(t1 - t0) / n,
-           adjoint=adjoint, params=())
+    odeint(
+        rec,
+        y0,
+        torch.tensor([t0, t1], dtype=torch.float64),
+        solver=tab,
+        step=(t1 - t0) / n,
+        adjoint=adjoint,
+        params=(),
+    )
     assert len(rec.calls) == n * tab.stages
     # Recompute the expected sequence independently, straight from the textbook formulas.
     h = (t1 - t0) / n

@@ -143,11 +143,11 @@ class ODEBlock(nn.Module):
 
         Parameters
         ----------
-        y0 : Tensor, shape (B, *S)
+        y0 : Tensor, shape (B, ...)
 
         Returns
         -------
-        Tensor, shape (B, *S)
+        Tensor, shape (B, ...)
             The state at ``t1``.
         """
         t = self._times(y0)

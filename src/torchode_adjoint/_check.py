@@ -108,7 +108,7 @@ def check_gradients(
         An :class:`~torchode_adjoint.ODEBlock` (its solver, step, mode and times are the
         defaults), a dynamics module, or a function (then pass ``params=`` and make it compute in
         float64). Modules are copied and cast to float64; the original is untouched.
-    y0 : Tensor, shape (*S)
+    y0 : Tensor, shape (...)
     t : Tensor, shape (T,), optional
         Default: the block's ``[t0, t1]``, else ``[0, 1]``.
     eps : float, default 1e-6

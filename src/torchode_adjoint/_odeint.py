@@ -216,7 +216,7 @@ def odeint(
     func : callable ``(t, y) -> dy/dt``
         ``t`` arrives as a 0-dim tensor with ``y0``'s dtype and device; the result must have
         ``y``'s shape and dtype.
-    y0 : Tensor, shape (*S)
+    y0 : Tensor, shape (...)
         Initial state, any shape (a batch is usually the first dimension), floating point.
     t : Tensor, shape (T,), T >= 2
         Output times, strictly increasing or strictly decreasing, on ``y0``'s device. They are
@@ -254,7 +254,7 @@ def odeint(
 
     Returns
     -------
-    Tensor, shape (T, *S)
+    Tensor, shape (T, ...)
         The state at each time of ``t``; row 0 is ``y0``.
 
     Raises

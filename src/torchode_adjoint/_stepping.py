@@ -105,7 +105,7 @@ def integrate(
     ----------
     f : callable
         ``f(t, y) -> dy/dt``.
-    y0 : Tensor, shape (*S)
+    y0 : Tensor, shape (...)
     t : Tensor, shape (T,)
         Output times in ``y0``'s dtype and device. When it requires grad (backprop through the
         solver with learnable times), stage times and step sizes are differentiable tensors.
@@ -120,7 +120,7 @@ def integrate(
 
     Returns
     -------
-    list of Tensor, T - 1 of shape (*S)
+    list of Tensor, T - 1 of shape (...)
         The states at ``t[1:]``; the caller stacks them with ``y0`` if it needs to.
     """
     plan = plan_for(tableau)
