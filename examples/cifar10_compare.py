@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torchode_adjoint import GRADIENT_MODES
 from torchode_adjoint.datasets.cifar10 import CIFAR10, augment, load_cifar10, normalize
 from torchode_adjoint.measure import peak_memory_bytes, saved_tensor_bytes, state_dict_bytes
 from torchode_adjoint.models.cifar10 import ModelSpec, build_model, ode_blocks, parse_model_spec
@@ -105,7 +106,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--norm", choices=["batch", "group"], default="batch")
     p.add_argument("--solver", default="euler")
-    p.add_argument("--gradient", choices=["backprop", "adjoint"], default="adjoint")
+    p.add_argument(
+        "--gradient",
+        nargs="+",
+        choices=list(GRADIENT_MODES),
+        default=["adjoint"],
+        help="gradient mode(s) of the ODE blocks; several run each ODE model once per mode "
+        "('reversible' integrates with the reversible Heun method, whatever --solver says)",
+    )
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
@@ -401,6 +409,16 @@ def describe_device(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def solver_of(record: dict) -> str:
+    """The solver column: '-' for a network without an ODE block."""
+    return "-" if record["step"] is None else record["solver"]
+
+
+def gradient_of(record: dict) -> str:
+    """The gradient column: '-' for a network without an ODE block."""
+    return "-" if record["step"] is None else record["gradient"]
+
+
 def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.1f}"
 
@@ -439,14 +457,16 @@ def write_reports(records: list[dict], out_dir: Path, command: str) -> None:
         writer.writerows(records)
     os.replace(tmp, out_dir / "results.csv")
     lines = [
-        "| network | step | lr | best acc % | final acc % | train s | test s | params | "
-        '"memory" B (state dict) | saved for backward MiB | peak step MiB | NFE fwd | NFE bwd |',
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| network | step | lr | solver | gradient | best acc % | final acc % | train s | test s | "
+        'params | "memory" B (state dict) | saved for backward MiB | peak step MiB | NFE fwd | '
+        "NFE bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         step = "-" if r["step"] is None else f"{r['step']:g}"
         lines.append(
-            f"| {r['label']} | {step} | {r['lr']:g} | {r['best_test_acc']:.2f} | "
+            f"| {r['label']} | {step} | {r['lr']:g} | {solver_of(r)} | {gradient_of(r)} | "
+            f"{r['best_test_acc']:.2f} | "
             f"{r['final_test_acc']:.2f} | {r['train_time_s']:.0f} | {r['test_time_s']:.2f} | "
             f"{r['params']:,} | {r['state_dict_bytes']:,} | "
             f"{_mib(r['saved_for_backward_bytes'])} | {_mib(r['peak_memory_bytes'])} | "
@@ -457,8 +477,8 @@ def write_reports(records: list[dict], out_dir: Path, command: str) -> None:
         "",
         f"Command: `{command}`",
         "",
-        f"Device: {r0['device']}; preset {r0['preset']}, norm {r0['norm']}, solver "
-        f"{r0['solver']}, gradient {r0['gradient']}, optimiser {r0['optimizer']}, batch "
+        f"Device: {r0['device']}; preset {r0['preset']}, norm {r0['norm']}, optimiser "
+        f"{r0['optimizer']}, batch "
         f"{r0['batch_size']}, {r0['epochs']} epochs, seed {r0['seed']}; "
         f"{r0['train_images']:,} training and {r0['test_images']:,} test images.",
         "",
@@ -484,10 +504,12 @@ def plot(records: list[dict], out_dir: Path) -> None:
         print("matplotlib is not installed: no plots (pip install '.[examples]')")
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    several = len({gradient_of(r) for r in records} - {"-"}) > 1
     for r in records:
         epochs = [h["epoch"] for h in r["history"]]
-        axes[0].plot(epochs, [h["test_acc"] for h in r["history"]], label=r["label"])
-        axes[1].plot(epochs, [h["train_loss"] for h in r["history"]], label=r["label"])
+        label = r["label"] + (f", {gradient_of(r)}" if several and r["step"] is not None else "")
+        axes[0].plot(epochs, [h["test_acc"] for h in r["history"]], label=label)
+        axes[1].plot(epochs, [h["train_loss"] for h in r["history"]], label=label)
     axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title="CIFAR-10 test accuracy")
     axes[1].set(xlabel="epoch", ylabel="training loss", title="training loss")
     for ax in axes:
@@ -498,6 +520,15 @@ def plot(records: list[dict], out_dir: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, out_dir / "curves.png")
+
+
+def runs(specs: list[ModelSpec], gradients: list[str]) -> list[tuple[ModelSpec, str]]:
+    """Every model once per gradient mode; a ResNet has no ODE block, so it runs once."""
+    out = []
+    for spec in specs:
+        for gradient in gradients[:1] if spec.family == "resnet" else gradients:
+            out.append((spec, gradient))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -528,13 +559,13 @@ def main(argv: list[str] | None = None) -> int:
             f"device {describe_device(device)}, world size {ddp.world}"
         )
     records = []
-    for spec in args.specs:
+    for spec, gradient in runs(args.specs, args.gradient):
         cfg = RunConfig(
             model=spec.name,
             preset=args.preset,
             norm=args.norm,
-            solver=args.solver,
-            gradient=args.gradient,
+            solver="heun" if gradient == "reversible" else args.solver,
+            gradient=gradient,
             epochs=args.epochs,
             batch_size=args.batch_size,
             optimizer=args.optimizer,
