@@ -1,0 +1,85 @@
+"""The benchmark suite's machinery on a tiny workload: timings, memory, NFE and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks import report, run
+from benchmarks.timing import alternating_medians
+from benchmarks.workloads import Oscillator, mlp_workload
+
+
+def test_alternating_medians_runs_every_candidate_in_turn() -> None:
+    order: list[str] = []
+    medians = alternating_medians(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=1
+    )
+    assert order == ["a", "b"] + ["a", "b"] * 3
+    assert set(medians) == {"a", "b"} and all(v >= 0 for v in medians.values())
+
+
+def test_oscillator_closed_form_matches_a_fine_numerical_solution() -> None:
+    from torchode_adjoint import odeint
+
+    osc = Oscillator().double()
+    sol = odeint(
+        osc,
+        torch.tensor([[1.0, 0.0]], dtype=torch.float64),
+        torch.tensor([0.0, 2.0], dtype=torch.float64),
+        solver="rk4",
+        step=1e-3,
+    )
+    torch.testing.assert_close(
+        sol[-1, 0],
+        torch.tensor(osc.exact(2.0, (1.0, 0.0)), dtype=torch.float64),
+        rtol=1e-9,
+        atol=1e-9,
+    )
+
+
+def test_speed_rows_report_memory_growth_and_nfe_for_every_mode(tmp_path: Path) -> None:
+    w = mlp_workload(batch=8, dim=2)
+    rows = run.bench_speed(w, ["heun"], [2, 8], repeats=1)
+    assert [r["steps"] for r in rows] == [2, 8]
+    for r in rows:
+        assert set(run.modes_for("heun")) == {
+            k[5:] for k in r["saved_bytes"] if k.startswith("ours_")
+        }
+        assert r["nfe"]["ours_adjoint"] == (2 * r["steps"], 2 * r["steps"])
+    assert rows[0]["saved_bytes"]["ours_adjoint"] == rows[1]["saved_bytes"]["ours_adjoint"]
+    assert rows[1]["saved_bytes"]["ours_backprop"] > rows[0]["saved_bytes"]["ours_backprop"]
+    results = {
+        "machine": "test",
+        "command": "test",
+        "torchdiffeq": None,
+        "wall_s": 0.0,
+        "workloads": {w.name: w.title},
+        "speed": rows,
+        "gradients": run.bench_gradients(["heun"], [4]),
+        "accuracy": run.bench_accuracy(["euler"], [50, 100]),
+    }
+    report.write_report(json.loads(json.dumps(results)), tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "## Targets" in text and "ours_reversible" in text
+
+
+def test_target_checks_compare_the_median_with_the_bound() -> None:
+    rows = [
+        {
+            "workload": "mlp",
+            "time_s": {
+                "ours_adjoint": a,
+                "tdq_adjoint": 1.0,
+                "ours_backprop": 1.0,
+                "ours_forward": 1.0,
+                "floor": 1.0,
+            },
+        }
+        for a in (0.5, 0.6, 0.9)
+    ]
+    checks = {c["target"]: c for c in report.target_checks(rows)}
+    adj = next(c for name, c in checks.items() if "torchdiffeq" in name)
+    assert adj["median"] == 0.6 and adj["worst"] == 0.9 and adj["met"]
