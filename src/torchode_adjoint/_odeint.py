@@ -28,6 +28,7 @@ __all__ = [
     "resolve_mode",
     "check_step",
     "check_times",
+    "solver_for",
 ]
 
 GradientMode = Literal["backprop", "adjoint", "checkpoint", "reversible"]
@@ -60,6 +61,11 @@ _MODES: dict[str, tuple[Solver, bool]] = {
     "reversible": (solve_reversible, True),
 }
 GRADIENT_MODES: tuple[str, ...] = tuple(_MODES)
+
+
+def solver_for(mode: str) -> Solver:
+    """The internal solve function of a gradient-mode name (from :func:`resolve_mode`)."""
+    return _MODES[mode][0]
 
 
 def resolve_mode(adjoint: bool | str) -> str:
