@@ -134,6 +134,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="no training: measure memory and NFE of one training step of every model and "
+        "gradient mode, and write memory.md / memory.json",
+    )
+    p.add_argument(
         "--download",
         action="store_true",
         help="download the official archive when the data is not found",
@@ -522,6 +528,55 @@ def plot(records: list[dict], out_dir: Path) -> None:
     os.replace(tmp, out_dir / "curves.png")
 
 
+def measure_only(args: argparse.Namespace, train: CIFAR10, device: torch.device) -> list[dict]:
+    """Memory and NFE of one training step per model and gradient mode, without training."""
+    x = normalize(train.images[: args.batch_size].to(device))
+    y = train.labels[: args.batch_size].to(device)
+    rows = []
+    for spec, gradient in runs(args.specs, args.gradient):
+        solver = "heun" if gradient == "reversible" else args.solver
+        torch.manual_seed(args.seed)
+        model = build_model(
+            spec, preset=args.preset, norm=args.norm, solver=solver, adjoint=gradient
+        ).to(device)
+        row = {
+            "model": spec.name,
+            "label": spec.label,
+            "step": spec.step,
+            "solver": solver,
+            "gradient": gradient,
+            "batch_size": args.batch_size,
+            "params": sum(p.numel() for p in model.parameters()),
+            "state_dict_bytes": state_dict_bytes(model),
+            **measure_step(model, x, y, device),
+        }
+        rows.append(row)
+        print(
+            f"[{spec.name} {gradient}] saved {_mib(row['saved_for_backward_bytes'])} MiB, "
+            f"peak {_mib(row['peak_memory_bytes'])} MiB",
+            flush=True,
+        )
+    return rows
+
+
+def write_memory_report(rows: list[dict], out_dir: Path, command: str, device: str) -> None:
+    """memory.json and memory.md: one row per model and gradient mode."""
+    atomic_write_text(json.dumps(rows, indent=2), out_dir / "memory.json")
+    lines = [
+        '| network | solver | gradient | params | "memory" B (state dict) | '
+        "saved for backward MiB | peak step MiB | NFE fwd | NFE bwd |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {solver_of(r)} | {gradient_of(r)} | {r['params']:,} | "
+            f"{r['state_dict_bytes']:,} | {_mib(r['saved_for_backward_bytes'])} | "
+            f"{_mib(r['peak_memory_bytes'])} | {r['nfe_forward']} | {r['nfe_backward']} |"
+        )
+    lines += ["", f"Command: `{command}`", "", f"Device: {device}; batch {rows[0]['batch_size']}."]
+    atomic_write_text("\n".join(lines) + "\n", out_dir / "memory.md")
+
+
 def runs(specs: list[ModelSpec], gradients: list[str]) -> list[tuple[ModelSpec, str]]:
     """Every model once per gradient mode; a ResNet has no ODE block, so it runs once."""
     out = []
@@ -558,6 +613,13 @@ def main(argv: list[str] | None = None) -> int:
             f"preset {args.preset!r} ({PRESETS[args.preset]}), "
             f"device {describe_device(device)}, world size {ddp.world}"
         )
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
+    if args.measure_only:
+        if ddp.main:
+            rows = measure_only(args, train, device)
+            write_memory_report(rows, out_dir, command, describe_device(device))
+            print((out_dir / "memory.md").read_text())
+        return 0
     records = []
     for spec, gradient in runs(args.specs, args.gradient):
         cfg = RunConfig(
@@ -588,7 +650,6 @@ def main(argv: list[str] | None = None) -> int:
         if record is not None:
             records.append(record)
     if ddp.main and records:
-        command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
         write_reports(records, out_dir, command)
         print((out_dir / "results.md").read_text())
     if ddp.world > 1:

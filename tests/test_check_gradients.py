@@ -50,8 +50,14 @@ def test_the_checked_module_is_left_untouched() -> None:
 
 
 def test_reversible_mode_is_checked_against_finite_differences_of_its_own_forward_pass() -> None:
-    report = check_gradients(MLPDynamics(), torch.randn(4, 3), torch.tensor([0.0, 0.55, 1.03]),
-                             solver="heun", step=0.1, adjoint="reversible")
+    report = check_gradients(
+        MLPDynamics(),
+        torch.randn(4, 3),
+        torch.tensor([0.0, 0.55, 1.03]),
+        solver="heun",
+        step=0.1,
+        adjoint="reversible",
+    )
     assert report.max_rel_err_fd < 1e-5
     # Plain Heun is another discretisation: the difference is visible but small.
     assert 1e-9 < report.max_rel_err_backprop < 1e-2

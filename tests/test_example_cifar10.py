@@ -191,3 +191,36 @@ def test_ddp_on_two_cpu_processes_matches_a_single_process_on_the_same_global_ba
         if value.is_floating_point() and not torch.equal(value, initial.state_dict()[key]):
             moved += 1
     assert moved > 0  # the comparison is between trained parameters
+
+
+def test_measure_only_reports_memory_per_mode_without_training(tmp_path: Path) -> None:
+    write_bin(tmp_path / "data")
+    rc = compare.main(
+        [
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--output-dir",
+            str(tmp_path / "m"),
+            "--measure-only",
+            "--models",
+            "resnet1",
+            "odenet@0.1",
+            "--gradient",
+            "backprop",
+            "adjoint",
+            "checkpoint",
+            "--batch-size",
+            "20",
+        ]
+    )
+    assert rc == 0
+    rows = json.loads((tmp_path / "m" / "memory.json").read_text())
+    assert [(r["model"], r["gradient"]) for r in rows] == [
+        ("resnet1", "backprop"),
+        ("odenet@0.1", "backprop"),
+        ("odenet@0.1", "adjoint"),
+        ("odenet@0.1", "checkpoint"),
+    ]
+    saved = {r["gradient"]: r["saved_for_backward_bytes"] for r in rows[1:]}
+    assert saved["adjoint"] < saved["checkpoint"] < saved["backprop"]
+    assert not list((tmp_path / "m").glob("*/checkpoint.pt"))  # nothing was trained
