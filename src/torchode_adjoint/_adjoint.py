@@ -29,6 +29,7 @@ from ._dynamics import Dynamics, frozen_batchnorm
 from ._grid import stage_times
 from ._spec import SolveSpec
 from ._stepping import StepPlan, combine, integrate, plan_for
+from ._vjp import accumulate_, dynamics_vjp
 
 __all__ = ["solve_adjoint"]
 
@@ -130,23 +131,20 @@ def _adjoint_step(
     ky: list[torch.Tensor] = []
     ka: list[torch.Tensor] = []
     for j in range(plan.stages):
-        y_j = combine(y, -h, plan.rows[j], ky).detach().requires_grad_(True)
-        a_j = combine(a, h, plan.rows[j], ka)
         b_j = plan.b[j]
         # Stages with zero weight feed later stages only: they need no parameter or time VJP.
-        want_p = b_j != 0.0 and bool(params)
-        want_t = b_j != 0.0 and need_t
-        tau = times[pos + j].detach().requires_grad_(True) if want_t else times[pos + j]
-        inputs = [y_j, *(params if want_p else ()), *((tau,) if want_t else ())]
-        f_j = f(tau, y_j)
-        grads = torch.autograd.grad(f_j, inputs, a_j, allow_unused=True)
-        ky.append(f_j.detach())
-        ka.append(grads[0] if grads[0] is not None else torch.zeros_like(y))
-        if want_p:
-            pairs = [(acc, g) for acc, g in zip(g_p, grads[1 : 1 + len(params)]) if g is not None]
-            if pairs:
-                accs, gs = zip(*pairs)
-                torch._foreach_add_(list(accs), list(gs), alpha=h * b_j)
-        if want_t and grads[-1] is not None:
-            g_t = torch.add(g_t, grads[-1], alpha=h * b_j)
+        vjp = dynamics_vjp(
+            f,
+            times[pos + j],
+            combine(y, -h, plan.rows[j], ky),
+            combine(a, h, plan.rows[j], ka),
+            params if b_j != 0.0 else (),
+            want_t=need_t and b_j != 0.0,
+        )
+        ky.append(vjp.value)
+        ka.append(vjp.y)
+        if b_j != 0.0:
+            accumulate_(g_p, vjp.params, alpha=h * b_j)
+            if vjp.t is not None:
+                g_t = torch.add(g_t, vjp.t, alpha=h * b_j)
     return combine(y, -h, plan.weights, ky), combine(a, h, plan.weights, ka), ky[0], g_t

@@ -19,6 +19,7 @@ from ._dynamics import Dynamics, frozen_batchnorm
 from ._grid import stage_times
 from ._spec import SolveSpec
 from ._stepping import StepPlan, integrate, plan_for, rk_step
+from ._vjp import accumulate_
 
 __all__ = ["solve_checkpoint"]
 
@@ -112,14 +113,7 @@ class _CheckpointedAdjoint(torch.autograd.Function):
                     grads = torch.autograd.grad(y, inputs, a, allow_unused=True)
                     a = grads[0] if grads[0] is not None else torch.zeros_like(a)
                     if need_p:
-                        pairs = [
-                            (acc, g)
-                            for acc, g in zip(g_p, grads[1 : 1 + len(params)])
-                            if g is not None
-                        ]
-                        if pairs:
-                            accs, gs = zip(*pairs)
-                            torch._foreach_add_(list(accs), list(gs))
+                        accumulate_(g_p, grads[1 : 1 + len(params)])
                     if g_t is not None and grads[-1] is not None:
                         g_t += grads[-1]
         spec.counter.backward = f.nfe

@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 from ._dynamics import Dynamics, frozen_batchnorm
 from ._grid import stage_times
 from ._spec import SolveSpec
+from ._vjp import accumulate_, dynamics_vjp
 
 __all__ = ["solve_reversible", "reversible_heun_forward", "reversible_heun_reverse"]
 
@@ -117,22 +118,12 @@ class _ReversibleHeun(torch.autograd.Function):
         owner = [(i, m) for i, n in enumerate(grid.n_steps) for m in range(n)]
         n_steps = len(hs)
 
-        def vjp(tau: torch.Tensor, z_k: torch.Tensor, lam_f: torch.Tensor):
-            z_leaf = z_k.detach().requires_grad_(True)
-            tau_in = tau.detach().requires_grad_(True) if need_t else tau
-            out = f(tau_in, z_leaf)
-            inputs = [z_leaf, *(params if need_p else ()), *((tau_in,) if need_t else ())]
-            grads = torch.autograd.grad(out, inputs, lam_f, allow_unused=True)
-            if need_p:
-                pairs = [
-                    (acc, g) for acc, g in zip(g_p, grads[1 : 1 + len(params)]) if g is not None
-                ]
-                if pairs:
-                    accs, gs = zip(*pairs)
-                    torch._foreach_add_(list(accs), list(gs))
-            g_tau = grads[-1] if need_t and grads[-1] is not None else None
-            g_z = grads[0] if grads[0] is not None else torch.zeros_like(z_k)
-            return out.detach(), g_z, g_tau
+        def vjp(
+            tau: torch.Tensor, z_k: torch.Tensor, lam_f: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            out = dynamics_vjp(f, tau, z_k, lam_f, params if need_p else (), want_t=need_t)
+            accumulate_(g_p, out.params)
+            return out.value, out.y, out.t
 
         with torch.enable_grad(), frozen_batchnorm(spec.func):
             y = states[-1]
