@@ -166,7 +166,8 @@ def write_report(results: dict, out: Path) -> None:
         "",
         f"Machine: {results['machine']}.",
         f"Command: `{results['command']}` ({results['wall_s']:.0f} s; torchdiffeq "
-        f"{results['torchdiffeq'] or 'not installed'}).",
+        f"{results['torchdiffeq'] or 'not installed'}; torchode "
+        f"{results.get('torchode') or 'not installed'}, fixed-step controller, MLP workload).",
         "",
         "Times are medians of alternating repeats after warm-up, all in one process. A training "
         "step is forward, loss (mean square of the final state) and backward, with gradients for "

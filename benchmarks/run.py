@@ -40,6 +40,14 @@ try:
 except ImportError:  # pragma: no cover - optional extra
     torchdiffeq = None
 
+try:
+    import torchode
+except ImportError:  # pragma: no cover - optional extra
+    torchode = None
+
+# Our solver name -> torchode's fixed-step method (batched (B, D) states only).
+TORCHODE_METHOD = {"euler": "Euler", "heun": "Heun"}
+
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -85,6 +93,28 @@ def tdq_loss(w: Workload, solver: str, n: int, adjoint: bool) -> Callable[[], to
             w.func, y0, t, method=TORCHDIFFEQ_METHOD[solver], options={"step_size": 1.0 / n}, **kw
         )
         return sol[-1].square().mean()
+
+    return run
+
+
+def tode_loss(w: Workload, solver: str, n: int, adjoint: bool) -> Callable[[], torch.Tensor]:
+    """The same with torchode's fixed-step controller: ``BacksolveAdjoint`` or
+    ``AutoDiffAdjoint``."""
+    y0 = w.y0.detach().clone().requires_grad_()
+    batch = y0.shape[0]
+    term = torchode.ODETerm(w.func)
+    method = getattr(torchode, TORCHODE_METHOD[solver])(term=term)
+    control = torchode.FixedStepController()
+    if adjoint:
+        solver_ = torchode.BacksolveAdjoint(term, method, control)
+    else:
+        solver_ = torchode.AutoDiffAdjoint(method, control)
+    t_eval = _times(y0.device, y0.dtype).repeat(batch, 1)
+    dt0 = torch.full((batch,), 1.0 / n, dtype=y0.dtype, device=y0.device)
+
+    def run() -> torch.Tensor:
+        sol = solver_.solve(torchode.InitialValueProblem(y0=y0, t_eval=t_eval), dt0=dt0)
+        return sol.ys[:, -1].square().mean()
 
     return run
 
@@ -201,6 +231,10 @@ def bench_speed(w: Workload, solvers: list[str], steps: list[int], repeats: int)
                 cands["tdq_adjoint"] = train_step(tdq_loss(w, solver, n, True))
                 cands["tdq_backprop"] = train_step(tdq_loss(w, solver, n, False))
                 cands["tdq_forward"] = tdq_forward(w, solver, n)
+            use_tode = torchode is not None and w.y0.dim() == 2 and solver in TORCHODE_METHOD
+            if use_tode:
+                cands["tode_adjoint"] = train_step(tode_loss(w, solver, n, True))
+                cands["tode_backprop"] = train_step(tode_loss(w, solver, n, False))
             times = alternating_medians(cands, repeats=repeats)
             row: dict = {
                 "workload": w.name,
@@ -220,6 +254,10 @@ def bench_speed(w: Workload, solvers: list[str], steps: list[int], repeats: int)
                     row["saved_bytes"][name] = saved_bytes(tdq_loss(w, solver, n, adj))
                     row["cuda_peak_bytes"][name] = cuda_peak(tdq_loss(w, solver, n, adj))
                     row["nfe"][name] = nfe_tdq(w, solver, n, adj)
+            if use_tode:
+                for adj, name in ((True, "tode_adjoint"), (False, "tode_backprop")):
+                    row["saved_bytes"][name] = saved_bytes(tode_loss(w, solver, n, adj))
+                    row["cuda_peak_bytes"][name] = cuda_peak(tode_loss(w, solver, n, adj))
             rows.append(row)
             print(_speed_line(row), flush=True)
     return rows
@@ -348,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.run "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "torchdiffeq": getattr(torchdiffeq, "__version__", None),
+        "torchode": getattr(torchode, "__version__", None) if torchode is not None else None,
         "quick": args.quick,
         "wall_s": time.time() - started,
         "workloads": {w.name: w.title for w in workloads},
