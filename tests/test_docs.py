@@ -60,6 +60,7 @@ def test_docstring_examples_run(module: str) -> None:
 
 
 def test_sphinx_builds_without_warnings_and_documents_every_public_name(tmp_path: Path) -> None:
+    pytest.importorskip("sphinx", reason="the docs extra is not installed: pip install '.[docs]'")
     out = tmp_path / "html"
     proc = subprocess.run(
         [sys.executable, "-m", "sphinx", "-q", "-W", "-b", "html", str(ROOT / "docs"), str(out)],
