@@ -32,7 +32,13 @@ import torch.distributed as dist
 from torch import nn
 
 from torchode_adjoint import GRADIENT_MODES
-from torchode_adjoint.datasets.cifar10 import CIFAR10, augment, load_cifar10, normalize
+from torchode_adjoint.datasets.cifar10 import (
+    CIFAR10,
+    CIFAR10Error,
+    augment,
+    load_cifar10,
+    normalize,
+)
 from torchode_adjoint.measure import peak_memory_bytes, saved_tensor_bytes, state_dict_bytes
 from torchode_adjoint.models.cifar10 import ModelSpec, build_model, ode_blocks, parse_model_spec
 
@@ -140,9 +146,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "gradient mode, and write memory.md / memory.json",
     )
     p.add_argument(
-        "--download",
+        "--no-download",
         action="store_true",
-        help="download the official archive when the data is not found",
+        help="do not download the official archive when the data is not found",
     )
     p.add_argument(
         "--quick",
@@ -595,8 +601,12 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     ddp = Distributed(device)
-    train = load_cifar10(args.data_dir, train=True, download=args.download)
-    test = load_cifar10(args.data_dir, train=False, download=args.download)
+    try:
+        train = load_cifar10(args.data_dir, train=True, download=not args.no_download)
+        test = load_cifar10(args.data_dir, train=False, download=not args.no_download)
+    except CIFAR10Error as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.train_subset:
         train = CIFAR10(
             train.images[: args.train_subset], train.labels[: args.train_subset], train.source

@@ -224,3 +224,18 @@ def test_measure_only_reports_memory_per_mode_without_training(tmp_path: Path) -
     saved = {r["gradient"]: r["saved_for_backward_bytes"] for r in rows[1:]}
     assert saved["adjoint"] < saved["checkpoint"] < saved["backprop"]
     assert not list((tmp_path / "m").glob("*/checkpoint.pt"))  # nothing was trained
+
+
+def test_missing_data_stops_with_a_message_and_no_traceback(tmp_path: Path, capsys) -> None:
+    rc = compare.main(["--data-dir", str(tmp_path / "none"), "--no-download", "--quick"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "cifar-10-batches-bin" in err and "Traceback" not in err
+
+
+def test_corrupt_data_stops_naming_the_file(tmp_path: Path, capsys) -> None:
+    folder = write_bin(tmp_path / "data")
+    (folder / "data_batch_4.bin").write_bytes(b"\x00" * 100)
+    rc = compare.main(["--data-dir", str(tmp_path / "data"), "--no-download", "--quick"])
+    assert rc == 2
+    assert "data_batch_4.bin" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import tarfile
 import tempfile
 import urllib.request
@@ -184,7 +185,9 @@ def load_cifar10(
     return CIFAR10(images=images, labels=labels, source=str(folder))
 
 
-def download_cifar10(data_dir: str | os.PathLike[str], *, url: str = ARCHIVE_URL) -> Path:
+def download_cifar10(
+    data_dir: str | os.PathLike[str], *, url: str = ARCHIVE_URL, timeout: float = 30.0
+) -> Path:
     """Download the official binary archive, check its MD5 and extract it into ``data_dir``.
 
     Raises
@@ -198,7 +201,8 @@ def download_cifar10(data_dir: str | os.PathLike[str], *, url: str = ARCHIVE_URL
     os.close(fd)
     try:
         try:
-            urllib.request.urlretrieve(url, tmp)  # noqa: S310 - a fixed https URL
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+                shutil.copyfileobj(response, out)
         except OSError as err:
             raise CIFAR10Error(
                 f"could not download CIFAR-10 from {url} ({err}); download "
