@@ -72,6 +72,25 @@ def _memory_table(speed: list[dict]) -> list[str]:
     for r in speed:
         cells = " | ".join(_ms(r["time_s"].get(k)) for k in keys)
         lines.append(f"| {r['workload']} | {r['solver']} | {r['steps']} | {cells} |")
+    tode_rows = [r for r in speed if "torchode_group_time_s" in r]
+    if tode_rows:
+        lines += [
+            "",
+            "torchode (fixed-step controller), timed in its own alternating group beside our "
+            "two modes (ms per training step):",
+            "",
+            "| workload | solver | steps | ours adjoint | torchode BacksolveAdjoint | ratio | "
+            "ours backprop | torchode AutoDiffAdjoint | ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in tode_rows:
+            g = r["torchode_group_time_s"]
+            lines.append(
+                f"| {r['workload']} | {r['solver']} | {r['steps']} | {_ms(g['ours_adjoint'])} | "
+                f"{_ms(g['tode_adjoint'])} | {_ratio(g['ours_adjoint'], g['tode_adjoint'])} | "
+                f"{_ms(g['ours_backprop'])} | {_ms(g['tode_backprop'])} | "
+                f"{_ratio(g['ours_backprop'], g['tode_backprop'])} |"
+            )
     if any(v is not None for r in speed for v in r["cuda_peak_bytes"].values()):
         lines += [
             "",
