@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         mlp_steps, conv_steps, repeats, conv_batch = [10, 100], [2, 5], 5, 32
     else:
-        mlp_steps, conv_steps, repeats, conv_batch = [10, 100, 1000], [2, 10, 20], 9, 128
+        mlp_steps, conv_steps, repeats, conv_batch = [10, 100, 1000], [2, 10], 7, 128
     started = time.time()
     workloads = [mlp_workload()]
     workloads += [conv_workload(batch=conv_batch, size=s) for s in (8, 4)]
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             w,
             solvers if w.name == "mlp" else ["euler", "rk38"],
             steps,
-            repeats if w.name == "mlp" else max(3, repeats // 2),
+            repeats if w.name == "mlp" else 3,
         )
     grad_steps = [10, 100] if args.quick else [10, 30, 100, 300]
     gradients = bench_gradients(solvers, grad_steps)
