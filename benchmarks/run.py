@@ -364,11 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if torchdiffeq is None:
-        print(
-            "torchdiffeq is not installed: measuring this library alone "
-            "(pip install '.[bench]' for the comparison)"
-        )
+    for name, lib in (("torchdiffeq", torchdiffeq), ("torchode", torchode)):
+        if lib is None:
+            print(f"{name} is not installed: skipping it (pip install '.[bench]')")
     device = torch.device(args.device)
     solvers = ["euler", "midpoint", "heun", "rk38"]
     if args.quick:
