@@ -154,6 +154,27 @@ def target_checks(speed: list[dict]) -> list[dict]:
     return checks
 
 
+def floor_table(speed: list[dict]) -> list[str]:
+    """Adjoint training steps against their physical floor: NFE forward calls without a graph
+    plus NFE calls with a graph and one VJP each (what any continuous adjoint must do)."""
+    lines = [
+        "| workload | solver | steps | adjoint floor ms | ours adjoint / floor | "
+        "torchdiffeq adjoint / floor | best possible ratio to torchdiffeq |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in speed:
+        t = r["time_s"]
+        if "vjp_floor" not in t:
+            continue
+        fl = t["floor"] + t["vjp_floor"]
+        tdq = t.get("tdq_adjoint")
+        lines.append(
+            f"| {r['workload']} | {r['solver']} | {r['steps']} | {_ms(fl)} | "
+            f"{_ratio(t['ours_adjoint'], fl)} | {_ratio(tdq, fl)} | {_ratio(fl, tdq)} |"
+        )
+    return lines
+
+
 def memory_flatness(speed: list[dict]) -> list[str]:
     lines = []
     for workload in sorted({r["workload"] for r in speed}):

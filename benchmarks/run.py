@@ -158,6 +158,21 @@ def floor(w: Workload, evaluations: int) -> Callable[[], None]:
     return run
 
 
+def vjp_floor(w: Workload, evaluations: int) -> Callable[[], None]:
+    """The floor of any adjoint backward pass: ``evaluations`` calls of the dynamics with a graph,
+    each followed by one VJP for the state and the parameters."""
+    t0 = _times(w.y0.device, w.y0.dtype)[0]
+    params = [p for p in w.func.parameters() if p.requires_grad]
+    v = torch.ones_like(w.y0)
+
+    def run() -> None:
+        for _ in range(evaluations):
+            y = w.y0.detach().requires_grad_(True)
+            torch.autograd.grad(w.func(t0, y), [y, *params], v)
+
+    return run
+
+
 def saved_bytes(loss: Callable[[], torch.Tensor]) -> int:
     """Bytes saved for backward by the forward pass of one training step.
 
@@ -227,6 +242,7 @@ def bench_speed(w: Workload, solvers: list[str], steps: list[int], repeats: int)
             }
             cands["ours_forward"] = ours_forward(w, solver, n)
             cands["floor"] = floor(w, n * stages)
+            cands["vjp_floor"] = vjp_floor(w, n * stages)
             if have_tdq:
                 cands["tdq_adjoint"] = train_step(tdq_loss(w, solver, n, True))
                 cands["tdq_backprop"] = train_step(tdq_loss(w, solver, n, False))

@@ -64,6 +64,8 @@ def test_speed_rows_report_memory_growth_and_nfe_for_every_mode(tmp_path: Path) 
     report.write_report(json.loads(json.dumps(results)), tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert "## Targets" in text and "ours_reversible" in text
+    assert all(r["time_s"]["vjp_floor"] > 0 for r in rows)
+    assert "physical floor" in text
 
 
 def test_target_checks_compare_the_median_with_the_bound() -> None:
