@@ -232,6 +232,15 @@ def write_report(results: dict, out: Path) -> None:
         "",
         *_speed_table(speed),
         "",
+        "## Against the physical floor of an adjoint",
+        "",
+        "A continuous adjoint must evaluate the dynamics NFE times without a graph (forward) "
+        "and NFE times with a graph and a VJP (backward). The last column is that floor "
+        "divided by torchdiffeq's time: the smallest ratio to torchdiffeq any implementation "
+        "of the same method can reach on this machine.",
+        "",
+        *floor_table(speed),
+        "",
         "## Memory saved for backward (MiB)",
         "",
         *_memory_table(speed),
