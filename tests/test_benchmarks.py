@@ -78,6 +78,7 @@ def test_target_checks_compare_the_median_with_the_bound() -> None:
                 "ours_backprop": 1.0,
                 "ours_forward": 1.0,
                 "floor": 1.0,
+                "vjp_floor": 0.1,
             },
         }
         for a in (0.5, 0.6, 0.9)
@@ -85,3 +86,4 @@ def test_target_checks_compare_the_median_with_the_bound() -> None:
     checks = {c["target"]: c for c in report.target_checks(rows)}
     adj = next(c for name, c in checks.items() if "torchdiffeq" in name)
     assert adj["median"] == 0.6 and adj["worst"] == 0.9 and adj["met"]
+    assert adj["floor"] == 1.1  # (floor + vjp floor) / torchdiffeq
