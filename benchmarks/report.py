@@ -62,15 +62,16 @@ def _memory_table(speed: list[dict]) -> list[str]:
     for r in speed:
         cells = " | ".join(_mib(r["saved_bytes"].get(k)) for k in keys)
         lines.append(f"| {r['workload']} | {r['solver']} | {r['steps']} | {cells} |")
+    timed = [k for k in keys if any(k in r["time_s"] for r in speed)]
     lines += [
         "",
         "Time of a training step for every gradient mode (ms):",
         "",
-        "| workload | solver | steps | " + " | ".join(keys) + " |",
-        "|---|---|---|" + "---|" * len(keys),
+        "| workload | solver | steps | " + " | ".join(timed) + " |",
+        "|---|---|---|" + "---|" * len(timed),
     ]
     for r in speed:
-        cells = " | ".join(_ms(r["time_s"].get(k)) for k in keys)
+        cells = " | ".join(_ms(r["time_s"].get(k)) for k in timed)
         lines.append(f"| {r['workload']} | {r['solver']} | {r['steps']} | {cells} |")
     tode_rows = [r for r in speed if "torchode_group_time_s" in r]
     if tode_rows:
