@@ -239,3 +239,22 @@ def test_corrupt_data_stops_naming_the_file(tmp_path: Path, capsys) -> None:
     rc = compare.main(["--data-dir", str(tmp_path / "data"), "--no-download", "--quick"])
     assert rc == 2
     assert "data_batch_4.bin" in capsys.readouterr().err
+
+
+def test_bn_statistics_diagnostic_reads_a_trained_run(tmp_path: Path) -> None:
+    from benchmarks import bn_statistics
+
+    write_bin(tmp_path / "data")
+    compare.main(_args(tmp_path / "data", tmp_path / "out", "--epochs", "1"))
+    run_dir = next((tmp_path / "out").glob("*/checkpoint.pt")).parent
+    out = tmp_path / "bn.json"
+    assert (
+        bn_statistics.main(
+            ["--data-dir", str(tmp_path / "data"), str(run_dir), "--output", str(out)]
+        )
+        == 0
+    )
+    (row,) = json.loads(out.read_text())
+    assert row["epoch"] == 1
+    for key in ("running_stats_acc", "batch_stats_acc"):
+        assert 0.0 <= row[key] <= 100.0
