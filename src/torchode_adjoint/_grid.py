@@ -34,11 +34,6 @@ class TimeGrid:
     n_steps: tuple[int, ...]
     h: tuple[float, ...]
 
-    @property
-    def total_steps(self) -> int:
-        """Number of steps over all intervals."""
-        return sum(self.n_steps)
-
 
 def make_grid(times: list[float], step: float | None, eps: float) -> TimeGrid:
     """Build the grid for host times already validated as strictly monotonic.
@@ -103,7 +98,7 @@ def stage_times(
     Returns
     -------
     tuple of Tensor
-        ``grid.total_steps * len(c)`` scalars, in the order the integration visits them.
+        ``sum(grid.n_steps) * len(c)`` scalars, in the order the integration visits them.
     """
     if not t.requires_grad:
         return _host_stage_times(grid, c, reverse, t.dtype, t.device)
