@@ -112,9 +112,10 @@ class ODEBlock(nn.Module):
         self.adjoint = resolve_mode(adjoint)
         self.check_finite = bool(check_finite)
         self.checkpoint_every = check_checkpoint_every(checkpoint_every)
-        if _time_value(t0, "t0") == _time_value(t1, "t1"):
+        values = {"t0": _time_value(t0, "t0"), "t1": _time_value(t1, "t1")}
+        if values["t0"] == values["t1"]:
             raise ValueError(
-                f"`t0` and `t1` must differ, got t0 = t1 = {_time_value(t0, 't0')}; an ODE block "
+                f"`t0` and `t1` must differ, got t0 = t1 = {values['t0']}; an ODE block "
                 "over an empty interval is the identity."
             )
         # Learnable times are parameters; fixed ones stay Python floats (no float32 rounding of
@@ -124,7 +125,7 @@ class ODEBlock(nn.Module):
             if isinstance(value, nn.Parameter):
                 setattr(self, name, value)
             else:
-                self._fixed_times[name] = _time_value(value, name)
+                self._fixed_times[name] = values[name]
         self._t_cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self._nfe = NFECounter()
 
