@@ -5,11 +5,12 @@ The public names only; see the documentation for the guides.
 
 from ._block import ODEBlock
 from ._check import GradientCheck, GradientReport, check_gradients
-from ._dynamics import NFECounter
+from ._dynamics import NFECounter, TimeSharedStatisticsWarning
 from ._layers import ConcatConv2d
 from ._odeint import GRADIENT_MODES, odeint
 from ._solvers import available_solvers, get_solver, register_solver
 from ._tableau import ButcherTableau
+from ._temporal_norm import TemporalBatchNorm1d, TemporalBatchNorm2d, TemporalBatchNorm3d
 
 __version__ = "0.1.0"
 
@@ -27,4 +28,8 @@ __all__ = [
     "get_solver",
     "odeint",
     "register_solver",
+    "TemporalBatchNorm1d",
+    "TemporalBatchNorm2d",
+    "TemporalBatchNorm3d",
+    "TimeSharedStatisticsWarning",
 ]

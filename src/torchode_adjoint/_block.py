@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ._dynamics import NFECounter
+from ._dynamics import NFECounter, warn_time_shared_statistics
 from ._odeint import (
     GradientMode,
     check_checkpoint_every,
@@ -107,6 +107,7 @@ class ODEBlock(nn.Module):
                 "wrap a function in a module or call `odeint(func, y0, t, params=...)` instead."
             )
         self.dynamics = dynamics
+        warn_time_shared_statistics(dynamics, prefix="dynamics")
         self.solver = get_solver(solver)
         self.step = check_step(step)
         self.adjoint = resolve_mode(adjoint)

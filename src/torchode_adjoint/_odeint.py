@@ -12,7 +12,7 @@ from torch import nn
 
 from ._adjoint import solve_adjoint
 from ._checkpoint import solve_checkpoint
-from ._dynamics import Dynamics, NFECounter
+from ._dynamics import Dynamics, NFECounter, warn_time_shared_statistics
 from ._grid import make_grid
 from ._reversible import solve_reversible
 from ._solvers import get_solver
@@ -291,6 +291,7 @@ def odeint(
     >>> round(y[-1, 0].item(), 4)
     0.3679
     """
+    warn_time_shared_statistics(func)
     return torch.stack(
         [
             y0,

@@ -13,6 +13,11 @@ A stage is ``k`` residual blocks or one :class:`~torchode_adjoint.ODEBlock`. Two
 ``"thesis"`` applies ONE conv and ONE norm twice inside each residual block and each dynamics
 (weights shared, as the reference study did; parameter counts 72,746 / 73,610 / 73,322);
 ``"standard"`` uses two separate convs and norms.
+
+Norms: ``"batch"`` (BatchNorm everywhere, as the reference study; inside the dynamics it keeps one
+set of running statistics for every time), ``"temporal"`` (BatchNorm in the stem and residual
+blocks, :class:`~torchode_adjoint.TemporalBatchNorm2d` inside the dynamics: running statistics per
+evaluation time, the same parameter counts) and ``"group"`` (GroupNorm everywhere).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import nn
 
 from .._block import ODEBlock
 from .._layers import ConcatConv2d
+from .._temporal_norm import TemporalBatchNorm2d
 
 __all__ = [
     "ModelSpec",
@@ -37,15 +43,24 @@ __all__ = [
 ]
 
 Preset = Literal["thesis", "standard"]
-Norm = Literal["batch", "group"]
+Norm = Literal["batch", "temporal", "group"]
+NORMS: tuple[str, ...] = ("batch", "temporal", "group")
 
 
 def _norm(channels: int, norm: Norm) -> nn.Module:
-    if norm == "batch":
+    """The norm of the stem and the residual blocks (no time: temporal is plain BatchNorm)."""
+    if norm in ("batch", "temporal"):
         return nn.BatchNorm2d(channels)
     if norm == "group":
         return nn.GroupNorm(min(8, channels), channels)
-    raise ValueError(f"`norm` must be 'batch' or 'group', got {norm!r}.")
+    raise ValueError(f"`norm` must be one of {list(NORMS)}, got {norm!r}.")
+
+
+def _dynamics_norm(channels: int, norm: Norm) -> nn.Module:
+    """The norm inside the dynamics: per-time statistics for ``"temporal"``."""
+    if norm == "temporal":
+        return TemporalBatchNorm2d(channels)
+    return _norm(channels, norm)
 
 
 def _down(c_in: int, c_out: int, norm: Norm) -> nn.Sequential:
@@ -76,19 +91,24 @@ class ResidualBlock(nn.Module):
 class ConvDynamics(nn.Module):
     """``f(t, x) = relu(norm(conv(t, relu(norm(conv(t, x))))))`` with a time channel per conv.
 
-    With ``shared=True`` (the thesis preset) one conv and one norm serve both applications.
+    With ``shared=True`` (the thesis preset) one conv and one norm serve both applications; a
+    temporal norm is called with the time, ``norm(t, h)``.
     """
 
     def __init__(self, channels: int, *, shared: bool, norm: Norm = "batch") -> None:
         super().__init__()
         self.conv1 = ConcatConv2d(channels, channels, 3, padding=1)
-        self.norm1 = _norm(channels, norm)
+        self.norm1 = _dynamics_norm(channels, norm)
         self.conv2 = self.conv1 if shared else ConcatConv2d(channels, channels, 3, padding=1)
-        self.norm2 = self.norm1 if shared else _norm(channels, norm)
+        self.norm2 = self.norm1 if shared else _dynamics_norm(channels, norm)
+        self._temporal = norm == "temporal"
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.norm1(self.conv1(t, x)))
-        return torch.relu(self.norm2(self.conv2(t, h)))
+        h = torch.relu(self._normalise(self.norm1, t, self.conv1(t, x)))
+        return torch.relu(self._normalise(self.norm2, t, self.conv2(t, h)))
+
+    def _normalise(self, norm: nn.Module, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return norm(t, h) if self._temporal else norm(h)
 
 
 @dataclass(frozen=True)
@@ -186,7 +206,7 @@ def build_model(
     spec : ModelSpec
     preset : {"thesis", "standard"}, default "thesis"
         Shared (thesis) or separate (standard) conv and norm in each block and dynamics.
-    norm : {"batch", "group"}, default "batch"
+    norm : {"batch", "temporal", "group"}, default "batch"
     solver : str, default "euler"
     adjoint : bool or str, default True
         The ODE blocks' gradient mode.
