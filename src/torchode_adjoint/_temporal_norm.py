@@ -143,7 +143,15 @@ class _TemporalBatchNorm(nn.Module):
             )
         if not self.training and self.track_running_stats:
             mean, var = self.statistics_at(t)
-            return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+            if not (mean.requires_grad or var.requires_grad):
+                return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+            # A time that requires grad moves the interpolated statistics: the fused kernel does
+            # not differentiate its statistics, so spell the normalisation out.
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            out = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+            if self.weight is not None:
+                out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
+            return out
         if not self.track_running_stats:
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         # One fused kernel normalises with the batch statistics and, with momentum 1, writes those
@@ -174,24 +182,46 @@ class _TemporalBatchNorm(nn.Module):
     def _interpolation_weights(self, t: torch.Tensor) -> torch.Tensor:
         """Weights over the slots, shape (max_times,), summing to 1 (0 when none recorded).
 
-        Differentiable in ``t`` between recorded times (the statistics move with the time).
+        The statistics are piecewise linear in ``t`` between recorded times and constant outside
+        their range; the weights are differentiable in ``t``. At a recorded time the value is that
+        time's statistics and the derivative is the mean of the slopes on either side (what a
+        central difference sees), not the zero slope of a one-hot selection.
         """
         times = self.times
         recorded = ~torch.isnan(times)
-        d = t.detach() - times  # >= 0: slot at or below t
+        d = t.detach() - times  # > 0: slot below t
+        tol = self._tolerance(t)
         big = torch.full_like(times, float("inf"))
-        below = recorded & (d >= 0)
-        above = recorded & (d <= 0)
+        match = recorded & (d.abs() <= tol)
+        below = recorded & (d > tol)
+        above = recorded & (d < -tol)
+        has_lo, has_hi, has_match = below.any(), above.any(), match.any()
         lo = torch.where(below, d, big).argmin()
         hi = torch.where(above, -d, big).argmin()
-        lo, hi = torch.where(below.any(), lo, hi), torch.where(above.any(), hi, lo)
-        t_lo, t_hi = times[lo], times[hi]
-        span = t_hi - t_lo
-        safe = torch.where(span > 0, span, torch.ones_like(span))
-        w_hi = torch.where(span > 0, (t - t_lo) / safe, torch.zeros_like(span))
-        slots = torch.arange(times.shape[0], device=times.device)
-        w = (1.0 - w_hi) * (slots == lo).to(times.dtype) + w_hi * (slots == hi).to(times.dtype)
+        m = match.to(torch.uint8).argmax()
+        # At a recorded time: the mean of the segments to its left and right (a segment of zero
+        # length, constant, past the first or last recorded time).
+        left = self._segment(t, torch.where(has_lo, lo, m), m)
+        right = self._segment(t, m, torch.where(has_hi, hi, m))
+        at_recorded = 0.5 * (left + right)
+        # Between recorded times: their segment; outside the range: the nearest (constant).
+        a = torch.where(has_lo, lo, hi)
+        b = torch.where(has_hi, hi, lo)
+        between = self._segment(t, a, b)
+        w = torch.where(has_match, at_recorded, between)
         return w * recorded.any().to(times.dtype)
+
+    def _segment(self, t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Linear-interpolation weights at ``t`` on the segment from slot ``a`` to slot ``b``."""
+        times = self.times
+        t_a, t_b = times[a], times[b]
+        span = t_b - t_a
+        ok = span.abs() > 0
+        w_b = torch.where(ok, (t - t_a) / torch.where(ok, span, torch.ones_like(span)), 0.0 * t)
+        slots = torch.arange(times.shape[0], device=times.device)
+        one_a = (slots == a).to(times.dtype)
+        one_b = (slots == b).to(times.dtype)
+        return (1.0 - w_b) * one_a + w_b * one_b
 
     def _update(self, t: torch.Tensor, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> None:
         times = self.times
