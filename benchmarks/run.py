@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from torchode_adjoint import GRADIENT_MODES, NFECounter, get_solver, odeint
+from torchode_adjoint import GRADIENT_MODES, NFECounter, get_solver, odeint, resolve_mode
 from torchode_adjoint.measure import saved_tensor_bytes
 
 from .timing import alternating_medians
@@ -31,8 +31,8 @@ TORCHDIFFEQ_METHOD = {"euler": "euler", "midpoint": "midpoint", "heun": "heun2",
 
 
 def modes_for(solver: str) -> list[str]:
-    """Every gradient mode that applies to a solver (the reversible mode is reversible Heun)."""
-    return [m for m in GRADIENT_MODES if m != "reversible" or solver == "heun"]
+    """Every gradient mode that integrates with a solver (the reversible mode: Heun only)."""
+    return [m for m in GRADIENT_MODES if resolve_mode(m).required_solver in (None, solver)]
 
 
 try:

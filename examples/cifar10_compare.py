@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchode_adjoint import GRADIENT_MODES, TimeSharedStatisticsWarning
+from torchode_adjoint import GRADIENT_MODES, TimeSharedStatisticsWarning, resolve_mode
 from torchode_adjoint.datasets.cifar10 import (
     CIFAR10,
     CIFAR10Error,
@@ -554,7 +554,7 @@ def measure_only(args: argparse.Namespace, train: CIFAR10, device: torch.device)
     y = train.labels[: args.batch_size].to(device)
     rows = []
     for spec, gradient in runs(args.specs, args.gradient):
-        solver = "heun" if gradient == "reversible" else args.solver
+        solver = solver_for_mode(gradient, args.solver)
         torch.manual_seed(args.seed)
         model = build_model(
             spec, preset=args.preset, norm=args.norm, solver=solver, adjoint=gradient
@@ -595,6 +595,12 @@ def write_memory_report(rows: list[dict], out_dir: Path, command: str, device: s
         )
     lines += ["", f"Command: `{command}`", "", f"Device: {device}; batch {rows[0]['batch_size']}."]
     atomic_write_text("\n".join(lines) + "\n", out_dir / "memory.md")
+
+
+def solver_for_mode(gradient: str, solver: str) -> str:
+    """The solver a gradient mode integrates with: its required one (reversible: Heun), else
+    ``solver``."""
+    return resolve_mode(gradient).required_solver or solver
 
 
 def runs(specs: list[ModelSpec], gradients: list[str]) -> list[tuple[ModelSpec, str]]:
@@ -653,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
             model=spec.name,
             preset=args.preset,
             norm=args.norm,
-            solver="heun" if gradient == "reversible" else args.solver,
+            solver=solver_for_mode(gradient, args.solver),
             gradient=gradient,
             epochs=args.epochs,
             batch_size=args.batch_size,

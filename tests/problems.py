@@ -79,3 +79,20 @@ class ConvBNDynamics(nn.Module):
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.bn(self.conv(t, y)))
+
+
+def reversible_heun_reference(f, y0, t, n_per_interval):
+    """Plain autograd through reversible Heun, differentiable in t: an independent reference."""
+    y, z = y0, y0
+    f_k = f(t[0], y0)
+    out = [y0]
+    for i, n in enumerate(n_per_interval):
+        h = (t[i + 1] - t[i]) / n
+        for m in range(n):
+            t_next = t[i] + (m + 1) * h
+            z_new = 2 * y - z + h * f_k
+            f_new = f(t_next, z_new)
+            y = y + h / 2 * (f_k + f_new)
+            z, f_k = z_new, f_new
+        out.append(y)
+    return torch.stack(out)

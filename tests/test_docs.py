@@ -22,6 +22,7 @@ MODULES = [
     "torchode_adjoint._block",
     "torchode_adjoint._layers",
     "torchode_adjoint._check",
+    "torchode_adjoint._temporal_norm",
     "torchode_adjoint.measure",
     "torchode_adjoint.models.cifar10",
 ]

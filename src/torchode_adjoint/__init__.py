@@ -3,11 +3,16 @@
 The public names only; see the documentation for the guides.
 """
 
+from ._adjoint import ContinuousAdjoint
 from ._block import ODEBlock
 from ._check import GradientCheck, GradientReport, check_gradients
+from ._checkpoint import Checkpoint
 from ._dynamics import NFECounter, TimeSharedStatisticsWarning
 from ._layers import ConcatConv2d
-from ._odeint import GRADIENT_MODES, odeint
+from ._mode import Backprop, GradientMode
+from ._odeint import odeint
+from ._prepare import GRADIENT_MODES, resolve_mode
+from ._reversible import Reversible
 from ._solvers import available_solvers, get_solver, register_solver
 from ._tableau import ButcherTableau
 from ._temporal_norm import TemporalBatchNorm1d, TemporalBatchNorm2d, TemporalBatchNorm3d
@@ -15,7 +20,12 @@ from ._temporal_norm import TemporalBatchNorm1d, TemporalBatchNorm2d, TemporalBa
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backprop",
     "ButcherTableau",
+    "Checkpoint",
+    "ContinuousAdjoint",
+    "GradientMode",
+    "Reversible",
     "ConcatConv2d",
     "GRADIENT_MODES",
     "GradientCheck",
@@ -28,6 +38,7 @@ __all__ = [
     "get_solver",
     "odeint",
     "register_solver",
+    "resolve_mode",
     "TemporalBatchNorm1d",
     "TemporalBatchNorm2d",
     "TemporalBatchNorm3d",

@@ -8,14 +8,9 @@ import torch
 from torch import nn
 
 from ._dynamics import NFECounter, warn_time_shared_statistics
-from ._odeint import (
-    GradientMode,
-    check_checkpoint_every,
-    check_step,
-    resolve_mode,
-    solve_states,
-)
-from ._solvers import get_solver
+from ._grid import DEFAULT_MAX_STEPS
+from ._mode import GradientMode
+from ._prepare import ModeName, make_config, prepare
 from ._tableau import ButcherTableau
 
 __all__ = ["ODEBlock"]
@@ -45,16 +40,19 @@ class ODEBlock(nn.Module):
         See :func:`~torchode_adjoint.available_solvers`.
     step : float or None, default 0.1
         The largest step size; ``None`` takes one step from ``t0`` to ``t1``.
-    adjoint : bool or {"backprop", "adjoint", "checkpoint", "reversible"}, default True
+    adjoint : bool, str or GradientMode, default True
         The gradient mode, as in :func:`~torchode_adjoint.odeint`: what each costs and whether
-        its gradient is exact is documented there.
+        its gradient is exact is documented there. Its pairing with the solver is checked here
+        (``adjoint="reversible"`` needs ``solver="heun"``).
     t0, t1 : float or Tensor, default 0.0 and 1.0
         Integration interval (``t1 < t0`` integrates backwards). An ``nn.Parameter`` makes the
         time learnable and is registered among the block's parameters.
     check_finite : bool, default True
         Raise when the state becomes non-finite (see :func:`~torchode_adjoint.odeint`).
-    checkpoint_every : int, default 1
-        With ``adjoint="checkpoint"``: keep the state every this many steps.
+    checkpoint_every : int, optional
+        Deprecated: pass ``adjoint=Checkpoint(every=k)``.
+    max_steps : int, default 10,000,000
+        The largest number of steps of one forward pass.
 
     Attributes
     ----------
@@ -66,7 +64,8 @@ class ODEBlock(nn.Module):
     Raises
     ------
     ValueError
-        For ``t0 == t1``, a bad ``step``, an unknown ``solver`` or ``adjoint``.
+        For ``t0 == t1``, a bad ``step``, an unknown ``solver`` or ``adjoint``, or a mode that
+        cannot integrate with the solver.
     TypeError
         If ``dynamics`` is not an ``nn.Module``.
 
@@ -93,12 +92,13 @@ class ODEBlock(nn.Module):
         dynamics: nn.Module,
         solver: str | ButcherTableau = "euler",
         step: float | None = 0.1,
-        adjoint: bool | GradientMode = True,
+        adjoint: bool | ModeName | GradientMode = True,
         t0: float | torch.Tensor = 0.0,
         t1: float | torch.Tensor = 1.0,
         *,
         check_finite: bool = True,
-        checkpoint_every: int = 1,
+        checkpoint_every: int | None = None,
+        max_steps: int = DEFAULT_MAX_STEPS,
     ) -> None:
         super().__init__()
         if not isinstance(dynamics, nn.Module):
@@ -108,11 +108,14 @@ class ODEBlock(nn.Module):
             )
         self.dynamics = dynamics
         warn_time_shared_statistics(dynamics, prefix="dynamics")
-        self.solver = get_solver(solver)
-        self.step = check_step(step)
-        self.adjoint = resolve_mode(adjoint)
-        self.check_finite = bool(check_finite)
-        self.checkpoint_every = check_checkpoint_every(checkpoint_every)
+        self.config = make_config(
+            solver=solver,
+            step=step,
+            adjoint=adjoint,
+            check_finite=check_finite,
+            checkpoint_every=checkpoint_every,
+            max_steps=max_steps,
+        )
         values = {"t0": _time_value(t0, "t0"), "t1": _time_value(t1, "t1")}
         if values["t0"] == values["t1"]:
             raise ValueError(
@@ -129,6 +132,21 @@ class ODEBlock(nn.Module):
                 self._fixed_times[name] = values[name]
         self._t_cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self._nfe = NFECounter()
+
+    @property
+    def solver(self) -> ButcherTableau:
+        """The tableau the block integrates with."""
+        return self.config.tableau
+
+    @property
+    def step(self) -> float | None:
+        """The largest step size."""
+        return self.config.step
+
+    @property
+    def adjoint(self) -> GradientMode:
+        """The gradient mode."""
+        return self.config.mode
 
     @property
     def nfe_forward(self) -> int:
@@ -152,25 +170,24 @@ class ODEBlock(nn.Module):
         Tensor, shape (B, ...)
             The state at ``t1``.
         """
-        t = self._times(y0)
-        states = solve_states(
-            self.dynamics,
-            y0,
-            t,
-            solver=self.solver,
-            step=self.step,
-            adjoint=self.adjoint,
-            check_finite=self.check_finite,
-            nfe=self._nfe,
-            checkpoint_every=self.checkpoint_every,
-        )
-        return states[-1]
+        t = self.integration_times(y0)
+        return prepare(self.dynamics, y0, t, self.config, nfe=self._nfe).solve()[-1]
 
     def _time(self, name: str) -> float | torch.Tensor:
         return self._fixed_times[name] if name in self._fixed_times else getattr(self, name)
 
-    def _times(self, y0: torch.Tensor) -> torch.Tensor:
-        """``[t0, t1]`` in ``y0``'s dtype and device, differentiable in learnable times."""
+    def integration_times(self, y0: torch.Tensor) -> torch.Tensor:
+        """``[t0, t1]`` in ``y0``'s dtype and device, differentiable in learnable times.
+
+        Parameters
+        ----------
+        y0 : Tensor
+            Any tensor with the state's dtype and device.
+
+        Returns
+        -------
+        Tensor, shape (2,)
+        """
         if len(self._fixed_times) == 2:
             key = (y0.dtype, y0.device)
             if key not in self._t_cache:
@@ -189,6 +206,6 @@ class ODEBlock(nn.Module):
     def extra_repr(self) -> str:
         t0, t1 = (float(self._time(name)) for name in ("t0", "t1"))
         return (
-            f"solver={self.solver.name!r}, step={self.step}, adjoint={self.adjoint!r}, "
+            f"solver={self.solver.name!r}, step={self.step}, adjoint={self.adjoint.name!r}, "
             f"t0={t0:g}, t1={t1:g}"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,10 +12,9 @@ from torch import nn
 
 from ._block import ODEBlock
 from ._dynamics import NFECounter
-from ._grid import make_grid, regrid
-from ._odeint import check_step, check_times, odeint, resolve_mode, solver_for
-from ._solvers import get_solver
-from ._spec import SolveSpec
+from ._grid import regrid
+from ._mode import Backprop
+from ._prepare import make_config, prepare
 
 __all__ = ["GradientCheck", "GradientReport", "check_gradients"]
 
@@ -147,7 +147,7 @@ def check_gradients(
         kwargs.setdefault("step", block.step)
         kwargs.setdefault("adjoint", block.adjoint)
         if t is None:
-            t = block._times(y0.detach().double())
+            t = block.integration_times(y0.detach().double())
         func_or_block = block.dynamics
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     if isinstance(func_or_block, nn.Module):
@@ -159,11 +159,10 @@ def check_gradients(
             )
     else:
         func = func_or_block
-        given = kwargs.get("params")
+        given = kwargs.pop("params", None)
         named = [(f"params[{i}]", p) for i, p in enumerate(given or ())]  # type: ignore[arg-type]
-    mode = resolve_mode(kwargs.pop("adjoint", True))  # type: ignore[arg-type]
-    kwargs.setdefault("solver", "euler")
-    kwargs.setdefault("step", 0.1)
+    config = make_config(**kwargs)  # type: ignore[arg-type]
+    backprop = dataclasses.replace(config, mode=Backprop())
     y = y0.detach().double().requires_grad_(True)
     tt = (t if t is not None else torch.tensor([0.0, 1.0])).detach().double().to(y.device)
     tt.requires_grad_(True)
@@ -171,8 +170,12 @@ def check_gradients(
     inputs = [y, tt, *params]
     names = ["y0", "t", *(n for n, _ in named)]
 
+    def solution(cfg: object) -> torch.Tensor:
+        prepared = prepare(func, y, tt, cfg, params=params)  # type: ignore[arg-type]
+        return torch.stack([y, *prepared.solve()])
+
     gen = torch.Generator().manual_seed(seed)
-    out = odeint(func, y, tt, adjoint=mode, **kwargs)  # type: ignore[arg-type]
+    out = solution(config)
     w = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device)
 
     def grads(sol: torch.Tensor) -> list[torch.Tensor]:
@@ -180,21 +183,22 @@ def check_gradients(
         return [gi if gi is not None else torch.zeros_like(x) for gi, x in zip(g, inputs)]
 
     g_mode = grads(out)
-    g_bp = grads(odeint(func, y, tt, adjoint="backprop", **kwargs))  # type: ignore[arg-type]
+    g_bp = grads(solution(backprop))
 
-    # Finite differences through the solver itself, with the step counts held fixed: the grid's
-    # counts are piecewise constant in t, so moving t across a ceil() boundary would jump.
-    _, host = check_times(tt, y)
-    grid = make_grid(host, check_step(kwargs["step"]), torch.finfo(torch.float64).eps)
-    tableau = get_solver(kwargs["solver"])  # type: ignore[arg-type]
-
-    solve = solver_for(mode)
+    # Finite differences through the mode's own forward pass (reversible Heun for "reversible"),
+    # with the step counts held fixed: the grid's counts are piecewise constant in t, so moving t
+    # across a ceil() boundary would jump.
+    base_spec = prepare(func, y, tt, config, params=params).spec
 
     def loss_at(y_in: torch.Tensor, t_in: torch.Tensor) -> float:
-        # The mode's own forward pass (reversible Heun for "reversible"), on the fixed counts.
-        spec = SolveSpec(func, tableau, regrid(grid, t_in.tolist()), False, NFECounter())
+        spec = dataclasses.replace(
+            base_spec,
+            grid=regrid(base_spec.grid, t_in.tolist()),
+            check_finite=False,
+            counter=NFECounter(),
+        )
         with torch.no_grad():
-            states = solve(spec, y_in, t_in, params)
+            states = spec.mode.solve(spec, y_in, t_in, params)
             return float((w * torch.stack([y_in, *states])).sum())
 
     checks = []
@@ -225,8 +229,8 @@ def check_gradients(
             )
         )
     return GradientReport(
-        mode=mode,
-        solver=tableau.name,
-        step=kwargs["step"],  # type: ignore[arg-type]
+        mode=config.mode.name,
+        solver=config.tableau.name,
+        step=config.step,
         checks=tuple(checks),
     )

@@ -19,6 +19,7 @@ __all__ = [
     "frozen_batchnorm",
     "TimeSharedStatisticsWarning",
     "warn_time_shared_statistics",
+    "module_tensors",
 ]
 
 DynamicsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,10 +60,31 @@ class Dynamics:
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
-        out = self.func(t, y)
         if not self._checked:
-            _check_output(out, y)
-            self._checked = True
+            return self._first_call(t, y)
+        out = self.func(t, y)
+        if out.dtype != y.dtype and torch.is_autocast_enabled(y.device.type):
+            # Under autocast the state keeps its dtype and the derivative is cast to it, so that
+            # the solver accumulates in the input's precision.
+            out = out.to(y.dtype)
+        return out
+
+    def _first_call(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        try:
+            out = self.func(t, y)
+        except TypeError as err:
+            if "positional argument" not in str(err):
+                raise
+            raise TypeError(
+                f"the dynamics are called as `f(t, y)` with the time first, and this call "
+                f"failed with: {err}. Define `forward(self, t, y)` (or `def f(t, y)`), even if "
+                "the dynamics do not use `t`."
+            ) from err
+        if isinstance(out, torch.Tensor) and out.dtype != y.dtype:
+            if torch.is_autocast_enabled(y.device.type):
+                out = out.to(y.dtype)
+        _check_output(out, y)
+        self._checked = True
         return out
 
 
@@ -82,6 +104,20 @@ def _check_output(out: object, y: torch.Tensor) -> None:
             f"`func` must return dy/dt with the state's dtype {y.dtype}, got {out.dtype}; cast "
             "the output or build the dynamics in the state's dtype."
         )
+
+
+def module_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors a module's gradient flows to: its parameters that require grad, then tensor
+    attributes that require grad (e.g. a context ``self.ctx = encoder(x)`` set before the solve),
+    each once."""
+    out = [p for p in module.parameters() if p.requires_grad]
+    seen = {id(p) for p in out}
+    for m in module.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor) and value.requires_grad and id(value) not in seen:
+                seen.add(id(value))
+                out.append(value)
+    return out
 
 
 @contextlib.contextmanager

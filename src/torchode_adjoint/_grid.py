@@ -1,19 +1,46 @@
-"""The time grid: steps per output interval and their sizes, computed once on the host."""
+"""The time grid: steps per output interval, step sizes, stage times and their time gradients.
+
+Every time a solve evaluates the dynamics at is derived here, once per call, from the host grid:
+the forward loop, the backward passes of every gradient mode and the finite differences of
+``check_gradients`` all read their step sizes and stage times from this module.
+"""
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TimeGrid", "make_grid", "regrid", "stage_times", "step_sizes"]
+__all__ = [
+    "DEFAULT_MAX_STEPS",
+    "TimeGrid",
+    "make_grid",
+    "regrid",
+    "StageTimes",
+    "step_sizes",
+    "segment_times",
+    "time_gradient",
+]
 
 # Step counts are ceil(|dt| / step) up to this many ulps of the state's dtype, so that an
 # interval of 1.1 with step 0.1 gives 11 steps although 1.1 / 0.1 rounds to 11.000000000000002
-# (float64) or 11.0000002 (float32).
+# (float64) or 11.0000002 (float32). The tolerance is capped: in bfloat16 (eps 2^-7) 16 ulps
+# would be 12.5 % and a step larger than `step` could pass.
 _ULPS = 16
+_MAX_TOLERANCE = 1e-5
+
+DEFAULT_MAX_STEPS = 10_000_000
+"""The largest number of steps one call may take unless ``max_steps`` says otherwise."""
+
+# Stage times are materialised this many at a time, so that memory stays flat in the number of
+# steps (a 0-dim tensor per stage, kept for a whole solve, costs about a kilobyte each).
+_CHUNK = 2048
+# Small grids (an ODEBlock in a training loop) keep their host-built times in a bounded cache,
+# so that a repeated call builds nothing; larger ones are built per call and released after it.
+_CACHED_EVALUATIONS = 256
 
 
 @dataclass(frozen=True)
@@ -34,57 +61,103 @@ class TimeGrid:
     n_steps: tuple[int, ...]
     h: tuple[float, ...]
 
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """The global index of each interval's first step (length ``len(n_steps) + 1``)."""
+        out = [0]
+        for n in self.n_steps:
+            out.append(out[-1] + n)
+        return tuple(out)
 
-def make_grid(times: list[float], step: float | None, eps: float) -> TimeGrid:
+
+def make_grid(
+    times: Sequence[float], step: float | None, eps: float, *, max_steps: int = DEFAULT_MAX_STEPS
+) -> TimeGrid:
     """Build the grid for host times already validated as strictly monotonic.
 
     Parameters
     ----------
-    times : list of float
+    times : sequence of float
         Output times, length >= 2.
     step : float or None
         The largest step size; None takes one step per interval.
     eps : float
         Machine epsilon of the dtype the times are used in.
+    max_steps : int
+        The largest total number of steps; checked before anything is allocated.
+
+    Raises
+    ------
+    ValueError
+        When the grid would take more than ``max_steps`` steps.
     """
+    tolerance = min(_ULPS * eps, _MAX_TOLERANCE)
     n_steps = []
     for t_a, t_b in zip(times[:-1], times[1:]):
         if step is None:
             n_steps.append(1)
             continue
+        # In float64 (host floats) whatever the state's dtype: a ratio above 2^53 is no count.
         ratio = abs(t_b - t_a) / step
-        n_steps.append(max(1, math.ceil(ratio * (1.0 - _ULPS * eps))))
+        if not math.isfinite(ratio) or ratio > max_steps:
+            _too_many(times, step, ratio, max_steps)
+        n_steps.append(max(1, math.ceil(ratio * (1.0 - tolerance))))
+    total = sum(n_steps)
+    if total > max_steps:
+        _too_many(times, step, float(total), max_steps)
     h = tuple((t_b - t_a) / n for t_a, t_b, n in zip(times[:-1], times[1:], n_steps))
     return TimeGrid(times=tuple(times), n_steps=tuple(n_steps), h=h)
 
 
+def _too_many(times: Sequence[float], step: float | None, count: float, max_steps: int) -> None:
+    raise ValueError(
+        f"`step={step!r}` over the interval [{times[0]:.6g}, {times[-1]:.6g}] needs about "
+        f"{count:.3g} steps, more than `max_steps={max_steps:,}`; pass a larger `step`, or a "
+        "larger `max_steps` if you mean it."
+    )
+
+
+def regrid(grid: TimeGrid, times: Sequence[float]) -> TimeGrid:
+    """The same step counts over new output times (for finite differences in the times)."""
+    h = tuple((t_b - t_a) / n for t_a, t_b, n in zip(times[:-1], times[1:], grid.n_steps))
+    return TimeGrid(times=tuple(times), n_steps=grid.n_steps, h=h)
+
+
 def _fractions(
-    grid: TimeGrid, c: tuple[float, ...], reverse: bool
+    grid: TimeGrid, c: Sequence[float], first: int, count: int, reverse: bool
 ) -> tuple[list[int], list[float]]:
+    """Interval index and fraction of the interval of stage evaluations ``first..first+count``.
+
+    Evaluations are numbered in the order the integration visits them: forward, step by step
+    and stage by stage; with ``reverse`` backwards through the steps, each starting at its end
+    (stage ``j`` at ``(k + 1 - c_j) / n``).
+    """
+    s = len(c)
+    offsets = grid.offsets
+    total = offsets[-1]
     index, frac = [], []
-    intervals = list(enumerate(grid.n_steps))
-    for i, n in reversed(intervals) if reverse else intervals:
-        steps = range(n - 1, -1, -1) if reverse else range(n)
-        for k in steps:
-            for c_j in c:
-                index.append(i)
-                frac.append(((k + 1 - c_j) if reverse else (k + c_j)) / n)
+    for e in range(first, first + count):
+        g, j = divmod(e, s)
+        if reverse:
+            g = total - 1 - g
+        # The interval of global step g (few intervals: a linear scan is fine).
+        i = 0
+        while offsets[i + 1] <= g:
+            i += 1
+        k, n = g - offsets[i], grid.n_steps[i]
+        index.append(i)
+        frac.append(((k + 1 - c[j]) if reverse else (k + c[j])) / n)
     return index, frac
 
 
-def stage_times(
-    t: torch.Tensor, grid: TimeGrid, c: tuple[float, ...], *, reverse: bool = False
-) -> tuple[torch.Tensor, ...]:
-    """All stage times of the integration as 0-dim tensors in ``t``'s dtype and device.
+class StageTimes:
+    """Every stage time of a solve, as 0-dim tensors, built lazily a chunk at a time.
 
-    The time of stage ``j`` of step ``k`` in interval ``i`` is
-    ``t[i] + (k + c_j) / n_i * (t[i+1] - t[i])``. With ``reverse=True`` the sequence runs
-    backwards through the intervals and steps (for the adjoint, which starts each step at its
-    end) and the stage times are ``t[i] + (k + 1 - c_j) / n_i * (t[i+1] - t[i])``.
-
-    When ``t`` requires grad the times are computed from it by one vectorised, differentiable op;
-    otherwise they are computed on the host from ``grid.times`` and cached per grid, tableau,
-    dtype and device, so that repeated calls (an ``ODEBlock`` in a training loop) build nothing.
+    ``times[e]`` is the time of the ``e``-th evaluation in the order the integration visits them
+    (see :func:`_fractions`); the time of stage ``j`` of step ``k`` in interval ``i`` is
+    ``t[i] + (k + c_j) / n_i * (t[i+1] - t[i])``. Only the chunk in use is held, so memory does
+    not grow with the number of steps. When ``t`` requires grad, each chunk is computed from it
+    by one differentiable op.
 
     Parameters
     ----------
@@ -94,29 +167,57 @@ def stage_times(
     c : tuple of float
         The tableau's nodes.
     reverse : bool, default False
-
-    Returns
-    -------
-    tuple of Tensor
-        ``sum(grid.n_steps) * len(c)`` scalars, in the order the integration visits them.
+        Number the evaluations backwards (the continuous adjoint's order).
     """
-    if not t.requires_grad:
-        return _host_stage_times(grid, c, reverse, t.dtype, t.device)
-    index, frac = _fractions(grid, c, reverse)
-    idx = torch.tensor(index, device=t.device)
-    fr = torch.tensor(frac, dtype=t.dtype, device=t.device)
-    t_a = t[:-1][idx]
-    return torch.addcmul(t_a, fr, t[1:][idx] - t_a).unbind(0)
+
+    __slots__ = ("t", "grid", "c", "reverse", "_start", "_chunk")
+
+    def __init__(
+        self, t: torch.Tensor, grid: TimeGrid, c: Sequence[float], *, reverse: bool = False
+    ) -> None:
+        self.t, self.grid, self.c, self.reverse = t, grid, tuple(c), reverse
+        self._start = -1
+        self._chunk: tuple[torch.Tensor, ...] = ()
+
+    def __len__(self) -> int:
+        return self.grid.offsets[-1] * len(self.c)
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        offset = e - self._start
+        if self._start < 0 or not 0 <= offset < len(self._chunk):
+            self._load(e)
+            offset = e - self._start
+        return self._chunk[offset]
+
+    def _load(self, e: int) -> None:
+        start = e - e % _CHUNK
+        count = min(_CHUNK, len(self) - start)
+        index, frac = _fractions(self.grid, self.c, start, count, self.reverse)
+        t = self.t
+        if not t.requires_grad and len(self) <= _CACHED_EVALUATIONS:
+            self._start = 0
+            self._chunk = _small_grid_times(self.grid, self.c, self.reverse, t.dtype, t.device)
+            return
+        if t.requires_grad:
+            idx = torch.tensor(index, device=t.device)
+            fr = torch.tensor(frac, dtype=t.dtype, device=t.device)
+            t_a = t[:-1][idx]
+            values = torch.addcmul(t_a, fr, t[1:][idx] - t_a)
+        else:
+            ts = self.grid.times
+            host = [ts[i] + f * (ts[i + 1] - ts[i]) for i, f in zip(index, frac)]
+            values = torch.tensor(host, dtype=t.dtype, device=t.device)
+        self._start, self._chunk = start, values.unbind(0)
 
 
-@functools.lru_cache(maxsize=32)
-def _host_stage_times(
+@functools.lru_cache(maxsize=16)
+def _small_grid_times(
     grid: TimeGrid, c: tuple[float, ...], reverse: bool, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
-    index, frac = _fractions(grid, c, reverse)
+    index, frac = _fractions(grid, c, 0, grid.offsets[-1] * len(c), reverse)
     ts = grid.times
-    values = [ts[i] + f * (ts[i + 1] - ts[i]) for i, f in zip(index, frac)]
-    return torch.tensor(values, dtype=dtype, device=device).unbind(0)
+    host = [ts[i] + f * (ts[i + 1] - ts[i]) for i, f in zip(index, frac)]
+    return torch.tensor(host, dtype=dtype, device=device).unbind(0)
 
 
 def step_sizes(t: torch.Tensor, grid: TimeGrid) -> list[torch.Tensor]:
@@ -125,7 +226,53 @@ def step_sizes(t: torch.Tensor, grid: TimeGrid) -> list[torch.Tensor]:
     return list(((t[1:] - t[:-1]) / n).unbind(0))
 
 
-def regrid(grid: TimeGrid, times: list[float]) -> TimeGrid:
-    """The same step counts over new output times (for finite differences in the times)."""
-    h = tuple((t_b - t_a) / n for t_a, t_b, n in zip(times[:-1], times[1:], grid.n_steps))
-    return TimeGrid(times=tuple(times), n_steps=grid.n_steps, h=h)
+def segment_times(
+    t: torch.Tensor, grid: TimeGrid, c: Sequence[float], i: int, k0: int, k1: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Step size and stage times of steps ``k0..k1`` of interval ``i``, differentiable in ``t``.
+
+    Built afresh per segment, so that each segment's graph is back-propagated once.
+    """
+    n = grid.n_steps[i]
+    h = (t[i + 1] - t[i]) / n
+    frac = torch.tensor(
+        [k + c_j for k in range(k0, k1) for c_j in c], dtype=t.dtype, device=t.device
+    )
+    return h, list(torch.addcmul(t[i], frac, h).unbind(0))
+
+
+def time_gradient(
+    t: torch.Tensor,
+    grid: TimeGrid,
+    at_points: Sequence[tuple[int, float, torch.Tensor]],
+    per_step: Sequence[tuple[int, torch.Tensor]],
+) -> torch.Tensor:
+    """Chain gradients with respect to evaluation times and step sizes to the output times.
+
+    In interval ``i`` with ``n`` steps, the point at local position ``m`` (in steps, not
+    necessarily whole) is ``t_i + m (t_{i+1} - t_i) / n`` and every step has
+    ``h = (t_{i+1} - t_i) / n``.
+
+    Parameters
+    ----------
+    t : Tensor, shape (T,)
+    grid : TimeGrid
+    at_points : sequence of (i, m, g)
+        ``g = dL/d(time of the point at local position m of interval i)``.
+    per_step : sequence of (i, g)
+        ``g = dL/dh`` of one step of interval ``i``.
+
+    Returns
+    -------
+    Tensor, shape (T,)
+    """
+    grads = [torch.zeros((), dtype=t.dtype, device=t.device) for _ in range(t.shape[0])]
+    for i, m, g in at_points:
+        n = grid.n_steps[i]
+        grads[i] = grads[i] + g * (1.0 - m / n)
+        grads[i + 1] = grads[i + 1] + g * (m / n)
+    for i, g in per_step:
+        n = grid.n_steps[i]
+        grads[i] = grads[i] - g / n
+        grads[i + 1] = grads[i + 1] + g / n
+    return torch.stack(grads)

@@ -15,39 +15,31 @@ discrete step exactly, with one evaluation and one vector--Jacobian product per 
     lam_f[k] = h_k lam_z[k+1] + h_k/2 lam_y[k+1] + h_{k-1}/2 lam_y[k]
     lam_z[k] = J_f(t_k, z_k)^T lam_f[k] - lam_z[k+1]
     dL/dtheta += J_theta^T lam_f[k],   dL/dy0 = lam_y[0] + lam_z[0]
+
+Dynamics that draw random numbers (dropout in training mode) have the random state before each
+evaluation kept and replayed in the backward pass (a CPU generator state of about 5 KB per step,
+so memory is then no longer flat in the number of steps).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import contextlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ._dynamics import Dynamics, frozen_batchnorm
-from ._grid import stage_times
+from ._dynamics import Dynamics
+from ._grid import StageTimes, time_gradient
+from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients, RngState
+from ._solvers import HEUN
 from ._spec import SolveSpec
+from ._tableau import ButcherTableau
 from ._vjp import accumulate_, dynamics_vjp
 
-__all__ = ["solve_reversible", "reversible_heun_forward", "reversible_heun_reverse"]
+__all__ = ["Reversible", "reversible_heun_forward", "reversible_heun_reverse"]
 
-
-def solve_reversible(
-    spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Solve with the reversible Heun method and its exact reversible backward pass.
-
-    Gradient: exact for the reversible Heun discretisation (up to the round-off of the state
-    reconstruction). Memory: independent of the number of steps. Cost: one evaluation per step
-    forward (plus one at ``t0``) and one evaluation with its VJP per step backward.
-    """
-    if spec.tableau.name != "heun":
-        raise ValueError(
-            f"`adjoint='reversible'` integrates with the reversible Heun method; pass "
-            f"`solver='heun'` (got solver {spec.tableau.name!r})."
-        )
-    return list(_ReversibleHeun.apply(spec, y0, t, *params))
+_COEFF_TOL = 1e-12
 
 
 def reversible_heun_forward(
@@ -67,118 +59,134 @@ def reversible_heun_reverse(
     return torch.add(torch.add(y_next, y_next), z_next, alpha=-1.0).add_(f_next, alpha=-h)
 
 
-class _ReversibleHeun(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        f = Dynamics(spec.func)
+def _is_heun(tableau: ButcherTableau) -> bool:
+    if tableau.stages != HEUN.stages:
+        return False
+    pairs = [
+        *zip(tableau.c, HEUN.c),
+        *zip(tableau.b, HEUN.b),
+        *((x, y) for ra, rb in zip(tableau.a, HEUN.a) for x, y in zip(ra, rb)),
+    ]
+    return all(abs(x - y) <= _COEFF_TOL for x, y in pairs)
+
+
+@dataclass(frozen=True)
+class Reversible(GradientMode):
+    """The reversible Heun method (Kidger et al. 2021): ``adjoint="reversible"``.
+
+    Needs ``solver="heun"`` (checked by its coefficients when the mode is paired with a
+    solver). Gradient: exact for the reversible Heun discretisation (up to the round-off of the
+    state reconstruction). Memory: independent of the number of steps. Cost: one evaluation per
+    step forward (plus one at ``t0``) and one evaluation with its VJP per step backward.
+    """
+
+    name: ClassVar[str] = "reversible"
+    required_solver: ClassVar[str | None] = "heun"
+
+    def check_solver(self, tableau: ButcherTableau) -> None:
+        if not _is_heun(tableau):
+            raise ValueError(
+                f"`adjoint='reversible'` integrates with the reversible Heun method; pass "
+                f"`solver='heun'` (got {tableau!r}, whose coefficients are not Heun's)."
+            )
+
+    def forward(
+        self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
+    ) -> ForwardResult:
         grid = spec.grid
-        ends = stage_times(t.detach(), grid, (1.0,))
+        ends = StageTimes(t, grid, (1.0,))
+        before = RngState.capture(y0.device)
+        f_k = f(t[0], y0)
+        # Keep the random state before every evaluation only if the first one drew.
+        random = not before.same_as(RngState.capture(y0.device))
+        if random:
+            record.rng.append(before)
         y, z = y0, y0
-        f_k = f(t.detach()[0], y0)
         states, pos = [], 0
         for i, n in enumerate(grid.n_steps):
             for _ in range(n):
+                if random:
+                    record.rng.append(RngState.capture(y0.device))
                 y, z, f_k = reversible_heun_forward(f, y, z, f_k, grid.h[i], ends[pos])
                 pos += 1
             states.append(y)
-        if spec.check_finite and not bool(torch.isfinite(y).all()):
-            raise RuntimeError(
-                f"the ODE state became NaN or infinite before t = {grid.times[-1]:.6g}; reduce "
-                "`step` (pass `check_finite=False` to skip this check)."
-            )
-        spec.counter.forward, spec.counter.backward = f.nfe, 0
-        ctx.spec = spec
-        ctx.n_states = len(states)
-        ctx.set_materialize_grads(False)
-        # The last (y, z) pair and the outputs: memory independent of the number of steps.
-        ctx.save_for_backward(*states, z, t, *params)
-        return tuple(states)
+        if spec.check_finite:
+            _check_states(states, grid.times)
+        # The last z beside the outputs: memory independent of the number of steps.
+        return states, (z,)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, *grad_states: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        spec: SolveSpec = ctx.spec
-        grid = spec.grid
-        saved = ctx.saved_tensors
-        states, z = saved[: ctx.n_states], saved[ctx.n_states]
-        t, params = saved[ctx.n_states + 1], list(saved[ctx.n_states + 2 :])
-        need_t = ctx.needs_input_grad[2]
-        need_p = bool(params) and any(ctx.needs_input_grad[3:])
-        starts = stage_times(t.detach(), grid, (0.0,))
-        t_end = t.detach()[-1]
-        f = Dynamics(spec.func, check=False)
-        # Step sizes and output indices per step, in forward order.
+    def backward(self, job: BackwardJob) -> Gradients:
+        grid = job.spec.grid
+        if job.record.random and not job.record.rng:
+            raise RuntimeError(
+                "the dynamics drew random numbers in the forward pass, but not in their first "
+                "evaluation, so adjoint='reversible' kept no random states to replay; use "
+                "adjoint='checkpoint' or 'backprop'."
+            )
+        rng = list(job.record.rng)
+        (z,) = job.extra
+        starts = StageTimes(job.t, grid, (0.0,))
+        t_end = job.t[-1]
         hs = [h for h, n in zip(grid.h, grid.n_steps) for _ in range(n)]
-        g_p = [torch.zeros_like(p) for p in params] if need_p else []
-        # Per evaluation point: (interval, local index m, dL/d(time argument)); per step dL/dh.
-        dtau: list[tuple[int, int, torch.Tensor]] = []
-        dh: list[torch.Tensor] = []
-        owner = [(i, m) for i, n in enumerate(grid.n_steps) for m in range(n)]
-        n_steps = len(hs)
+        owner = [i for i, n in enumerate(grid.n_steps) for _ in range(n)]
+        local = [m for n in grid.n_steps for m in range(n)]
+        g_p = [torch.zeros_like(p) for p in job.vjp_params]
+        at_points: list[tuple[int, float, torch.Tensor]] = []
+        per_step: list[tuple[int, torch.Tensor]] = []
 
         def vjp(
             tau: torch.Tensor, z_k: torch.Tensor, lam_f: torch.Tensor
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-            out = dynamics_vjp(f, tau, z_k, lam_f, params if need_p else (), want_t=need_t)
+            state = rng.pop() if rng else None
+            with state.replayed(z_k.device) if state is not None else contextlib.nullcontext():
+                out = dynamics_vjp(job.f, tau, z_k, lam_f, job.vjp_params, want_t=job.need_t)
             accumulate_(g_p, out.params)
             return out.value, out.y, out.t
 
-        with torch.enable_grad(), frozen_batchnorm(spec.func):
-            y = states[-1]
-            lam_y = grad_states[-1] if grad_states[-1] is not None else torch.zeros_like(y)
-            lam_f = lam_y * (0.5 * hs[-1])
-            f_next, lam_z, g_tau = vjp(t_end, z, lam_f)
-            if g_tau is not None:
-                dtau.append((len(grid.n_steps) - 1, grid.n_steps[-1], g_tau))
-            out_at = {sum(grid.n_steps[: i + 1]): i for i in range(len(grid.n_steps) - 1)}
-            for k in range(n_steps - 1, -1, -1):
-                h = hs[k]
-                z_k = reversible_heun_reverse(y, z, f_next, h)
-                lam_y_next, lam_z_next = lam_y, lam_z
-                lam_y = torch.add(lam_y_next, lam_z_next, alpha=2.0)
-                if k in out_at and grad_states[out_at[k]] is not None:
-                    lam_y = lam_y + grad_states[out_at[k]]
-                lam_f = torch.add(lam_z_next * h, lam_y_next, alpha=0.5 * h)
-                if k:
-                    lam_f = lam_f.add_(lam_y, alpha=0.5 * hs[k - 1])
-                f_k, jz, g_tau = vjp(starts[k], z_k, lam_f)
-                if need_t:
-                    dh.append(
-                        0.5 * torch.sum(lam_y_next * (f_k + f_next)) + torch.sum(lam_z_next * f_k)
-                    )
-                    if g_tau is not None:
-                        dtau.append((*owner[k], g_tau))
-                y = torch.add(y, torch.add(f_k, f_next), alpha=-0.5 * h)
-                z, f_next = z_k, f_k
-                lam_z = jz - lam_z_next
-        spec.counter.backward = f.nfe
-        grad_t = _time_gradient(t, grid, dtau, dh[::-1], owner) if need_t else None
-        grad_y0 = lam_y + lam_z if ctx.needs_input_grad[1] else None
-        grad_params = g_p if need_p else [None] * len(params)
-        return (None, grad_y0, grad_t, *grad_params)
+        y = job.states[-1]
+        last = job.grads[-1]
+        lam_y = last if last is not None else torch.zeros_like(y)
+        job.watch(grid.times[-1], lam_y)
+        lam_f = lam_y * (0.5 * hs[-1])
+        f_next, lam_z, g_tau = vjp(t_end, z, lam_f)
+        if g_tau is not None:
+            at_points.append((len(grid.n_steps) - 1, float(grid.n_steps[-1]), g_tau))
+        out_at = {grid.offsets[i + 1]: i for i in range(len(grid.n_steps) - 1)}
+        for k in range(len(hs) - 1, -1, -1):
+            h = hs[k]
+            z_k = reversible_heun_reverse(y, z, f_next, h)
+            lam_y_next, lam_z_next = lam_y, lam_z
+            lam_y = torch.add(lam_y_next, lam_z_next, alpha=2.0)
+            if k in out_at:
+                if job.grads[out_at[k]] is not None:
+                    lam_y = lam_y + job.grads[out_at[k]]
+                job.watch(grid.times[out_at[k] + 1], lam_y)
+            lam_f = torch.add(lam_z_next * h, lam_y_next, alpha=0.5 * h)
+            if k:
+                lam_f = lam_f.add_(lam_y, alpha=0.5 * hs[k - 1])
+            f_k, jz, g_tau = vjp(starts[k], z_k, lam_f)
+            if job.need_t:
+                dh = 0.5 * torch.sum(lam_y_next * (f_k + f_next)) + torch.sum(lam_z_next * f_k)
+                per_step.append((owner[k], dh))
+                if g_tau is not None:
+                    at_points.append((owner[k], float(local[k]), g_tau))
+            y = torch.add(y, torch.add(f_k, f_next), alpha=-0.5 * h)
+            z, f_next = z_k, f_k
+            lam_z = jz - lam_z_next
+        grad_y0 = lam_y + lam_z
+        job.watch(grid.times[0], grad_y0)
+        grad_t = time_gradient(job.t, grid, at_points, per_step) if job.need_t else None
+        return Gradients(y0=grad_y0, t=grad_t, params=g_p)
 
 
-def _time_gradient(
-    t: torch.Tensor,
-    grid: Any,
-    dtau: list[tuple[int, int, torch.Tensor]],
-    dh: list[torch.Tensor],
-    owner: list[tuple[int, int]],
-) -> torch.Tensor:
-    """Chain dL/d(evaluation time) and dL/d(step size) to the output times.
-
-    In interval ``i`` with ``n`` steps, the evaluation at local index ``m`` is at
-    ``t_i + m (t_{i+1} - t_i) / n`` and every step has ``h = (t_{i+1} - t_i) / n``.
-    """
-    grads = [torch.zeros((), dtype=t.dtype, device=t.device) for _ in range(t.shape[0])]
-    for i, m, g in dtau:
-        n = grid.n_steps[i]
-        grads[i] = grads[i] + g * (1.0 - m / n)
-        grads[i + 1] = grads[i + 1] + g * (m / n)
-    for (i, _), g in zip(owner, dh):
-        n = grid.n_steps[i]
-        grads[i] = grads[i] - g / n
-        grads[i + 1] = grads[i + 1] + g / n
-    return torch.stack(grads)
+def _check_states(states: list[torch.Tensor], times: tuple[float, ...]) -> None:
+    """The forward non-finite policy of :func:`~torchode_adjoint._stepping.integrate`, per
+    output time (the reversible state cannot be re-run step by step to locate the step)."""
+    flags = torch.stack([torch.isfinite(s).all() for s in states]).tolist()
+    if all(flags):
+        return
+    i = flags.index(False)
+    raise RuntimeError(
+        f"the ODE state became NaN or infinite in [{times[i]:.6g}, {times[i + 1]:.6g}]; reduce "
+        "`step`, or check the dynamics (pass `check_finite=False` to skip this check)."
+    )

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ._dynamics import NFECounter
 from ._grid import TimeGrid
 from ._tableau import ButcherTableau
+
+if TYPE_CHECKING:  # the modes import this module; the annotation only names their base class
+    from ._mode import GradientMode
 
 __all__ = ["SolveSpec"]
 
@@ -18,7 +22,8 @@ __all__ = ["SolveSpec"]
 class SolveSpec:
     """Every non-tensor setting of one :func:`~torchode_adjoint.odeint` call, validated.
 
-    Gradient modes take ``(spec, y0, t, params)`` and return the solution; ``spec`` travels into
+    Built once by :func:`~torchode_adjoint._prepare.prepare`; gradient modes take
+    ``(spec, y0, t, params)`` and return the solution. ``spec`` travels into
     ``torch.autograd.Function`` as one object, so their ``backward`` returns one ``None`` for it.
 
     Attributes
@@ -27,16 +32,16 @@ class SolveSpec:
         The user's dynamics ``f(t, y)``.
     tableau : ButcherTableau
     grid : TimeGrid
+    mode : GradientMode
+        How the solve is differentiated, with its own options.
     check_finite : bool
     counter : NFECounter
         Filled by the forward pass and, where the mode re-evaluates, by the backward pass.
-    checkpoint_every : int
-        For the checkpointed mode: keep the state at every this many steps.
     """
 
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     tableau: ButcherTableau
     grid: TimeGrid
+    mode: GradientMode
     check_finite: bool
     counter: NFECounter
-    checkpoint_every: int = 1

@@ -5,16 +5,19 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ._grid import TimeGrid, stage_times, step_sizes
+from ._grid import StageTimes, TimeGrid, step_sizes
 from ._tableau import ButcherTableau
 
-__all__ = ["StepPlan", "plan_for", "combine", "rk_step", "integrate"]
+__all__ = ["StepPlan", "plan_for", "combine", "rk_step", "integrate", "StepHook"]
 
 Step = float | torch.Tensor
 DynamicsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepHook = Callable[[int, int, torch.Tensor], None]
+"""``hook(i, k, y)``: called with the state before step ``k`` of interval ``i``."""
 
 
 @dataclass(frozen=True)
@@ -74,18 +77,31 @@ def combine(
 
 
 def rk_step(
-    f: DynamicsFn,
-    y: torch.Tensor,
-    h: Step,
+    f: Callable[[torch.Tensor, Any], Any],
+    y: Any,
+    h: Any,
     times: Sequence[torch.Tensor],
     pos: int,
     plan: StepPlan,
-) -> torch.Tensor:
-    """One explicit RK step from ``y``; stage ``j`` is evaluated at ``times[pos + j]``."""
-    ks: list[torch.Tensor] = []
+) -> Any:
+    """One explicit RK step from ``y``; stage ``j`` is evaluated at ``times[pos + j]``.
+
+    ``y`` is a tensor and ``h`` its step, or, for an augmented system (the continuous adjoint's
+    ``(y, a)``), a tuple of tensors with a tuple of per-component steps; ``f`` then returns a
+    tuple of the same length.
+    """
+    ks: list[Any] = []
     for j in range(plan.stages):
-        ks.append(f(times[pos + j], combine(y, h, plan.rows[j], ks)))
-    return combine(y, h, plan.weights, ks)
+        ks.append(f(times[pos + j], _combine_state(y, h, plan.rows[j], ks)))
+    return _combine_state(y, h, plan.weights, ks)
+
+
+def _combine_state(y: Any, h: Any, terms: Sequence[tuple[int, float]], ks: Sequence[Any]) -> Any:
+    if isinstance(y, tuple):
+        return tuple(
+            combine(y_c, h_c, terms, [k[c] for k in ks]) for c, (y_c, h_c) in enumerate(zip(y, h))
+        )
+    return combine(y, h, terms, ks)
 
 
 def integrate(
@@ -96,8 +112,7 @@ def integrate(
     tableau: ButcherTableau,
     *,
     check_finite: bool,
-    checkpoints: list[torch.Tensor] | None = None,
-    checkpoint_every: int = 1,
+    before_step: StepHook | None = None,
 ) -> list[torch.Tensor]:
     """Integrate over the grid and return the states at the output times after the first.
 
@@ -113,10 +128,8 @@ def integrate(
     tableau : ButcherTableau
     check_finite : bool
         Check the result once, after the loop, and locate the first non-finite step if needed.
-    checkpoints : list, optional
-        When given, the state at the start of every ``checkpoint_every``-th step of each interval
-        (except its first step, whose state is ``y0`` or the previous output) is appended to it.
-    checkpoint_every : int, default 1
+    before_step : callable, optional
+        ``before_step(i, k, y)`` before every step (a gradient mode keeping checkpoints).
 
     Returns
     -------
@@ -124,7 +137,7 @@ def integrate(
         The states at ``t[1:]``; the caller stacks them with ``y0`` if it needs to.
     """
     plan = plan_for(tableau)
-    times = stage_times(t, grid, tableau.c)
+    times = StageTimes(t, grid, tableau.c)
     hs: Sequence[Step] = step_sizes(t, grid) if t.requires_grad else grid.h
     states = []
     y = y0
@@ -132,8 +145,8 @@ def integrate(
     for i, n in enumerate(grid.n_steps):
         h = hs[i]
         for k in range(n):
-            if checkpoints is not None and k and k % checkpoint_every == 0:
-                checkpoints.append(y)
+            if before_step is not None:
+                before_step(i, k, y)
             y = rk_step(f, y, h, times, pos, plan)
             pos += plan.stages
         states.append(y)
@@ -168,8 +181,8 @@ def locate_non_finite(
         raise ValueError("`y0` contains NaN or infinite values; pass a finite initial state.")
     plan = plan_for(tableau)
     t_a, n, h = grid.times[i - 1], grid.n_steps[i - 1], grid.h[i - 1]
-    times = stage_times(t.detach(), grid, tableau.c)
-    pos = sum(grid.n_steps[: i - 1]) * plan.stages
+    times = StageTimes(t.detach(), grid, tableau.c)
+    pos = grid.offsets[i - 1] * plan.stages
     y = sol[i - 1].detach()
     where = f"t = {grid.times[i]:.6g}"
     with torch.no_grad():

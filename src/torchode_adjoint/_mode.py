@@ -1,0 +1,418 @@
+"""Gradient modes as objects, and the scaffolding every memory-saving mode shares.
+
+A gradient mode decides how a solve is differentiated. :class:`Backprop` lets autograd record
+the solver's operations. The memory-saving modes (the continuous adjoint, checkpointing and the
+reversible method) run their forward pass without a graph and compute the gradients themselves in
+a backward pass that evaluates the dynamics again. What they have in common lives here, once:
+
+- one ``torch.autograd.Function`` that saves the mode's tensors, unpacks them and returns the
+  gradients (``setup_context`` style, so that ``torch.func.grad`` and ``vjp`` can run it);
+- re-evaluation under the forward pass's conditions: autograd on, BatchNorm buffers frozen, the
+  forward's autocast state, and the forward's random-number state replayed where the mode
+  supports it (:class:`ForwardRecord`);
+- the checks that turn a silently wrong gradient into an error: double backward, parameters
+  swapped between forward and backward (``torch.func.functional_call``), tensors the dynamics
+  capture that are not declared parameters, and one non-finite policy for the adjoint state.
+
+A mode overrides :meth:`GradientMode.forward` and :meth:`GradientMode.backward` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch.autograd.graph import get_gradient_edge
+
+from ._dynamics import Dynamics, frozen_batchnorm, module_tensors
+from ._spec import SolveSpec
+from ._stepping import integrate
+from ._tableau import ButcherTableau
+
+__all__ = [
+    "GradientMode",
+    "Backprop",
+    "ForwardRecord",
+    "BackwardJob",
+    "Gradients",
+    "RngState",
+    "ForwardResult",
+]
+
+
+ForwardResult = tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]
+"""A forward pass's result: the states at ``t[1:]`` and the extra tensors the mode saves."""
+
+
+@dataclass(frozen=True)
+class RngState:
+    """The random-number state of the CPU and, for a CUDA state, of its device."""
+
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None
+
+    @staticmethod
+    def capture(device: torch.device) -> RngState:
+        """The current state (the CPU generator's, and the device's for CUDA)."""
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return RngState(torch.get_rng_state(), cuda)
+
+    def same_as(self, other: RngState) -> bool:
+        """Whether no random number was drawn between the two captures."""
+        if not torch.equal(self.cpu, other.cpu):
+            return False
+        return self.cuda is None or other.cuda is None or torch.equal(self.cuda, other.cuda)
+
+    @contextlib.contextmanager
+    def replayed(self, device: torch.device) -> Iterator[None]:
+        """Run the block with this state, then restore the state from before it."""
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, device)
+            yield
+
+
+@dataclass
+class ForwardRecord:
+    """What the forward pass leaves for the backward pass besides the saved tensors.
+
+    Attributes
+    ----------
+    device : torch.device
+    autocast : tuple of (str, bool, torch.dtype)
+        Autocast state of the CPU and of the state's device during the forward pass.
+    random : bool
+        Whether the dynamics drew random numbers during the forward pass.
+    rng : list of RngState
+        States a mode kept to replay its re-evaluations (checkpoint: one per segment,
+        reversible: one per step); empty when the dynamics draw no random numbers.
+    info : dict
+        A mode's own non-tensor bookkeeping.
+    """
+
+    device: torch.device
+    autocast: tuple[tuple[str, bool, torch.dtype], ...]
+    random: bool = False
+    rng: list[RngState] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def start(device: torch.device) -> ForwardRecord:
+        kinds = ["cpu"] if device.type == "cpu" else ["cpu", device.type]
+        state = tuple((k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in kinds)
+        return ForwardRecord(device=device, autocast=state)
+
+    @contextlib.contextmanager
+    def autocast_replayed(self) -> Iterator[None]:
+        """The forward pass's autocast state (backward runs outside the user's autocast)."""
+        with contextlib.ExitStack() as stack:
+            for kind, enabled, dtype in self.autocast:
+                stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+            yield
+
+
+@dataclass
+class BackwardJob:
+    """Everything a mode's backward pass needs, unpacked once by the shared Function.
+
+    Attributes
+    ----------
+    f : Dynamics
+        The dynamics, counting evaluations, without the output check.
+    spec : SolveSpec
+    record : ForwardRecord
+    y0 : Tensor or None
+        The initial state, for modes that save it.
+    states : tuple of Tensor
+        The states at ``t[1:]``.
+    extra : tuple of Tensor
+        The mode's other saved tensors.
+    t : Tensor, shape (T,)
+        The output times, detached.
+    params : tuple of Tensor
+    grads : tuple of (Tensor or None)
+        ``dL/dy(t[i])`` for ``i >= 1``; None where the loss does not use that state.
+    need_y0, need_t, need_p : bool
+        Which gradients are asked for.
+    """
+
+    f: Dynamics
+    spec: SolveSpec
+    record: ForwardRecord
+    y0: torch.Tensor | None
+    states: tuple[torch.Tensor, ...]
+    extra: tuple[torch.Tensor, ...]
+    t: torch.Tensor
+    params: tuple[torch.Tensor, ...]
+    grads: tuple[torch.Tensor | None, ...]
+    need_y0: bool
+    need_t: bool
+    need_p: bool
+    _finite: list[tuple[float, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def vjp_params(self) -> tuple[torch.Tensor, ...]:
+        """The parameters to differentiate (empty when their gradient is not asked for)."""
+        return self.params if self.need_p else ()
+
+    def watch(self, time: float, a: torch.Tensor) -> None:
+        """Record, without a host sync, whether the adjoint state is finite at ``time``."""
+        if self.spec.check_finite:
+            self._finite.append((time, torch.isfinite(a).all()))
+
+    def check_finite(self, mode: str) -> None:
+        """Raise, with one host sync, if a watched adjoint state was not finite."""
+        if not self._finite:
+            return
+        flags = torch.stack([flag for _, flag in self._finite]).tolist()
+        if all(flags):
+            return
+        time = self._finite[flags.index(False)][0]
+        incoming = [g for g in self.grads if g is not None]
+        source = (
+            "the incoming gradient dL/dy is itself NaN or infinite (check the loss)"
+            if incoming and not bool(torch.stack([torch.isfinite(g).all() for g in incoming]).all())
+            else "the dynamics' Jacobian overflowed; reduce `step` or check the dynamics"
+        )
+        raise RuntimeError(
+            f"the adjoint state dL/dy became NaN or infinite at t = {time:.6g} during the "
+            f"backward pass of adjoint={mode!r}: {source} (pass `check_finite=False` to return "
+            "it unchecked)."
+        )
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """A mode's gradients for ``y0``, ``t`` and the parameters (None where not asked for)."""
+
+    y0: torch.Tensor | None
+    t: torch.Tensor | None
+    params: Sequence[torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class GradientMode:
+    """How a solve is differentiated. Subclasses carry their own options.
+
+    Each mode has the class attributes ``name`` (the shorthand accepted as ``adjoint=``),
+    ``exact`` (whether the gradient is the discretised forward pass's to round-off),
+    ``replays_randomness`` (whether random draws of the dynamics are replayed in the
+    re-evaluations; a mode that cannot raises when the dynamics drew random numbers) and
+    ``supports_double_backward`` and ``required_solver`` (the one solver the mode integrates
+    with, or None for any).
+    """
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = True
+    needs_params: ClassVar[bool] = True
+    saves_y0: ClassVar[bool] = False
+    replays_randomness: ClassVar[bool] = True
+    supports_double_backward: ClassVar[bool] = False
+    required_solver: ClassVar[str | None] = None
+
+    def check_solver(self, tableau: ButcherTableau) -> None:
+        """Raise a ValueError if the mode cannot integrate with ``tableau`` (default: any)."""
+
+    def solve(
+        self, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """The states at ``t[1:]``, differentiable as the mode promises."""
+        inputs = (y0, t, *params)
+        if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)):
+            # Nothing to differentiate: no Function, no saved tensors.
+            f = Dynamics(spec.func)
+            states, _ = self.forward(f, y0, t.detach(), spec, ForwardRecord.start(y0.device))
+            spec.counter.forward, spec.counter.backward = f.nfe, 0
+            return states
+        out = _Solve.apply(spec, y0, t, *params)
+        return list(out[: len(spec.grid.n_steps)])
+
+    def forward(
+        self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
+    ) -> ForwardResult:
+        """Integrate without a graph: the states at ``t[1:]`` and the extra tensors to save."""
+        raise NotImplementedError
+
+    def backward(self, job: BackwardJob) -> Gradients:
+        """The gradients, computed from the saved tensors by re-evaluating ``job.f``."""
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Backprop(GradientMode):
+    """Backpropagation through the solver's operations.
+
+    Gradient: exact for the discretised forward pass (autograd records every operation).
+    Memory: every stage's activations of the dynamics, linear in the number of steps.
+    Backward evaluations: none (autograd replays the recorded graph). Supports double backward,
+    ``torch.func`` transforms and anything autograd supports.
+    """
+
+    name: ClassVar[str] = "backprop"
+    needs_params: ClassVar[bool] = False
+    supports_double_backward: ClassVar[bool] = True
+
+    def solve(
+        self, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        f = Dynamics(spec.func)
+        states = integrate(f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite)
+        spec.counter.forward, spec.counter.backward = f.nfe, 0
+        return states
+
+
+class _Solve(torch.autograd.Function):
+    """The one Function behind every memory-saving mode; the mode supplies the numerics."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        f = Dynamics(spec.func)
+        record = ForwardRecord.start(y0.device)
+        before = RngState.capture(y0.device)
+        states, extra = spec.mode.forward(f, y0, t.detach(), spec, record)
+        record.random = not before.same_as(RngState.capture(y0.device))
+        if not record.random:
+            record.rng.clear()
+        spec.counter.forward, spec.counter.backward = f.nfe, 0
+        record.info["n_extra"] = len(extra)
+        # The record rides along as a non-tensor output: setup_context cannot see our locals.
+        return (*states, *extra, record)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        spec, y0, t, *params = inputs
+        *tensors, record = output
+        ctx.spec, ctx.record = spec, record
+        ctx.n_states = len(spec.grid.n_steps)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*tensors[ctx.n_states :])
+        ctx.param_ids = tuple(id(p) for p in params)
+        y0_saved = (y0,) if spec.mode.saves_y0 else ()
+        ctx.save_for_backward(*y0_saved, *tensors, t, *params)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        spec: SolveSpec = ctx.spec
+        mode: GradientMode = spec.mode
+        if torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                f"torch.func transforms (grad, vjp, jacrev, vmap) cannot differentiate through "
+                f"adjoint={mode.name!r}: its backward pass is computed outside autograd. Use "
+                "adjoint='backprop' inside torch.func, or torch.autograd.grad outside it."
+            )
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"double backward (a gradient of a gradient, `create_graph=True`) is not "
+                f"supported through adjoint={mode.name!r}, whose backward pass is computed "
+                "outside autograd; use adjoint='backprop' for higher derivatives."
+            )
+        record: ForwardRecord = ctx.record
+        saved = ctx.saved_tensors
+        y0 = saved[0] if mode.saves_y0 else None
+        rest = saved[1:] if mode.saves_y0 else saved
+        n, n_extra = ctx.n_states, record.info["n_extra"]
+        states, extra = rest[:n], rest[n : n + n_extra]
+        t, params = rest[n + n_extra], tuple(rest[n + n_extra + 1 :])
+        _check_same_parameters(spec, ctx.param_ids, mode)
+        if record.random and not mode.replays_randomness:
+            raise RuntimeError(
+                f"the dynamics drew random numbers in the forward pass (dropout in training mode, "
+                f"or another random op), and adjoint={mode.name!r} re-evaluates them backwards "
+                "in another order, so its gradient would silently use other draws. Use "
+                "adjoint='checkpoint' (exact, replays the draws) or 'backprop', or keep the "
+                "randomness out of the dynamics (e.g. `model.eval()` for dropout)."
+            )
+        job = BackwardJob(
+            f=_Probe(spec.func, params, mode),
+            spec=spec,
+            record=record,
+            y0=y0,
+            states=states,
+            extra=extra,
+            t=t.detach(),
+            params=params,
+            grads=grad_outputs[:n],
+            need_y0=ctx.needs_input_grad[1],
+            need_t=ctx.needs_input_grad[2],
+            need_p=bool(params) and any(ctx.needs_input_grad[3:]),
+        )
+        with torch.enable_grad(), frozen_batchnorm(spec.func), record.autocast_replayed():
+            grads = mode.backward(job)
+        spec.counter.backward = job.f.nfe
+        job.check_finite(mode.name)
+        grad_params = list(grads.params) if job.need_p else [None] * len(params)
+        return (None, grads.y0 if job.need_y0 else None, grads.t, *grad_params)
+
+
+class _Probe(Dynamics):
+    """The dynamics for a backward pass: on its first evaluation with a graph, it checks that
+    every tensor the output depends on with a gradient is the state, the time or a declared
+    parameter, so that no gradient is silently dropped."""
+
+    __slots__ = ("params", "mode", "probed")
+
+    def __init__(self, func: Any, params: Sequence[torch.Tensor], mode: GradientMode) -> None:
+        super().__init__(func, check=False)
+        self.params, self.mode, self.probed = params, mode, False
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = super().__call__(t, y)
+        if not self.probed and out.requires_grad:
+            self.probed = True
+            _check_no_captured_tensors(out, [t, y, *self.params], self.mode)
+        return out
+
+
+def _check_no_captured_tensors(
+    out: torch.Tensor, declared: Sequence[torch.Tensor], mode: GradientMode
+) -> None:
+    # Declared tensors end the walk at their own node: a leaf's gradient accumulator (compared
+    # as nodes, since a saved tensor may come back as another Python object) or a non-leaf's
+    # grad_fn.
+    known = {
+        x.grad_fn if x.grad_fn is not None else get_gradient_edge(x).node
+        for x in declared
+        if x.requires_grad
+    }
+    seen: set[Any] = set()
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in known:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            raise RuntimeError(
+                f"the dynamics use a tensor that requires grad but is not one of its parameters "
+                f"(shape {tuple(variable.shape)}, e.g. another module's parameter or a tensor "
+                f"stored on the module from outside); adjoint={mode.name!r} cannot see it and "
+                "would return no gradient for it. Store it as an attribute of the dynamics "
+                "module before the solve (tensor attributes are included), pass it in "
+                "`params=`, or use adjoint='backprop'."
+            )
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+
+
+def _check_same_parameters(spec: SolveSpec, param_ids: tuple[int, ...], mode: GradientMode) -> None:
+    func = spec.func
+    if not isinstance(func, torch.nn.Module):
+        return
+    current = tuple(id(p) for p in module_tensors(func))
+    if not set(current) <= set(param_ids):
+        raise RuntimeError(
+            f"the dynamics' parameters are not the tensors the forward pass used (a "
+            f"`torch.func.functional_call` or a swapped parameter): adjoint={mode.name!r} "
+            "re-evaluates the module as it is now and would return gradients for other weights. "
+            "Use adjoint='backprop' inside functional_call, or call the block directly."
+        )

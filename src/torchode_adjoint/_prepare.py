@@ -1,0 +1,282 @@
+"""One preparation step for every solve: validate the inputs once and build the :class:`SolveSpec`.
+
+:func:`~torchode_adjoint.odeint`, :class:`~torchode_adjoint.ODEBlock` and
+:func:`~torchode_adjoint.check_gradients` all go through :func:`prepare`; nothing after it
+validates again.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ._adjoint import ContinuousAdjoint
+from ._checkpoint import Checkpoint
+from ._dynamics import NFECounter, module_tensors
+from ._grid import DEFAULT_MAX_STEPS, make_grid
+from ._mode import Backprop, GradientMode
+from ._reversible import Reversible
+from ._solvers import get_solver
+from ._spec import SolveSpec
+from ._tableau import ButcherTableau
+
+__all__ = [
+    "ModeName",
+    "GRADIENT_MODES",
+    "SolveConfig",
+    "make_config",
+    "Prepared",
+    "prepare",
+    "resolve_mode",
+    "check_step",
+    "check_times",
+    "check_max_steps",
+]
+
+ModeName = Literal["backprop", "adjoint", "checkpoint", "reversible"]
+# The shorthands and the mode each stands for (with its default options).
+_SHORTHANDS: dict[str, type[GradientMode]] = {
+    cls.name: cls for cls in (Backprop, ContinuousAdjoint, Checkpoint, Reversible)
+}
+GRADIENT_MODES: tuple[str, ...] = tuple(_SHORTHANDS)
+
+
+def resolve_mode(
+    adjoint: bool | str | GradientMode, checkpoint_every: int | None = None, stacklevel: int = 3
+) -> GradientMode:
+    """Normalise the ``adjoint`` argument to a :class:`GradientMode` object.
+
+    ``True`` is :class:`ContinuousAdjoint`, ``False`` is :class:`Backprop`, a name is its mode
+    with default options, a mode object is returned as it is. ``checkpoint_every`` (deprecated)
+    turns ``"checkpoint"`` into ``Checkpoint(every=checkpoint_every)``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name or another type, or ``checkpoint_every`` with another mode.
+    """
+    if isinstance(adjoint, GradientMode):
+        mode = adjoint
+    elif adjoint is True or adjoint is False:
+        mode = ContinuousAdjoint() if adjoint else Backprop()
+    elif isinstance(adjoint, str) and adjoint in _SHORTHANDS:
+        mode = _SHORTHANDS[adjoint]()
+    else:
+        raise ValueError(
+            f"`adjoint` must be True, False, one of {list(GRADIENT_MODES)} or a gradient mode "
+            f"such as `Checkpoint(every=4)`, got {adjoint!r}."
+        )
+    if checkpoint_every is not None:
+        warnings.warn(
+            "`checkpoint_every=k` is deprecated; pass `adjoint=Checkpoint(every=k)`.",
+            DeprecationWarning,
+            stacklevel=stacklevel,
+        )
+        if not isinstance(mode, Checkpoint):
+            raise ValueError(
+                f"`checkpoint_every` applies to the checkpointed mode only, got it with "
+                f"adjoint={mode.name!r}; pass `adjoint=Checkpoint(every={checkpoint_every!r})`."
+            )
+        try:
+            mode = Checkpoint(every=checkpoint_every)
+        except ValueError as err:
+            raise ValueError(str(err).replace("`every`", "`checkpoint_every`")) from None
+    return mode
+
+
+def check_step(step: object) -> float | None:
+    """Validate ``step`` (a positive finite number or None) and return it as a float or None."""
+    if step is None:
+        return None
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_complex():
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, numbers.Real):
+        raise TypeError(
+            f"`step` must be a positive number or None, got {type(step).__name__}; pass the "
+            "largest step size, e.g. `step=0.1`."
+        )
+    value = float(step)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(
+            f"`step` must be a positive finite number, got {value!r}; pass the largest step "
+            "size, e.g. `step=0.1`, or `step=None` for one step per interval of `t`."
+        )
+    return value
+
+
+def check_max_steps(value: object) -> int:
+    """Validate ``max_steps`` (a positive int)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        raise ValueError(f"`max_steps` must be a positive int, got {value!r}.")
+    return int(value)
+
+
+def _check_y0(y0: object) -> torch.Tensor:
+    if not isinstance(y0, torch.Tensor):
+        raise TypeError(
+            f"`y0` must be a floating-point torch.Tensor, got {type(y0).__name__}; wrap it with "
+            "`torch.as_tensor(y0, dtype=torch.float32)`."
+        )
+    if not y0.is_floating_point():
+        raise TypeError(
+            f"`y0` must be a floating-point tensor, got dtype {y0.dtype}; cast it, e.g. "
+            "`y0.float()`."
+        )
+    return y0
+
+
+def check_times(t: object, y0: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """Return ``t`` in ``y0``'s dtype (differentiably) and its host values."""
+    if not isinstance(t, torch.Tensor):
+        if isinstance(t, Sequence) and not isinstance(t, str):
+            if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in t):
+                raise TypeError(f"`t` must hold real numbers, got {t!r}.")
+            t = torch.tensor([float(v) for v in t], dtype=y0.dtype, device=y0.device)
+        else:
+            raise TypeError(
+                f"`t` must be a 1-D tensor of times, got {type(t).__name__}; pass e.g. "
+                "`t=torch.tensor([0.0, 1.0])`."
+            )
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"`t` must hold real times, got dtype {t.dtype}.")
+    if t.device != y0.device:
+        raise ValueError(
+            f"`t` must be on the same device as `y0` ({y0.device}), got {t.device}; move it "
+            f"with `t.to({str(y0.device)!r})`."
+        )
+    if t.dim() != 1:
+        raise ValueError(
+            f"`t` must be a 1-D tensor of output times, got shape {tuple(t.shape)}; pass e.g. "
+            "`t=torch.tensor([0.0, 1.0])`."
+        )
+    if t.numel() < 2:
+        raise ValueError(
+            f"`t` must hold at least two times (start and end), got {t.numel()}; pass e.g. "
+            "`t=torch.tensor([t0, t1])`."
+        )
+    t_cast = t.to(y0.dtype)
+    host = t_cast.detach().cpu().tolist()
+    if not all(math.isfinite(v) for v in host):
+        raise ValueError(f"`t` must hold finite times, got {host}.")
+    diffs = [b - a for a, b in zip(host[:-1], host[1:])]
+    if not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+        raise ValueError(
+            f"`t` must be strictly increasing or strictly decreasing (no repeated times, in "
+            f"{y0.dtype}), got {host}."
+        )
+    return t_cast, host
+
+
+def _resolve_params(
+    func: object, params: Iterable[torch.Tensor] | None, mode: GradientMode
+) -> list[torch.Tensor]:
+    extra: list[torch.Tensor] = []
+    if params is not None:
+        if isinstance(params, torch.Tensor):
+            raise TypeError(
+                "`params` must be an iterable of tensors, got a single Tensor; pass `params=[p]`."
+            )
+        extra = list(params)
+        for i, p in enumerate(extra):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"`params` must hold tensors, got {type(p).__name__} at index {i}.")
+    if isinstance(func, nn.Module):
+        # The module's own tensors, then any extra ones the caller declares.
+        out = module_tensors(func)
+        seen = {id(p) for p in out}
+        return out + [p for p in extra if p.requires_grad and id(p) not in seen]
+    if params is None and mode.needs_params:
+        raise ValueError(
+            f"`params` is required with `adjoint={mode.name!r}` when `func` is not an nn.Module: "
+            "the gradient mode cannot see the tensors a function closes over and would "
+            "silently return no gradient for them. Pass `params=module.parameters()` (or "
+            "`params=()` if there are none), or make `func` an nn.Module."
+        )
+    return [p for p in extra if p.requires_grad]
+
+
+@dataclass(frozen=True)
+class SolveConfig:
+    """The settings of a solve that do not depend on its tensors, validated together.
+
+    An :class:`~torchode_adjoint.ODEBlock` builds one in ``__init__`` and reuses it every call.
+    """
+
+    tableau: ButcherTableau
+    step: float | None
+    mode: GradientMode
+    check_finite: bool
+    max_steps: int
+
+
+def make_config(
+    *,
+    solver: str | ButcherTableau = "euler",
+    step: float | None = 0.1,
+    adjoint: bool | str | GradientMode = True,
+    check_finite: bool = True,
+    checkpoint_every: int | None = None,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    stacklevel: int = 3,
+) -> SolveConfig:
+    """Validate the settings: solver, step, mode (and its pairing with the solver), limits."""
+    mode = resolve_mode(adjoint, checkpoint_every, stacklevel=stacklevel + 1)
+    tableau = get_solver(solver)
+    mode.check_solver(tableau)
+    return SolveConfig(
+        tableau=tableau,
+        step=check_step(step),
+        mode=mode,
+        check_finite=bool(check_finite),
+        max_steps=check_max_steps(max_steps),
+    )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The validated inputs of one solve: the spec and the tensors the mode is applied to."""
+
+    spec: SolveSpec
+    y0: torch.Tensor
+    t: torch.Tensor
+    params: list[torch.Tensor]
+
+    def solve(self) -> list[torch.Tensor]:
+        """The states at ``t[1:]``, differentiable as the mode promises."""
+        return self.spec.mode.solve(self.spec, self.y0, self.t, self.params)
+
+
+def prepare(
+    func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    y0: torch.Tensor,
+    t: torch.Tensor | Sequence[float],
+    config: SolveConfig,
+    *,
+    params: Iterable[torch.Tensor] | None = None,
+    nfe: NFECounter | None = None,
+) -> Prepared:
+    """Validate the tensors of one solve against ``config`` and build its spec and grid."""
+    if not callable(func):
+        raise TypeError(f"`func` must be callable as func(t, y), got {type(func).__name__}.")
+    y0 = _check_y0(y0)
+    t_cast, host = check_times(t, y0)
+    param_list = _resolve_params(func, params, config.mode)
+    grid = make_grid(host, config.step, torch.finfo(y0.dtype).eps, max_steps=config.max_steps)
+    counter = nfe if nfe is not None else NFECounter()
+    counter.forward = counter.backward = 0
+    spec = SolveSpec(
+        func=func,
+        tableau=config.tableau,
+        grid=grid,
+        mode=config.mode,
+        check_finite=config.check_finite,
+        counter=counter,
+    )
+    return Prepared(spec=spec, y0=y0, t=t_cast, params=param_list)

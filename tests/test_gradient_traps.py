@@ -1,0 +1,323 @@
+"""Paths real models take where a memory-saving mode could return a silently wrong gradient.
+
+For every mode the gradient is either the one its docs promise (compared in float64 against
+backprop through the same discretisation) or an error that names the cause and the fix.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from problems import ConvBNDynamics, MLPDynamics, reversible_heun_reference
+from torch import nn
+
+from torchode_adjoint import GRADIENT_MODES, NFECounter, ODEBlock, odeint
+
+D = torch.float64
+MEMORY_SAVING = [m for m in GRADIENT_MODES if m != "backprop"]
+
+
+def _solver(mode: str) -> str:
+    return "heun" if mode == "reversible" else "rk4"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+class DropoutDynamics(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.drop(self.lin(y)))
+
+
+def _seeded_grads(f: nn.Module, y0: torch.Tensor, t: torch.Tensor, seed: int, **kw):
+    torch.manual_seed(seed)
+    y = y0.clone().requires_grad_()
+    sol = odeint(f, y, t, **kw)
+    return torch.autograd.grad(sol.square().sum(), [y, *f.parameters()])
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "reversible"])
+def test_exact_modes_replay_dropout_and_equal_backprop_under_the_same_seed(mode, gen) -> None:
+    f = DropoutDynamics().double()
+    y0 = torch.randn(5, 3, dtype=D, generator=gen)
+    t = torch.tensor([0.0, 0.45, 1.0], dtype=D)
+    ours = _seeded_grads(f, y0, t, 7, solver=_solver(mode), step=0.1, adjoint=mode)
+    if mode == "checkpoint":
+        ref = _seeded_grads(f, y0, t, 7, solver="rk4", step=0.1, adjoint="backprop")
+    else:  # autograd through reversible Heun itself, drawing in the same order
+        torch.manual_seed(7)
+        y = y0.clone().requires_grad_()
+        sol = reversible_heun_reference(f, y, t, [5, 6])
+        ref = torch.autograd.grad(sol.square().sum(), [y, *f.parameters()])
+    for a, b in zip(ours, ref):
+        assert _rel(a, b) < 1e-10
+
+
+def test_the_continuous_adjoint_refuses_dynamics_that_draw_random_numbers(gen) -> None:
+    f = DropoutDynamics().double()
+    sol = odeint(f, torch.randn(5, 3, dtype=D, requires_grad=True), [0.0, 1.0], adjoint=True)
+    with pytest.raises(RuntimeError, match="random numbers.*'checkpoint'"):
+        sol.sum().backward()
+    f.eval()  # dropout off: no randomness, no error
+    odeint(f, torch.randn(5, 3, dtype=D, requires_grad=True), [0.0, 1.0]).sum().backward()
+
+
+class Conditional(nn.Module):
+    """A conditional ODE: the context is stored on the module before each solve."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.ctx: torch.Tensor | None = None
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(y) + self.ctx)
+
+
+@pytest.mark.parametrize("mode", GRADIENT_MODES)
+def test_a_context_computed_outside_the_dynamics_gets_its_gradient(mode, gen) -> None:
+    encoder = nn.Linear(2, 3).double()
+    f = Conditional().double()
+    x = torch.randn(4, 2, dtype=D, generator=gen)
+    y0 = torch.randn(4, 3, dtype=D, generator=gen)
+    f.ctx = encoder(x)
+    out = ODEBlock(f, solver=_solver(mode), step=0.1, adjoint=mode)(y0)
+    ours = torch.autograd.grad(out.square().sum(), list(encoder.parameters()))
+    f.ctx = encoder(x)
+    if mode == "reversible":  # autograd through reversible Heun itself
+        ref_out = reversible_heun_reference(f, y0, torch.tensor([0.0, 1.0], dtype=D), [10])[-1]
+    else:
+        ref_out = ODEBlock(f, solver="rk4", step=0.1, adjoint="backprop")(y0)
+    ref = torch.autograd.grad(ref_out.square().sum(), list(encoder.parameters()))
+    for a, b in zip(ours, ref):
+        assert a.abs().sum() > 0
+        assert _rel(a, b) < (1e-4 if mode == "adjoint" else 1e-10)
+
+
+@pytest.mark.parametrize("mode", MEMORY_SAVING)
+def test_a_tensor_the_dynamics_reach_without_declaring_it_raises(mode) -> None:
+    other = nn.Linear(3, 3).double()
+
+    class Borrowing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.borrowed = [other]  # hidden from .parameters()
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.lin(y) + self.borrowed[0](y))
+
+    block = ODEBlock(Borrowing().double(), solver=_solver(mode), step=0.25, adjoint=mode)
+    out = block(torch.randn(2, 3, dtype=D))
+    with pytest.raises(RuntimeError, match="not one of its parameters.*`params=`"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("mode", GRADIENT_MODES)
+def test_functional_call_gives_the_substitute_weights_gradient_or_raises(mode, gen) -> None:
+    block = ODEBlock(MLPDynamics().double(), solver=_solver(mode), step=0.1, adjoint=mode)
+    y0 = torch.randn(4, 3, dtype=D, generator=gen)
+    w = (torch.randn(8, 3, dtype=D, generator=gen) * 0.5).requires_grad_()
+    out = torch.func.functional_call(block, {"dynamics.l1.weight": w}, (y0,))
+    if mode != "backprop":
+        with pytest.raises(RuntimeError, match="functional_call"):
+            torch.autograd.grad(out.sum(), [w])
+        return
+    (g,) = torch.autograd.grad(out.sum(), [w])
+    with torch.no_grad():
+        block.dynamics.l1.weight.copy_(w)
+    (ref,) = torch.autograd.grad(block(y0).sum(), [block.dynamics.l1.weight])
+    assert _rel(g, ref) < 1e-12
+
+
+@pytest.mark.parametrize("mode", GRADIENT_MODES)
+def test_double_backward_works_with_backprop_and_raises_elsewhere(mode, gen) -> None:
+    f = MLPDynamics().double()
+    y0 = torch.randn(2, 3, dtype=D, generator=gen, requires_grad=True)
+    sol = odeint(f, y0, [0.0, 1.0], solver=_solver(mode), step=0.25, adjoint=mode)
+    if mode != "backprop":
+        with pytest.raises(RuntimeError, match="double backward.*'backprop'"):
+            torch.autograd.grad(sol.square().sum(), [y0], create_graph=True)
+        return
+    (g,) = torch.autograd.grad(sol.square().sum(), [y0], create_graph=True)
+    v = torch.randn_like(y0)
+    (hv,) = torch.autograd.grad((g * v).sum(), [y0])
+
+    def grad_at(y: torch.Tensor) -> torch.Tensor:
+        y = y.detach().requires_grad_()
+        s = odeint(f, y, [0.0, 1.0], solver="rk4", step=0.25, adjoint=False)
+        return torch.autograd.grad(s.square().sum(), [y])[0]
+
+    eps = 1e-6
+    fd = (grad_at(y0 + eps * v) - grad_at(y0 - eps * v)) / (2 * eps)
+    assert _rel(hv, fd) < 1e-6
+
+
+@pytest.mark.parametrize("mode", MEMORY_SAVING)
+def test_torch_func_grad_over_a_memory_saving_mode_raises_naming_torch_func(mode) -> None:
+    def loss(y0: torch.Tensor) -> torch.Tensor:
+        return odeint(
+            lambda t, y: torch.sin(y),
+            y0,
+            [0.0, 1.0],
+            solver=_solver(mode),
+            adjoint=mode,
+            params=(),
+        ).sum()
+
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.func.grad(loss)(torch.ones(3, dtype=D))
+
+
+def test_torch_func_grad_with_backprop_equals_autograd() -> None:
+    def loss(y0: torch.Tensor) -> torch.Tensor:
+        return odeint(lambda t, y: torch.sin(y), y0, [0.0, 1.0], adjoint=False).sum()
+
+    y0 = torch.linspace(-1.0, 1.0, 3, dtype=D)
+    y = y0.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(loss(y), [y])
+    torch.testing.assert_close(torch.func.grad(loss)(y0), ref, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("mode", GRADIENT_MODES)
+def test_an_autocast_training_step_works_and_keeps_the_state_in_float32(mode, gen) -> None:
+    torch.manual_seed(0)
+    f = MLPDynamics(dim=4, hidden=16)
+    block = ODEBlock(f, solver=_solver(mode), step=0.25, adjoint=mode)
+    y0 = torch.randn(8, 4, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(y0)
+    assert out.dtype == torch.float32
+    (g_amp,) = torch.autograd.grad(out.square().sum(), [f.l1.weight])
+    (g_fp32,) = torch.autograd.grad(block(y0).square().sum(), [f.l1.weight])
+    assert torch.isfinite(g_amp).all()
+    assert _rel(g_amp, g_fp32) < 0.05  # bfloat16 matmuls: about 2-3 significant digits
+
+
+@pytest.mark.parametrize("step", [1e-9, 1e-300])
+def test_a_tiny_step_raises_before_allocating(step: float) -> None:
+    with pytest.raises(ValueError, match="`max_steps=10,000,000`"):
+        odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], step=step, params=())
+    with pytest.raises(ValueError, match="max_steps"):
+        ODEBlock(MLPDynamics(), step=1e-3, max_steps=100)(torch.ones(2, 3))
+
+
+def test_the_step_count_in_bfloat16_keeps_every_step_at_most_step() -> None:
+    nfe = NFECounter()
+    odeint(
+        lambda t, y: -y,
+        torch.ones(2, dtype=torch.bfloat16),
+        [0.0, 1.0],
+        step=0.1,
+        params=(),
+        nfe=nfe,
+    )
+    assert nfe.forward == 10
+
+
+def test_numpy_scalar_times_are_accepted() -> None:
+    for kind in (np.float32, np.float64):
+        sol = odeint(lambda t, y: -y, torch.ones(2), [kind(0.0), kind(1.0)], params=())
+        assert sol.shape == (2, 2)
+
+
+class NestedBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = ConvBNDynamics()
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.inner(t, y)
+
+
+@pytest.mark.parametrize("mode", MEMORY_SAVING)
+@pytest.mark.filterwarnings("ignore::torchode_adjoint.TimeSharedStatisticsWarning")
+def test_a_batchnorm_inside_a_submodule_is_frozen_during_the_backward_pass(mode) -> None:
+    f = NestedBN().double()
+    out = ODEBlock(f, solver=_solver(mode), step=0.25, adjoint=mode)(
+        torch.randn(4, 3, 5, 5, dtype=D)
+    )
+    before = {k: v.clone() for k, v in f.named_buffers()}
+    out.square().sum().backward()
+    for k, v in f.named_buffers():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+
+
+def test_checkpoint_with_fixed_times_of_unequal_intervals_equals_backprop(gen) -> None:
+    f = MLPDynamics().double()
+    y0 = torch.randn(4, 3, dtype=D, generator=gen, requires_grad=True)
+    t = torch.tensor([0.0, 0.13, 0.9, 1.0], dtype=D)  # steps of 0.065, 0.096, 0.1
+    grads = []
+    for mode in ("checkpoint", "backprop"):
+        sol = odeint(f, y0, t, solver="rk4", step=0.1, adjoint=mode)
+        grads.append(torch.autograd.grad(sol.square().sum(), [y0, *f.parameters()]))
+    for a, b in zip(*grads):
+        assert _rel(a, b) < 1e-12
+
+
+def test_the_reversible_forward_raises_when_the_state_blows_up() -> None:
+    with pytest.raises(RuntimeError, match="NaN or infinite"):
+        odeint(
+            lambda t, y: y**3,
+            torch.full((2,), 10.0),
+            [0.0, 1.0],
+            solver="heun",
+            step=0.1,
+            adjoint="reversible",
+            params=(),
+        )
+
+
+@pytest.mark.parametrize("mode", MEMORY_SAVING)
+def test_a_non_finite_adjoint_state_raises_naming_the_time(mode) -> None:
+    k = torch.tensor(1.0, requires_grad=True)
+    y0 = torch.ones(2, requires_grad=True)
+    sol = odeint(
+        lambda t, y: -k * y,
+        y0,
+        [0.0, 0.5, 1.0],
+        solver=_solver(mode),
+        step=0.1,
+        adjoint=mode,
+        params=[k],
+    )
+    loss = sol[1].sum() * float("inf")  # an infinite incoming gradient at t = 0.5
+    with pytest.raises(RuntimeError, match=r"adjoint state dL/dy became NaN or infinite at t = "):
+        loss.backward()
+
+
+@pytest.mark.slow
+def test_adjoint_peak_memory_is_flat_from_a_thousand_to_a_hundred_thousand_steps() -> None:
+    script = textwrap.dedent(
+        """
+        import resource, sys, torch
+        from torchode_adjoint import odeint
+        torch.set_num_threads(1)
+        n = int(sys.argv[1])
+        y0 = torch.ones(2, requires_grad=True)
+        k = torch.tensor(0.5, requires_grad=True)
+        sol = odeint(lambda t, y: -k * y, y0, [0.0, 1.0], step=1.0 / n, params=[k])
+        sol[-1].sum().backward()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        """
+    )
+    peaks = [
+        int(
+            subprocess.run(
+                [sys.executable, "-c", script, str(n)], capture_output=True, text=True, check=True
+            ).stdout.split()[-1]
+        )
+        for n in (1_000, 100_000)
+    ]
+    assert peaks[1] < 1.1 * peaks[0], peaks
