@@ -75,3 +75,20 @@ def test_bad_model_specs_are_refused_with_the_format(text: str) -> None:
 def test_spec_names_round_trip() -> None:
     for text in ["resnet1", "resnet3", "odenet@0.5", "hybrid2@0.1"]:
         assert parse_model_spec(text).name == text
+
+
+@pytest.mark.parametrize("name", ["odenet@0.5", "hybrid1@0.1"])
+def test_temporal_norm_keeps_the_thesis_parameter_counts_and_uses_per_time_statistics(
+    name: str,
+) -> None:
+    from torchode_adjoint import TemporalBatchNorm2d
+
+    model = build_model(parse_model_spec(name), preset="thesis", norm="temporal")
+    assert sum(p.numel() for p in model.parameters()) == THESIS[name][0]
+    norms = [m for b in ode_blocks(model) for m in b.dynamics.modules()]
+    assert any(isinstance(m, TemporalBatchNorm2d) for m in norms)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in norms)
+    model(torch.randn(4, 3, 32, 32))
+    block = ode_blocks(model)[-1]
+    recorded = block.dynamics.norm1.recorded_times()
+    assert recorded == pytest.approx([k * block.step for k in range(round(1 / block.step))])
