@@ -60,7 +60,7 @@ def test_ode_stages_carry_solver_step_and_gradient_mode() -> None:
     blocks = ode_blocks(model)
     assert len(blocks) == 2 and all(isinstance(b, ODEBlock) for b in blocks)
     assert all(
-        b.step == 0.25 and b.solver.name == "rk4" and b.adjoint == "backprop" for b in blocks
+        b.step == 0.25 and b.solver.name == "rk4" and b.adjoint.name == "backprop" for b in blocks
     )
     assert len(ode_blocks(build_model(parse_model_spec("hybrid2@0.5")))) == 1
     assert ode_blocks(build_model(parse_model_spec("resnet3"))) == []
