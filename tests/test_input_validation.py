@@ -109,3 +109,12 @@ def test_block_rejects_equal_times_and_non_module_dynamics() -> None:
         ODEBlock(F, solver="nope")
     with pytest.raises(ValueError, match="`t1`"):
         ODEBlock(F, t1=float("inf"))
+
+
+def test_dynamics_without_the_time_argument_get_a_hint_about_t_y() -> None:
+    class NoTime(torch.nn.Module):
+        def forward(self, y: torch.Tensor) -> torch.Tensor:
+            return -y
+
+    with pytest.raises(TypeError, match=r"called as `f\(t, y\)`.*`forward\(self, t, y\)`"):
+        ODEBlock(NoTime())(torch.ones(2, 3))
