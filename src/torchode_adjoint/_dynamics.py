@@ -47,16 +47,24 @@ class NFECounter:
 class Dynamics:
     """The user's ``f(t, y)`` with an evaluation counter and a check of its first output.
 
-    The first call checks that ``f`` returns a tensor with the state's shape and dtype; later
-    calls only count.
+    The first call checks that ``f`` returns a tensor with the state's shape and dtype (and, in
+    a backward pass, hands ``(t, y, output)`` to ``probe``, which inspects its graph); later calls
+    only count.
     """
 
-    __slots__ = ("func", "nfe", "_checked")
+    __slots__ = ("func", "nfe", "_checked", "_check", "_probe")
 
-    def __init__(self, func: DynamicsFn, *, check: bool = True) -> None:
+    def __init__(
+        self,
+        func: DynamicsFn,
+        *,
+        check: bool = True,
+        probe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> None:
         self.func = func
         self.nfe = 0
-        self._checked = not check
+        self._check, self._probe = check, probe
+        self._checked = not (check or probe is not None)
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
@@ -83,7 +91,12 @@ class Dynamics:
         if isinstance(out, torch.Tensor) and out.dtype != y.dtype:
             if torch.is_autocast_enabled(y.device.type):
                 out = out.to(y.dtype)
-        _check_output(out, y)
+        if self._check:
+            _check_output(out, y)
+        if self._probe is not None:
+            if not out.requires_grad:
+                return out  # nothing to inspect yet: probe the next call
+            self._probe(t, y, out)
         self._checked = True
         return out
 
@@ -109,14 +122,31 @@ def _check_output(out: object, y: torch.Tensor) -> None:
 def module_tensors(module: nn.Module) -> list[torch.Tensor]:
     """The tensors a module's gradient flows to: its parameters that require grad, then tensor
     attributes that require grad (e.g. a context ``self.ctx = encoder(x)`` set before the solve),
-    each once."""
-    out = [p for p in module.parameters() if p.requires_grad]
-    seen = {id(p) for p in out}
-    for m in module.modules():
-        for value in vars(m).values():
-            if isinstance(value, torch.Tensor) and value.requires_grad and id(value) not in seen:
-                seen.add(id(value))
-                out.append(value)
+    each once.
+
+    A plain walk over ``_modules`` and ``_parameters`` (``Module.parameters()`` costs several
+    times more, and this runs on every call).
+    """
+    out: list[torch.Tensor] = []
+    seen: set[int] = set()
+    modules: list[nn.Module] = [module]
+    visited = {id(module)}
+    for m in modules:  # grows while it is walked: every submodule once
+        for child in m._modules.values():
+            if child is not None and id(child) not in visited:
+                visited.add(id(child))
+                modules.append(child)
+        for p in m._parameters.values():
+            if p is not None and p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    for m in modules:
+        # nn.Module keeps its own state under names starting with "_": skip it.
+        for name, value in m.__dict__.items():
+            if name[0] != "_" and isinstance(value, torch.Tensor) and value.requires_grad:
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    out.append(value)
     return out
 
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch.autograd.graph import get_gradient_edge
 
 from ._dynamics import Dynamics, frozen_batchnorm, module_tensors
 from ._spec import SolveSpec
@@ -154,6 +153,7 @@ class BackwardJob:
     need_t: bool
     need_p: bool
     _finite: list[tuple[float, torch.Tensor]] = field(default_factory=list)
+    # (time, adjoint state) pairs kept by `watch`, in the order the backward pass visits them.
 
     @property
     def vjp_params(self) -> tuple[torch.Tensor, ...]:
@@ -161,22 +161,23 @@ class BackwardJob:
         return self.params if self.need_p else ()
 
     def watch(self, time: float, a: torch.Tensor) -> None:
-        """Record, without a host sync, whether the adjoint state is finite at ``time``."""
+        """Keep the adjoint state at ``time`` for the non-finite check (a reference, no kernel)."""
         if self.spec.check_finite:
-            self._finite.append((time, torch.isfinite(a).all()))
+            self._finite.append((time, a))
 
     def check_finite(self, mode: str) -> None:
-        """Raise, with one host sync, if a watched adjoint state was not finite."""
-        if not self._finite:
+        """Raise if a watched adjoint state was not finite.
+
+        A NaN or infinity stays in the adjoint state once there, so one check of the last one
+        (one host sync) decides; only on failure are the others scanned for the first time.
+        """
+        if not self._finite or bool(torch.isfinite(self._finite[-1][1]).all()):
             return
-        flags = torch.stack([flag for _, flag in self._finite]).tolist()
-        if all(flags):
-            return
-        time = self._finite[flags.index(False)][0]
+        time = next(tm for tm, a in self._finite if not bool(torch.isfinite(a).all()))
         incoming = [g for g in self.grads if g is not None]
         source = (
             "the incoming gradient dL/dy is itself NaN or infinite (check the loss)"
-            if incoming and not bool(torch.stack([torch.isfinite(g).all() for g in incoming]).all())
+            if any(not bool(torch.isfinite(g).all()) for g in incoming)
             else "the dynamics' Jacobian overflowed; reduce `step` or check the dynamics"
         )
         raise RuntimeError(
@@ -222,6 +223,12 @@ class GradientMode:
         self, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         """The states at ``t[1:]``, differentiable as the mode promises."""
+        if torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                f"torch.func transforms (grad, vjp, jacrev, vmap) cannot differentiate through "
+                f"adjoint={self.name!r}: its backward pass is computed outside autograd. Use "
+                "adjoint='backprop' inside torch.func, or torch.autograd.grad outside it."
+            )
         inputs = (y0, t, *params)
         if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)):
             # Nothing to differentiate: no Function, no saved tensors.
@@ -274,8 +281,10 @@ class _Solve(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor
+        ctx: Any, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
+        # The classic ctx-style forward: torch.func transforms are refused in `solve` with a
+        # clear message anyway, and `setup_context` would add a signature binding per call.
         f = Dynamics(spec.func)
         record = ForwardRecord.start(y0.device)
         before = RngState.capture(y0.device)
@@ -285,31 +294,19 @@ class _Solve(torch.autograd.Function):
             record.rng.clear()
         spec.counter.forward, spec.counter.backward = f.nfe, 0
         record.info["n_extra"] = len(extra)
-        # The record rides along as a non-tensor output: setup_context cannot see our locals.
-        return (*states, *extra, record)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-        spec, y0, t, *params = inputs
-        *tensors, record = output
         ctx.spec, ctx.record = spec, record
-        ctx.n_states = len(spec.grid.n_steps)
+        ctx.n_states = len(states)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*tensors[ctx.n_states :])
+        ctx.mark_non_differentiable(*extra)
         ctx.param_ids = tuple(id(p) for p in params)
         y0_saved = (y0,) if spec.mode.saves_y0 else ()
-        ctx.save_for_backward(*y0_saved, *tensors, t, *params)
+        ctx.save_for_backward(*y0_saved, *states, *extra, t, *params)
+        return (*states, *extra)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         spec: SolveSpec = ctx.spec
         mode: GradientMode = spec.mode
-        if torch._C._are_functorch_transforms_active():
-            raise RuntimeError(
-                f"torch.func transforms (grad, vjp, jacrev, vmap) cannot differentiate through "
-                f"adjoint={mode.name!r}: its backward pass is computed outside autograd. Use "
-                "adjoint='backprop' inside torch.func, or torch.autograd.grad outside it."
-            )
         if torch.is_grad_enabled():
             raise RuntimeError(
                 f"double backward (a gradient of a gradient, `create_graph=True`) is not "
@@ -333,7 +330,13 @@ class _Solve(torch.autograd.Function):
                 "randomness out of the dynamics (e.g. `model.eval()` for dropout)."
             )
         job = BackwardJob(
-            f=_Probe(spec.func, params, mode),
+            f=Dynamics(
+                spec.func,
+                check=False,
+                probe=lambda t_, y_, out: _check_no_captured_tensors(
+                    out, [t_, y_, *params], ctx.param_ids, mode
+                ),
+            ),
             spec=spec,
             record=record,
             y0=y0,
@@ -354,45 +357,28 @@ class _Solve(torch.autograd.Function):
         return (None, grads.y0 if job.need_y0 else None, grads.t, *grad_params)
 
 
-class _Probe(Dynamics):
-    """The dynamics for a backward pass: on its first evaluation with a graph, it checks that
-    every tensor the output depends on with a gradient is the state, the time or a declared
-    parameter, so that no gradient is silently dropped."""
-
-    __slots__ = ("params", "mode", "probed")
-
-    def __init__(self, func: Any, params: Sequence[torch.Tensor], mode: GradientMode) -> None:
-        super().__init__(func, check=False)
-        self.params, self.mode, self.probed = params, mode, False
-
-    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = super().__call__(t, y)
-        if not self.probed and out.requires_grad:
-            self.probed = True
-            _check_no_captured_tensors(out, [t, y, *self.params], self.mode)
-        return out
-
-
 def _check_no_captured_tensors(
-    out: torch.Tensor, declared: Sequence[torch.Tensor], mode: GradientMode
+    out: torch.Tensor,
+    declared: Sequence[torch.Tensor],
+    param_ids: tuple[int, ...],
+    mode: GradientMode,
 ) -> None:
-    # Declared tensors end the walk at their own node: a leaf's gradient accumulator (compared
-    # as nodes, since a saved tensor may come back as another Python object) or a non-leaf's
-    # grad_fn.
-    known = {
-        x.grad_fn if x.grad_fn is not None else get_gradient_edge(x).node
-        for x in declared
-        if x.requires_grad
-    }
+    """Raise if the first backward evaluation's output depends, with a gradient, on a tensor
+    that is not the state, the time or a declared parameter (its gradient would be dropped)."""
+    # Declared non-leaf tensors end the walk at their grad_fn; declared leaves are recognised by
+    # the identity of the tensor their gradient accumulator holds (the forward's inputs: a saved
+    # tensor may come back as another Python object).
+    known_nodes = {x.grad_fn for x in declared if x.grad_fn is not None}
+    known_leaves = {*param_ids, *(id(x) for x in declared)}
     seen: set[Any] = set()
     stack = [out.grad_fn]
     while stack:
         node = stack.pop()
-        if node is None or node in seen or node in known:
+        if node is None or node in seen or node in known_nodes:
             continue
         seen.add(node)
         variable = getattr(node, "variable", None)
-        if variable is not None:
+        if variable is not None and id(variable) not in known_leaves:
             raise RuntimeError(
                 f"the dynamics use a tensor that requires grad but is not one of its parameters "
                 f"(shape {tuple(variable.shape)}, e.g. another module's parameter or a tensor "
