@@ -190,6 +190,14 @@ def test_torch_func_grad_with_backprop_equals_autograd() -> None:
     torch.testing.assert_close(torch.func.grad(loss)(y0), ref, rtol=1e-14, atol=0)
 
 
+def test_vmap_over_a_backprop_solve_equals_the_batched_solve() -> None:
+    def solve(y0: torch.Tensor) -> torch.Tensor:
+        return odeint(lambda t, y: torch.sin(y) * t, y0, [0.0, 1.0], solver="rk4", adjoint=False)
+
+    y0 = torch.linspace(-1.0, 1.0, 6, dtype=D).reshape(3, 2)
+    torch.testing.assert_close(torch.func.vmap(solve)(y0), solve(y0).transpose(0, 1))
+
+
 @pytest.mark.parametrize("mode", GRADIENT_MODES)
 def test_an_autocast_training_step_works_and_keeps_the_state_in_float32(mode, gen) -> None:
     torch.manual_seed(0)

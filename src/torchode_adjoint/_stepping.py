@@ -151,7 +151,12 @@ def integrate(
             pos += plan.stages
         states.append(y)
     # One host sync per call, never one per step: see locate_non_finite for the slow path.
-    if check_finite and not bool(_all_finite(states)):
+    # Under torch.func transforms (vmap) a data-dependent branch is impossible: no check there.
+    if (
+        check_finite
+        and not torch._C._are_functorch_transforms_active()
+        and not bool(_all_finite(states))
+    ):
         locate_non_finite(f, y0, states, t, grid, tableau)
     return states
 

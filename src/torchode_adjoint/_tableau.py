@@ -14,6 +14,11 @@ _COEFF_TOL = 1e-10
 
 
 def _as_floats(values: Sequence[float], field: str) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes)):
+        raise TypeError(
+            f"`{field}` must be a sequence of real numbers, got the string {values!r}; pass e.g. "
+            f"`{field}=[0.0, 1.0]`."
+        )
     try:
         out = tuple(float(v) for v in values)
     except (TypeError, ValueError) as err:
@@ -24,6 +29,30 @@ def _as_floats(values: Sequence[float], field: str) -> tuple[float, ...]:
     if not all(math.isfinite(v) for v in out):
         raise ValueError(f"`{field}` must hold finite numbers, got {out}.")
     return out
+
+
+def _order_conditions(
+    c: tuple[float, ...], a: tuple[tuple[float, ...], ...], b: tuple[float, ...]
+) -> list[tuple[int, str, float, float]]:
+    """The order conditions of an explicit RK method up to order 4: (order, name, value, target).
+
+    The rooted-tree conditions (Butcher): order 1 needs one, order 2 one more, order 3 two more,
+    order 4 four more.
+    """
+    s = len(b)
+    ac = [sum(a[i][j] * c[j] for j in range(s)) for i in range(s)]
+    ac2 = [sum(a[i][j] * c[j] ** 2 for j in range(s)) for i in range(s)]
+    aac = [sum(a[i][j] * ac[j] for j in range(s)) for i in range(s)]
+    return [
+        (1, "sum(b)", sum(b), 1.0),
+        (2, "sum(b c)", sum(b[i] * c[i] for i in range(s)), 1 / 2),
+        (3, "sum(b c^2)", sum(b[i] * c[i] ** 2 for i in range(s)), 1 / 3),
+        (3, "sum(b a c)", sum(b[i] * ac[i] for i in range(s)), 1 / 6),
+        (4, "sum(b c^3)", sum(b[i] * c[i] ** 3 for i in range(s)), 1 / 4),
+        (4, "sum(b c a c)", sum(b[i] * c[i] * ac[i] for i in range(s)), 1 / 8),
+        (4, "sum(b a c^2)", sum(b[i] * ac2[i] for i in range(s)), 1 / 12),
+        (4, "sum(b a a c)", sum(b[i] * aac[i] for i in range(s)), 1 / 24),
+    ]
 
 
 @dataclass(frozen=True)
@@ -55,7 +84,8 @@ class ButcherTableau:
     ValueError
         Naming the field: wrong lengths or shapes, a non-zero entry on or above the diagonal of
         ``a``, weights not summing to 1, ``c[i]`` different from the row sum of ``a[i]``,
-        a non-positive order or a non-finite coefficient.
+        a non-positive order, an order the coefficients do not satisfy (the order conditions
+        are checked up to order 4) or a non-finite coefficient.
     TypeError
         If a field is not made of real numbers.
 
@@ -110,6 +140,15 @@ class ButcherTableau:
                 )
         if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
             raise ValueError(f"`order` must be a positive int, got {self.order!r}.")
+        # The claimed order is checked against the coefficients (conditions up to order 4; a
+        # higher claim is checked up to 4).
+        for p, name, value, target in _order_conditions(c, a, b):
+            if p <= self.order and abs(value - target) > _COEFF_TOL:
+                raise ValueError(
+                    f"`order={self.order}` is not what the coefficients give: the order-{p} "
+                    f"condition {name} = {target:.6g} fails ({value!r}); pass the order the "
+                    "method has, or fix the coefficients."
+                )
         if not isinstance(self.name, str) or not self.name:
             raise TypeError(f"`name` must be a non-empty str, got {self.name!r}.")
         object.__setattr__(self, "c", c)
