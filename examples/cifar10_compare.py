@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchode_adjoint import GRADIENT_MODES, TimeSharedStatisticsWarning, resolve_mode
+from torchode_adjoint import GRADIENT_MODES, TimeSharedStatisticsWarning, get_solver, resolve_mode
 from torchode_adjoint.datasets.cifar10 import (
     CIFAR10,
     CIFAR10Error,
@@ -63,8 +63,8 @@ class RunConfig:
     model: str
     preset: str
     norm: str
-    solver: str
-    gradient: str
+    solver: str | None  # None for a network without an ODE block
+    gradient: str | None
     epochs: int
     batch_size: int
     optimizer: str
@@ -75,7 +75,8 @@ class RunConfig:
 
     @property
     def run_name(self) -> str:
-        name = f"{self.model}-{self.preset}-{self.norm}-{self.solver}-{self.gradient}"
+        parts = [self.model, self.preset, self.norm, self.solver, self.gradient]
+        name = "-".join(p for p in parts if p is not None)
         return f"{name}-lr{self.lr:g}-bs{self.batch_size}-seed{self.seed}"
 
 
@@ -98,13 +99,20 @@ class Distributed:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument(
         "--data-dir",
         default="./data",
         help="folder holding cifar-10-batches-bin/ (or -py/), or that folder itself",
     )
-    p.add_argument("--output-dir", default="./runs/cifar10_compare")
+    p.add_argument(
+        "--output-dir",
+        default="./runs/cifar10_compare",
+        help="where results, checkpoints and plots go (runs/ is ignored by git)",
+    )
     p.add_argument(
         "--models",
         nargs="+",
@@ -125,7 +133,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "running statistics for all times); temporal: TemporalBatchNorm2d inside the dynamics "
         "(statistics per evaluation time); group: GroupNorm everywhere",
     )
-    p.add_argument("--solver", default="euler")
+    p.add_argument("--solver", default="euler", help="the ODE blocks' solver (registry name)")
     p.add_argument(
         "--gradient",
         nargs="+",
@@ -134,12 +142,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="gradient mode(s) of the ODE blocks; several run each ODE model once per mode "
         "('reversible' integrates with the reversible Heun method, whatever --solver says)",
     )
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=200)
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--epochs", type=int, default=50, help="training epochs per model")
+    p.add_argument("--batch-size", type=int, default=200, help="global batch size")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="optimiser")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seeds initialisation and data order")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda or cuda:N",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     p.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
     )
@@ -179,16 +192,62 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
     args.models = args.models or FULL_MODELS
+    return args
+
+
+class UsageError(Exception):
+    """A bad command-line argument: reported as one line on stderr with exit code 2."""
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check every argument before any data is read or any model built.
+
+    Raises
+    ------
+    UsageError
+        Naming the argument, the value and what to pass instead.
+    """
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if not (args.lr > 0 and math.isfinite(args.lr)):
-        p.error("--lr must be a positive number")
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
     try:
         args.specs = [parse_model_spec(m) for m in args.models]
     except ValueError as err:
-        p.error(str(err))
-    return args
+        raise UsageError(f"--models: {err}") from None
+    try:
+        get_solver(args.solver)
+    except ValueError as err:
+        raise UsageError(f"--solver: {err}") from None
+    args.device = _check_device(args.device)
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(
+            f"--output-dir {str(out)!r} cannot be created or written ({err.strerror}); pass a "
+            "writable folder"
+        ) from None
+
+
+def _check_device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device {text!r} is not a device; pass cpu or cuda") from None
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if device.type == "cpu":
+        return text
+    if device.type == "cuda" and torch.cuda.is_available():
+        if device.index is None or device.index < torch.cuda.device_count():
+            return text
+    raise UsageError(f"--device {text!r} is not available here; available: {', '.join(available)}")
 
 
 def atomic_save(obj: object, path: Path) -> None:
@@ -293,8 +352,8 @@ def train_model(
         spec,
         preset=cfg.preset,
         norm=cfg.norm,
-        solver=cfg.solver,  # type: ignore[arg-type]
-        adjoint=cfg.gradient,
+        solver=cfg.solver or "euler",  # unused by a ResNet
+        adjoint=cfg.gradient or True,
     ).to(device)
     if cfg.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -314,7 +373,9 @@ def train_model(
         opt.load_state_dict(state["optimizer"])
         history, train_time, start_epoch = state["history"], state["train_time_s"], state["epoch"]
         if ddp.main:
-            print(f"[{cfg.model}] resumed after epoch {start_epoch}")
+            print(f"[{cfg.model}] resumed {run_dir} after epoch {start_epoch}/{cfg.epochs}")
+    elif resume and ddp.main:
+        print(f"[{cfg.model}] nothing to resume in {run_dir}: starting from epoch 1")
     net: nn.Module = model
     if ddp.world > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -368,7 +429,7 @@ def train_model(
             if progress and ddp.main and hasattr(bar, "set_postfix") and i % 10 == 0:
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(
-                    loss=f"{float(loss):.3f}",
+                    loss=f"{float(loss.detach()):.3f}",
                     acc=f"{100.0 * float(correct) / seen:.1f}",
                     img_s=f"{seen * ddp.world / max(elapsed, 1e-9):.0f}",
                 )
@@ -408,7 +469,9 @@ def train_model(
         ddp.barrier()
 
     record = {
-        **asdict(cfg),
+        **{
+            k: v for k, v in asdict(cfg).items() if v is not None or k not in ("solver", "gradient")
+        },
         "label": spec.label,
         "step": spec.step,
         "params": sum(p.numel() for p in model.parameters()),
@@ -435,6 +498,11 @@ def describe_device(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def applicable(fields: dict) -> dict:
+    """The fields without ``solver``/``gradient`` where they do not apply (None: no ODE block)."""
+    return {k: v for k, v in fields.items() if v is not None or k not in ("solver", "gradient")}
+
+
 def solver_of(record: dict) -> str:
     """The solver column: '-' for a network without an ODE block."""
     return "-" if record["step"] is None else record["solver"]
@@ -449,8 +517,8 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.1f}"
 
 
-def write_reports(records: list[dict], out_dir: Path, command: str) -> None:
-    """results.json, results.csv, results.md and the plots."""
+def write_reports(records: list[dict], out_dir: Path, command: str) -> list[Path]:
+    """results.json, results.csv, results.md and the plots; returns the paths written."""
     atomic_write_text(json.dumps(records, indent=2), out_dir / "results.json")
     keys = [
         "model",
@@ -517,10 +585,12 @@ def write_reports(records: list[dict], out_dir: Path, command: str) -> None:
         "step, summed over the ODE blocks.",
     ]
     atomic_write_text("\n".join(lines + notes) + "\n", out_dir / "results.md")
-    plot(records, out_dir)
+    curves = plot(records, out_dir)
+    names = ["results.json", "results.csv", "results.md"]
+    return [out_dir / n for n in names] + ([curves] if curves is not None else [])
 
 
-def plot(records: list[dict], out_dir: Path) -> None:
+def plot(records: list[dict], out_dir: Path) -> Path | None:
     try:
         import matplotlib
 
@@ -528,7 +598,7 @@ def plot(records: list[dict], out_dir: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plots (pip install '.[examples]')")
-        return
+        return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     several = len({gradient_of(r) for r in records} - {"-"}) > 1
     for r in records:
@@ -546,6 +616,7 @@ def plot(records: list[dict], out_dir: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, out_dir / "curves.png")
+    return out_dir / "curves.png"
 
 
 def measure_only(args: argparse.Namespace, train: CIFAR10, device: torch.device) -> list[dict]:
@@ -559,12 +630,14 @@ def measure_only(args: argparse.Namespace, train: CIFAR10, device: torch.device)
         model = build_model(
             spec, preset=args.preset, norm=args.norm, solver=solver, adjoint=gradient
         ).to(device)
+        ode = spec.family != "resnet"
         row = {
             "model": spec.name,
             "label": spec.label,
             "step": spec.step,
-            "solver": solver,
-            "gradient": gradient,
+            **applicable(
+                {"solver": solver if ode else None, "gradient": gradient if ode else None}
+            ),
             "batch_size": args.batch_size,
             "params": sum(p.numel() for p in model.parameters()),
             "state_dict_bytes": state_dict_bytes(model),
@@ -614,6 +687,13 @@ def runs(specs: list[ModelSpec], gradients: list[str]) -> list[tuple[ModelSpec, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        validate_args(args)
+    except UsageError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     # `--norm batch` reproduces the reference study's BatchNorm inside the dynamics on purpose;
     # the header says so instead of a warning per model.
     warnings.filterwarnings("ignore", category=TimeSharedStatisticsWarning)
@@ -646,21 +726,30 @@ def main(argv: list[str] | None = None) -> int:
             f"preset {args.preset!r} ({PRESETS[args.preset]}), "
             f"device {describe_device(device)}, world size {ddp.world}"
         )
+        if args.norm == "batch" and any(sp.family != "resnet" for sp in args.specs):
+            print(
+                "norm 'batch': the BatchNorm inside the ODE dynamics keeps one set of running "
+                "statistics for every time, as in the reference study (--norm temporal keeps "
+                "them per time)"
+            )
+        print(f"results, checkpoints and plots go to {out_dir.resolve()}/", flush=True)
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
     if args.measure_only:
         if ddp.main:
             rows = measure_only(args, train, device)
             write_memory_report(rows, out_dir, command, describe_device(device))
             print((out_dir / "memory.md").read_text())
+            print(f"wrote {out_dir / 'memory.md'} and {out_dir / 'memory.json'}")
         return 0
     records = []
     for spec, gradient in runs(args.specs, args.gradient):
+        ode = spec.family != "resnet"  # a ResNet has no ODE block: no solver, no gradient mode
         cfg = RunConfig(
             model=spec.name,
             preset=args.preset,
             norm=args.norm,
-            solver=solver_for_mode(gradient, args.solver),
-            gradient=gradient,
+            solver=solver_for_mode(gradient, args.solver) if ode else None,
+            gradient=gradient if ode else None,
             epochs=args.epochs,
             batch_size=args.batch_size,
             optimizer=args.optimizer,
@@ -683,8 +772,9 @@ def main(argv: list[str] | None = None) -> int:
         if record is not None:
             records.append(record)
     if ddp.main and records:
-        write_reports(records, out_dir, command)
+        written = write_reports(records, out_dir, command)
         print((out_dir / "results.md").read_text())
+        print("wrote " + ", ".join(str(path) for path in written))
     if ddp.world > 1:
         dist.destroy_process_group()
     return 0

@@ -7,6 +7,8 @@ Used by the CIFAR-10 example and the benchmark suite; not imported by
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -73,7 +75,9 @@ def peak_memory_bytes(step: Callable[[], object], device: torch.device) -> int |
         from torch.profiler._memory_profiler import Action
     except ImportError:  # pragma: no cover - depends on the torch version
         return None
-    with profile(
+    # The profiler's native library prints start/stop lines straight to the process's stdout
+    # and stderr; keep them out of the caller's output.
+    with _native_output_silenced(), profile(
         activities=[ProfilerActivity.CPU],
         profile_memory=True,
         record_shapes=True,
@@ -94,6 +98,27 @@ def peak_memory_bytes(step: Callable[[], object], device: torch.device) -> int |
             live -= size
         peak = max(peak, live)
     return int(peak)
+
+
+@contextlib.contextmanager
+def _native_output_silenced() -> Iterator[None]:
+    """Redirect file descriptors 1 and 2 to /dev/null (Python's own streams are flushed first)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved: list[tuple[int, int]] = []
+    try:
+        with open(os.devnull, "w") as null:
+            for fd in (1, 2):
+                saved.append((fd, os.dup(fd)))
+                os.dup2(null.fileno(), fd)
+    except OSError:  # pragma: no cover - no usable descriptors (an embedded interpreter)
+        pass
+    try:
+        yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def state_dict_bytes(model: nn.Module) -> int:
