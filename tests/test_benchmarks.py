@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks import report, run
@@ -87,3 +88,31 @@ def test_target_checks_compare_the_median_with_the_bound() -> None:
     adj = next(c for name, c in checks.items() if "torchdiffeq" in name)
     assert adj["median"] == 0.6 and adj["worst"] == 0.9 and adj["met"]
     assert adj["floor"] == 1.1  # (floor + vjp floor) / torchdiffeq
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [(["--device", "cuda:3"], "--device"), (["--threads", "0"], "--threads")],
+)
+def test_a_bad_benchmark_argument_exits_2_with_one_line(tmp_path, args, name) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--output-dir", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {name}"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_default_output_folder_is_ignored_by_git(capsys) -> None:
+    with pytest.raises(SystemExit):
+        run.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: runs/benchmarks)" in text
+    root = Path(__file__).resolve().parents[1]
+    assert "runs/" in (root / ".gitignore").read_text().split()
