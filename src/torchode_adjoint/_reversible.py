@@ -30,14 +30,19 @@ from typing import Any, ClassVar
 import torch
 
 from ._dynamics import Dynamics
-from ._grid import StageTimes, time_gradient
+from ._grid import StageTimes, TimeGrid, step_sizes, time_gradient
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients, RngState
 from ._solvers import HEUN
 from ._spec import SolveSpec
 from ._tableau import ButcherTableau
 from ._vjp import accumulate_, dynamics_vjp
 
-__all__ = ["Reversible", "reversible_heun_forward", "reversible_heun_reverse"]
+__all__ = [
+    "Reversible",
+    "reversible_heun_forward",
+    "reversible_heun_reverse",
+    "reversible_heun_autograd",
+]
 
 _COEFF_TOL = 1e-12
 
@@ -57,6 +62,29 @@ def reversible_heun_reverse(
 ) -> torch.Tensor:
     """``z_k`` from the state after the step (the first half of the reverse step)."""
     return torch.add(torch.add(y_next, y_next), z_next, alpha=-1.0).add_(f_next, alpha=-h)
+
+
+def reversible_heun_autograd(
+    f: Any, y0: torch.Tensor, t: torch.Tensor, grid: TimeGrid
+) -> list[torch.Tensor]:
+    """The reversible Heun method with autograd recording every operation, differentiable in
+    ``y0``, the parameters and ``t``: the reference the reversible mode's gradient must equal
+    (:func:`~torchode_adjoint.check_gradients` compares against it). Memory grows with the
+    number of steps.
+    """
+    hs = step_sizes(t, grid)
+    y, z = y0, y0
+    f_k = f(t[0], y0)
+    states = []
+    for i, n in enumerate(grid.n_steps):
+        for m in range(n):
+            t_next = t[i] + (m + 1) * hs[i]
+            z_next = 2 * y - z + hs[i] * f_k
+            f_next = f(t_next, z_next)
+            y = y + hs[i] / 2 * (f_k + f_next)
+            z, f_k = z_next, f_next
+        states.append(y)
+    return states
 
 
 def _is_heun(tableau: ButcherTableau) -> bool:

@@ -77,12 +77,15 @@ def peak_memory_bytes(step: Callable[[], object], device: torch.device) -> int |
         return None
     # The profiler's native library prints start/stop lines straight to the process's stdout
     # and stderr; keep them out of the caller's output.
-    with _native_output_silenced(), profile(
-        activities=[ProfilerActivity.CPU],
-        profile_memory=True,
-        record_shapes=True,
-        with_stack=True,
-    ) as prof:
+    with (
+        _native_output_silenced(),
+        profile(
+            activities=[ProfilerActivity.CPU],
+            profile_memory=True,
+            record_shapes=True,
+            with_stack=True,
+        ) as prof,
+    ):
         step()
     try:
         timeline = prof._memory_profile().timeline
