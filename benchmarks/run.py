@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from torchode_adjoint import GRADIENT_MODES, NFECounter, get_solver, odeint, resolve_mode
-from torchode_adjoint.measure import saved_tensor_bytes
+from torchode_adjoint.measure import peak_memory_bytes, saved_tensor_bytes
 
 from .timing import alternating_medians
 from .workloads import Counting, Oscillator, Workload, conv_workload, mlp_workload
@@ -189,12 +189,7 @@ def cuda_peak(loss: Callable[[], torch.Tensor]) -> int | None:
     """Peak CUDA bytes allocated during one training step, above what was allocated before."""
     if not torch.cuda.is_available():
         return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    loss().backward()
-    torch.cuda.synchronize()
-    return int(torch.cuda.max_memory_allocated() - base)
+    return peak_memory_bytes(lambda: loss().backward(), torch.device("cuda"))
 
 
 def nfe_ours(w: Workload, solver: str, n: int, mode: str) -> tuple[int, int]:
