@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._temporal_norm import _TemporalBatchNorm
+from ._temporal_norm import TemporalBatchNormBase
 
 __all__ = [
     "NFECounter",
@@ -166,7 +166,7 @@ def frozen_batchnorm(func: object) -> Iterator[None]:
     frozen = [
         m
         for m in func.modules()
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, _TemporalBatchNorm))
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, TemporalBatchNormBase))
         and m.training
         and m.track_running_stats
     ]

@@ -111,7 +111,11 @@ class ForwardRecord:
         """The forward pass's autocast state (backward runs outside the user's autocast)."""
         with contextlib.ExitStack() as stack:
             for kind, enabled, dtype in self.autocast:
-                stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+                # Entering autocast costs more than the check; most backward passes need nothing.
+                if torch.is_autocast_enabled(kind) != enabled or (
+                    enabled and torch.get_autocast_dtype(kind) != dtype
+                ):
+                    stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
             yield
 
 
@@ -223,6 +227,7 @@ class GradientMode:
         self, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         """The states at ``t[1:]``, differentiable as the mode promises."""
+        # torch.func runs custom Functions under its own transforms; ours cannot be (see below).
         if torch._C._are_functorch_transforms_active():
             raise RuntimeError(
                 f"torch.func transforms (grad, vjp, jacrev, vmap) cannot differentiate through "
@@ -231,13 +236,20 @@ class GradientMode:
             )
         inputs = (y0, t, *params)
         if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)):
-            # Nothing to differentiate: no Function, no saved tensors.
+            # Nothing to differentiate: no Function, nothing kept for a backward pass.
             f = Dynamics(spec.func)
-            states, _ = self.forward(f, y0, t.detach(), spec, ForwardRecord.start(y0.device))
+            states = self.integrate_only(f, y0, t.detach(), spec)
             spec.counter.forward, spec.counter.backward = f.nfe, 0
             return states
         out = _Solve.apply(spec, y0, t, *params)
         return list(out[: len(spec.grid.n_steps)])
+
+    def integrate_only(
+        self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec
+    ) -> list[torch.Tensor]:
+        """The states at ``t[1:]`` when no gradient is needed (inference): the mode's method,
+        keeping nothing for a backward pass."""
+        return integrate(f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite)
 
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord

@@ -118,6 +118,12 @@ class Reversible(GradientMode):
                 f"`solver='heun'` (got {tableau!r}, whose coefficients are not Heun's)."
             )
 
+    def integrate_only(
+        self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec
+    ) -> list[torch.Tensor]:
+        states, _ = self.forward(f, y0, t, spec, ForwardRecord.start(y0.device))
+        return states
+
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
     ) -> ForwardResult:

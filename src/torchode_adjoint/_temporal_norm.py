@@ -26,11 +26,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["TemporalBatchNorm1d", "TemporalBatchNorm2d", "TemporalBatchNorm3d"]
+__all__ = [
+    "TemporalBatchNormBase",
+    "TemporalBatchNorm1d",
+    "TemporalBatchNorm2d",
+    "TemporalBatchNorm3d",
+]
 
 
-class _TemporalBatchNorm(nn.Module):
-    """Shared implementation; see :class:`TemporalBatchNorm2d`."""
+class TemporalBatchNormBase(nn.Module):
+    """The implementation shared by the 1d, 2d and 3d layers; see :class:`TemporalBatchNorm2d`."""
 
     _input_dims: tuple[int, ...] = ()
 
@@ -256,13 +261,13 @@ class _TemporalBatchNorm(nn.Module):
         )
 
 
-class TemporalBatchNorm1d(_TemporalBatchNorm):
+class TemporalBatchNorm1d(TemporalBatchNormBase):
     """:class:`TemporalBatchNorm2d` for inputs of shape (B, C) or (B, C, L)."""
 
     _input_dims = (2, 3)
 
 
-class TemporalBatchNorm2d(_TemporalBatchNorm):
+class TemporalBatchNorm2d(TemporalBatchNormBase):
     """Batch normalisation with running statistics per evaluation time, for (B, C, H, W) inputs.
 
     Use it inside the dynamics of an ODE block in place of ``nn.BatchNorm2d``, called as
@@ -330,7 +335,7 @@ class TemporalBatchNorm2d(_TemporalBatchNorm):
     _input_dims = (4,)
 
 
-class TemporalBatchNorm3d(_TemporalBatchNorm):
+class TemporalBatchNorm3d(TemporalBatchNormBase):
     """:class:`TemporalBatchNorm2d` for inputs of shape (B, C, D, H, W)."""
 
     _input_dims = (5,)
