@@ -329,3 +329,15 @@ def test_adjoint_peak_memory_is_flat_from_a_thousand_to_a_hundred_thousand_steps
         for n in (1_000, 100_000)
     ]
     assert peaks[1] < 1.1 * peaks[0], peaks
+
+
+@pytest.mark.parametrize("mode", MEMORY_SAVING)
+def test_the_backward_pass_replays_the_forwards_autocast_state_not_the_callers(mode, gen) -> None:
+    f = MLPDynamics(dim=4, hidden=16)
+    block = ODEBlock(f, solver=_solver(mode), step=0.25, adjoint=mode)
+    y0 = torch.randn(8, 4, generator=gen)
+    (g_plain,) = torch.autograd.grad(block(y0).square().sum(), [f.l1.weight])
+    out = block(y0)  # forward without autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # backward called inside autocast
+        (g_inside,) = torch.autograd.grad(out.square().sum(), [f.l1.weight])
+    torch.testing.assert_close(g_inside, g_plain, rtol=1e-6, atol=1e-7)
