@@ -92,3 +92,14 @@ def test_temporal_norm_keeps_the_thesis_parameter_counts_and_uses_per_time_stati
     block = ode_blocks(model)[-1]
     recorded = block.dynamics.norm1.recorded_times()
     assert recorded == pytest.approx([k * block.step for k in range(round(1 / block.step))])
+
+
+def test_the_thesis_temporal_dynamics_keep_statistics_per_application_and_one_affine() -> None:
+    model = build_model(parse_model_spec("odenet@0.5"), preset="thesis", norm="temporal")
+    f = ode_blocks(model)[0].dynamics
+    assert f.norm1 is not f.norm2
+    assert f.norm1.weight is f.norm2.weight and f.norm1.bias is f.norm2.bias
+    assert f.norm1.running_mean.data_ptr() != f.norm2.running_mean.data_ptr()
+    model(torch.randn(8, 3, 32, 32))
+    # The two applications see different distributions, so their statistics differ.
+    assert not torch.allclose(f.norm1.running_mean, f.norm2.running_mean)

@@ -257,3 +257,14 @@ def test_wrong_input_shapes_raise_naming_the_layer() -> None:
         TemporalBatchNorm2d(3)(0.0, torch.randn(2, 3))
     with pytest.raises(ValueError, match="channels"):
         TemporalBatchNorm2d(3)(0.0, torch.randn(2, 4, 2, 2))
+
+
+def test_with_shared_affine_gives_own_statistics_and_the_same_parameters() -> None:
+    norm = TemporalBatchNorm2d(3, max_times=8)
+    twin = norm.with_shared_affine()
+    assert type(twin) is TemporalBatchNorm2d and twin.max_times == 8
+    assert twin.weight is norm.weight and twin.bias is norm.bias
+    twin(0.0, torch.randn(4, 3, 2, 2) + 5.0)
+    assert norm.recorded_times() == [] and twin.recorded_times() == [0.0]
+    pair = nn.ModuleList([norm, twin])
+    assert sum(p.numel() for p in pair.parameters()) == 6  # shared: counted once

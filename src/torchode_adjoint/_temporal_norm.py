@@ -96,6 +96,28 @@ class TemporalBatchNormBase(nn.Module):
             torch.zeros(max_times, dtype=torch.long, device=device),
         )
 
+    def with_shared_affine(self) -> TemporalBatchNormBase:
+        """A layer of the same kind with its own running statistics and this layer's affine
+        parameters (the same ``weight`` and ``bias`` objects).
+
+        For a normalisation applied more than once per evaluation of the dynamics (one norm
+        shared by two convolutions): each application sees another distribution, so each needs
+        its own statistics, while the shared affine keeps the parameter count.
+        """
+        twin = type(self)(
+            self.num_features,
+            max_times=self.max_times,
+            eps=self.eps,
+            momentum=self.momentum,
+            affine=self.affine,
+            track_running_stats=self.track_running_stats,
+            device=self.times.device,
+            dtype=self.running_mean.dtype,
+        )
+        if self.affine:
+            twin.weight, twin.bias = self.weight, self.bias
+        return twin
+
     def reset_running_stats(self) -> None:
         """Forget every recorded time and its statistics."""
         self.times.fill_(float("nan"))

@@ -92,7 +92,8 @@ class ConvDynamics(nn.Module):
     """``f(t, x) = relu(norm(conv(t, relu(norm(conv(t, x))))))`` with a time channel per conv.
 
     With ``shared=True`` (the thesis preset) one conv and one norm serve both applications; a
-    temporal norm is called with the time, ``norm(t, h)``.
+    temporal norm is called with the time, ``norm(t, h)``, and keeps separate running statistics
+    for its two applications (their distributions differ) with one shared affine.
     """
 
     def __init__(self, channels: int, *, shared: bool, norm: Norm = "batch") -> None:
@@ -102,6 +103,10 @@ class ConvDynamics(nn.Module):
         self.conv2 = self.conv1 if shared else ConcatConv2d(channels, channels, 3, padding=1)
         self.norm2 = self.norm1 if shared else _dynamics_norm(channels, norm)
         self._temporal = norm == "temporal"
+        if shared and self._temporal:
+            # The two applications normalise different distributions: each keeps its own
+            # statistics per time, the affine parameters stay shared (the thesis' counts).
+            self.norm2 = self.norm1.with_shared_affine()  # type: ignore[operator]
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self._normalise(self.norm1, t, self.conv1(t, x)))
