@@ -9,6 +9,9 @@ from torchode_adjoint import ODEBlock
 from torchode_adjoint.measure import state_dict_bytes
 from torchode_adjoint.models.cifar10 import build_model, ode_blocks, parse_model_spec
 
+# The thesis preset puts a plain BatchNorm in the dynamics on purpose (it is the reference).
+pytestmark = pytest.mark.filterwarnings("ignore::torchode_adjoint.TimeSharedStatisticsWarning")
+
 # Parameter counts and "memory" (state dict bytes) from the reference study's table.
 THESIS = {
     "resnet1": (72_746, 292_688),
