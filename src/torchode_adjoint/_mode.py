@@ -90,18 +90,19 @@ class ForwardRecord:
     rng : list of RngState
         States a mode kept to replay its re-evaluations (checkpoint: one per segment,
         reversible: one per step); empty when the dynamics draw no random numbers.
-    info : dict
-        A mode's own non-tensor bookkeeping.
+    n_extra : int
+        How many extra tensors the mode's forward pass saved beside the states.
     """
 
     device: torch.device
     autocast: tuple[tuple[str, bool, torch.dtype], ...]
     random: bool = False
     rng: list[RngState] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
+    n_extra: int = 0
 
     @staticmethod
     def start(device: torch.device) -> ForwardRecord:
+        """A record for a forward pass starting now (it notes the autocast state)."""
         kinds = ["cpu"] if device.type == "cpu" else ["cpu", device.type]
         state = tuple((k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in kinds)
         return ForwardRecord(device=device, autocast=state)
@@ -305,7 +306,7 @@ class _Solve(torch.autograd.Function):
         if not record.random:
             record.rng.clear()
         spec.counter.forward, spec.counter.backward = f.nfe, 0
-        record.info["n_extra"] = len(extra)
+        record.n_extra = len(extra)
         ctx.spec, ctx.record = spec, record
         ctx.n_states = len(states)
         ctx.set_materialize_grads(False)
@@ -329,7 +330,7 @@ class _Solve(torch.autograd.Function):
         saved = ctx.saved_tensors
         y0 = saved[0] if mode.saves_y0 else None
         rest = saved[1:] if mode.saves_y0 else saved
-        n, n_extra = ctx.n_states, record.info["n_extra"]
+        n, n_extra = ctx.n_states, record.n_extra
         states, extra = rest[:n], rest[n : n + n_extra]
         t, params = rest[n + n_extra], tuple(rest[n + n_extra + 1 :])
         _check_same_parameters(spec, ctx.param_ids, mode)
