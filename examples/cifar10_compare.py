@@ -154,7 +154,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (None: torch's choice, one per core); beside other busy "
+        "processes pass 1, since oversubscribed threads slow small ops down many times over",
     )
     p.add_argument("--train-subset", type=int, default=None, help="train on the first N images")
     p.add_argument("--test-subset", type=int, default=None, help="test on the first N images")
