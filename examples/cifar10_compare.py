@@ -40,7 +40,12 @@ from torchode_adjoint.datasets.cifar10 import (
     load_cifar10,
     normalize,
 )
-from torchode_adjoint.measure import peak_memory_bytes, saved_tensor_bytes, state_dict_bytes
+from torchode_adjoint.measure import (
+    parse_threads,
+    peak_memory_bytes,
+    saved_tensor_bytes,
+    state_dict_bytes,
+)
 from torchode_adjoint.models.cifar10 import (
     NORMS,
     ModelSpec,
@@ -155,10 +160,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     p.add_argument(
         "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for torch (None: torch's choice, one per core); beside other busy "
-        "processes pass 1, since oversubscribed threads slow small ops down many times over",
+        default="auto",
+        help="CPU threads for torch; auto: one per idle core (the cores minus the 1-minute load "
+        "average, at least 1), since threads oversubscribed beside other busy processes slow "
+        "small ops down many times over",
     )
     p.add_argument("--train-subset", type=int, default=None, help="train on the first N images")
     p.add_argument("--test-subset", type=int, default=None, help="test on the first N images")
@@ -184,8 +189,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="10,000 training images, 3 epochs, the full test set, all three families (44 s "
-        "measured on the idle 2-core CPU with 2 threads; longer when other work shares the CPU)",
+        help="10,000 training images, 3 epochs, the full test set, all three families (median of "
+        "3 runs on the idle 2-core CPU: 85 s with 2 threads, 154 s with 1)",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -225,6 +230,10 @@ def validate_args(args: argparse.Namespace) -> None:
     except ValueError as err:
         raise UsageError(f"--solver: {err}") from None
     args.device = _check_device(args.device)
+    try:
+        args.threads = parse_threads(args.threads)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -771,8 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     # `--norm batch` reproduces the reference study's BatchNorm inside the dynamics on purpose;
     # the header says so instead of a warning per model.
     warnings.filterwarnings("ignore", category=TimeSharedStatisticsWarning)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

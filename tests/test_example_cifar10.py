@@ -268,6 +268,7 @@ def test_bn_statistics_diagnostic_reads_a_trained_run(tmp_path: Path) -> None:
         (["--device", "cuda:7"], "--device"),
         (["--device", "nonsense"], "--device"),
         (["--epochs", "0"], "--epochs"),
+        (["--threads", "0"], "--threads"),
     ],
 )
 def test_a_bad_argument_exits_2_with_one_line_before_reading_any_data(tmp_path, args, names):

@@ -1,0 +1,39 @@
+"""The thread default of the example and the benchmarks: one torch thread per idle core."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from torchode_adjoint import measure
+
+
+@pytest.mark.parametrize(
+    ("cores", "load", "expected"),
+    [(2, 0.1, 2), (2, 1.2, 1), (2, 3.7, 1), (16, 5.4, 11), (16, 0.0, 16), (1, 0.0, 1)],
+)
+def test_auto_takes_one_thread_per_idle_core(monkeypatch, cores, load, expected) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert measure.idle_cpu_threads() == expected
+    assert measure.parse_threads("auto") == expected
+
+
+def test_without_a_load_average_auto_takes_every_core(monkeypatch) -> None:
+    def unavailable() -> tuple[float, float, float]:
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", unavailable)
+    assert measure.idle_cpu_threads() == 3
+
+
+def test_a_number_of_threads_is_taken_as_it_is() -> None:
+    assert measure.parse_threads("3") == 3
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5", ""])
+def test_a_bad_thread_count_names_the_option(value: str) -> None:
+    with pytest.raises(ValueError, match="--threads must be 'auto' or a positive int"):
+        measure.parse_threads(value)
