@@ -214,6 +214,72 @@ def memory_flatness(speed: list[dict]) -> list[str]:
     ]
 
 
+COMPILED_TARGETS = (
+    # (what, workload prefix, ratio key numerator, denominator, bound)
+    (
+        "MLP adjoint step, compiled / torchdiffeq",
+        "mlp",
+        "ours_adjoint_compiled",
+        "tdq_adjoint",
+        0.35,
+    ),
+    ("MLP forward-only, compiled / bare calls", "mlp", "ours_forward_compiled", "floor", 0.5),
+    (
+        "conv adjoint step, compiled / torchdiffeq",
+        "conv",
+        "ours_adjoint_compiled",
+        "tdq_adjoint",
+        0.7,
+    ),
+)
+
+
+def compiled_checks(rows: list[dict]) -> list[dict]:
+    """The compiled path's targets: median and worst ratio over the measured rows."""
+    checks = []
+    for what, prefix, num, den, bound in COMPILED_TARGETS:
+        ratios = [
+            r["time_s"][num] / r["time_s"][den]
+            for r in rows
+            if r["workload"].startswith(prefix) and den in r["time_s"]
+        ]
+        if ratios:
+            median = statistics.median(ratios)
+            checks.append(
+                {
+                    "target": what,
+                    "bound": bound,
+                    "median": median,
+                    "worst": max(ratios),
+                    "met": median <= bound,
+                }
+            )
+    return checks
+
+
+def _compiled_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| workload | solver | steps | steps/graph | eager adjoint ms | compiled ms "
+        "| compiled/eager | compiled / torchdiffeq | compiled fwd / floor | eager fwd / floor "
+        "| first call s | adjoint break-even calls |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t = r["time_s"]
+        even = r.get("adjoint_break_even_calls")
+        lines.append(
+            f"| {r['workload']} | {r['solver']} | {r['steps']} | {r['steps_per_graph']} "
+            f"| {_ms(t['ours_adjoint'])} | {_ms(t['ours_adjoint_compiled'])} "
+            f"| {_ratio(t['ours_adjoint_compiled'], t['ours_adjoint'])} "
+            f"| {_ratio(t['ours_adjoint_compiled'], t.get('tdq_adjoint'))} "
+            f"| {_ratio(t['ours_forward_compiled'], t['floor'])} "
+            f"| {_ratio(t['ours_forward'], t['floor'])} "
+            f"| {r['first_call_s']['ours_adjoint_compiled']:.1f} "
+            f"| {'never' if even is None else f'{even:,.0f}'} |"
+        )
+    return lines
+
+
 def write_report(results: dict, out: Path) -> None:
     speed, gradients, accuracy = results["speed"], results["gradients"], results["accuracy"]
     lines = [
@@ -258,6 +324,7 @@ def write_report(results: dict, out: Path) -> None:
         "",
         *floor_table(speed),
         "",
+        *_compiled_section(results.get("compiled", [])),
         "## Memory saved for backward (MiB)",
         "",
         *_memory_table(speed),
@@ -284,6 +351,29 @@ def write_report(results: dict, out: Path) -> None:
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, out / "report.md")
     _plots(results, out)
+
+
+def _compiled_section(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "## The compiled path (`compile=True`)",
+        "",
+        "The same training step and forward pass with `Compile(backend='inductor', "
+        f"steps={rows[0]['steps_per_graph']})`, timed beside the eager path and torchdiffeq. "
+        "'first call' is the first training step of a fresh process state (it compiles the "
+        "forward and backward graphs); 'break-even calls' is that compile time over the time "
+        "each later call saves (never: the compiled call is not faster).",
+        "",
+        "| target | bound | median | worst | met |",
+        "|---|---|---|---|---|",
+    ]
+    for c in compiled_checks(rows):
+        met = "yes" if c["met"] else f"no (median {c['median'] / c['bound'] - 1:+.0%} over)"
+        lines.append(
+            f"| {c['target']} | {c['bound']:.2f} | {c['median']:.2f} | {c['worst']:.2f} | {met} |"
+        )
+    return [*lines, "", *_compiled_table(rows), ""]
 
 
 def _plots(results: dict, out: Path) -> None:

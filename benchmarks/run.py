@@ -20,8 +20,15 @@ from pathlib import Path
 
 import torch
 
-from torchode_adjoint import GRADIENT_MODES, NFECounter, get_solver, odeint, resolve_mode
-from torchode_adjoint.measure import peak_memory_bytes, saved_tensor_bytes
+from torchode_adjoint import (
+    GRADIENT_MODES,
+    Compile,
+    NFECounter,
+    get_solver,
+    odeint,
+    resolve_mode,
+)
+from torchode_adjoint.measure import parse_threads, peak_memory_bytes, saved_tensor_bytes
 
 from .timing import alternating_medians
 from .workloads import Counting, Oscillator, Workload, conv_workload, mlp_workload
@@ -69,13 +76,16 @@ def _times(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor([0.0, 1.0], dtype=dtype, device=device)
 
 
-def ours_loss(w: Workload, solver: str, n: int, mode: str) -> Callable[[], torch.Tensor]:
+def ours_loss(
+    w: Workload, solver: str, n: int, mode: str, compile: Compile | None = None
+) -> Callable[[], torch.Tensor]:
     """The forward pass and loss of one training step with this library."""
     y0 = w.y0.detach().clone().requires_grad_()
     t = _times(y0.device, y0.dtype)
+    options = compile if compile is not None else False
 
     def run() -> torch.Tensor:
-        sol = odeint(w.func, y0, t, solver=solver, step=1.0 / n, adjoint=mode)
+        sol = odeint(w.func, y0, t, solver=solver, step=1.0 / n, adjoint=mode, compile=options)
         return sol[-1].square().mean()
 
     return run
@@ -124,12 +134,15 @@ def train_step(loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return lambda: loss().backward()
 
 
-def ours_forward(w: Workload, solver: str, n: int) -> Callable[[], None]:
+def ours_forward(
+    w: Workload, solver: str, n: int, compile: Compile | None = None
+) -> Callable[[], None]:
     t = _times(w.y0.device, w.y0.dtype)
+    options = compile if compile is not None else False
 
     def run() -> None:
         with torch.no_grad():
-            odeint(w.func, w.y0, t, solver=solver, step=1.0 / n, adjoint=True)
+            odeint(w.func, w.y0, t, solver=solver, step=1.0 / n, adjoint=True, compile=options)
 
     return run
 
@@ -298,6 +311,66 @@ def _speed_line(row: dict) -> str:
     return "  ".join(parts)
 
 
+def bench_compiled(
+    w: Workload, solver: str, steps: list[int], repeats: int, options: Compile
+) -> list[dict]:
+    """The compiled path against the eager one and torchdiffeq: adjoint training step and
+    forward pass, with the one-off compile time and the calls after which it has paid off."""
+    rows = []
+    stages = get_solver(solver).stages
+    for n in steps:
+        torch._dynamo.reset()  # every row compiles from scratch: its first call is timed
+        adjoint_c = train_step(ours_loss(w, solver, n, "adjoint", options))
+        forward_c = ours_forward(w, solver, n, options)
+        first = {}
+        for name, fn in (
+            ("ours_adjoint_compiled", adjoint_c),
+            ("ours_forward_compiled", forward_c),
+        ):
+            start = time.perf_counter()
+            fn()
+            first[name] = time.perf_counter() - start
+        cands: dict[str, Callable[[], None]] = {
+            "ours_adjoint": train_step(ours_loss(w, solver, n, "adjoint")),
+            "ours_adjoint_compiled": adjoint_c,
+            "ours_forward": ours_forward(w, solver, n),
+            "ours_forward_compiled": forward_c,
+            "floor": floor(w, n * stages),
+        }
+        if torchdiffeq is not None and solver in TORCHDIFFEQ_METHOD:
+            cands["tdq_adjoint"] = train_step(tdq_loss(w, solver, n, True))
+        times = alternating_medians(cands, repeats=repeats)
+        row: dict = {
+            "workload": w.name,
+            "solver": solver,
+            "steps": n,
+            "steps_per_graph": options.steps,
+            "backend": str(options.backend),
+            "time_s": times,
+            "first_call_s": first,
+        }
+        for kind in ("adjoint", "forward"):
+            eager, compiled = times[f"ours_{kind}"], times[f"ours_{kind}_compiled"]
+            compile_s = first[f"ours_{kind}_compiled"] - compiled
+            gain = eager - compiled
+            row[f"{kind}_break_even_calls"] = compile_s / gain if gain > 0 else None
+        rows.append(row)
+        print(_compiled_line(row), flush=True)
+    return rows
+
+
+def _compiled_line(row: dict) -> str:
+    t = row["time_s"]
+    parts = [f"{row['workload']:>6} {row['solver']:>8} n={row['steps']:<5} compiled:"]
+    parts.append(f"adjoint {t['ours_adjoint_compiled'] * 1e3:8.2f} ms")
+    parts.append(f"compiled/eager {t['ours_adjoint_compiled'] / t['ours_adjoint']:.2f}")
+    if "tdq_adjoint" in t:
+        parts.append(f"vs torchdiffeq {t['ours_adjoint_compiled'] / t['tdq_adjoint']:.2f}x")
+    parts.append(f"fwd/floor {t['ours_forward_compiled'] / t['floor']:.2f}")
+    parts.append(f"first call {row['first_call_s']['ours_adjoint_compiled']:.0f} s")
+    return "  ".join(parts)
+
+
 def bench_gradients(solvers: list[str], steps: list[int]) -> list[dict]:
     """Gradient error of every mode against a float64 reference (rk4, 2,000 steps, backprop)."""
     w = mlp_workload(batch=64, dim=8, dtype=torch.float64)
@@ -369,6 +442,12 @@ SPEED_HEADER = (
     "fwd/floor = our forward-only / bare dynamics calls; then the same against torchdiffeq"
 )
 
+COMPILED_HEADER = (
+    "the compiled path (Compile(steps={steps})): our compiled adjoint step (median), "
+    "compiled/eager adjoint, compiled adjoint / torchdiffeq's adjoint, compiled forward-only / "
+    "bare dynamics calls, first call (compiling)"
+)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
@@ -385,9 +464,19 @@ def main(argv: list[str] | None = None) -> int:
         default="runs/benchmarks",
         help="where results.json, report.md and the plots go (runs/ is ignored by git)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch's choice)")
+    p.add_argument(
+        "--threads",
+        default="auto",
+        help="torch CPU threads; auto: one per idle core (cores minus the 1-minute load average)",
+    )
     p.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
+    )
+    p.add_argument(
+        "--compile-steps",
+        type=int,
+        default=5,
+        help="solver steps per compiled graph in the compiled rows (Compile(steps=...))",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = p.parse_args(argv)
@@ -398,8 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     print(f"results, report and plots go to {out.resolve()}/", flush=True)
     for name, lib in (("torchdiffeq", torchdiffeq), ("torchode", torchode)):
         if lib is None:
@@ -424,6 +512,26 @@ def main(argv: list[str] | None = None) -> int:
             steps,
             repeats if w.name == "mlp" else 3,
         )
+    options = Compile(steps=args.compile_steps)
+    print(COMPILED_HEADER.format(steps=options.steps), flush=True)
+    compiled = []
+    for w in workloads:
+        w = Workload(w.name, w.title, w.func.to(device), w.y0.to(device))
+        if w.name == "mlp":
+            plan = (
+                [("euler", [10]), ("rk38", [10])]
+                if args.quick
+                else [
+                    ("euler", [10, 100]),
+                    ("rk38", [10, 100]),
+                ]
+            )
+        elif w.name == "conv8" and not args.quick:
+            plan = [("euler", [2, 10])]
+        else:
+            plan = []
+        for solver, steps in plan:
+            compiled += bench_compiled(w, solver, steps, 5 if args.quick else repeats, options)
     grad_steps = [10, 100] if args.quick else [10, 30, 100, 300]
     gradients = bench_gradients(solvers, grad_steps)
     accuracy = bench_accuracy(
@@ -439,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.time() - started,
         "workloads": {w.name: w.title for w in workloads},
         "speed": speed,
+        "compiled": compiled,
         "gradients": gradients,
         "accuracy": accuracy,
     }
@@ -455,8 +564,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_args(args: argparse.Namespace) -> Path:
     """Check the arguments before anything is measured; returns the output folder."""
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    args.threads = parse_threads(args.threads)
+    if args.compile_steps < 1:
+        raise ValueError(f"--compile-steps must be at least 1, got {args.compile_steps}")
     try:
         device = torch.device(args.device)
     except RuntimeError:

@@ -7,6 +7,7 @@ from ._adjoint import ContinuousAdjoint
 from ._block import ODEBlock
 from ._check import GradientCheck, GradientReport, check_gradients
 from ._checkpoint import Checkpoint
+from ._compiled import Compile, CompileFallbackWarning
 from ._dynamics import NFECounter, TimeSharedStatisticsWarning
 from ._layers import ConcatConv2d
 from ._mode import Backprop, GradientMode
@@ -23,6 +24,8 @@ __all__ = [
     "Backprop",
     "ButcherTableau",
     "Checkpoint",
+    "Compile",
+    "CompileFallbackWarning",
     "ContinuousAdjoint",
     "GradientMode",
     "Reversible",

@@ -20,16 +20,18 @@ gradient is added to ``a``, the state is reset to the stored forward state, and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
+from ._compiled import CompiledFunction, parameter_names, vjp
 from ._dynamics import Dynamics
 from ._grid import StageTimes
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
 from ._spec import SolveSpec
-from ._stepping import integrate, plan_for, rk_step
+from ._stepping import StepPlan, integrate, plan_for, rk_step
 from ._vjp import accumulate_, dynamics_vjp
 
 __all__ = ["ContinuousAdjoint"]
@@ -53,7 +55,9 @@ class ContinuousAdjoint(GradientMode):
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
     ) -> ForwardResult:
-        states = integrate(f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite)
+        states = integrate(
+            f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite, stepper=spec.stepper
+        )
         # The states at the output times only: memory independent of the number of steps.
         return states, ()
 
@@ -61,6 +65,7 @@ class ContinuousAdjoint(GradientMode):
         spec, grid = job.spec, job.spec.grid
         plan = plan_for(spec.tableau)
         aug = _Augmented(job, plan.b)
+        compiled = _compiled_step(job)
         times = StageTimes(job.t, grid, spec.tableau.c, reverse=True)
         a = torch.zeros_like(job.states[-1])
         dl_dt: list[torch.Tensor] = []
@@ -72,14 +77,20 @@ class ContinuousAdjoint(GradientMode):
             job.watch(grid.times[i], a)
             y, h = job.states[i - 1], grid.h[i - 1]
             aug.h = h
-            for k in range(grid.n_steps[i - 1]):
-                y, a = rk_step(aug, (y, a), (-h, h), times, pos, plan)
-                pos += plan.stages
+            k, n = 0, grid.n_steps[i - 1]
+            while k < n:
+                if compiled is not None and job.f.checked:
+                    steps = compiled.steps_for(n - k)
+                    y, a = compiled(aug, y, a, spec.stepper.step_tensor(h, y), times, pos, steps)
+                else:
+                    steps = 1
+                    y, a = rk_step(aug, (y, a), (-h, h), times, pos, plan)
                 if k == 0 and job.need_t:
                     # The step's first stage is f(t_i, y_i): reuse it for dL/dt_i.
                     d = aug.g_t.new_zeros(()) if grad_i is None else torch.sum(grad_i * aug.first)
                     dl_dt.append(d)
                     aug.g_t = aug.g_t - d
+                k, pos = k + steps, pos + steps * plan.stages
         job.watch(grid.times[0], a)
         grad_t = torch.stack([aug.g_t, *reversed(dl_dt)]) if job.need_t else None
         return Gradients(y0=a, t=grad_t, params=aug.g_p)
@@ -119,3 +130,100 @@ class _Augmented:
         if j == 0:
             self.first = vjp.value
         return vjp.value, vjp.y
+
+
+def _compiled_step(job: BackwardJob) -> _CompiledStep | None:
+    """The compiled backward step, or None where the eager one runs (no compiled path, or
+    gradients for tensors that are not parameters of the dynamics module)."""
+    options = job.spec.compile
+    if options is None:
+        return None
+    names = parameter_names(job.spec.func, job.vjp_params)
+    if names is None:
+        return None
+    tableau = job.spec.tableau
+    plan = plan_for(tableau)
+    fns = {
+        steps: options.function(
+            ("adjoint", tableau, steps), lambda steps=steps: _make_adjoint_steps(plan, steps)
+        )
+        for steps in {1, options.steps}
+    }
+    params = tuple(p.detach() for p in job.vjp_params)
+    return _CompiledStep(fns, job.spec.func, names, params)
+
+
+class _CompiledStep:
+    """Compiled backward steps (one, and ``Compile.steps``) with the bookkeeping of
+    :class:`_Augmented` around them."""
+
+    __slots__ = ("fns", "func", "names", "params", "size")
+
+    def __init__(
+        self,
+        fns: dict[int, CompiledFunction],
+        func: object,
+        names: tuple[str, ...],
+        params: tuple[torch.Tensor, ...],
+    ) -> None:
+        self.fns, self.func, self.names, self.params = fns, func, names, params
+        self.size = max(fns)
+
+    def steps_for(self, remaining: int) -> int:
+        """The steps the next compiled call takes: a full graph, or one."""
+        return self.size if remaining >= self.size else 1
+
+    def __call__(
+        self,
+        aug: _Augmented,
+        y: torch.Tensor,
+        a: torch.Tensor,
+        h: torch.Tensor,
+        times: StageTimes,
+        pos: int,
+        steps: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        evaluations = steps * len(aug.b)
+        ts = tuple(times[pos + e] for e in range(evaluations))
+        with torch.no_grad():  # torch.func's VJP differentiates inside; nothing to record
+            out = self.fns[steps](self.func, y, a, h, ts, self.names, self.params)
+        y, a, g_p, g_t, first = out
+        aug.job.f.nfe += evaluations
+        accumulate_(aug.g_p, g_p)
+        if aug.job.need_t:
+            aug.g_t = aug.g_t + g_t
+        aug.first = first
+        return y, a
+
+
+def _make_adjoint_steps(plan: StepPlan, steps: int) -> Callable[..., Any]:
+    weights = plan.weights
+
+    def adjoint_steps(
+        func: Callable[..., torch.Tensor],
+        y: torch.Tensor,
+        a: torch.Tensor,
+        h: torch.Tensor,
+        ts: tuple[torch.Tensor, ...],
+        names: tuple[str, ...],
+        params: tuple[torch.Tensor, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        # `steps` backward steps of `_Augmented` as one pure function, with torch.func's VJP;
+        # returns the parameter and time gradients they add and the first stage's value.
+        stage_out: list[tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]] = []
+
+        def augmented(
+            t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            value, g_y, g_p, g_t = vjp(func, t, state[0], state[1], names, params)
+            stage_out.append((value, g_p, g_t))
+            return value, g_y
+
+        for k in range(steps):
+            y, a = rk_step(augmented, (y, a), (-h, h), ts, k * plan.stages, plan)
+        used = [(k * plan.stages + j, h * b_j) for k in range(steps) for j, b_j in weights]
+        g_p = tuple(sum(w * stage_out[e][1][m] for e, w in used) for m in range(len(params)))
+        g_t = sum(w * stage_out[e][2] for e, w in used)
+        return y, a, g_p, g_t, stage_out[0][0]
+
+    return adjoint_steps

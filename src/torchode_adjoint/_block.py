@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ._compiled import Compile
 from ._dynamics import NFECounter, warn_time_shared_statistics
 from ._grid import DEFAULT_MAX_STEPS
 from ._mode import GradientMode
@@ -53,6 +54,9 @@ class ODEBlock(nn.Module):
         Deprecated: pass ``adjoint=Checkpoint(every=k)``.
     max_steps : int, default 10,000,000
         The largest number of steps of one forward pass.
+    compile : bool or Compile, default False
+        Compile each solver step and each backward step with ``torch.compile`` (see
+        :func:`~torchode_adjoint.odeint`).
 
     Attributes
     ----------
@@ -99,6 +103,7 @@ class ODEBlock(nn.Module):
         check_finite: bool = True,
         checkpoint_every: int | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
+        compile: bool | Compile = False,
     ) -> None:
         super().__init__()
         if not isinstance(dynamics, nn.Module):
@@ -115,6 +120,7 @@ class ODEBlock(nn.Module):
             check_finite=check_finite,
             checkpoint_every=checkpoint_every,
             max_steps=max_steps,
+            compile=compile,
         )
         values = {"t0": _time_value(t0, "t0"), "t1": _time_value(t1, "t1")}
         if values["t0"] == values["t1"]:

@@ -19,7 +19,7 @@ from ._dynamics import Dynamics
 from ._grid import StageTimes, segment_times
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients, RngState
 from ._spec import SolveSpec
-from ._stepping import integrate, plan_for, rk_step
+from ._stepping import Stepper, integrate, plan_for
 from ._vjp import accumulate_
 
 __all__ = ["Checkpoint"]
@@ -70,7 +70,14 @@ class Checkpoint(GradientMode):
                 record.rng.append(RngState.capture(y.device))
 
         states = integrate(
-            f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite, before_step=keep
+            f,
+            y0,
+            t,
+            spec.grid,
+            spec.tableau,
+            check_finite=spec.check_finite,
+            before_step=keep,
+            stepper=spec.stepper,
         )
         return states, tuple(kept)
 
@@ -102,7 +109,7 @@ class Checkpoint(GradientMode):
                     h, times = segment_times(t_leaf, grid, spec.tableau.c, i, k0, k1)
                     pos = 0
                 state = rng.pop() if rng else None
-                y = self._rerun(job.f, y_s, h, times, pos, plan, k1 - k0, state)
+                y = self._rerun(spec.stepper, job.f, y_s, h, times, pos, k1 - k0, state)
                 inputs = [y_s, *job.vjp_params, *(() if t_leaf is None else (t_leaf,))]
                 grads = torch.autograd.grad(y, inputs, a, allow_unused=True)
                 a = grads[0] if grads[0] is not None else torch.zeros_like(a)
@@ -114,20 +121,17 @@ class Checkpoint(GradientMode):
 
     @staticmethod
     def _rerun(
+        stepper: Stepper,
         f: Dynamics,
         y: torch.Tensor,
         h: float | torch.Tensor,
         times: Sequence[torch.Tensor],
         pos: int,
-        plan: object,
         steps: int,
         rng: RngState | None,
     ) -> torch.Tensor:
         """Re-run ``steps`` steps with a graph, under the forward's random state if it had one."""
         if rng is None:
-            for _ in range(steps):
-                y = rk_step(f, y, h, times, pos, plan)  # type: ignore[arg-type]
-                pos += plan.stages  # type: ignore[attr-defined]
-            return y
+            return stepper.advance(f, y, h, times, pos, steps)
         with rng.replayed(y.device):
-            return Checkpoint._rerun(f, y, h, times, pos, plan, steps, None)
+            return Checkpoint._rerun(stepper, f, y, h, times, pos, steps, None)

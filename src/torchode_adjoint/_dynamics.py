@@ -52,7 +52,7 @@ class Dynamics:
     only count.
     """
 
-    __slots__ = ("func", "nfe", "_checked", "_check", "_probe")
+    __slots__ = ("func", "nfe", "compile_ok", "_checked", "_check", "_probe")
 
     def __init__(
         self,
@@ -63,8 +63,16 @@ class Dynamics:
     ) -> None:
         self.func = func
         self.nfe = 0
+        # The compiled path's verdict after its first (eager) step: None before it, False when
+        # the dynamics drew random numbers (the pass then stays eager), True otherwise.
+        self.compile_ok: bool | None = None
         self._check, self._probe = check, probe
         self._checked = not (check or probe is not None)
+
+    @property
+    def checked(self) -> bool:
+        """Whether the first call (output check, probe) is done."""
+        return self._checked
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1

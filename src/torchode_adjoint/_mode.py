@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from ._dynamics import Dynamics, frozen_batchnorm, module_tensors
+from ._rng import RngState
 from ._spec import SolveSpec
 from ._stepping import integrate
 from ._tableau import ButcherTableau
@@ -44,36 +45,6 @@ __all__ = [
 
 ForwardResult = tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]
 """A forward pass's result: the states at ``t[1:]`` and the extra tensors the mode saves."""
-
-
-@dataclass(frozen=True)
-class RngState:
-    """The random-number state of the CPU and, for a CUDA state, of its device."""
-
-    cpu: torch.Tensor
-    cuda: torch.Tensor | None
-
-    @staticmethod
-    def capture(device: torch.device) -> RngState:
-        """The current state (the CPU generator's, and the device's for CUDA)."""
-        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        return RngState(torch.get_rng_state(), cuda)
-
-    def same_as(self, other: RngState) -> bool:
-        """Whether no random number was drawn between the two captures."""
-        if not torch.equal(self.cpu, other.cpu):
-            return False
-        return self.cuda is None or other.cuda is None or torch.equal(self.cuda, other.cuda)
-
-    @contextlib.contextmanager
-    def replayed(self, device: torch.device) -> Iterator[None]:
-        """Run the block with this state, then restore the state from before it."""
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=True):
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state(self.cuda, device)
-            yield
 
 
 @dataclass
@@ -250,7 +221,9 @@ class GradientMode:
     ) -> list[torch.Tensor]:
         """The states at ``t[1:]`` when no gradient is needed (inference): the mode's method,
         keeping nothing for a backward pass."""
-        return integrate(f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite)
+        return integrate(
+            f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite, stepper=spec.stepper
+        )
 
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
@@ -284,7 +257,9 @@ class Backprop(GradientMode):
         self, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         f = Dynamics(spec.func)
-        states = integrate(f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite)
+        states = integrate(
+            f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite, stepper=spec.stepper
+        )
         spec.counter.forward, spec.counter.backward = f.nfe, 0
         return states
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from ._compiled import Compile
 from ._dynamics import NFECounter, warn_time_shared_statistics
 from ._grid import DEFAULT_MAX_STEPS
 from ._mode import GradientMode
@@ -28,6 +29,7 @@ def odeint(
     nfe: NFECounter | None = None,
     checkpoint_every: int | None = None,
     max_steps: int = DEFAULT_MAX_STEPS,
+    compile: bool | Compile = False,
 ) -> torch.Tensor:
     """Integrate ``dy/dt = func(t, y)`` with a fixed-step explicit Runge--Kutta method.
 
@@ -79,6 +81,13 @@ def odeint(
         Deprecated: pass ``adjoint=Checkpoint(every=k)``.
     max_steps : int, default 10,000,000
         The largest total number of steps, checked before anything is allocated.
+    compile : bool or Compile, default False
+        Run each solver step and each backward step as one ``torch.compile`` graph
+        (:class:`~torchode_adjoint.Compile` sets the backend). Same values and gradients as the
+        eager path to round-off; the first call of a shape and dtype compiles (seconds to a
+        minute), later calls are faster where per-op overhead dominates. Dynamics that draw
+        random numbers in their first step run eagerly; where ``torch.compile`` fails, a
+        :class:`~torchode_adjoint.CompileFallbackWarning` and the eager step.
 
     Returns
     -------
@@ -125,6 +134,7 @@ def odeint(
         check_finite=check_finite,
         checkpoint_every=checkpoint_every,
         max_steps=max_steps,
+        compile=compile,
     )
     prepared = prepare(func, y0, t, config, params=params, nfe=nfe)
     return torch.stack([prepared.y0, *prepared.solve()])

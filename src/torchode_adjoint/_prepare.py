@@ -19,12 +19,14 @@ from torch import nn
 
 from ._adjoint import ContinuousAdjoint
 from ._checkpoint import Checkpoint
+from ._compiled import Compile
 from ._dynamics import NFECounter, module_tensors
 from ._grid import DEFAULT_MAX_STEPS, make_grid
 from ._mode import Backprop, GradientMode
 from ._reversible import Reversible
 from ._solvers import get_solver
 from ._spec import SolveSpec
+from ._stepping import Stepper
 from ._tableau import ButcherTableau
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "check_step",
     "check_times",
     "check_max_steps",
+    "check_compile",
 ]
 
 ModeName = Literal["backprop", "adjoint", "checkpoint", "reversible"]
@@ -116,6 +119,20 @@ def check_max_steps(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
         raise ValueError(f"`max_steps` must be a positive int, got {value!r}.")
     return int(value)
+
+
+def check_compile(compile: object) -> Compile | None:
+    """Normalise ``compile`` (a bool or :class:`~torchode_adjoint.Compile`) to options or None."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return Compile()
+    if isinstance(compile, Compile):
+        return compile
+    raise TypeError(
+        f"`compile` must be True, False or `torchode_adjoint.Compile(...)`, got {compile!r}; "
+        "pass `compile=True` for the compiled step."
+    )
 
 
 def _check_y0(y0: object) -> torch.Tensor:
@@ -214,6 +231,8 @@ class SolveConfig:
     mode: GradientMode
     check_finite: bool
     max_steps: int
+    stepper: Stepper
+    compile: Compile | None = None
 
 
 def make_config(
@@ -224,18 +243,22 @@ def make_config(
     check_finite: bool = True,
     checkpoint_every: int | None = None,
     max_steps: int = DEFAULT_MAX_STEPS,
+    compile: bool | Compile = False,
     stacklevel: int = 3,
 ) -> SolveConfig:
     """Validate the settings: solver, step, mode (and its pairing with the solver), limits."""
     mode = resolve_mode(adjoint, checkpoint_every, stacklevel=stacklevel + 1)
     tableau = get_solver(solver)
     mode.check_solver(tableau)
+    options = check_compile(compile)
     return SolveConfig(
         tableau=tableau,
         step=check_step(step),
         mode=mode,
         check_finite=bool(check_finite),
         max_steps=check_max_steps(max_steps),
+        stepper=Stepper(tableau, options),
+        compile=options,
     )
 
 
@@ -278,5 +301,7 @@ def prepare(
         mode=config.mode,
         check_finite=config.check_finite,
         counter=counter,
+        stepper=config.stepper,
+        compile=config.compile,
     )
     return Prepared(spec=spec, y0=y0, t=t_cast, params=param_list)

@@ -24,11 +24,13 @@ so memory is then no longer flat in the number of steps).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from ._compiled import CompiledFunction, cast, parameter_names, vjp
 from ._dynamics import Dynamics
 from ._grid import StageTimes, TimeGrid, step_sizes, time_gradient
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients, RngState
@@ -137,11 +139,17 @@ class Reversible(GradientMode):
             record.rng.append(before)
         y, z = y0, y0
         states, pos = [], 0
+        step = _compiled(spec, "reversible_step", _reversible_step) if not random else None
         for i, n in enumerate(grid.n_steps):
             for _ in range(n):
                 if random:
                     record.rng.append(RngState.capture(y0.device))
-                y, z, f_k = reversible_heun_forward(f, y, z, f_k, grid.h[i], ends[pos])
+                if step is None:
+                    y, z, f_k = reversible_heun_forward(f, y, z, f_k, grid.h[i], ends[pos])
+                else:
+                    h = spec.stepper.step_tensor(grid.h[i], y)
+                    y, z, f_k = step(spec.func, y, z, f_k, h, ends[pos])
+                    f.nfe += 1
                 pos += 1
             states.append(y)
         if spec.check_finite:
@@ -168,9 +176,23 @@ class Reversible(GradientMode):
         at_points: list[tuple[int, float, torch.Tensor]] = []
         per_step: list[tuple[int, torch.Tensor]] = []
 
+        names = parameter_names(job.spec.func, job.vjp_params) if job.spec.compile else None
+        compiled = (
+            _compiled(job.spec, "reversible_vjp", lambda: vjp)
+            if names is not None and not job.record.random
+            else None
+        )
+        params = tuple(p.detach() for p in job.vjp_params)
+
         def vjp(
             tau: torch.Tensor, z_k: torch.Tensor, lam_f: torch.Tensor
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            if compiled is not None and job.f.checked:
+                with torch.no_grad():  # torch.func's VJP differentiates inside
+                    value, g_y, g_ps, g_t = compiled(job.spec.func, tau, z_k, lam_f, names, params)
+                job.f.nfe += 1
+                accumulate_(g_p, g_ps)
+                return value, g_y, g_t if job.need_t else None
             state = rng.pop() if rng else None
             with state.replayed(z_k.device) if state is not None else contextlib.nullcontext():
                 out = dynamics_vjp(job.f, tau, z_k, lam_f, job.vjp_params, want_t=job.need_t)
@@ -211,6 +233,29 @@ class Reversible(GradientMode):
         job.watch(grid.times[0], grad_y0)
         grad_t = time_gradient(job.t, grid, at_points, per_step) if job.need_t else None
         return Gradients(y0=grad_y0, t=grad_t, params=g_p)
+
+
+def _compiled(
+    spec: SolveSpec, name: str, make: Callable[[], Callable[..., Any]]
+) -> CompiledFunction | None:
+    return None if spec.compile is None else spec.compile.function((name, HEUN), make)
+
+
+def _reversible_step() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def reversible_step(
+        func: Callable[..., torch.Tensor],
+        y: torch.Tensor,
+        z: torch.Tensor,
+        f_k: torch.Tensor,
+        h: torch.Tensor,
+        t_next: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # reversible_heun_forward with a tensor step size.
+        z_next = 2 * y - z + h * f_k
+        f_next = cast(func)(t_next, z_next)
+        return y + (0.5 * h) * (f_k + f_next), z_next, f_next
+
+    return reversible_step
 
 
 def _check_states(states: list[torch.Tensor], times: tuple[float, ...]) -> None:

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ._compiled import Compile
 from ._dynamics import NFECounter
 from ._grid import TimeGrid
+from ._stepping import Stepper
 from ._tableau import ButcherTableau
 
 if TYPE_CHECKING:  # the modes import this module; the annotation only names their base class
@@ -37,6 +39,10 @@ class SolveSpec:
     check_finite : bool
     counter : NFECounter
         Filled by the forward pass and, where the mode re-evaluates, by the backward pass.
+    stepper : Stepper
+        The tableau's step, eager or compiled.
+    compile : Compile or None
+        The compiled path's options (None: eager), for the modes' own compiled backward steps.
     """
 
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -45,3 +51,5 @@ class SolveSpec:
     mode: GradientMode
     check_finite: bool
     counter: NFECounter
+    stepper: Stepper
+    compile: Compile | None = None

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ._compiled import Compile, CompiledFunction, CompileFallbackWarning, cast
 from ._grid import StageTimes, TimeGrid, step_sizes
+from ._rng import RngState
 from ._tableau import ButcherTableau
 
-__all__ = ["StepPlan", "plan_for", "combine", "rk_step", "integrate", "StepHook"]
+__all__ = ["StepPlan", "plan_for", "combine", "rk_step", "Stepper", "integrate", "StepHook"]
 
 Step = float | torch.Tensor
 DynamicsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,7 +61,7 @@ def combine(
     """``y + h * sum(coef * ks[l] for l, coef in terms)`` with fused kernels.
 
     With a float ``h`` each term is one ``torch.add(..., alpha=)``; with a tensor ``h`` (times
-    that need a gradient) the sum is formed first and added with one ``addcmul``.
+    that need a gradient, and the compiled path) the sum is formed first and then added.
     """
     if not terms:
         return y
@@ -67,13 +70,13 @@ def combine(
         for m, coef in terms:
             out = torch.add(out, ks[m], alpha=coef * h)
         return out
-    (l0, c0), *rest = terms
-    if not rest:
-        return torch.addcmul(y, ks[l0], h, value=c0)
-    acc = ks[l0] * c0
-    for m, coef in rest:
-        acc = torch.add(acc, ks[m], alpha=coef)
-    return torch.addcmul(y, acc, h)
+    # No `alpha=`/`value=` coefficients here: this path is also the compiled one, and
+    # torch.compile's inductor drops the `alpha` of `add(x, mm(a, b), alpha=c)` when it rewrites
+    # it to `addmm` (pytorch/pytorch#167313), which a stage that is a matrix product triggers.
+    acc = ks[terms[0][0]] * terms[0][1]
+    for m, coef in terms[1:]:
+        acc = acc + ks[m] * coef
+    return y + acc * h
 
 
 def rk_step(
@@ -104,6 +107,133 @@ def _combine_state(y: Any, h: Any, terms: Sequence[tuple[int, float]], ks: Seque
     return combine(y, h, terms, ks)
 
 
+def _compiled_rk_steps(plan: StepPlan, steps: int) -> Callable[..., torch.Tensor]:
+    def rk_steps_compiled(
+        func: DynamicsFn, y: torch.Tensor, h: torch.Tensor, ts: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        f = cast(func)
+        for k in range(steps):
+            y = rk_step(f, y, h, ts, k * plan.stages, plan)
+        return y
+
+    return rk_steps_compiled
+
+
+class Stepper:
+    """The steps of a tableau, eager or compiled: what :func:`integrate`, backprop and the
+    checkpointed re-runs call.
+
+    ``stepper(f, y, h, times, pos)`` takes one step and ``stepper.advance(..., steps)`` several,
+    with ``f`` a :class:`~torchode_adjoint._dynamics.Dynamics`. Compiled, the first step of each
+    ``f`` runs eagerly (the output check, and a look at whether the dynamics draw random
+    numbers, which keeps the pass eager); later ones run compiled graphs of
+    ``options.steps`` steps (and of one step for the rest), with the step size and the stage
+    times as tensors, and count the evaluations themselves.
+
+    Parameters
+    ----------
+    tableau : ButcherTableau
+    options : Compile or None
+        None for the eager step.
+    """
+
+    __slots__ = ("plan", "single", "chunk", "chunk_steps", "_h")
+
+    def __init__(self, tableau: ButcherTableau, options: Compile | None) -> None:
+        self.plan = plan_for(tableau)
+        plan = self.plan
+        self.single: CompiledFunction | None = None
+        self.chunk: CompiledFunction | None = None
+        self.chunk_steps = 1
+        if options is not None:
+            self.single = options.function(("rk", tableau, 1), lambda: _compiled_rk_steps(plan, 1))
+            if options.steps > 1:
+                self.chunk_steps = options.steps
+                self.chunk = options.function(
+                    ("rk", tableau, options.steps),
+                    lambda: _compiled_rk_steps(plan, options.steps),
+                )
+        self._h: tuple[Any, torch.Tensor | None] = (None, None)
+
+    def __call__(self, f: Any, y: torch.Tensor, h: Step, times: Any, pos: int) -> torch.Tensor:
+        if self.single is None or f.compile_ok is False:
+            return rk_step(f, y, h, times, pos, self.plan)
+        if f.compile_ok is None:
+            before = RngState.capture(y.device)
+            out = rk_step(f, y, h, times, pos, self.plan)
+            f.compile_ok = (
+                f.checked
+                and before.same_as(RngState.capture(y.device))
+                and _compilable_with_grad(f.func)
+            )
+            return out
+        return self._run(self.single, 1, f, y, h, times, pos)
+
+    def advance(
+        self, f: Any, y: torch.Tensor, h: Step, times: Any, pos: int, steps: int
+    ) -> torch.Tensor:
+        """``steps`` steps from ``y``, the first at evaluation ``pos`` of ``times``."""
+        stages, chunk, size = self.plan.stages, self.chunk, self.chunk_steps
+        k = 0
+        while k < steps:
+            if chunk is not None and f.compile_ok and steps - k >= size:
+                y = self._run(chunk, size, f, y, h, times, pos)
+                k, pos = k + size, pos + size * stages
+            else:
+                y = self(f, y, h, times, pos)
+                k, pos = k + 1, pos + stages
+        return y
+
+    def _run(
+        self,
+        fn: CompiledFunction,
+        steps: int,
+        f: Any,
+        y: torch.Tensor,
+        h: Step,
+        times: Any,
+        pos: int,
+    ) -> torch.Tensor:
+        evaluations = steps * self.plan.stages
+        ts = tuple(times[pos + e] for e in range(evaluations))
+        out = fn(f.func, y, self.step_tensor(h, y), ts)
+        f.nfe += evaluations
+        return out
+
+    def step_tensor(self, h: Step, like: torch.Tensor) -> torch.Tensor:
+        """``h`` as a 0-dim tensor in ``like``'s dtype and device (the last one is reused)."""
+        if isinstance(h, torch.Tensor):
+            return h
+        key = (h, like.dtype, like.device)
+        if self._h[0] != key:
+            self._h = (key, torch.tensor(h, dtype=like.dtype, device=like.device))
+        assert self._h[1] is not None
+        return self._h[1]
+
+
+def _compilable_with_grad(func: object) -> bool:
+    """False (with a warning) where a recorded compiled step would fail: under autograd, a
+    compiled graph saves ``nn.BatchNorm``'s running buffers, which the next step's update
+    modifies in place (autograd then refuses the backward pass)."""
+    if not torch.is_grad_enabled() or not isinstance(func, torch.nn.Module):
+        return True
+    tracking = any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        and m.training
+        and m.track_running_stats
+        for m in func.modules()
+    )
+    if tracking:
+        warnings.warn(
+            "a compiled step recorded for backprop cannot update an nn.BatchNorm's running "
+            "statistics in place, so this pass runs eagerly (same results); with "
+            "TemporalBatchNorm, or adjoint='adjoint' or 'checkpoint', it compiles.",
+            CompileFallbackWarning,
+            stacklevel=5,
+        )
+    return not tracking
+
+
 def integrate(
     f: DynamicsFn,
     y0: torch.Tensor,
@@ -113,6 +243,7 @@ def integrate(
     *,
     check_finite: bool,
     before_step: StepHook | None = None,
+    stepper: Stepper | None = None,
 ) -> list[torch.Tensor]:
     """Integrate over the grid and return the states at the output times after the first.
 
@@ -130,13 +261,16 @@ def integrate(
         Check the result once, after the loop, and locate the first non-finite step if needed.
     before_step : callable, optional
         ``before_step(i, k, y)`` before every step (a gradient mode keeping checkpoints).
+    stepper : Stepper, optional
+        The step to take (compiled or eager); default the eager step of ``tableau``.
 
     Returns
     -------
     list of Tensor, T - 1 of shape (...)
         The states at ``t[1:]``; the caller stacks them with ``y0`` if it needs to.
     """
-    plan = plan_for(tableau)
+    step = stepper if stepper is not None else Stepper(tableau, None)
+    stages = step.plan.stages
     times = StageTimes(t, grid, tableau.c)
     hs: Sequence[Step] = step_sizes(t, grid) if t.requires_grad else grid.h
     states = []
@@ -144,11 +278,14 @@ def integrate(
     pos = 0
     for i, n in enumerate(grid.n_steps):
         h = hs[i]
-        for k in range(n):
-            if before_step is not None:
+        if before_step is None:
+            y = step.advance(f, y, h, times, pos, n)
+            pos += n * stages
+        else:
+            for k in range(n):
                 before_step(i, k, y)
-            y = rk_step(f, y, h, times, pos, plan)
-            pos += plan.stages
+                y = step(f, y, h, times, pos)
+                pos += stages
         states.append(y)
     # One host sync per call, never one per step: see locate_non_finite for the slow path.
     # Under torch.func transforms (vmap) a data-dependent branch is impossible: no check there.

@@ -241,7 +241,8 @@ class TemporalBatchNormBase(nn.Module):
     def _segment(self, t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Linear-interpolation weights at ``t`` on the segment from slot ``a`` to slot ``b``."""
         times = self.times
-        t_a, t_b = times[a], times[b]
+        # gather, not times[a]: a tensor index that torch.compile can trace without a sync.
+        t_a, t_b = times.gather(0, torch.stack([a, b])).unbind(0)
         span = t_b - t_a
         ok = span.abs() > 0
         w_b = torch.where(ok, (t - t_a) / torch.where(ok, span, torch.ones_like(span)), 0.0 * t)

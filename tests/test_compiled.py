@@ -1,0 +1,236 @@
+"""The compiled path gives the eager path's values, gradients, counts, buffers and errors.
+
+Most tests compile with the ``aot_eager`` backend: it traces the same graphs as inductor
+(Dynamo, functionalisation, AOTAutograd's forward and backward graphs) without generating
+kernels, which keeps the suite's time reasonable; one test runs inductor itself. Every test
+shares one set of options, so graphs compiled by one test are reused by the next.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from problems import MLPDynamics
+from torch import nn
+
+from torchode_adjoint import (
+    Compile,
+    CompileFallbackWarning,
+    NFECounter,
+    ODEBlock,
+    TemporalBatchNorm1d,
+    available_solvers,
+    odeint,
+)
+
+D = torch.float64
+T = torch.tensor([0.0, 0.35, 1.0], dtype=D)
+# Two steps per graph: every solve below uses graphs of two steps and of one (the rest).
+FAST = Compile(backend="aot_eager", steps=2)
+
+
+@pytest.fixture(autouse=True)
+def _no_silent_fallback():
+    """A compile failure falls back to eager with a warning: here it fails the test instead,
+    so that a fallback never passes for the compiled path (tests expecting it catch it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        yield
+
+
+def _solve(f, y0, t, compile, **kw):
+    """Solution, gradients (y0, t, parameters) and the evaluation counts of one solve."""
+    y0 = y0.detach().clone().requires_grad_()
+    t = t.detach().clone().requires_grad_()
+    nfe = NFECounter()
+    sol = odeint(f, y0, t, compile=compile, nfe=nfe, **kw)
+    w = torch.linspace(-1.0, 1.0, sol.numel(), dtype=sol.dtype).reshape(sol.shape)
+    grads = torch.autograd.grad((w * sol).sum(), [y0, t, *f.parameters()])
+    return sol.detach(), grads, (nfe.forward, nfe.backward)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _cases() -> list[tuple[str, str]]:
+    cases = [(s, m) for s in available_solvers() for m in ("adjoint", "backprop", "checkpoint")]
+    return [*cases, ("heun", "reversible")]
+
+
+@pytest.mark.parametrize(("solver", "mode"), _cases())
+def test_values_gradients_and_counts_equal_the_eager_path(solver: str, mode: str, gen) -> None:
+    f = MLPDynamics().double()
+    y0 = torch.randn(4, 3, dtype=D, generator=gen)
+    # step 0.1: 4 and 7 steps, so the graphs of two steps and of one both run.
+    kw = dict(solver=solver, step=0.1, adjoint=mode)
+    eager = _solve(f, y0, T, False, **kw)
+    compiled = _solve(f, y0, T, FAST, **kw)
+    assert _rel(compiled[0], eager[0]) < 1e-10
+    for a, b in zip(compiled[1], eager[1]):
+        assert _rel(a, b) < 1e-10
+    assert compiled[2] == eager[2]
+
+
+def test_inductor_matches_eager_in_float32(gen) -> None:
+    f = MLPDynamics().float()
+    y0 = torch.randn(8, 3, generator=gen)
+    t = T.float()
+    kw = dict(solver="rk4", step=0.25, adjoint="adjoint")
+    eager = _solve(f, y0, t, False, **kw)
+    compiled = _solve(f, y0, t, Compile(steps=2), **kw)
+    assert _rel(compiled[0], eager[0]) < 1e-5
+    for a, b in zip(compiled[1], eager[1]):
+        assert _rel(a, b) < 1e-5
+    assert compiled[2] == eager[2]
+
+
+def test_new_times_and_step_sizes_do_not_recompile(gen) -> None:
+    f = MLPDynamics().double()
+    y0 = torch.randn(4, 3, dtype=D, generator=gen).requires_grad_()
+
+    def run(t1: float) -> None:
+        t = torch.tensor([0.0, t1], dtype=D, requires_grad=True)
+        sol = odeint(f, y0, t, solver="midpoint", step=0.1, adjoint="adjoint", compile=FAST)
+        sol[-1].sum().backward()
+
+    run(0.5)  # compiles what these solves need (5 steps: graphs of two steps and of one)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for k in range(20):
+        run(0.41 + 0.001 * k)  # 5 steps each time, every time and step size new
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+
+
+class _NormDynamics(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.bn = nn.BatchNorm1d(3)
+        self.tbn = TemporalBatchNorm1d(3)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.tbn(t, self.bn(self.lin(y))))
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "backprop", "checkpoint"])
+def test_batchnorm_buffers_are_updated_as_in_eager_mode(mode: str, gen) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the plain BatchNorm's time-shared statistics
+        f = _NormDynamics().double()
+    y0 = torch.randn(16, 3, dtype=D, generator=gen)
+    buffers = []
+    for compile in (False, FAST):
+        g = _NormDynamics().double()
+        g.load_state_dict(f.state_dict())
+        if compile and mode == "backprop":
+            # A recorded compiled step cannot update nn.BatchNorm's buffers in place: eager.
+            with pytest.warns(CompileFallbackWarning, match="runs eagerly"):
+                _solve(g, y0, T, compile, solver="rk4", step=0.2, adjoint=mode)
+        else:
+            _solve(g, y0, T, compile, solver="rk4", step=0.2, adjoint=mode)
+        buffers.append(g.state_dict())
+    for name, value in buffers[0].items():
+        assert torch.allclose(
+            buffers[1][name].double(), value.double(), rtol=1e-10, atol=1e-12, equal_nan=True
+        )
+
+
+def test_a_bad_output_raises_the_eager_error(gen) -> None:
+    class Bad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.lin(y)
+
+    y0 = torch.randn(4, 3, dtype=D, generator=gen)
+    with pytest.raises(ValueError, match="state's shape"):
+        odeint(Bad().double(), y0, T, compile=FAST)
+
+
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("no compiler here")
+
+
+def test_a_failing_compiler_warns_and_runs_the_eager_step(gen) -> None:
+    f = MLPDynamics().double()
+    y0 = torch.randn(4, 3, dtype=D, generator=gen)
+    eager = _solve(f, y0, T, False, solver="rk4", adjoint="adjoint")
+    with pytest.warns(CompileFallbackWarning, match="torch.compile failed"):
+        broken = _solve(f, y0, T, Compile(backend=_failing_backend), solver="rk4")
+    assert _rel(broken[0], eager[0]) < 1e-12
+    for a, b in zip(broken[1], eager[1]):
+        assert _rel(a, b) < 1e-12
+
+
+def test_random_dynamics_stay_eager_and_their_draws_are_replayed(gen) -> None:
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.drop = nn.Dropout(0.3)
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.drop(torch.tanh(self.lin(y)))
+
+    f = Noisy().double()
+    y0 = torch.randn(6, 3, dtype=D, generator=gen)
+    results = []
+    for compile in (False, FAST):
+        torch.manual_seed(7)
+        results.append(_solve(f, y0, T, compile, solver="midpoint", adjoint="checkpoint"))
+    torch.manual_seed(7)
+    reference = _solve(f, y0, T, False, solver="midpoint", adjoint="backprop")
+    for a, b in zip(results[1][1], reference[1]):
+        assert _rel(a, b) < 1e-10
+    assert torch.equal(results[0][0], results[1][0])
+
+
+def test_tensors_other_than_parameters_warn_and_get_their_gradient(gen) -> None:
+    f = MLPDynamics().double()
+    scale = torch.tensor(1.5, dtype=D, requires_grad=True)
+
+    def func(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return scale * f(t, y)
+
+    y0 = torch.randn(4, 3, dtype=D, generator=gen)
+    grads = []
+    for compile in (False, FAST):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sol = odeint(func, y0, T, params=[scale, *f.parameters()], compile=compile)
+            grads.append(torch.autograd.grad(sol.sum(), scale)[0])
+        fallbacks = [w for w in caught if issubclass(w.category, CompileFallbackWarning)]
+        assert len(fallbacks) == bool(compile)
+        assert all("parameters of an nn.Module only" in str(w.message) for w in fallbacks)
+    assert _rel(grads[1], grads[0]) < 1e-10
+
+
+def test_a_block_compiles_and_trains_like_the_eager_block(gen) -> None:
+    y0 = torch.randn(5, 3, dtype=D, generator=gen)
+    grads = []
+    for compile in (False, FAST):
+        torch.manual_seed(0)
+        block = ODEBlock(MLPDynamics().double(), solver="rk4", step=0.25, compile=compile)
+        block(y0).square().sum().backward()
+        grads.append([p.grad for p in block.parameters()])
+    for a, b in zip(*grads):
+        assert _rel(a, b) < 1e-10
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [("yes", TypeError), (1, TypeError)],
+)
+def test_a_bad_compile_argument_is_named(value: object, error: type) -> None:
+    with pytest.raises(error, match="`compile`"):
+        odeint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], params=(), compile=value)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1.5, True])
+def test_bad_steps_per_graph_are_named(steps: object) -> None:
+    with pytest.raises(ValueError, match="`steps`"):
+        Compile(steps=steps)  # type: ignore[arg-type]
