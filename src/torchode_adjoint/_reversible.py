@@ -30,7 +30,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._compiled import CompiledFunction, cast, parameter_names, vjp
+from ._compiled import CompiledFunction, cast, parameter_names
+from ._compiled import vjp as compiled_vjp
 from ._dynamics import Dynamics
 from ._grid import StageTimes, TimeGrid, step_sizes, time_gradient
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients, RngState
@@ -178,7 +179,7 @@ class Reversible(GradientMode):
 
         names = parameter_names(job.spec.func, job.vjp_params) if job.spec.compile else None
         compiled = (
-            _compiled(job.spec, "reversible_vjp", lambda: vjp)
+            _compiled(job.spec, "reversible_vjp", lambda: compiled_vjp)
             if names is not None and not job.record.random
             else None
         )
