@@ -282,6 +282,24 @@ def _compiled_table(rows: list[dict]) -> list[str]:
 
 def write_report(results: dict, out: Path) -> None:
     speed, gradients, accuracy = results["speed"], results["gradients"], results["accuracy"]
+    if not speed:  # --compiled-only
+        lines = [
+            "# Benchmark report: the compiled path",
+            "",
+            f"Machine: {results['machine']}.",
+            f"Command: `{results['command']}` ({results['wall_s']:.0f} s; torchdiffeq "
+            f"{results['torchdiffeq'] or 'not installed'}).",
+            "",
+            "Times are medians of alternating repeats after warm-up, all in one process.",
+            "",
+            "Workloads: " + "; ".join(f"`{k}`: {v}" for k, v in results["workloads"].items()) + ".",
+            "",
+            *_compiled_section(results.get("compiled", [])),
+        ]
+        tmp = out / "report.md.tmp"
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, out / "report.md")
+        return
     lines = [
         "# Benchmark report",
         "",

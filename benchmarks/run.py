@@ -475,8 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--compile-steps",
         type=int,
-        default=5,
+        default=1,
         help="solver steps per compiled graph in the compiled rows (Compile(steps=...))",
+    )
+    p.add_argument(
+        "--compiled-only",
+        action="store_true",
+        help="measure the compiled path's rows only (no eager table, gradients or accuracy)",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = p.parse_args(argv)
@@ -499,11 +504,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         mlp_steps, conv_steps, repeats, conv_batch = [10, 100, 1000], [2, 10], 7, 128
     started = time.time()
-    print(SPEED_HEADER, flush=True)
     workloads = [mlp_workload()]
     workloads += [conv_workload(batch=conv_batch, size=s) for s in (8, 4)]
-    speed = []
-    for w in workloads:
+    speed: list[dict] = []
+    if not args.compiled_only:
+        print(SPEED_HEADER, flush=True)
+    for w in workloads if not args.compiled_only else []:
         w = Workload(w.name, w.title, w.func.to(device), w.y0.to(device))
         steps = mlp_steps if w.name == "mlp" else conv_steps
         speed += bench_speed(
@@ -533,10 +539,12 @@ def main(argv: list[str] | None = None) -> int:
         for solver, steps in plan:
             compiled += bench_compiled(w, solver, steps, 5 if args.quick else repeats, options)
     grad_steps = [10, 100] if args.quick else [10, 30, 100, 300]
-    gradients = bench_gradients(solvers, grad_steps)
-    accuracy = bench_accuracy(
-        ["euler", "midpoint", "heun", "rk3", "rk4", "rk38"], [50, 100, 200, 400, 800]
-    )
+    gradients, accuracy = [], []
+    if not args.compiled_only:
+        gradients = bench_gradients(solvers, grad_steps)
+        accuracy = bench_accuracy(
+            ["euler", "midpoint", "heun", "rk3", "rk4", "rk38"], [50, 100, 200, 400, 800]
+        )
     results = {
         "machine": machine(),
         "command": "python -m benchmarks.run "

@@ -176,6 +176,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the ODE blocks' steps as torch.compile graphs (same results to round-off; the "
+        "first epoch includes compiling, and runs with and without it need separate --output-dir)",
+    )
+    p.add_argument(
         "--measure-only",
         action="store_true",
         help="no training: measure memory and NFE of one training step of every model and "
@@ -344,8 +350,11 @@ class Progress:
     epoch: int
 
 
-def build_run(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The seeded model and its optimiser."""
+def build_run(
+    cfg: RunConfig, device: torch.device, *, compile: bool = False
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The seeded model and its optimiser (``compile``: the ODE blocks' compiled path, which
+    changes the speed only, so it is not part of the run's configuration)."""
     torch.manual_seed(cfg.seed)
     model = build_model(
         parse_model_spec(cfg.model),
@@ -353,6 +362,7 @@ def build_run(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, torch.op
         norm=cfg.norm,
         solver=cfg.solver or "euler",  # unused by a ResNet
         adjoint=cfg.gradient or True,
+        compile=compile,
     ).to(device)
     if cfg.optimizer == "adam":
         return model, torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -461,6 +471,7 @@ def train_model(
     resume: bool,
     stop_after: int | None,
     progress: bool,
+    compile: bool = False,
 ) -> dict | None:
     """Train one network; returns its result record, or None if stopped early."""
     run_dir = out_dir / cfg.run_name
@@ -474,7 +485,7 @@ def train_model(
             print(f"[{cfg.model}] already finished: best {record['best_test_acc']:.2f} %")
         return record
 
-    model, opt = build_run(cfg, device)
+    model, opt = build_run(cfg, device, compile=compile)
     state = restore(ckpt_path, cfg, model, opt, device) if resume else None
     if ddp.main and resume:
         print(
@@ -538,6 +549,7 @@ def train_model(
             save_checkpoint(ckpt_path, cfg, model, opt, state)
         ddp.barrier()
     record = result_record(cfg, model, state, measured, device, ddp, train, test)
+    record["compiled"] = compile
     if ddp.main:
         atomic_write_text(json.dumps(record, indent=2), result_path)
     return record
@@ -850,6 +862,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             stop_after=args.stop_after,
             progress=not args.no_progress,
+            compile=args.compile,
         )
         if record is not None:
             records.append(record)

@@ -67,6 +67,12 @@ def test_ode_stages_carry_solver_step_and_gradient_mode() -> None:
     )
     assert len(ode_blocks(build_model(parse_model_spec("hybrid2@0.5")))) == 1
     assert ode_blocks(build_model(parse_model_spec("resnet3"))) == []
+    assert all(b.config.compile is None for b in blocks)
+
+
+def test_compile_reaches_every_ode_block() -> None:
+    model = build_model(parse_model_spec("odenet@0.5"), compile=True)
+    assert [b.config.compile is not None for b in ode_blocks(model)] == [True, True]
 
 
 @pytest.mark.parametrize("text", ["odenet", "resnet1@0.5", "odenet2@0.5", "vgg16", "hybrid0@0.5"])

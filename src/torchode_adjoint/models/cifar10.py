@@ -189,10 +189,20 @@ def _residual_stage(channels: int, k: int, shared: bool, norm: Norm) -> nn.Seque
 
 
 def _ode_stage(
-    channels: int, step: float, shared: bool, norm: Norm, solver: str, adjoint: bool | str
+    channels: int,
+    step: float,
+    shared: bool,
+    norm: Norm,
+    solver: str,
+    adjoint: bool | str,
+    compile: bool,
 ) -> ODEBlock:
     return ODEBlock(
-        ConvDynamics(channels, shared=shared, norm=norm), solver=solver, step=step, adjoint=adjoint
+        ConvDynamics(channels, shared=shared, norm=norm),
+        solver=solver,
+        step=step,
+        adjoint=adjoint,
+        compile=compile,
     )
 
 
@@ -203,6 +213,7 @@ def build_model(
     norm: Norm = "batch",
     solver: str = "euler",
     adjoint: bool | str = True,
+    compile: bool = False,
 ) -> nn.Sequential:
     """Build one network of the study.
 
@@ -215,6 +226,8 @@ def build_model(
     solver : str, default "euler"
     adjoint : bool or str, default True
         The ODE blocks' gradient mode.
+    compile : bool, default False
+        Compile the ODE blocks' steps (``ODEBlock(compile=True)``).
 
     Returns
     -------
@@ -235,9 +248,9 @@ def build_model(
         stage2: nn.Module = _residual_stage(64, spec.blocks, shared, norm)
     else:
         assert spec.step is not None  # guaranteed by parse_model_spec
-        stage2 = _ode_stage(64, spec.step, shared, norm, solver, adjoint)
+        stage2 = _ode_stage(64, spec.step, shared, norm, solver, adjoint, compile)
         stage1 = (
-            _ode_stage(32, spec.step, shared, norm, solver, adjoint)
+            _ode_stage(32, spec.step, shared, norm, solver, adjoint, compile)
             if spec.family == "odenet"
             else _residual_stage(32, spec.blocks, shared, norm)
         )
