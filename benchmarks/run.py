@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torchode_adjoint import (
     GRADIENT_MODES,
     Compile,
     NFECounter,
+    TimeSharedStatisticsWarning,
     get_solver,
     odeint,
     resolve_mode,
@@ -493,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    # The conv workload is the reference study's dynamics, BatchNorm included on purpose.
+    warnings.filterwarnings("ignore", category=TimeSharedStatisticsWarning)
     print(f"results, report and plots go to {out.resolve()}/", flush=True)
     for name, lib in (("torchdiffeq", torchdiffeq), ("torchode", torchode)):
         if lib is None:
