@@ -166,6 +166,41 @@ def test_a_failing_compiler_warns_and_runs_the_eager_step(gen) -> None:
         assert _rel(a, b) < 1e-12
 
 
+def test_after_a_failed_compile_the_module_keeps_its_parameters(gen) -> None:
+    # A failure after tracing torch.func.functional_call once left its tensors on the module.
+    f = MLPDynamics().double()
+    params = dict(f.named_parameters())
+    y0 = torch.randn(4, 3, dtype=D, generator=gen)
+    eager = _solve(f, y0, T, False, solver="heun", adjoint="adjoint")
+    with pytest.warns(CompileFallbackWarning):
+        for _ in range(2):  # the second solve's check would refuse swapped parameters
+            broken = _solve(f, y0, T, Compile(backend=_failing_backend), solver="heun")
+            assert all(p is params[name] for name, p in f.named_parameters())
+            for a, b in zip(broken[1], eager[1]):
+                assert _rel(a, b) < 1e-12
+
+
+def test_batch_statistics_under_torch_func_keep_parameters_and_gradients(gen) -> None:
+    # PyTorch 2.13 cannot compile torch.func's VJP through batch_norm in training mode
+    # ("Cannot access storage of TensorWrapper"), and the failed attempt left the tensors
+    # torch.func.functional_call swapped in on the module.
+    from torchode_adjoint.models.cifar10 import ConvDynamics
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its BatchNorm's time-shared statistics
+        f = ConvDynamics(4, shared=True).double()
+    params = dict(f.named_parameters())
+    y0 = torch.randn(4, 4, 3, 3, dtype=D, generator=gen)
+    eager = _solve(f, y0, T, False, solver="heun", adjoint="adjoint")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompileFallbackWarning)
+        for _ in range(2):  # the second solve's check would refuse swapped parameters
+            compiled = _solve(f, y0, T, FAST, solver="heun", adjoint="adjoint")
+            assert all(p is params[name] for name, p in f.named_parameters())
+            for a, b in zip(compiled[1], eager[1]):
+                assert (a - b).norm() <= 1e-10 * max(b.norm(), 1.0)
+
+
 def test_random_dynamics_stay_eager_and_their_draws_are_replayed(gen) -> None:
     class Noisy(nn.Module):
         def __init__(self) -> None:

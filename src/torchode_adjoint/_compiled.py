@@ -87,7 +87,7 @@ class CompiledFunction:
     every set of options gets its own.
     """
 
-    __slots__ = ("eager", "compiled", "failed")
+    __slots__ = ("eager", "compiled", "_failed", "_verified")
 
     def __init__(self, fn: Callable[..., Any], options: Compile) -> None:
         self.eager = fn
@@ -97,24 +97,68 @@ class CompiledFunction:
         self.compiled: Callable[..., Any] = torch.compile(
             fresh, backend=options.backend, mode=options.mode, fullgraph=True, dynamic=False
         )
-        self.failed = False
+        # Modules (by id) this function failed to compile for, and ran compiled for.
+        self._failed: set[int] = set()
+        self._verified: set[int] = set()
 
-    def __call__(self, *args: Any) -> Any:
-        if self.failed:
-            return self.eager(*args)
+    def __call__(self, func: object, *args: Any) -> Any:
+        if id(func) in self._failed:
+            return self._eager(func, args)
+        first = id(func) not in self._verified
+        # A compilation that fails after tracing `torch.func.functional_call` can leave the
+        # swapped-in tensors on the module (seen with PyTorch 2.13): keep the module's tensors on
+        # the first (compiling) call, to put them back.
+        saved = _module_tensors(func) if first else None
         try:
-            return self.compiled(*args)
+            out = self.compiled(func, *args)
         except Exception as err:  # noqa: BLE001 - any compiler failure: try the eager code
-            out = self.eager(*args)  # an error of the user's code raises here, as in eager mode
-            self.failed = True
+            _restore(saved)
+            out = self._eager(func, args)  # a user error raises here, as in eager mode
+            self._failed.add(id(func))
             warnings.warn(
-                f"torch.compile failed for the solver step `{self.eager.__name__}` and the eager "
-                f"step is used instead (same results, eager speed): {type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}",
+                f"torch.compile failed for the solver step `{self.eager.__name__}` of these "
+                f"dynamics, which run it eagerly from now on (same results, eager speed): "
+                f"{_reason(err)}",
                 CompileFallbackWarning,
                 stacklevel=2,
             )
             return out
+        if first:
+            self._verified.add(id(func))
+        return out
+
+    def _eager(self, func: object, args: tuple[Any, ...]) -> Any:
+        # After a failed compilation, even the eager torch.func.functional_call was seen to leave
+        # its tensors on the module: check and restore around every eager call.
+        saved = _module_tensors(func)
+        try:
+            return self.eager(func, *args)
+        finally:
+            _restore(saved)
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost error's type and first line (a backend failure wraps the real one)."""
+    inner = getattr(err, "inner_exception", None) or err.__cause__ or err
+    text = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {text[0] if text else ''}"
+
+
+def _module_tensors(func: object) -> list[tuple[dict[str, Any], str, Any]] | None:
+    if not isinstance(func, nn.Module):
+        return None
+    return [
+        (store, name, value)
+        for m in func.modules()
+        for store in (m._parameters, m._buffers)
+        for name, value in store.items()
+    ]
+
+
+def _restore(saved: list[tuple[dict[str, Any], str, Any]] | None) -> None:
+    for store, name, value in saved or ():
+        if store.get(name) is not value:
+            store[name] = value
 
 
 def cast(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
