@@ -379,9 +379,12 @@ def _compiled_section(rows: list[dict]) -> list[str]:
         "",
         "The same training step and forward pass with `Compile(backend='inductor', "
         f"steps={rows[0]['steps_per_graph']})`, timed beside the eager path and torchdiffeq. "
-        "'first call' is the first training step of a fresh process state (it compiles the "
-        "forward and backward graphs); 'break-even calls' is that compile time over the time "
-        "each later call saves (never: the compiled call is not faster).",
+        "'first call' is the first training step after `torch._dynamo.reset()` with a fresh "
+        "inductor cache folder (it compiles the forward and backward graphs; kernels that an "
+        "earlier row of the same process compiled are reused, so the first row of each "
+        "workload and solver is the cold compile); 'break-even calls' is the first call's "
+        "extra time over the time each later call saves (never: the compiled call is not "
+        "faster).",
         "",
         "| target | bound | median | worst | met |",
         "|---|---|---|---|---|",

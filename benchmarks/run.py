@@ -14,12 +14,15 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._functorch.config
+import torch._inductor.config
 
 from torchode_adjoint import (
     GRADIENT_MODES,
@@ -325,13 +328,20 @@ def bench_compiled(
         adjoint_c = train_step(ours_loss(w, solver, n, "adjoint", options))
         forward_c = ours_forward(w, solver, n, options)
         first = {}
-        for name, fn in (
-            ("ours_adjoint_compiled", adjoint_c),
-            ("ours_forward_compiled", forward_c),
+        # Cold compilation: no on-disk caches of earlier rows or runs (a fresh inductor cache
+        # folder, and no FX-graph or AOTAutograd cache).
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="torchinductor-bench-")
+        with (
+            torch._inductor.config.patch(fx_graph_cache=False),
+            torch._functorch.config.patch(enable_autograd_cache=False),
         ):
-            start = time.perf_counter()
-            fn()
-            first[name] = time.perf_counter() - start
+            for name, fn in (
+                ("ours_adjoint_compiled", adjoint_c),
+                ("ours_forward_compiled", forward_c),
+            ):
+                start = time.perf_counter()
+                fn()
+                first[name] = time.perf_counter() - start
         cands: dict[str, Callable[[], None]] = {
             "ours_adjoint": train_step(ours_loss(w, solver, n, "adjoint")),
             "ours_adjoint_compiled": adjoint_c,

@@ -92,7 +92,11 @@ def test_target_checks_compare_the_median_with_the_bound() -> None:
 
 @pytest.mark.parametrize(
     ("args", "name"),
-    [(["--device", "cuda:3"], "--device"), (["--threads", "0"], "--threads")],
+    [
+        (["--device", "cuda:3"], "--device"),
+        (["--threads", "0"], "--threads"),
+        (["--compile-steps", "0"], "--compile-steps"),
+    ],
 )
 def test_a_bad_benchmark_argument_exits_2_with_one_line(tmp_path, args, name) -> None:
     import subprocess
@@ -116,3 +120,30 @@ def test_the_default_output_folder_is_ignored_by_git(capsys) -> None:
     assert "(default: runs/benchmarks)" in text
     root = Path(__file__).resolve().parents[1]
     assert "runs/" in (root / ".gitignore").read_text().split()
+
+
+def test_the_compiled_targets_take_the_median_and_worst_ratio_per_workload() -> None:
+    def row(workload: str, adj: float, fwd: float) -> dict:
+        return {
+            "workload": workload,
+            "time_s": {
+                "ours_adjoint_compiled": adj,
+                "tdq_adjoint": 1.0,
+                "ours_forward_compiled": fwd,
+                "floor": 2.0,
+            },
+        }
+
+    rows = [
+        row("mlp", 0.3, 0.6),
+        row("mlp", 0.5, 1.0),
+        row("mlp", 0.2, 2.0),
+        row("conv8", 0.9, 1.0),
+    ]
+    checks = {c["target"]: c for c in report.compiled_checks(rows)}
+    mlp_adj = next(c for name, c in checks.items() if name.startswith("MLP adjoint"))
+    assert (mlp_adj["median"], mlp_adj["worst"], mlp_adj["met"]) == (0.3, 0.5, True)
+    mlp_fwd = next(c for name, c in checks.items() if name.startswith("MLP forward"))
+    assert (mlp_fwd["median"], mlp_fwd["worst"], mlp_fwd["met"]) == (0.5, 1.0, True)
+    conv = next(c for name, c in checks.items() if name.startswith("conv"))
+    assert (conv["median"], conv["met"]) == (0.9, False)
