@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._compiled import CompiledFunction, parameter_names, vjp
+from ._compiled import CompiledFunction, vjp, vjp_names
 from ._dynamics import Dynamics
 from ._grid import StageTimes
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
@@ -133,13 +133,11 @@ class _Augmented:
 
 
 def _compiled_step(job: BackwardJob) -> _CompiledStep | None:
-    """The compiled backward step, or None where the eager one runs (no compiled path, or
-    gradients for tensors that are not parameters of the dynamics module)."""
+    """The compiled backward step, or None where the eager one runs (see
+    :func:`~torchode_adjoint._compiled.vjp_names`)."""
     options = job.spec.compile
-    if options is None:
-        return None
-    names = parameter_names(job.spec.func, job.vjp_params)
-    if names is None:
+    names = vjp_names(options, job.spec.func, job.vjp_params)
+    if options is None or names is None:
         return None
     tableau = job.spec.tableau
     plan = plan_for(tableau)

@@ -32,7 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Compile", "CompiledFunction", "CompileFallbackWarning", "parameter_names", "cast"]
+__all__ = [
+    "Compile",
+    "CompiledFunction",
+    "CompileFallbackWarning",
+    "parameter_names",
+    "vjp_names",
+    "cast",
+]
 
 
 class CompileFallbackWarning(UserWarning):
@@ -97,12 +104,14 @@ class CompiledFunction:
         self.compiled: Callable[..., Any] = torch.compile(
             fresh, backend=options.backend, mode=options.mode, fullgraph=True, dynamic=False
         )
-        # Modules (by id) this function failed to compile for, and ran compiled for.
-        self._failed: set[int] = set()
+        # Dynamics classes this function failed to compile for (a failure is one of PyTorch's
+        # for what the class computes: its next instance, e.g. a deep copy, would fail again),
+        # and modules (by id) it ran compiled for.
+        self._failed: set[type | int] = set()
         self._verified: set[int] = set()
 
     def __call__(self, func: object, *args: Any) -> Any:
-        if id(func) in self._failed:
+        if _kind(func) in self._failed:
             return self._eager(func, args)
         first = id(func) not in self._verified
         # A compilation that fails after tracing `torch.func.functional_call` can leave the
@@ -114,11 +123,11 @@ class CompiledFunction:
         except Exception as err:  # noqa: BLE001 - any compiler failure: try the eager code
             _restore(saved)
             out = self._eager(func, args)  # a user error raises here, as in eager mode
-            self._failed.add(id(func))
+            self._failed.add(_kind(func))
             warnings.warn(
-                f"torch.compile failed for the solver step `{self.eager.__name__}` of these "
-                f"dynamics, which run it eagerly from now on (same results, eager speed): "
-                f"{_reason(err)}",
+                f"torch.compile failed for the solver step `{self.eager.__name__}` with dynamics "
+                f"of class {type(func).__name__}, which run it eagerly from now on (same "
+                f"results, eager speed): {_reason(err)}",
                 CompileFallbackWarning,
                 stacklevel=2,
             )
@@ -135,6 +144,11 @@ class CompiledFunction:
             return self.eager(func, *args)
         finally:
             _restore(saved)
+
+
+def _kind(func: object) -> type | int:
+    """What a failure is remembered for: a module's class, or a function itself."""
+    return type(func) if isinstance(func, nn.Module) else id(func)
 
 
 def _reason(err: BaseException) -> str:
@@ -177,8 +191,10 @@ def parameter_names(func: object, params: Sequence[torch.Tensor]) -> tuple[str, 
     if one of them is not a parameter of ``func``."""
     names: tuple[str, ...] | None = None if params else ()
     if isinstance(func, nn.Module):
-        by_id = {id(p): name for name, p in func.named_parameters()}
-        found = tuple(by_id.get(id(p), "") for p in params)
+        # By storage, not identity: saved tensors can come back from autograd as new Python
+        # objects (under saved-tensor hooks, for instance).
+        by_storage = {_storage_key(p): name for name, p in func.named_parameters()}
+        found = tuple(by_storage.get(_storage_key(p), "") for p in params)
         names = None if "" in found else found
     if names is None:
         warnings.warn(
@@ -189,6 +205,21 @@ def parameter_names(func: object, params: Sequence[torch.Tensor]) -> tuple[str, 
             stacklevel=2,
         )
     return names
+
+
+def vjp_names(
+    options: Compile | None, func: object, params: Sequence[torch.Tensor]
+) -> tuple[str, ...] | None:
+    """The parameter names for a compiled ``torch.func`` VJP of ``func``, or None where the
+    backward pass runs its eager VJP: no compiled path, saved-tensor hooks active (which
+    ``torch.func`` does not support), or tensors that are not parameters of ``func``."""
+    if options is None or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return None
+    return parameter_names(func, params)
+
+
+def _storage_key(p: torch.Tensor) -> tuple[int, tuple[int, ...], torch.dtype, torch.device]:
+    return (p.data_ptr(), tuple(p.shape), p.dtype, p.device)
 
 
 def functional(

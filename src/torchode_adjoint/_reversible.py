@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._compiled import CompiledFunction, cast, parameter_names
+from ._compiled import CompiledFunction, cast, vjp_names
 from ._compiled import vjp as compiled_vjp
 from ._dynamics import Dynamics
 from ._grid import StageTimes, TimeGrid, step_sizes, time_gradient
@@ -177,7 +177,7 @@ class Reversible(GradientMode):
         at_points: list[tuple[int, float, torch.Tensor]] = []
         per_step: list[tuple[int, torch.Tensor]] = []
 
-        names = parameter_names(job.spec.func, job.vjp_params) if job.spec.compile else None
+        names = vjp_names(job.spec.compile, job.spec.func, job.vjp_params)
         compiled = (
             _compiled(job.spec, "reversible_vjp", lambda: compiled_vjp)
             if names is not None and not job.record.random
