@@ -469,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="the CI preset: fewer steps and repeats (95 s measured on the idle 2-core CPU)",
+        help="the CI preset: fewer steps and repeats (155 s measured on the 2-core CPU with both "
+        "cores busy with other jobs at nice 19, threads auto = 1)",
     )
     p.add_argument(
         "--output-dir",
