@@ -213,9 +213,14 @@ def vjp_names(
     """The parameter names for a compiled ``torch.func`` VJP of ``func``, or None where the
     backward pass runs its eager VJP: no compiled path, saved-tensor hooks active (which
     ``torch.func`` does not support), or tensors that are not parameters of ``func``."""
-    if options is None or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+    if options is None or _saved_tensor_hooks_active():
         return None
     return parameter_names(func, params)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 def _storage_key(p: torch.Tensor) -> tuple[int, tuple[int, ...], torch.dtype, torch.device]:
