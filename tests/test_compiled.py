@@ -289,3 +289,49 @@ def test_a_bad_compile_argument_is_named(value: object, error: type) -> None:
 def test_bad_steps_per_graph_are_named(steps: object) -> None:
     with pytest.raises(ValueError, match="`steps`"):
         Compile(steps=steps)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "checkpoint", "backprop"])
+def test_under_autocast_compiled_and_eager_agree_to_bfloat16_precision(mode: str, gen) -> None:
+    f = MLPDynamics().float()
+    y0 = torch.randn(8, 3, generator=gen)
+    results = []
+    for compile in (False, FAST):
+        y = y0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sol = odeint(f, y, T.float(), solver="rk4", step=0.25, adjoint=mode, compile=compile)
+        assert sol.dtype == torch.float32  # the state keeps its dtype
+        results.append((sol.detach(), torch.autograd.grad(sol[-1].sum(), [y, *f.parameters()])))
+    (s_e, g_e), (s_c, g_c) = results
+    assert _rel(s_c, s_e) < 2e-2
+    for a, b in zip(g_c, g_e):
+        assert _rel(a, b) < 2e-2
+
+
+def test_double_backward_through_compiled_backprop_raises(gen) -> None:
+    f = MLPDynamics().double()
+    y = torch.randn(4, 3, dtype=D, generator=gen, requires_grad=True)
+    sol = odeint(f, y, T, solver="rk4", step=0.25, adjoint="backprop", compile=FAST)
+    (g,) = torch.autograd.grad(sol[-1].sum(), y, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.sum(), y)
+
+
+def test_torch_func_over_a_compiled_backprop_solve_runs_eagerly_without_giving_up(gen) -> None:
+    f = MLPDynamics().double()
+    y0 = torch.randn(4, 3, dtype=D, generator=gen)
+
+    def loss(y: torch.Tensor, compile: object) -> torch.Tensor:
+        sol = odeint(f, y, T, solver="rk4", step=0.25, adjoint="backprop", compile=compile)
+        return sol[-1].sum()
+
+    # No CompileFallbackWarning (an error here): the transform runs the eager step directly,
+    # and the dynamics stay compilable afterwards.
+    compiled = torch.func.grad(lambda y: loss(y, FAST))(y0)
+    eager = torch.func.grad(lambda y: loss(y, False))(y0)
+    assert _rel(compiled, eager) < 1e-12
+    after = _solve(f, y0, T, FAST, solver="rk4", step=0.25, adjoint="backprop")
+    assert (
+        _rel(after[0], _solve(f, y0, T, False, solver="rk4", step=0.25, adjoint="backprop")[0])
+        < 1e-10
+    )

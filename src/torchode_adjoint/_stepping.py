@@ -156,7 +156,8 @@ class Stepper:
         self._h: tuple[Any, torch.Tensor | None] = (None, None)
 
     def __call__(self, f: Any, y: torch.Tensor, h: Step, times: Any, pos: int) -> torch.Tensor:
-        if self.single is None or f.compile_ok is False:
+        # Under torch.func transforms the compiled graphs cannot run: eager, no attempt.
+        if self.single is None or f.compile_ok is False or _functorch_active():
             return rk_step(f, y, h, times, pos, self.plan)
         if f.compile_ok is None:
             before = RngState.capture(y.device)
@@ -176,7 +177,7 @@ class Stepper:
         stages, chunk, size = self.plan.stages, self.chunk, self.chunk_steps
         k = 0
         while k < steps:
-            if chunk is not None and f.compile_ok and steps - k >= size:
+            if chunk is not None and f.compile_ok and steps - k >= size and not _functorch_active():
                 y = self._run(chunk, size, f, y, h, times, pos)
                 k, pos = k + size, pos + size * stages
             else:
@@ -209,6 +210,10 @@ class Stepper:
             self._h = (key, torch.tensor(h, dtype=like.dtype, device=like.device))
         assert self._h[1] is not None
         return self._h[1]
+
+
+def _functorch_active() -> bool:
+    return torch._C._are_functorch_transforms_active()
 
 
 def _compilable_with_grad(func: object) -> bool:
