@@ -335,3 +335,12 @@ def test_torch_func_over_a_compiled_backprop_solve_runs_eagerly_without_giving_u
         _rel(after[0], _solve(f, y0, T, False, solver="rk4", step=0.25, adjoint="backprop")[0])
         < 1e-10
     )
+
+
+def test_a_compiled_block_saves_and_loads_whole(tmp_path, gen) -> None:
+    block = ODEBlock(MLPDynamics().double(), solver="rk4", step=0.25, compile=FAST)
+    y0 = torch.randn(4, 3, dtype=D, generator=gen)
+    torch.save(block, tmp_path / "block.pt")
+    loaded = torch.load(tmp_path / "block.pt", weights_only=False)
+    assert loaded.config.compile == FAST
+    assert _rel(loaded(y0), block(y0)) < 1e-12

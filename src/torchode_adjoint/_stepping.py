@@ -137,9 +137,10 @@ class Stepper:
         None for the eager step.
     """
 
-    __slots__ = ("plan", "single", "chunk", "chunk_steps", "_h")
+    __slots__ = ("tableau", "options", "plan", "single", "chunk", "chunk_steps", "_h")
 
     def __init__(self, tableau: ButcherTableau, options: Compile | None) -> None:
+        self.tableau, self.options = tableau, options
         self.plan = plan_for(tableau)
         plan = self.plan
         self.single: CompiledFunction | None = None
@@ -154,6 +155,10 @@ class Stepper:
                     lambda: _compiled_rk_steps(plan, options.steps),
                 )
         self._h: tuple[Any, torch.Tensor | None] = (None, None)
+
+    def __reduce__(self) -> tuple[type[Stepper], tuple[ButcherTableau, Compile | None]]:
+        # Compiled functions do not pickle: a saved block rebuilds them from its settings.
+        return (Stepper, (self.tableau, self.options))
 
     def __call__(self, f: Any, y: torch.Tensor, h: Step, times: Any, pos: int) -> torch.Tensor:
         # Under torch.func transforms the compiled graphs cannot run: eager, no attempt.
