@@ -18,7 +18,8 @@ captured-tensor probe and finds out whether the dynamics draw random numbers. Dy
 draw the eager generator's numbers and the gradient modes replay those draws.
 
 Where ``torch.compile`` fails, the step falls back to the eager code with one warning naming the
-error, and that compiled function stays eager afterwards.
+error, and stays eager for dynamics of that class afterwards. Under ``torch.func`` transforms
+and saved-tensor hooks the eager steps run without an attempt.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class Compile:
         The ``torch.compile`` mode, e.g. ``"max-autotune-no-cudagraphs"``.
     steps : int, default 1
         Solver steps per compiled graph. Each call of a compiled graph has a fixed cost (its
-        guards and wrappers; about 20-60 us on a 2-core CPU), which more steps per graph share;
+        guards and wrappers: 20-100 us measured on a 2-core CPU), which more steps per graph share;
         compile time grows with the graph. A rest of fewer steps runs one step per graph.
     """
 
