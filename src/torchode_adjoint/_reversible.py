@@ -51,9 +51,22 @@ _COEFF_TOL = 1e-12
 
 
 def reversible_heun_forward(
-    f: Any, y: torch.Tensor, z: torch.Tensor, f_k: torch.Tensor, h: float, t_next: torch.Tensor
+    f: Any,
+    y: torch.Tensor,
+    z: torch.Tensor,
+    f_k: torch.Tensor,
+    h: float | torch.Tensor,
+    t_next: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step: ``(y_k, z_k, f(t_k, z_k)) -> (y_{k+1}, z_{k+1}, f(t_{k+1}, z_{k+1}))``."""
+    """One step: ``(y_k, z_k, f(t_k, z_k)) -> (y_{k+1}, z_{k+1}, f(t_{k+1}, z_{k+1}))``.
+
+    A tensor ``h`` (the compiled path) uses no ``alpha=`` coefficients: inductor drops them
+    after a matrix product (pytorch/pytorch#167313).
+    """
+    if isinstance(h, torch.Tensor):
+        z_next = 2 * y - z + h * f_k
+        f_next = f(t_next, z_next)
+        return y + (0.5 * h) * (f_k + f_next), z_next, f_next
     z_next = torch.add(torch.add(y, y), z, alpha=-1.0).add_(f_k, alpha=h)
     f_next = f(t_next, z_next)
     y_next = torch.add(y, torch.add(f_k, f_next), alpha=0.5 * h)
@@ -140,7 +153,7 @@ class Reversible(GradientMode):
             record.rng.append(before)
         y, z = y0, y0
         states, pos = [], 0
-        step = _compiled(spec, "reversible_step", _reversible_step) if not random else None
+        step = _compiled(spec, "reversible_step", lambda: _reversible_step) if not random else None
         for i, n in enumerate(grid.n_steps):
             for _ in range(n):
                 if random:
@@ -242,21 +255,16 @@ def _compiled(
     return None if spec.compile is None else spec.compile.function((name, HEUN), make)
 
 
-def _reversible_step() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    def reversible_step(
-        func: Callable[..., torch.Tensor],
-        y: torch.Tensor,
-        z: torch.Tensor,
-        f_k: torch.Tensor,
-        h: torch.Tensor,
-        t_next: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # reversible_heun_forward with a tensor step size.
-        z_next = 2 * y - z + h * f_k
-        f_next = cast(func)(t_next, z_next)
-        return y + (0.5 * h) * (f_k + f_next), z_next, f_next
-
-    return reversible_step
+def _reversible_step(
+    func: Callable[..., torch.Tensor],
+    y: torch.Tensor,
+    z: torch.Tensor,
+    f_k: torch.Tensor,
+    h: torch.Tensor,
+    t_next: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`reversible_heun_forward` of the module ``func``, as the function to compile."""
+    return reversible_heun_forward(cast(func), y, z, f_k, h, t_next)
 
 
 def _check_states(states: list[torch.Tensor], times: tuple[float, ...]) -> None:

@@ -180,6 +180,11 @@ class Stepper:
     ) -> torch.Tensor:
         """``steps`` steps from ``y``, the first at evaluation ``pos`` of ``times``."""
         stages, chunk, size = self.plan.stages, self.chunk, self.chunk_steps
+        if self.single is None:  # eager: the plain loop, nothing to decide per step
+            for _ in range(steps):
+                y = rk_step(f, y, h, times, pos, self.plan)
+                pos += stages
+            return y
         k = 0
         while k < steps:
             if chunk is not None and f.compile_ok and steps - k >= size and not _functorch_active():
