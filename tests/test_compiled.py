@@ -104,6 +104,60 @@ def test_new_times_and_step_sizes_do_not_recompile(gen) -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
 
 
+class _OtherDynamics(MLPDynamics):
+    """A second dynamics class: its graphs are its own."""
+
+
+def test_many_batch_sizes_and_classes_compile_once_each_without_falling_back(gen) -> None:
+    # torch.compile allows 8 graphs per code object; the blocks of a network, the batch sizes
+    # of training and evaluation and the grad modes together need more. Each compiles once.
+    fs = [MLPDynamics().double(), _OtherDynamics().double()]
+    t = torch.tensor([0.0, 0.2], dtype=D)
+    counters = torch._dynamo.utils.counters["stats"]
+    opts = Compile(backend="aot_eager", steps=5)  # functions of its own, none compiled yet
+
+    def run(f: nn.Module, batch: int) -> None:
+        y0 = torch.randn(batch, 3, dtype=D, generator=gen).requires_grad_()
+        # Forward graph (grad on) and the adjoint's backward graph (grad off): two per size.
+        sol = odeint(f, y0, t, solver="heun", step=0.1, adjoint="adjoint", compile=opts)
+        sol[-1].sum().backward()
+
+    sizes = {fs[0]: range(2, 11), fs[1]: range(2, 5)}  # 9 sizes for one class
+    for f, batches in sizes.items():
+        for batch in batches:
+            before = counters["unique_graphs"]
+            run(f, batch)
+            assert counters["unique_graphs"] == before + 2
+    before = counters["unique_graphs"]
+    for f, batches in sizes.items():
+        for batch in batches:
+            run(f, batch)
+    assert counters["unique_graphs"] == before
+
+
+def test_past_the_signature_limit_new_shapes_run_eagerly_with_one_warning(gen, monkeypatch) -> None:
+    import torchode_adjoint._compiled as compiled_module
+
+    monkeypatch.setattr(compiled_module, "MAX_SIGNATURES", 2)
+    f = MLPDynamics().double()
+    opts = Compile(backend="aot_eager", steps=3)  # functions of its own, none compiled yet
+    results = []
+    with pytest.warns(CompileFallbackWarning, match="2 different state shapes") as record:
+        for batch in (2, 3, 4, 5):
+            y0 = torch.randn(batch, 3, dtype=D, generator=gen)
+            compiled = _solve(f, y0, T, opts, solver="rk4", adjoint="adjoint")
+            eager = _solve(f, y0, T, False, solver="rk4", adjoint="adjoint")
+            results.append((compiled, eager))
+    # Once per step function (forward and backward, graphs of three steps and of one).
+    messages = [str(w.message) for w in record if "state shapes" in str(w.message)]
+    assert len(messages) == 4
+    for compiled, eager in results:
+        assert _rel(compiled[0], eager[0]) < 1e-10
+        for a, b in zip(compiled[1], eager[1]):
+            assert _rel(a, b) < 1e-10
+        assert compiled[2] == eager[2]
+
+
 class _NormDynamics(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -88,54 +88,90 @@ _FUNCTIONS: dict[tuple[Compile, Hashable], CompiledFunction] = {}
 
 
 class CompiledFunction:
-    """A pure step function and its ``torch.compile`` version, with the eager fallback.
+    """A pure step function and its ``torch.compile`` versions, with the eager fallback.
 
-    Each instance compiles its own copy of the function's code object: ``torch.compile`` keeps
-    its cache of graphs (and its limit on recompilations) per code object, so every tableau and
-    every set of options gets its own.
+    Each call signature (the dynamics' class, the tensor arguments' shapes, dtypes, devices and
+    ``requires_grad``, and the grad mode) gets its own copy of the function's code object:
+    ``torch.compile`` keeps its cache of graphs, and its limit on recompilations, per code
+    object, so that several blocks, batch sizes and the training and evaluation passes never
+    evict one another. At most :data:`MAX_SIGNATURES` are compiled per dynamics class; further
+    ones run eagerly, with one warning.
     """
 
-    __slots__ = ("eager", "compiled", "_failed", "_verified")
+    __slots__ = ("eager", "options", "_graphs", "_failed", "_verified", "_over")
 
     def __init__(self, fn: Callable[..., Any], options: Compile) -> None:
         self.eager = fn
-        fresh = types.FunctionType(
-            fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
-        )
-        self.compiled: Callable[..., Any] = torch.compile(
-            fresh, backend=options.backend, mode=options.mode, fullgraph=True, dynamic=False
-        )
+        self.options = options
+        self._graphs: dict[Hashable, Callable[..., Any]] = {}
         # Dynamics classes this function failed to compile for (a failure is one of PyTorch's
         # for what the class computes: its next instance, e.g. a deep copy, would fail again),
-        # and modules (by id) it ran compiled for.
+        # (signature, module id) pairs it ran compiled for, and the classes over the limit.
         self._failed: set[type | int] = set()
-        self._verified: set[int] = set()
+        self._verified: set[tuple[Hashable, int]] = set()
+        self._over: set[type | int] = set()
 
     def __call__(self, func: object, *args: Any) -> Any:
-        if _kind(func) in self._failed:
+        kind = _kind(func)
+        if kind in self._failed:
             return self._eager(func, args)
-        first = id(func) not in self._verified
+        key = _signature(kind, args)
+        compiled = self._graphs.get(key)
+        if compiled is None:
+            compiled = self._new_graph(key, kind)
+            if compiled is None:
+                return self._eager(func, args)
+        first = (key, id(func)) not in self._verified
         # A compilation that fails after tracing `torch.func.functional_call` can leave the
         # swapped-in tensors on the module (seen with PyTorch 2.13): keep the module's tensors on
         # the first (compiling) call, to put them back.
         saved = _module_tensors(func) if first else None
         try:
-            out = self.compiled(func, *args)
+            out = compiled(func, *args)
         except Exception as err:  # noqa: BLE001 - any compiler failure: try the eager code
             _restore(saved)
             out = self._eager(func, args)  # a user error raises here, as in eager mode
-            self._failed.add(_kind(func))
+            self._failed.add(kind)
             warnings.warn(
                 f"torch.compile failed for the solver step `{self.eager.__name__}` with dynamics "
-                f"of class {type(func).__name__}, which run it eagerly from now on (same "
-                f"results, eager speed): {_reason(err)}",
+                f"of class {_name(kind)}, which run it eagerly from now on (same results, eager "
+                f"speed): {_reason(err)}",
                 CompileFallbackWarning,
                 stacklevel=2,
             )
             return out
         if first:
-            self._verified.add(id(func))
+            self._verified.add((key, id(func)))
         return out
+
+    def _new_graph(self, key: Hashable, kind: type | int) -> Callable[..., Any] | None:
+        """A fresh compiled copy of the step for a new signature; None over the limit."""
+        if sum(1 for k in self._graphs if k[0] == kind) >= MAX_SIGNATURES:
+            if kind not in self._over:
+                self._over.add(kind)
+                warnings.warn(
+                    f"the solver step `{self.eager.__name__}` was compiled for "
+                    f"{MAX_SIGNATURES} different state shapes, dtypes or grad modes with dynamics "
+                    f"of class {_name(kind)}; new ones run eagerly (same results, eager speed). "
+                    "Use a few fixed batch sizes (e.g. drop or pad the last batch), or "
+                    "compile=False.",
+                    CompileFallbackWarning,
+                    stacklevel=3,
+                )
+            return None
+        fn = self.eager
+        fresh = types.FunctionType(
+            fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+        )
+        compiled: Callable[..., Any] = torch.compile(
+            fresh,
+            backend=self.options.backend,
+            mode=self.options.mode,
+            fullgraph=True,
+            dynamic=False,
+        )
+        self._graphs[key] = compiled
+        return compiled
 
     def _eager(self, func: object, args: tuple[Any, ...]) -> Any:
         # After a failed compilation, even the eager torch.func.functional_call was seen to leave
@@ -145,6 +181,28 @@ class CompiledFunction:
             return self.eager(func, *args)
         finally:
             _restore(saved)
+
+
+#: Compiled signatures (shapes, dtypes, grad modes) per step function and dynamics class.
+MAX_SIGNATURES = 16
+
+
+def _signature(kind: type | int, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What a compiled graph is specialised for, beyond the module's own state: the dynamics'
+    class, each tensor argument's shape, dtype, device and ``requires_grad``, the grad mode."""
+    return (
+        kind,
+        torch.is_grad_enabled(),
+        *(
+            (a.shape, a.dtype, a.device, a.requires_grad)
+            for a in args
+            if isinstance(a, torch.Tensor)
+        ),
+    )
+
+
+def _name(kind: type | int) -> str:
+    return kind.__name__ if isinstance(kind, type) else "function"
 
 
 def _kind(func: object) -> type | int:
