@@ -9,6 +9,7 @@ shares one set of options, so graphs compiled by one test are reused by the next
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -399,3 +400,82 @@ def test_a_compiled_block_saves_and_loads_whole(tmp_path, gen) -> None:
     loaded = torch.load(tmp_path / "block.pt", weights_only=False)
     assert loaded.config.compile == FAST
     assert _rel(loaded(y0), block(y0)) < 1e-12
+
+
+_COMPILED_GRAPHS: list[torch.fx.GraphModule] = []
+
+
+def _counting_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """A ``torch.compile`` backend that runs the traced graph as it is and records it."""
+    _COMPILED_GRAPHS.append(gm)
+    return gm.forward
+
+
+@pytest.mark.parametrize(
+    ("mode", "solver", "compile"),
+    [
+        ("adjoint", "rk4", False),
+        ("checkpoint", "rk4", False),
+        ("backprop", "rk4", False),
+        ("reversible", "heun", False),
+        ("adjoint", "rk4", Compile(backend=_counting_backend)),
+    ],
+)
+def test_a_network_compiled_whole_around_a_block_keeps_values_and_gradients(
+    mode: str, solver: str, compile: object, gen
+) -> None:
+    # `torch.compile(model)` of a network with an ODE block: the solve (an autograd Function with
+    # host-side bookkeeping) is a graph break, the layers around it compile.
+    def block(compile: object) -> ODEBlock:
+        return ODEBlock(MLPDynamics(), solver=solver, step=0.25, adjoint=mode, compile=compile)
+
+    def network(compile: object) -> nn.Module:
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Linear(3, 3), block(compile), nn.Linear(3, 1)).double()
+
+    x = torch.randn(5, 3, dtype=D, generator=gen)
+    eager, whole = network(False), network(compile)
+    compiled = torch.compile(whole, backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out_c = compiled(x)  # Dynamo does not trace into the solve: nothing to warn about
+    assert [str(w.message) for w in caught] == []
+    out_e = eager(x)
+    grads_e = torch.autograd.grad(out_e.square().sum(), list(eager.parameters()))
+    grads_c = torch.autograd.grad(out_c.square().sum(), list(whole.parameters()))
+    assert _rel(out_c, out_e) < 1e-12
+    for a, b in zip(grads_c, grads_e):
+        assert _rel(a, b) < 1e-12
+    if compile:
+        # The block's own steps compiled inside the outer compiled network: its forward step
+        # and the adjoint's backward step.
+        assert len(_COMPILED_GRAPHS) == 2
+
+
+@pytest.mark.parametrize(
+    ("mode", "solver", "graphs"),
+    [
+        ("adjoint", "rk4", 2),  # the forward step, the backward step
+        ("checkpoint", "rk4", 2),  # the forward step without grad, the re-run with it
+        ("backprop", "rk4", 1),  # the recorded step
+        ("reversible", "heun", 2),  # the forward step, the backward VJP
+    ],
+)
+def test_each_step_compiles_once_for_repeated_training_steps(
+    mode: str, solver: str, graphs: int, gen
+) -> None:
+    # The eager first step's outputs (or y0) require grad and the graphs' outputs do not; where
+    # nothing is recorded that must not compile a second copy of the same step.
+    traced: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        traced.append(gm)
+        return gm.forward
+
+    block = ODEBlock(
+        MLPDynamics(), solver=solver, step=0.1, adjoint=mode, compile=Compile(backend=backend)
+    ).double()
+    y0 = torch.randn(5, 3, dtype=D, generator=gen, requires_grad=True)
+    for _ in range(3):
+        block(y0).square().sum().backward()
+    assert len(traced) == graphs

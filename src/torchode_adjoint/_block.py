@@ -11,7 +11,7 @@ from ._compiled import Compile
 from ._dynamics import NFECounter, warn_time_shared_statistics
 from ._grid import DEFAULT_MAX_STEPS
 from ._mode import GradientMode
-from ._prepare import ModeName, make_config, prepare
+from ._prepare import ModeName, make_config, solve
 from ._tableau import ButcherTableau
 
 __all__ = ["ODEBlock"]
@@ -177,7 +177,7 @@ class ODEBlock(nn.Module):
             The state at ``t1``.
         """
         t = self.integration_times(y0)
-        return prepare(self.dynamics, y0, t, self.config, nfe=self._nfe).solve()[-1]
+        return solve(self.dynamics, y0, t, self.config, nfe=self._nfe)[1][-1]
 
     def _time(self, name: str) -> float | torch.Tensor:
         return self._fixed_times[name] if name in self._fixed_times else getattr(self, name)

@@ -115,6 +115,12 @@ class CompiledFunction:
         kind = _kind(func)
         if kind in self._failed:
             return self._eager(func, args)
+        if not torch.is_grad_enabled():
+            # Nothing is recorded: whether an input requires grad does not matter, and one graph
+            # (one signature, one set of guards) serves both.
+            args = tuple(
+                a.detach() if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args
+            )
         key = _signature(kind, args)
         compiled = self._graphs.get(key)
         if compiled is None:

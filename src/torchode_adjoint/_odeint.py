@@ -10,7 +10,7 @@ from ._compiled import Compile
 from ._dynamics import NFECounter, warn_time_shared_statistics
 from ._grid import DEFAULT_MAX_STEPS
 from ._mode import GradientMode
-from ._prepare import ModeName, make_config, prepare
+from ._prepare import ModeName, make_config, solve
 from ._tableau import ButcherTableau
 
 __all__ = ["odeint"]
@@ -136,5 +136,5 @@ def odeint(
         max_steps=max_steps,
         compile=compile,
     )
-    prepared = prepare(func, y0, t, config, params=params, nfe=nfe)
-    return torch.stack([prepared.y0, *prepared.solve()])
+    first, states = solve(func, y0, t, config, params=params, nfe=nfe)
+    return torch.stack([first, *states])

@@ -305,3 +305,25 @@ def prepare(
         compile=config.compile,
     )
     return Prepared(spec=spec, y0=y0, t=t_cast, params=param_list)
+
+
+@torch.compiler.disable(
+    reason="an ODE solve syncs with the host and steps in Python; compile=True compiles its steps"
+)
+def solve(
+    func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    y0: torch.Tensor,
+    t: torch.Tensor | Sequence[float],
+    config: SolveConfig,
+    *,
+    params: Iterable[torch.Tensor] | None = None,
+    nfe: NFECounter | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`prepare` and solve: the validated ``y0`` and the states at ``t[1:]``.
+
+    Opaque to an outer ``torch.compile`` (of a network holding a block): Dynamo does not trace
+    the validation, the host-side grid and the Python stepping loop, which would only break the
+    graph inside them; the solve is one graph break, its own steps compile with ``compile=True``.
+    """
+    prepared = prepare(func, y0, t, config, params=params, nfe=nfe)
+    return prepared.y0, prepared.solve()
