@@ -159,6 +159,43 @@ def test_past_the_signature_limit_new_shapes_run_eagerly_with_one_warning(gen, m
         assert compiled[2] == eager[2]
 
 
+class _Decay(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rate = nn.Parameter(torch.tensor(0.7, dtype=D))
+
+    def rhs(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -self.rate * torch.tanh(y)
+
+
+@pytest.mark.parametrize("kind", ["bound method", "new lambda"])
+def test_a_function_made_anew_for_every_solve_compiles_once(kind: str, gen) -> None:
+    # A bound method is a new object at every attribute access, and a training loop may build
+    # a new lambda for every solve: the same code must reuse its graphs, not compile again.
+    model = _Decay()
+    opts = Compile(backend="aot_eager", steps=6)  # functions of its own, none compiled yet
+    counters = torch._dynamo.utils.counters["stats"]
+    keep = []  # the functions stay alive: new ones cannot reuse an old one's id
+    counts = []
+    for _ in range(4):
+        func = model.rhs if kind == "bound method" else (lambda t, y: model.rhs(t, y))
+        keep.append(func)
+        y0 = torch.randn(4, 3, dtype=D, generator=gen, requires_grad=True)
+        sol = odeint(
+            func,
+            y0,
+            T,
+            solver="rk4",
+            step=0.1,
+            adjoint="checkpoint",
+            params=[model.rate],
+            compile=opts,
+        )
+        sol[-1].sum().backward()
+        counts.append(counters["unique_graphs"])
+    assert counts[1] == counts[2] == counts[3]
+
+
 class _NormDynamics(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -107,9 +107,9 @@ class CompiledFunction:
         # Dynamics classes this function failed to compile for (a failure is one of PyTorch's
         # for what the class computes: its next instance, e.g. a deep copy, would fail again),
         # (signature, module id) pairs it ran compiled for, and the classes over the limit.
-        self._failed: set[type | int] = set()
+        self._failed: set[Hashable] = set()
         self._verified: set[tuple[Hashable, int]] = set()
-        self._over: set[type | int] = set()
+        self._over: set[Hashable] = set()
 
     def __call__(self, func: object, *args: Any) -> Any:
         kind = _kind(func)
@@ -127,10 +127,11 @@ class CompiledFunction:
             compiled = self._new_graph(key, kind)
             if compiled is None:
                 return self._eager(func, args)
-        first = (key, id(func)) not in self._verified
         # A compilation that fails after tracing `torch.func.functional_call` can leave the
         # swapped-in tensors on the module (seen with PyTorch 2.13): keep the module's tensors on
-        # the first (compiling) call, to put them back.
+        # the first (compiling) call, to put them back. Modules only: a function has no tensors,
+        # and its identity can be new at every solve.
+        first = isinstance(func, nn.Module) and (key, id(func)) not in self._verified
         saved = _module_tensors(func) if first else None
         try:
             out = compiled(func, *args)
@@ -139,8 +140,8 @@ class CompiledFunction:
             out = self._eager(func, args)  # a user error raises here, as in eager mode
             self._failed.add(kind)
             warnings.warn(
-                f"torch.compile failed for the solver step `{self.eager.__name__}` with dynamics "
-                f"of class {_name(kind)}, which run it eagerly from now on (same results, eager "
+                f"torch.compile failed for the solver step `{self.eager.__name__}` with the "
+                f"dynamics {_name(kind)}, which run it eagerly from now on (same results, eager "
                 f"speed): {_reason(err)}",
                 CompileFallbackWarning,
                 stacklevel=2,
@@ -150,15 +151,15 @@ class CompiledFunction:
             self._verified.add((key, id(func)))
         return out
 
-    def _new_graph(self, key: Hashable, kind: type | int) -> Callable[..., Any] | None:
+    def _new_graph(self, key: Hashable, kind: Hashable) -> Callable[..., Any] | None:
         """A fresh compiled copy of the step for a new signature; None over the limit."""
         if sum(1 for k in self._graphs if k[0] == kind) >= MAX_SIGNATURES:
             if kind not in self._over:
                 self._over.add(kind)
                 warnings.warn(
                     f"the solver step `{self.eager.__name__}` was compiled for "
-                    f"{MAX_SIGNATURES} different state shapes, dtypes or grad modes with dynamics "
-                    f"of class {_name(kind)}; new ones run eagerly (same results, eager speed). "
+                    f"{MAX_SIGNATURES} different state shapes, dtypes or grad modes with the "
+                    f"dynamics {_name(kind)}; new ones run eagerly (same results, eager speed). "
                     "Use a few fixed batch sizes (e.g. drop or pad the last batch), or "
                     "compile=False.",
                     CompileFallbackWarning,
@@ -193,7 +194,7 @@ class CompiledFunction:
 MAX_SIGNATURES = 16
 
 
-def _signature(kind: type | int, args: tuple[Any, ...]) -> tuple[Any, ...]:
+def _signature(kind: Hashable, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """What a compiled graph is specialised for, beyond the module's own state: the dynamics'
     class, each tensor argument's shape, dtype, device and ``requires_grad``, the grad mode."""
     return (
@@ -207,13 +208,20 @@ def _signature(kind: type | int, args: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
-def _name(kind: type | int) -> str:
-    return kind.__name__ if isinstance(kind, type) else "function"
+def _name(kind: Hashable) -> str:
+    if isinstance(kind, types.CodeType):
+        return f"`{kind.co_name}`"
+    return f"of class {getattr(kind, '__name__', kind)}"
 
 
-def _kind(func: object) -> type | int:
-    """What a failure is remembered for: a module's class, or a function itself."""
-    return type(func) if isinstance(func, nn.Module) else id(func)
+def _kind(func: object) -> Hashable:
+    """What a signature and a failure are kept for: a module's class, a function's code (a
+    lambda made anew for every solve, or a bound method, which is a new object at every
+    attribute access, is the same kind each time), or another callable's class."""
+    if isinstance(func, nn.Module):
+        return type(func)
+    code = getattr(func, "__code__", None)
+    return code if isinstance(code, types.CodeType) else type(func)
 
 
 def _reason(err: BaseException) -> str:
