@@ -118,3 +118,49 @@ def test_dynamics_without_the_time_argument_get_a_hint_about_t_y() -> None:
 
     with pytest.raises(TypeError, match=r"called as `f\(t, y\)`.*`forward\(self, t, y\)`"):
         ODEBlock(NoTime())(torch.ones(2, 3))
+
+
+class _InPlaceFirst(nn.Module):
+    """A common CNN habit: an in-place activation as the first operation on the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.ReLU(inplace=True)
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.act(y))
+
+
+@pytest.mark.parametrize("mode", ["backprop", "adjoint", "checkpoint", "reversible"])
+@pytest.mark.parametrize("case", ["leaf", "non-leaf", "no_grad", "inference_mode"])
+def test_dynamics_that_modify_the_state_in_place_raise_instead_of_a_wrong_solution(
+    mode: str, case: str
+) -> None:
+    # The solver uses the state again after the call (y + h k): an in-place change of y gave a
+    # quietly different solution under no_grad and with backprop from a non-leaf state.
+    torch.manual_seed(0)
+    f, lin = _InPlaceFirst(), nn.Linear(3, 3)
+    x = torch.randn(4, 3)
+    solver = "heun" if mode == "reversible" else "rk4"
+    grad_mode = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode()}
+    with grad_mode.get(case, torch.enable_grad()):
+        y0 = lin(x) if case == "non-leaf" else x.clone().requires_grad_(case == "leaf")
+        with pytest.raises(RuntimeError, match=r"modify their input `y` in place.*inplace=False"):
+            odeint(f, y0, T, solver=solver, step=0.25, adjoint=mode)
+
+
+def test_in_place_operations_on_the_dynamics_own_tensors_are_fine() -> None:
+    class InPlaceInside(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.lin(y).relu_()  # the layer's output is the dynamics' own tensor
+
+    f = InPlaceInside()
+    y0 = torch.randn(4, 3, requires_grad=True)
+    out = odeint(f, y0, T, solver="rk4", step=0.25, adjoint="adjoint")
+    ref = odeint(lambda t, y: torch.relu(f.lin(y)), y0, T, solver="rk4", step=0.25, params=())
+    assert torch.allclose(out, ref, rtol=0, atol=1e-6)

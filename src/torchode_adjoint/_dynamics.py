@@ -86,6 +86,9 @@ class Dynamics:
         return out
 
     def _first_call(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # An in-place change of `y` shows in its version counter; inference tensors have none,
+        # so their values are compared (one copy of the state, once per pass).
+        version, before = (None, y.clone()) if y.is_inference() else (y._version, None)
         try:
             out = self.func(t, y)
         except TypeError as err:
@@ -96,6 +99,12 @@ class Dynamics:
                 f"failed with: {err}. Define `forward(self, t, y)` (or `def f(t, y)`), even if "
                 "the dynamics do not use `t`."
             ) from err
+        except RuntimeError as err:
+            if "leaf Variable that requires grad" not in str(err):
+                raise
+            raise RuntimeError(f"{_IN_PLACE} (PyTorch: {err})") from err
+        if (y._version != version) if version is not None else _changed(y, before):
+            raise RuntimeError(_IN_PLACE)
         if isinstance(out, torch.Tensor) and out.dtype != y.dtype:
             if torch.is_autocast_enabled(y.device.type):
                 out = out.to(y.dtype)
@@ -107,6 +116,21 @@ class Dynamics:
             self._probe(t, y, out)
         self._checked = True
         return out
+
+
+_IN_PLACE = (
+    "the dynamics modify their input `y` in place (e.g. `nn.ReLU(inplace=True)` or `y.relu_()` "
+    "as the first operation on the state); the solver uses the state again after the call, so "
+    "the solution would be wrong. Make the first operation on `y` out of place "
+    "(`inplace=False`, `y.relu()`), or start the dynamics with `y = y.clone()`."
+)
+
+
+def _changed(y: torch.Tensor, before: torch.Tensor | None) -> bool:
+    """Whether ``y`` differs from its copy ``before`` (NaN equal to NaN)."""
+    if before is None or torch.equal(y, before):
+        return False
+    return bool(((y != before) & ~(torch.isnan(y) & torch.isnan(before))).any())
 
 
 def _check_output(out: object, y: torch.Tensor) -> None:
