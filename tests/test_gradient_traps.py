@@ -6,6 +6,7 @@ backprop through the same discretisation) or an error that names the cause and t
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import textwrap
@@ -341,3 +342,37 @@ def test_the_backward_pass_replays_the_forwards_autocast_state_not_the_callers(m
     with torch.autocast("cpu", dtype=torch.bfloat16):  # backward called inside autocast
         (g_inside,) = torch.autograd.grad(out.square().sum(), [f.l1.weight])
     torch.testing.assert_close(g_inside, g_plain, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize(
+    ("mode", "dynamics"),
+    [(m, MLPDynamics) for m in GRADIENT_MODES]
+    + [("checkpoint", DropoutDynamics), ("reversible", DropoutDynamics)],
+)
+def test_a_block_inside_torch_utils_checkpoint_gets_the_same_gradients(
+    mode, dynamics, reentrant, gen
+) -> None:
+    # The user's own activation checkpointing runs the block twice (without and with grad); the
+    # second run must rebuild exactly the first one's solve, dropout draws included. Reference:
+    # backprop for the checkpointed mode (exact, the same draws), else the block unwrapped.
+    torch.manual_seed(0)
+    block = ODEBlock(dynamics(), solver=_solver(mode), step=0.1, adjoint=mode).double()
+    reference = copy.deepcopy(block)
+    if mode == "checkpoint":
+        reference = ODEBlock(reference.dynamics, solver="rk4", step=0.1, adjoint="backprop")
+    lin = nn.Linear(3, 3).double()
+    x = torch.randn(5, 3, dtype=D, generator=gen)
+
+    def grads(blk: nn.Module, wrap: bool) -> list[torch.Tensor]:
+        params = [*lin.parameters(), *blk.parameters()]
+        for p in params:
+            p.grad = None
+        torch.manual_seed(11)
+        h = lin(x)
+        out = torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=reentrant) if wrap else blk(h)
+        out.square().sum().backward()  # the reentrant variant refuses torch.autograd.grad
+        return [p.grad.clone() for p in params]
+
+    for a, b in zip(grads(block, True), grads(reference, False)):
+        assert _rel(a, b) < 1e-12
