@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._compiled import CompiledFunction, vjp, vjp_names
+from ._compiled import CompiledFunction, ParamNames, vjp, vjp_names
 from ._dynamics import Dynamics
 from ._grid import StageTimes
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
@@ -161,7 +161,7 @@ class _CompiledStep:
         self,
         fns: dict[int, CompiledFunction],
         func: object,
-        names: tuple[str, ...],
+        names: ParamNames,
         params: tuple[torch.Tensor, ...],
     ) -> None:
         self.fns, self.func, self.names, self.params = fns, func, names, params
@@ -203,7 +203,7 @@ def _make_adjoint_steps(plan: StepPlan, steps: int) -> Callable[..., Any]:
         a: torch.Tensor,
         h: torch.Tensor,
         ts: tuple[torch.Tensor, ...],
-        names: tuple[str, ...],
+        names: ParamNames,
         params: tuple[torch.Tensor, ...],
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
         # `steps` backward steps of `_Augmented` as one pure function, with torch.func's VJP;

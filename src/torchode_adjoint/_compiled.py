@@ -258,17 +258,30 @@ def cast(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable
     return f
 
 
-def parameter_names(func: object, params: Sequence[torch.Tensor]) -> tuple[str, ...] | None:
+#: Per parameter to differentiate, the names under which the module holds it: one per module
+#: that holds it (weights tied between two layers have two), not one per path to a module (a
+#: layer applied twice, registered under two names, has one).
+ParamNames = tuple[tuple[str, ...], ...]
+
+
+def parameter_names(func: object, params: Sequence[torch.Tensor]) -> ParamNames | None:
     """The names under which ``func`` holds ``params`` as parameters, for
     ``torch.func.functional_call``; None (with a warning: the backward pass then runs eagerly)
     if one of them is not a parameter of ``func``."""
-    names: tuple[str, ...] | None = None if params else ()
+    names: ParamNames | None = None if params else ()
     if isinstance(func, nn.Module):
         # By storage, not identity: saved tensors can come back from autograd as new Python
         # objects (under saved-tensor hooks, for instance).
-        by_storage = {_storage_key(p): name for name, p in func.named_parameters()}
-        found = tuple(by_storage.get(_storage_key(p), "") for p in params)
-        names = None if "" in found else found
+        by_storage: dict[tuple[Any, ...], list[str]] = {}
+        slots: set[tuple[int, str]] = set()
+        for name, p in func.named_parameters(remove_duplicate=False):
+            owner, _, attr = name.rpartition(".")
+            slot = (id(func.get_submodule(owner)), attr)
+            if slot not in slots:  # swapping one module's attribute twice would lose it
+                slots.add(slot)
+                by_storage.setdefault(_storage_key(p), []).append(name)
+        found = tuple(tuple(by_storage.get(_storage_key(p), ())) for p in params)
+        names = None if () in found else found
     if names is None:
         warnings.warn(
             "the compiled backward step differentiates the parameters of an nn.Module only; "
@@ -282,7 +295,7 @@ def parameter_names(func: object, params: Sequence[torch.Tensor]) -> tuple[str, 
 
 def vjp_names(
     options: Compile | None, func: object, params: Sequence[torch.Tensor]
-) -> tuple[str, ...] | None:
+) -> ParamNames | None:
     """The parameter names for a compiled ``torch.func`` VJP of ``func``, or None where the
     backward pass runs its eager VJP: no compiled path, saved-tensor hooks active (which
     ``torch.func`` does not support), or tensors that are not parameters of ``func``."""
@@ -301,7 +314,7 @@ def _storage_key(p: torch.Tensor) -> tuple[int, tuple[int, ...], torch.dtype, to
 
 
 def functional(
-    func: nn.Module | Callable[..., Any], names: tuple[str, ...]
+    func: nn.Module | Callable[..., Any], names: ParamNames
 ) -> Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor]:
     """``g(t, y, params)``: ``func(t, y)`` with the parameters ``names`` replaced by ``params``."""
     f = cast(func)
@@ -309,7 +322,11 @@ def functional(
         return lambda t, y, params: f(t, y)
 
     def g(t: torch.Tensor, y: torch.Tensor, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        out = torch.func.functional_call(func, dict(zip(names, params)), (t, y))
+        # Tied weights named explicitly: functional_call's own search for them reads tensor
+        # storages, which torch.func's wrapped tensors lack under torch.compile (PyTorch 2.13:
+        # "Cannot access storage of TensorWrapper", for any layer used twice).
+        swap = {name: p for aliases, p in zip(names, params) for name in aliases}
+        out = torch.func.functional_call(func, swap, (t, y), tie_weights=False)
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
     return g
@@ -320,7 +337,7 @@ def vjp(
     t: torch.Tensor,
     y: torch.Tensor,
     v: torch.Tensor,
-    names: tuple[str, ...],
+    names: ParamNames,
     params: tuple[torch.Tensor, ...],
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
     """``f(t, y)`` and ``v^T df/dy``, ``v^T df/dtheta``, ``v^T df/dt`` by ``torch.func.vjp``
