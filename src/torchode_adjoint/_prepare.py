@@ -307,9 +307,7 @@ def prepare(
     return Prepared(spec=spec, y0=y0, t=t_cast, params=param_list)
 
 
-@torch.compiler.disable(
-    reason="an ODE solve syncs with the host and steps in Python; compile=True compiles its steps"
-)
+@torch.compiler.disable  # (its `reason=` needs a newer PyTorch than the oldest supported)
 def solve(
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     y0: torch.Tensor,
