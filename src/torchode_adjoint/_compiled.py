@@ -62,6 +62,12 @@ class Compile:
         Solver steps per compiled graph. Each call of a compiled graph has a fixed cost (its
         guards and wrappers: 20-100 us measured on a 2-core CPU), which more steps per graph share;
         compile time grows with the graph. A rest of fewer steps runs one step per graph.
+
+    Notes
+    -----
+    Each step function compiles once per dynamics class (or function), state shape, dtype and
+    grad mode, up to 16 such signatures per class; further ones (a 17th batch size) run eagerly
+    with one :class:`CompileFallbackWarning`. New times and step sizes never recompile.
     """
 
     backend: str | Callable[..., Any] = "inductor"
