@@ -43,8 +43,17 @@ TORCHDIFFEQ_METHOD = {"euler": "euler", "midpoint": "midpoint", "heun": "heun2",
 
 
 def modes_for(solver: str) -> list[str]:
-    """Every gradient mode that integrates with a solver (the reversible mode: Heun only)."""
-    return [m for m in GRADIENT_MODES if resolve_mode(m).required_solver in (None, solver)]
+    """Every gradient mode that integrates with a solver (all of them for a tableau)."""
+    out = []
+    for m in GRADIENT_MODES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # heun + reversible: a new meaning
+            try:
+                resolve_mode(m).check_solver(get_solver(solver))
+            except ValueError:
+                continue
+        out.append(m)
+    return out
 
 
 try:

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchode_adjoint import GRADIENT_MODES, TimeSharedStatisticsWarning, get_solver, resolve_mode
+from torchode_adjoint import GRADIENT_MODES, TimeSharedStatisticsWarning, get_solver
 from torchode_adjoint.datasets.cifar10 import (
     CIFAR10,
     CIFAR10Error,
@@ -145,7 +145,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=list(GRADIENT_MODES),
         default=["adjoint"],
         help="gradient mode(s) of the ODE blocks; several run each ODE model once per mode "
-        "('reversible' integrates with the reversible Heun method, whatever --solver says)",
+        "('reversible' integrates --solver made reversible; --solver reversible_heun pairs with "
+        "'reversible' and 'backprop' only)",
     )
     p.add_argument("--epochs", type=int, default=50, help="training epochs per model")
     p.add_argument("--batch-size", type=int, default=200, help="global batch size")
@@ -720,7 +721,7 @@ def measure_only(args: argparse.Namespace, train: CIFAR10, device: torch.device)
     y = train.labels[: args.batch_size].to(device)
     rows = []
     for spec, gradient in runs(args.specs, args.gradient):
-        solver = solver_for_mode(gradient, args.solver)
+        solver = args.solver
         torch.manual_seed(args.seed)
         model = build_model(
             spec, preset=args.preset, norm=args.norm, solver=solver, adjoint=gradient
@@ -763,12 +764,6 @@ def write_memory_report(rows: list[dict], out_dir: Path, command: str, device: s
         )
     lines += ["", f"Command: `{command}`", "", f"Device: {device}; batch {rows[0]['batch_size']}."]
     atomic_write_text("\n".join(lines) + "\n", out_dir / "memory.md")
-
-
-def solver_for_mode(gradient: str, solver: str) -> str:
-    """The solver a gradient mode integrates with: its required one (reversible: Heun), else
-    ``solver``."""
-    return resolve_mode(gradient).required_solver or solver
 
 
 def runs(specs: list[ModelSpec], gradients: list[str]) -> list[tuple[ModelSpec, str]]:
@@ -842,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
             model=spec.name,
             preset=args.preset,
             norm=args.norm,
-            solver=solver_for_mode(gradient, args.solver) if ode else None,
+            solver=args.solver if ode else None,
             gradient=gradient if ode else None,
             epochs=args.epochs,
             batch_size=args.batch_size,

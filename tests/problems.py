@@ -96,3 +96,46 @@ def reversible_heun_reference(f, y0, t, n_per_interval):
             z, f_k = z_new, f_new
         out.append(y)
     return torch.stack(out)
+
+
+def rk_psi(f, tableau, t, x, h):
+    """One step of an explicit RK method, written out from the tableau: an independent reference."""
+    ks = []
+    for i in range(len(tableau.b)):
+        xi = x
+        for j in range(i):
+            if tableau.a[i][j] != 0.0:
+                xi = xi + h * tableau.a[i][j] * ks[j]
+        ks.append(f(t + tableau.c[i] * h, xi))
+    out = x
+    for b_i, k_i in zip(tableau.b, ks):
+        out = out + h * b_i * k_i
+    return out
+
+
+def reversible_rk_reference(f, tableau, y0, t, n_per_interval, coupling):
+    """McCallum & Foster's reversible scheme written as in their paper, with plain autograd
+    through every step (differentiable in y0, the parameters and t): an independent reference."""
+    lam = coupling
+    y, z = y0, y0
+    out = [y0]
+    for i, n in enumerate(n_per_interval):
+        h = (t[i + 1] - t[i]) / n
+        for m in range(n):
+            t_n = t[i] + m * h
+            t_next = t[i] + (m + 1) * h
+            y_new = lam * y + (1 - lam) * z + rk_psi(f, tableau, t_n, z, h) - z
+            z = z + y_new - rk_psi(f, tableau, t_next, y_new, -h)
+            y = y_new
+        out.append(y)
+    return torch.stack(out)
+
+
+def _tableau_names() -> list[str]:
+    from torchode_adjoint import ButcherTableau, available_solvers, get_solver
+
+    return [n for n in available_solvers() if isinstance(get_solver(n), ButcherTableau)]
+
+
+TABLEAUS = _tableau_names()
+"""The registered solvers that are Butcher tableaus (every mode integrates with those)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from problems import MLPDynamics
 
@@ -50,19 +51,25 @@ def test_the_checked_module_is_left_untouched() -> None:
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
 
-def test_reversible_mode_is_checked_against_finite_differences_of_its_own_forward_pass() -> None:
+@pytest.mark.parametrize(
+    ("solver", "method"),
+    [("rk4", "rk4 made reversible (coupling 0.999)"), ("reversible_heun", "reversible_heun")],
+)
+def test_reversible_mode_is_checked_against_finite_differences_of_its_own_forward_pass(
+    solver: str, method: str
+) -> None:
     report = check_gradients(
         MLPDynamics(),
         torch.randn(4, 3),
         torch.tensor([0.0, 0.55, 1.03]),
-        solver="heun",
+        solver=solver,
         step=0.1,
         adjoint="reversible",
     )
     assert report.max_rel_err_fd < 1e-5
-    # The reference is backprop through reversible Heun itself: equal to round-off.
+    # The reference is backprop through the reversible method itself: equal to round-off.
     assert report.max_rel_err_backprop < 1e-9
-    assert report.verdict == "pass" and "reversible Heun" in report.reference
+    assert report.verdict == "pass" and report.reference == f"backprop through {method}"
 
 
 def test_a_gradient_that_is_zero_up_to_round_off_does_not_explode() -> None:

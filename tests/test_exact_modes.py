@@ -6,10 +6,22 @@ import math
 
 import pytest
 import torch
-from problems import PROBLEMS, MLPDynamics, Problem, reversible_heun_reference
+from problems import (
+    PROBLEMS,
+    TABLEAUS,
+    MLPDynamics,
+    Problem,
+    reversible_heun_reference,
+    reversible_rk_reference,
+)
 
-from torchode_adjoint import Checkpoint, available_solvers, odeint
-from torchode_adjoint._reversible import reversible_heun_forward, reversible_heun_reverse
+from torchode_adjoint import (
+    ButcherTableau,
+    Checkpoint,
+    Reversible,
+    get_solver,
+    odeint,
+)
 
 D = torch.float64
 T = torch.tensor([0.0, 0.4371, 1.0713], dtype=D)
@@ -26,7 +38,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-@pytest.mark.parametrize("solver", available_solvers())
+@pytest.mark.parametrize("solver", TABLEAUS)
 @pytest.mark.parametrize("every", [1, 2, 3, 7])
 def test_checkpoint_gradients_equal_backprop_to_round_off(solver: str, every: int, gen) -> None:
     f = MLPDynamics().double()
@@ -50,23 +62,63 @@ def test_checkpoint_on_a_decreasing_grid_with_a_loss_on_one_time(gen) -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
 
 
-def test_reversible_gradients_equal_backprop_through_reversible_heun(gen) -> None:
+USER_TABLEAU = ButcherTableau(  # a user's own: Ralston's third-order method
+    c=[0.0, 0.5, 0.75],
+    a=[[0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 0.75, 0.0]],
+    b=[2.0 / 9.0, 1.0 / 3.0, 4.0 / 9.0],
+    order=3,
+    name="ralston3",
+)
+
+
+def _counts(t: torch.Tensor, step: float) -> list[int]:
+    return [math.ceil(abs(float(b - a)) / step - 1e-9) for a, b in zip(t[:-1], t[1:])]
+
+
+@pytest.mark.parametrize("solver", [*TABLEAUS, USER_TABLEAU], ids=[*TABLEAUS, "user"])
+@pytest.mark.parametrize("coupling", [0.5, 0.999])
+@pytest.mark.parametrize("direction", ["increasing", "decreasing"])
+def test_reversible_gradients_equal_autograd_through_the_scheme_written_out(
+    solver, coupling: float, direction: str, gen
+) -> None:
+    # Gradients for y0, every output time and every parameter against plain autograd through
+    # McCallum & Foster's scheme written out in the tests (problems.reversible_rk_reference).
     f = MLPDynamics().double()
+    t = T if direction == "increasing" else T.flip(0)
     y0 = torch.randn(4, 3, dtype=D, generator=gen)
-    w = torch.randn(len(T), 4, 3, dtype=D, generator=gen)
-    g = _grads(f, y0, T, w, solver="heun", step=0.1, adjoint="reversible")
-    yr = y0.clone().requires_grad_()
-    tr = T.clone().requires_grad_()
-    sol = reversible_heun_reference(f, yr, tr, [5, 7])  # ceil(0.4371/0.1), ceil(0.6342/0.1)
+    w = torch.randn(len(t), 4, 3, dtype=D, generator=gen)
+    mode = Reversible(coupling=coupling)
+    ours = _grads(f, y0, t, w, solver=solver, step=0.1, adjoint=mode)
+    yr, tr = y0.clone().requires_grad_(), t.clone().requires_grad_()
+    tableau = get_solver(solver)
+    sol = reversible_rk_reference(f, tableau, yr, tr, _counts(t, 0.1), coupling)
     ref = torch.autograd.grad((w * sol).sum(), [yr, tr, *f.parameters()])
     with torch.no_grad():
-        ours = odeint(f, y0, T, solver="heun", step=0.1, adjoint="reversible")
+        values = odeint(f, y0, t, solver=solver, step=0.1, adjoint=mode)
+    torch.testing.assert_close(values, sol.detach(), rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(["y0", "t", *dict(f.named_parameters())], ours, ref):
+        assert _rel(a, b) < 1e-10, name
+
+
+@pytest.mark.parametrize("direction", ["increasing", "decreasing"])
+def test_reversible_heun_gradients_equal_autograd_through_reversible_heun(direction, gen) -> None:
+    f = MLPDynamics().double()
+    t = T if direction == "increasing" else T.flip(0)
+    y0 = torch.randn(4, 3, dtype=D, generator=gen)
+    w = torch.randn(len(t), 4, 3, dtype=D, generator=gen)
+    g = _grads(f, y0, t, w, solver="reversible_heun", step=0.1, adjoint="reversible")
+    yr, tr = y0.clone().requires_grad_(), t.clone().requires_grad_()
+    sol = reversible_heun_reference(f, yr, tr, _counts(t, 0.1))
+    ref = torch.autograd.grad((w * sol).sum(), [yr, tr, *f.parameters()])
+    with torch.no_grad():
+        ours = odeint(f, y0, t, solver="reversible_heun", step=0.1, adjoint="reversible")
     torch.testing.assert_close(ours, sol.detach(), rtol=1e-12, atol=1e-12)
     for a, b in zip(g, ref):
-        assert _rel(a, b) < 1e-9
+        assert _rel(a, b) < 1e-10
 
 
-def test_reversible_gradient_matches_finite_differences(gen) -> None:
+@pytest.mark.parametrize("solver", ["rk4", "reversible_heun"])
+def test_reversible_gradient_matches_finite_differences(solver: str, gen) -> None:
     k = torch.tensor(0.9, dtype=D, requires_grad=True)
     y0 = torch.randn(3, dtype=D, generator=gen)
 
@@ -77,49 +129,72 @@ def test_reversible_gradient_matches_finite_differences(gen) -> None:
         with torch.no_grad():
             k.fill_(kv)
             return float(
-                odeint(f, y0, T, solver="heun", step=0.1, adjoint="reversible", params=[k]).sum()
+                odeint(f, y0, T, solver=solver, step=0.1, adjoint="reversible", params=[k]).sum()
             )
 
-    sol = odeint(f, y0, T, solver="heun", step=0.1, adjoint="reversible", params=[k])
+    sol = odeint(f, y0, T, solver=solver, step=0.1, adjoint="reversible", params=[k])
     (g,) = torch.autograd.grad(sol.sum(), [k])
     eps = 1e-6
     fd = (loss(0.9 + eps) - loss(0.9 - eps)) / (2 * eps)
+    k.data.fill_(0.9)
     assert float(g) == pytest.approx(fd, rel=1e-7)
 
 
-def test_reversible_step_reconstructs_the_previous_state_to_round_off(gen) -> None:
-    f = MLPDynamics().double()
-    y = torch.randn(8, 3, dtype=D, generator=gen)
-    z = y + 0.01 * torch.randn(8, 3, dtype=D, generator=gen)
-    t = torch.tensor(0.3, dtype=D)
-    f_k = f(t, z)
-    states = [(y, z, f_k)]
-    h = 0.05
-    with torch.no_grad():
-        for m in range(50):
-            states.append(reversible_heun_forward(f, *states[-1], h, t + (m + 1) * h))
-        y_back, z_back, f_back = states[-1]
-        for m in range(49, -1, -1):
-            z_prev = reversible_heun_reverse(y_back, z_back, f_back, h)
-            f_prev = f(t + m * h, z_prev)
-            y_prev = y_back - h / 2 * (f_prev + f_back)
-            y_back, z_back, f_back = y_prev, z_prev, f_prev
-    torch.testing.assert_close(y_back, y, rtol=0, atol=1e-12)
-    torch.testing.assert_close(z_back, z, rtol=0, atol=1e-12)
-
-
 @pytest.mark.parametrize("problem", PROBLEMS, ids=[p.name for p in PROBLEMS])
-def test_reversible_heun_converges_at_order_two(problem: Problem) -> None:
+@pytest.mark.parametrize("solver", [*TABLEAUS, "reversible_heun"])
+def test_the_reversible_scheme_converges_at_the_order_of_its_base_method(
+    problem: Problem, solver: str
+) -> None:
+    # The scheme's second state carries a parasitic mode damped like coupling**n: the order is
+    # the base method's once n >> 1 / (1 - coupling). Coupling 0.5 reaches that regime at these
+    # step counts; with 0.999 the observed order at n <= 640 steps lies below or above it (see
+    # docs/gradient_modes.rst for the measurement).
+    order = get_solver(solver).order
+    n1, n2 = (40, 80) if order < 4 else (16, 32)
     errors = []
-    for n in (40, 80):
+    for n in (n1, n2):
         sol = odeint(
             problem.f,
             problem.y0,
             torch.tensor([0.1, 1.1], dtype=D),
-            solver="heun",
+            solver=solver,
             step=1.0 / n,
-            adjoint="reversible",
+            adjoint=Reversible(coupling=0.5),
             params=(),
         )
         errors.append(float((sol[-1] - problem.exact(1.1, problem.y0, 0.1)).abs().max()))
-    assert math.log2(errors[0] / errors[1]) == pytest.approx(2.0, abs=0.3)
+    assert math.log2(errors[0] / errors[1]) == pytest.approx(order, abs=0.35), errors
+
+
+def _rotation_drift(coupling: float, **kw):
+    # 100 steps of a rotation in float32: the reconstruction divides by the coupling at every
+    # step, so with 0.5 its round-off grows like 2**100; with 0.999 it stays at round-off.
+    a = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    y0 = torch.ones(3, 2, requires_grad=True)
+    sol = odeint(
+        lambda t, y: y @ a.T,
+        y0,
+        [0.0, 1.0],
+        solver="rk4",
+        step=0.01,
+        adjoint=Reversible(coupling=coupling, **kw),
+        params=(),
+    )
+    return sol[-1].sum(), y0
+
+
+def test_a_reconstruction_that_drifts_raises_naming_the_fixes() -> None:
+    loss, _ = _rotation_drift(0.5)
+    with pytest.raises(
+        RuntimeError, match=r"relative error of .*`coupling` closer to 1.*coupling=0.99.*float64"
+    ):
+        loss.backward()
+
+
+def test_a_reconstruction_within_round_off_passes_and_the_tolerance_is_the_users() -> None:
+    loss, y0 = _rotation_drift(0.999)
+    loss.backward()
+    assert y0.grad is not None and torch.isfinite(y0.grad).all()
+    loss, y0 = _rotation_drift(0.5, drift_tol=float("inf"))  # drift accepted explicitly
+    loss.backward()
+    assert y0.grad is not None

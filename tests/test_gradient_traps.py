@@ -14,17 +14,22 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from problems import ConvBNDynamics, MLPDynamics, reversible_heun_reference
+from problems import (
+    ConvBNDynamics,
+    MLPDynamics,
+    reversible_heun_reference,
+    reversible_rk_reference,
+)
 from torch import nn
 
-from torchode_adjoint import GRADIENT_MODES, NFECounter, ODEBlock, odeint
+from torchode_adjoint import GRADIENT_MODES, NFECounter, ODEBlock, get_solver, odeint
 
 D = torch.float64
 MEMORY_SAVING = [m for m in GRADIENT_MODES if m != "backprop"]
 
 
 def _solver(mode: str) -> str:
-    return "heun" if mode == "reversible" else "rk4"
+    return "rk4"  # every mode integrates with every tableau
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,21 +53,78 @@ def _seeded_grads(f: nn.Module, y0: torch.Tensor, t: torch.Tensor, seed: int, **
     return torch.autograd.grad(sol.square().sum(), [y, *f.parameters()])
 
 
-@pytest.mark.parametrize("mode", ["checkpoint", "reversible"])
-def test_exact_modes_replay_dropout_and_equal_backprop_under_the_same_seed(mode, gen) -> None:
+def test_checkpoint_replays_dropout_and_equals_backprop_under_the_same_seed(gen) -> None:
     f = DropoutDynamics().double()
     y0 = torch.randn(5, 3, dtype=D, generator=gen)
     t = torch.tensor([0.0, 0.45, 1.0], dtype=D)
-    ours = _seeded_grads(f, y0, t, 7, solver=_solver(mode), step=0.1, adjoint=mode)
-    if mode == "checkpoint":
-        ref = _seeded_grads(f, y0, t, 7, solver="rk4", step=0.1, adjoint="backprop")
-    else:  # autograd through reversible Heun itself, drawing in the same order
-        torch.manual_seed(7)
-        y = y0.clone().requires_grad_()
-        sol = reversible_heun_reference(f, y, t, [5, 6])
-        ref = torch.autograd.grad(sol.square().sum(), [y, *f.parameters()])
+    ours = _seeded_grads(f, y0, t, 7, solver="rk4", step=0.1, adjoint="checkpoint")
+    ref = _seeded_grads(f, y0, t, 7, solver="rk4", step=0.1, adjoint="backprop")
     for a, b in zip(ours, ref):
         assert _rel(a, b) < 1e-10
+
+
+class RecordedDropout(nn.Module):
+    """Dropout whose masks are recorded while ``record`` is on and replayed, in the order drawn,
+    while ``replay`` holds them: a reference that sees exactly the forward pass's draws."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.record = False
+        self.masks: list[torch.Tensor] = []
+        self.replay: list[torch.Tensor] | None = None
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.lin(y)
+        if self.replay is not None:
+            mask = self.replay.pop(0)
+        else:
+            mask = (torch.rand(h.shape, dtype=h.dtype) > 0.3).to(h.dtype) / 0.7
+            if self.record:
+                self.masks.append(mask)
+        return torch.tanh(h * mask)
+
+
+@pytest.mark.parametrize(
+    ("solver", "reference"),
+    [
+        ("rk4", lambda f, y, t: reversible_rk_reference(f, get_solver("rk4"), y, t, [5, 6], 0.999)),
+        ("reversible_heun", lambda f, y, t: reversible_heun_reference(f, y, t, [5, 6])),
+    ],
+)
+def test_the_reversible_mode_replays_the_forward_draws_in_its_backward_pass(
+    solver, reference, gen
+) -> None:
+    # The backward pass visits the evaluations in reverse order; its gradient must be the one
+    # of the draws the forward pass made: autograd through the scheme with those masks.
+    f = RecordedDropout().double()
+    y0 = torch.randn(5, 3, dtype=D, generator=gen)
+    t = torch.tensor([0.0, 0.45, 1.0], dtype=D)
+    y = y0.clone().requires_grad_()
+    f.record = True
+    sol = odeint(f, y, t, solver=solver, step=0.1, adjoint="reversible")
+    f.record = False
+    masks = list(f.masks)
+    assert len({m.sum().item() for m in masks}) > 1  # the dynamics did draw
+    ours = torch.autograd.grad(sol.square().sum(), [y, *f.parameters()])
+    f.replay = list(masks)
+    yr = y0.clone().requires_grad_()
+    ref_sol = reference(f, yr, t)
+    assert f.replay == []  # the reference used every recorded mask, in order
+    f.replay = None
+    torch.testing.assert_close(sol.detach(), ref_sol.detach(), rtol=1e-12, atol=1e-12)
+    ref = torch.autograd.grad(ref_sol.square().sum(), [yr, *f.parameters()])
+    for a, b in zip(ours, ref):
+        assert _rel(a, b) < 1e-10
+
+
+def test_the_reversible_mode_leaves_the_callers_generator_where_the_forward_left_it() -> None:
+    f = RecordedDropout().double()
+    y = torch.randn(5, 3, dtype=D, requires_grad=True)
+    sol = odeint(f, y, [0.0, 1.0], solver="rk4", step=0.1, adjoint="reversible")
+    after_forward = torch.get_rng_state()
+    sol.square().sum().backward()
+    assert torch.equal(torch.get_rng_state(), after_forward)
 
 
 def test_the_continuous_adjoint_refuses_dynamics_that_draw_random_numbers(gen) -> None:
@@ -96,8 +158,9 @@ def test_a_context_computed_outside_the_dynamics_gets_its_gradient(mode, gen) ->
     out = ODEBlock(f, solver=_solver(mode), step=0.1, adjoint=mode)(y0)
     ours = torch.autograd.grad(out.square().sum(), list(encoder.parameters()))
     f.ctx = encoder(x)
-    if mode == "reversible":  # autograd through reversible Heun itself
-        ref_out = reversible_heun_reference(f, y0, torch.tensor([0.0, 1.0], dtype=D), [10])[-1]
+    if mode == "reversible":  # autograd through the reversible scheme itself
+        t = torch.tensor([0.0, 1.0], dtype=D)
+        ref_out = reversible_rk_reference(f, get_solver("rk4"), y0, t, [10], 0.999)[-1]
     else:
         ref_out = ODEBlock(f, solver="rk4", step=0.1, adjoint="backprop")(y0)
     ref = torch.autograd.grad(ref_out.square().sum(), list(encoder.parameters()))
@@ -281,7 +344,7 @@ def test_the_reversible_forward_raises_when_the_state_blows_up() -> None:
             lambda t, y: y**3,
             torch.full((2,), 10.0),
             [0.0, 1.0],
-            solver="heun",
+            solver="rk4",
             step=0.1,
             adjoint="reversible",
             params=(),

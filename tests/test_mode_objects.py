@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from problems import MLPDynamics
@@ -32,8 +34,7 @@ D = torch.float64
     ],
 )
 def test_shorthands_stand_for_the_mode_objects_with_default_options(shorthand, cls) -> None:
-    solver = "heun" if cls is Reversible else "euler"
-    block = ODEBlock(MLPDynamics(), solver=solver, adjoint=shorthand)
+    block = ODEBlock(MLPDynamics(), solver="euler", adjoint=shorthand)
     assert type(block.adjoint) is cls and block.adjoint.name in GRADIENT_MODES
     if cls is Checkpoint:
         assert block.adjoint.every == 1
@@ -50,26 +51,57 @@ def test_checkpoint_validates_its_own_option(every) -> None:
         Checkpoint(every=every)
 
 
-def test_reversible_is_refused_with_another_solver_when_the_block_is_built() -> None:
-    with pytest.raises(ValueError, match="`solver='heun'`"):
-        ODEBlock(MLPDynamics(), adjoint="reversible")  # euler by default
-    with pytest.raises(ValueError, match="`solver='heun'`"):
-        odeint(MLPDynamics(), torch.ones(2, 3), [0.0, 1.0], solver="rk4", adjoint=Reversible())
+@pytest.mark.parametrize("mode", ["adjoint", "checkpoint"])
+def test_reversible_heun_is_refused_by_the_modes_that_cannot_integrate_it(mode: str) -> None:
+    with pytest.raises(ValueError, match=r"`solver='reversible_heun'`.*'reversible'.*'backprop'"):
+        ODEBlock(MLPDynamics(), solver="reversible_heun", adjoint=mode)
 
 
-def test_reversible_pairing_is_checked_by_coefficients_not_by_name() -> None:
-    midpoint_named_heun = ButcherTableau(
-        c=[0.0, 0.5], a=[[0.0, 0.0], [0.5, 0.0]], b=[0.0, 1.0], order=2, name="heun"
-    )
-    with pytest.raises(ValueError, match="not Heun's"):
-        ODEBlock(MLPDynamics(), solver=midpoint_named_heun, adjoint="reversible")
+@pytest.mark.parametrize("coupling", [0.0, -0.5, 1.5, float("nan"), True, "0.9"])
+def test_reversible_validates_its_coupling(coupling) -> None:
+    with pytest.raises(ValueError, match="`coupling`"):
+        Reversible(coupling=coupling)
+
+
+@pytest.mark.parametrize("tol", [0.0, -1.0, True])
+def test_reversible_validates_its_drift_tolerance(tol) -> None:
+    with pytest.raises(ValueError, match="`drift_tol`"):
+        Reversible(drift_tol=tol)
+
+
+def test_heun_with_the_reversible_mode_now_means_heun_made_reversible_with_a_warning() -> None:
+    # Up to 0.1.0 `solver="heun", adjoint="reversible"` integrated the reversible Heun method
+    # (one evaluation per step). It now integrates Heun's method made reversible by the coupling
+    # (two per step) and says so with a FutureWarning; the old method has its own name.
+    f = MLPDynamics().double()
+    y0 = torch.randn(2, 3, dtype=D)
+    with pytest.warns(FutureWarning, match="solver='reversible_heun'"):
+        block = ODEBlock(f, solver="heun", step=0.1, adjoint="reversible")
+    assert block.solver.name == "heun" and block.solver.stages == 2
+    block(y0)
+    assert block.nfe_forward == 10 * 2 * 2  # 10 steps, two Heun steps of two stages each
+    old = ODEBlock(f, solver="reversible_heun", step=0.1, adjoint="reversible")
+    assert old.solver.name == "reversible_heun" and "reversible_heun" in repr(old)
+    old(y0)
+    assert old.nfe_forward == 10 + 1
+    # Both second order, but not the same numbers: the meaning changed.
+    assert not torch.allclose(block(y0), old(y0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(block(y0), old(y0), rtol=0, atol=1e-2)
+
+
+def test_the_heun_warning_is_raised_by_coefficients_and_not_for_other_tableaus() -> None:
     trapezoid = ButcherTableau(
         c=[0.0, 1.0], a=[[0.0, 0.0], [1.0, 0.0]], b=[0.5, 0.5], order=2, name="trapezoid"
     )
-    block = ODEBlock(MLPDynamics().double(), solver=trapezoid, step=0.1, adjoint="reversible")
-    reference = ODEBlock(block.dynamics, solver="heun", step=0.1, adjoint="reversible")
-    y0 = torch.randn(2, 3, dtype=D)
-    torch.testing.assert_close(block(y0), reference(y0), rtol=0, atol=0)
+    with pytest.warns(FutureWarning, match="reversible_heun"):
+        ODEBlock(MLPDynamics(), solver=trapezoid, adjoint="reversible")
+    # Heun's nodes and matrix with other weights (an order-1 method): no Heun, no warning.
+    near = ButcherTableau(
+        c=[0.0, 1.0], a=[[0.0, 0.0], [1.0, 0.0]], b=[0.5 + 1e-6, 0.5 - 1e-6], order=1, name="n"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        ODEBlock(MLPDynamics(), solver=near, adjoint="reversible")
 
 
 def test_checkpoint_every_still_works_with_a_deprecation_warning(gen) -> None:

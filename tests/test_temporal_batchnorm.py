@@ -154,7 +154,7 @@ class _TemporalConvDynamics(nn.Module):
 
 
 def _mode_kwargs(mode: str) -> dict:
-    return {"adjoint": mode, "solver": "heun" if mode == "reversible" else "rk4"}
+    return {"adjoint": mode, "solver": "rk4"}
 
 
 @pytest.mark.parametrize("mode", GRADIENT_MODES)
@@ -185,8 +185,7 @@ def test_gradients_through_a_temporal_norm_pass_check_gradients(mode: str, train
             assert check.rel_err_backprop < tol, str(report)
     else:  # exact for the discretisation the mode integrates
         assert report.max_rel_err_fd < 1e-5, str(report)
-        if mode != "reversible":
-            assert report.max_rel_err_backprop < 1e-10, str(report)
+        assert report.max_rel_err_backprop < 1e-10, str(report)
 
 
 def test_state_dict_round_trips_with_weights_only_loading_and_dtype_moves() -> None:

@@ -55,9 +55,7 @@ class ContinuousAdjoint(GradientMode):
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
     ) -> ForwardResult:
-        states = integrate(
-            f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite, stepper=spec.stepper
-        )
+        states = integrate(f, y0, t, spec.grid, spec.stepper, check_finite=spec.check_finite)
         # The states at the output times only: memory independent of the number of steps.
         return states, ()
 

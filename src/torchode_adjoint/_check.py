@@ -13,11 +13,10 @@ import torch
 from torch import nn
 
 from ._block import ODEBlock
-from ._dynamics import Dynamics, NFECounter
+from ._dynamics import NFECounter
 from ._grid import regrid
 from ._mode import Backprop
 from ._prepare import SolveConfig, make_config, prepare
-from ._reversible import Reversible, reversible_heun_autograd
 
 __all__ = ["GradientCheck", "GradientReport", "check_gradients"]
 
@@ -41,8 +40,8 @@ class GradientCheck:
     shape : tuple of int
     rel_err_backprop : float
         ``||g - g_ref|| / ||g_ref||`` against the mode's reference: backprop through the solver
-        for the exact modes and the continuous adjoint, backprop through the reversible Heun
-        method itself for ``"reversible"``. The denominator is at least ``1e-8`` times the
+        for the exact modes and the continuous adjoint, backprop through the reversible method
+        itself for ``"reversible"``. The denominator is at least ``1e-8`` times the
         largest reference gradient of the report, so a gradient that is zero up to round-off
         (a bias before a norm) does not show a huge relative error.
     rel_err_fd : float
@@ -141,7 +140,7 @@ def check_gradients(
     The loss is ``sum(w * odeint(...))`` with fixed random weights ``w``. The gradients of the
     chosen mode for ``y0``, every time in ``t`` and every parameter are compared with the mode's
     reference (backprop through the solver; for ``"reversible"`` backprop through the reversible
-    Heun method itself) and with central finite differences of the same discretised forward pass
+    method itself) and with central finite differences of the same discretised forward pass
     along a random direction (the step counts are held fixed while the times move). Each input
     gets a verdict against the tolerance the mode deserves: round-off for the exact modes, the
     measured discretisation error for the continuous adjoint (see :class:`GradientCheck`).
@@ -224,13 +223,10 @@ def check_gradients(
         return [gi if gi is not None else torch.zeros_like(x) for gi, x in zip(g, inputs)]
 
     g_mode = grads(out)
-    if isinstance(config.mode, Reversible):
-        reference = "backprop through the reversible Heun method itself"
-        ref_states = reversible_heun_autograd(Dynamics(func), y, tt, base_spec.grid)
-        g_ref = grads(torch.stack([y, *ref_states]))
-    else:
-        reference = f"backprop through {config.tableau.name}"
-        g_ref = grads(solution(dataclasses.replace(config, mode=Backprop())))
+    # Backprop through the method the mode integrates (the config's stepper: for the reversible
+    # mode the reversible method itself).
+    reference = f"backprop through {config.stepper.method.name}"
+    g_ref = grads(solution(dataclasses.replace(config, mode=Backprop())))
     scale = max(float(g.norm()) for g in g_ref) * 1e-8 + 1e-300
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -246,7 +242,7 @@ def check_gradients(
         g_fine = grads(solution(fine))
         tolerances = [max(10 * rel(a, b), _EXACT_TOL) for a, b in zip(g_ref, g_fine)]
 
-    # Finite differences through the mode's own forward pass (reversible Heun for "reversible"),
+    # Finite differences through the mode's own forward pass (the reversible method for it),
     # with the step counts held fixed: the grid's counts are piecewise constant in t, so moving t
     # across a ceil() boundary would jump.
     def loss_at(y_in: torch.Tensor, t_in: torch.Tensor) -> float:

@@ -70,14 +70,7 @@ class Checkpoint(GradientMode):
                 record.rng.append(RngState.capture(y.device))
 
         states = integrate(
-            f,
-            y0,
-            t,
-            spec.grid,
-            spec.tableau,
-            check_finite=spec.check_finite,
-            before_step=keep,
-            stepper=spec.stepper,
+            f, y0, t, spec.grid, spec.stepper, check_finite=spec.check_finite, before_step=keep
         )
         return states, tuple(kept)
 

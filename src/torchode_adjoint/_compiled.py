@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._compat import saved_tensor_hooks_active
+
 __all__ = [
     "Compile",
     "CompiledFunction",
@@ -305,14 +307,9 @@ def vjp_names(
     """The parameter names for a compiled ``torch.func`` VJP of ``func``, or None where the
     backward pass runs its eager VJP: no compiled path, saved-tensor hooks active (which
     ``torch.func`` does not support), or tensors that are not parameters of ``func``."""
-    if options is None or _saved_tensor_hooks_active():
+    if options is None or saved_tensor_hooks_active():
         return None
     return parameter_names(func, params)
-
-
-def _saved_tensor_hooks_active() -> bool:
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is not None and top(False) is not None
 
 
 def _storage_key(p: torch.Tensor) -> tuple[int, tuple[int, ...], torch.dtype, torch.device]:

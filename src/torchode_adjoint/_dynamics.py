@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._rng import SeededDraws
 from ._temporal_norm import TemporalBatchNormBase
 
 __all__ = [
@@ -52,7 +53,7 @@ class Dynamics:
     only count.
     """
 
-    __slots__ = ("func", "nfe", "compile_ok", "_checked", "_check", "_probe")
+    __slots__ = ("func", "nfe", "compile_ok", "draws", "_checked", "_check", "_probe")
 
     def __init__(
         self,
@@ -66,6 +67,8 @@ class Dynamics:
         # The compiled path's verdict after its first (eager) step: None before it, False when
         # the dynamics drew random numbers (the pass then stays eager), True otherwise.
         self.compile_ok: bool | None = None
+        # A reversible mode's replayable random draws (see SeededDraws), or None.
+        self.draws: SeededDraws | None = None
         self._check, self._probe = check, probe
         self._checked = not (check or probe is not None)
 
@@ -74,7 +77,23 @@ class Dynamics:
         """Whether the first call (output check, probe) is done."""
         return self._checked
 
+    @property
+    def index(self) -> int:
+        """The index of the next evaluation, for replayed random draws."""
+        return self.draws.index if self.draws is not None else self.nfe
+
+    @index.setter
+    def index(self, value: int) -> None:
+        if self.draws is not None:
+            self.draws.index = value
+
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.draws is not None:
+            with self.draws.evaluation():
+                return self._evaluate(t, y)
+        return self._evaluate(t, y)
+
+    def _evaluate(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
         if not self._checked:
             return self._first_call(t, y)

@@ -6,7 +6,8 @@ reversible method) run their forward pass without a graph and compute the gradie
 a backward pass that evaluates the dynamics again. What they have in common lives here, once:
 
 - one ``torch.autograd.Function`` that saves the mode's tensors, unpacks them and returns the
-  gradients (``setup_context`` style, so that ``torch.func.grad`` and ``vjp`` can run it);
+  gradients (``torch.func`` transforms are refused with a message: the backward pass is
+  computed outside autograd);
 - re-evaluation under the forward pass's conditions: autograd on, BatchNorm buffers frozen, the
   forward's autocast state, and the forward's random-number state replayed where the mode
   supports it (:class:`ForwardRecord`);
@@ -14,7 +15,9 @@ a backward pass that evaluates the dynamics again. What they have in common live
   swapped between forward and backward (``torch.func.functional_call``), tensors the dynamics
   capture that are not declared parameters, and one non-finite policy for the adjoint state.
 
-A mode overrides :meth:`GradientMode.forward` and :meth:`GradientMode.backward` only.
+A memory-saving mode overrides :meth:`GradientMode.forward` and :meth:`GradientMode.backward`,
+and, where it pairs with other solvers than the tableaus, :meth:`GradientMode.check_solver` and
+:meth:`GradientMode.method_for`. :class:`Backprop` overrides :meth:`GradientMode.solve` instead.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ from typing import Any, ClassVar
 
 import torch
 
+from ._compat import autocast_state, functorch_transforms_active
 from ._dynamics import Dynamics, frozen_batchnorm, module_tensors
-from ._rng import RngState
+from ._reversible_heun import ReversibleHeun
+from ._rng import RngState, SeededDraws
+from ._solvers import Solver
 from ._spec import SolveSpec
-from ._stepping import integrate
+from ._stepping import Method, RungeKutta, integrate
 from ._tableau import ButcherTableau
 
 __all__ = [
@@ -59,8 +65,10 @@ class ForwardRecord:
     random : bool
         Whether the dynamics drew random numbers during the forward pass.
     rng : list of RngState
-        States a mode kept to replay its re-evaluations (checkpoint: one per segment,
-        reversible: one per step); empty when the dynamics draw no random numbers.
+        States the checkpointed mode kept to replay its re-evaluations (one per segment);
+        empty when the dynamics draw no random numbers.
+    draws : SeededDraws or None
+        The reversible mode's replayable draws.
     n_extra : int
         How many extra tensors the mode's forward pass saved beside the states.
     """
@@ -69,13 +77,14 @@ class ForwardRecord:
     autocast: tuple[tuple[str, bool, torch.dtype], ...]
     random: bool = False
     rng: list[RngState] = field(default_factory=list)
+    draws: SeededDraws | None = None
     n_extra: int = 0
 
     @staticmethod
     def start(device: torch.device) -> ForwardRecord:
         """A record for a forward pass starting now (it notes the autocast state)."""
         kinds = ["cpu"] if device.type == "cpu" else ["cpu", device.type]
-        state = tuple((k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in kinds)
+        state = tuple((k, *autocast_state(k)) for k in kinds)
         return ForwardRecord(device=device, autocast=state)
 
     @contextlib.contextmanager
@@ -84,9 +93,8 @@ class ForwardRecord:
         with contextlib.ExitStack() as stack:
             for kind, enabled, dtype in self.autocast:
                 # Entering autocast costs more than the check; most backward passes need nothing.
-                if torch.is_autocast_enabled(kind) != enabled or (
-                    enabled and torch.get_autocast_dtype(kind) != dtype
-                ):
+                now_enabled, now_dtype = autocast_state(kind)
+                if now_enabled != enabled or (enabled and now_dtype != dtype):
                     stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
             yield
 
@@ -180,8 +188,7 @@ class GradientMode:
     ``exact`` (whether the gradient is the discretised forward pass's to round-off),
     ``replays_randomness`` (whether random draws of the dynamics are replayed in the
     re-evaluations; a mode that cannot raises when the dynamics drew random numbers) and
-    ``supports_double_backward`` and ``required_solver`` (the one solver the mode integrates
-    with, or None for any).
+    ``supports_double_backward``.
     """
 
     name: ClassVar[str] = ""
@@ -190,17 +197,28 @@ class GradientMode:
     saves_y0: ClassVar[bool] = False
     replays_randomness: ClassVar[bool] = True
     supports_double_backward: ClassVar[bool] = False
-    required_solver: ClassVar[str | None] = None
 
-    def check_solver(self, tableau: ButcherTableau) -> None:
-        """Raise a ValueError if the mode cannot integrate with ``tableau`` (default: any)."""
+    def check_solver(self, solver: Solver) -> None:
+        """Raise a ValueError if the mode cannot integrate with ``solver`` (default: any
+        tableau; the reversible Heun method pairs with the reversible mode and backprop)."""
+        if not isinstance(solver, ButcherTableau):
+            raise ValueError(
+                f"`solver={solver.name!r}` pairs with `adjoint='reversible'` (exact, memory "
+                f"flat in the steps) or `adjoint='backprop'`, not with adjoint={self.name!r}; "
+                "pass one of those, or a Runge--Kutta solver such as `solver='heun'`."
+            )
+
+    def method_for(self, solver: Solver) -> Method:
+        """The method the mode's solves step with (default: the tableau's Runge--Kutta step)."""
+        assert isinstance(solver, ButcherTableau)  # check_solver ran first
+        return RungeKutta(solver)
 
     def solve(
         self, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         """The states at ``t[1:]``, differentiable as the mode promises."""
         # torch.func runs custom Functions under its own transforms; ours cannot be (see below).
-        if torch._C._are_functorch_transforms_active():
+        if functorch_transforms_active():
             raise RuntimeError(
                 f"torch.func transforms (grad, vjp, jacrev, vmap) cannot differentiate through "
                 f"adjoint={self.name!r}: its backward pass is computed outside autograd. Use "
@@ -221,9 +239,7 @@ class GradientMode:
     ) -> list[torch.Tensor]:
         """The states at ``t[1:]`` when no gradient is needed (inference): the mode's method,
         keeping nothing for a backward pass."""
-        return integrate(
-            f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite, stepper=spec.stepper
-        )
+        return integrate(f, y0, t, spec.grid, spec.stepper, check_finite=spec.check_finite)
 
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
@@ -253,13 +269,17 @@ class Backprop(GradientMode):
     needs_params: ClassVar[bool] = False
     supports_double_backward: ClassVar[bool] = True
 
+    def check_solver(self, solver: Solver) -> None:
+        """Any solver: autograd records whatever it computes."""
+
+    def method_for(self, solver: Solver) -> Method:
+        return solver if isinstance(solver, ReversibleHeun) else RungeKutta(solver)
+
     def solve(
         self, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         f = Dynamics(spec.func)
-        states = integrate(
-            f, y0, t, spec.grid, spec.tableau, check_finite=spec.check_finite, stepper=spec.stepper
-        )
+        states = integrate(f, y0, t, spec.grid, spec.stepper, check_finite=spec.check_finite)
         spec.counter.forward, spec.counter.backward = f.nfe, 0
         return states
 

@@ -24,7 +24,7 @@ from ._dynamics import NFECounter, module_tensors
 from ._grid import DEFAULT_MAX_STEPS, make_grid
 from ._mode import Backprop, GradientMode
 from ._reversible import Reversible
-from ._solvers import get_solver
+from ._solvers import Solver, get_solver
 from ._spec import SolveSpec
 from ._stepping import Stepper
 from ._tableau import ButcherTableau
@@ -226,7 +226,7 @@ class SolveConfig:
     An :class:`~torchode_adjoint.ODEBlock` builds one in ``__init__`` and reuses it every call.
     """
 
-    tableau: ButcherTableau
+    tableau: Solver
     step: float | None
     mode: GradientMode
     check_finite: bool
@@ -257,7 +257,7 @@ def make_config(
         mode=mode,
         check_finite=bool(check_finite),
         max_steps=check_max_steps(max_steps),
-        stepper=Stepper(tableau, options),
+        stepper=Stepper(mode.method_for(tableau), options),
         compile=options,
     )
 

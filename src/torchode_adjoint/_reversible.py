@@ -1,280 +1,333 @@
-"""The reversible Heun method (Kidger et al. 2021) with its exact, memory-flat backward pass.
+"""The reversible gradient mode: exact gradients at memory independent of the number of steps.
 
-The method carries an auxiliary state ``z`` (``z_0 = y_0``) and evaluates ``f`` once per step::
+The forward pass integrates with a reversible method and keeps only the outputs and the method's
+last state. The backward pass walks the steps in reverse: each step is inverted algebraically
+(the state before it is reconstructed from the state after it, to round-off) and differentiated
+by vector--Jacobian products through the evaluations of that step alone. Nothing per step is
+kept, so memory does not grow with the number of steps, learnable times included.
 
-    z_{k+1} = 2 y_k - z_k + h f(t_k, z_k)
-    y_{k+1} = y_k + h/2 (f(t_k, z_k) + f(t_{k+1}, z_{k+1}))
+Two methods are reversible:
 
-It is second order and algebraically reversible: given ``(y_{k+1}, z_{k+1}, f_{k+1})``,
-``z_k = 2 y_{k+1} - z_{k+1} - h f_{k+1}`` and ``y_k = y_{k+1} - h/2 (f_k + f_{k+1})``. The backward
-pass reconstructs every earlier state this way (to round-off) and back-propagates through the
-discrete step exactly, with one evaluation and one vector--Jacobian product per step. With
-``lam_*`` the adjoints of ``y_k``, ``z_k`` and ``f_k``::
+- any explicit Runge--Kutta tableau, through McCallum & Foster's coupling
+  (:class:`~torchode_adjoint._coupled.Coupled`, two base steps per step, same order);
+- the reversible Heun method (``solver="reversible_heun"``,
+  :class:`~torchode_adjoint.ReversibleHeun`, one evaluation per step, order 2).
 
-    lam_y[k] = 2 lam_z[k+1] + lam_y[k+1]                       (+ dL/dy at output times)
-    lam_f[k] = h_k lam_z[k+1] + h_k/2 lam_y[k+1] + h_{k-1}/2 lam_y[k]
-    lam_z[k] = J_f(t_k, z_k)^T lam_f[k] - lam_z[k+1]
-    dL/dtheta += J_theta^T lam_f[k],   dL/dy0 = lam_y[0] + lam_z[0]
+The reconstruction is watched: the state it ends with at ``t0`` is compared with the stored
+``y0``, and a drift beyond what the dtype explains raises with the fixes named.
 
-Dynamics that draw random numbers (dropout in training mode) have the random state before each
-evaluation kept and replayed in the backward pass (a CPU generator state of about 5 KB per step,
-so memory is then no longer flat in the number of steps).
+Dynamics that draw random numbers (dropout) get their draws replayed exactly: the first
+evaluation's generator state is kept and every later evaluation draws from a generator seeded
+with one base seed plus its index, so the backward pass, which visits the evaluations in
+another order, draws the same numbers, and memory stays flat.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
+import math
+import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from ._compiled import CompiledFunction, cast, vjp_names
-from ._compiled import vjp as compiled_vjp
+from ._coupled import Coupled
 from ._dynamics import Dynamics
-from ._grid import StageTimes, TimeGrid, step_sizes, time_gradient
-from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients, RngState
-from ._solvers import HEUN
+from ._grid import StageTimes
+from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
+from ._reversible_heun import ReversibleHeun
+from ._rng import SeededDraws
+from ._solvers import HEUN, Solver
 from ._spec import SolveSpec
+from ._stepping import Method, integrate, plan_for, rk_increment
 from ._tableau import ButcherTableau
-from ._vjp import accumulate_, dynamics_vjp
+from ._vjp import accumulate_
 
-__all__ = [
-    "Reversible",
-    "reversible_heun_forward",
-    "reversible_heun_reverse",
-    "reversible_heun_autograd",
-]
-
-_COEFF_TOL = 1e-12
-
-
-def reversible_heun_forward(
-    f: Any,
-    y: torch.Tensor,
-    z: torch.Tensor,
-    f_k: torch.Tensor,
-    h: float | torch.Tensor,
-    t_next: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step: ``(y_k, z_k, f(t_k, z_k)) -> (y_{k+1}, z_{k+1}, f(t_{k+1}, z_{k+1}))``.
-
-    A tensor ``h`` (the compiled path) uses no ``alpha=`` coefficients: inductor drops them
-    after a matrix product (pytorch/pytorch#167313).
-    """
-    if isinstance(h, torch.Tensor):
-        z_next = 2 * y - z + h * f_k
-        f_next = f(t_next, z_next)
-        return y + (0.5 * h) * (f_k + f_next), z_next, f_next
-    z_next = torch.add(torch.add(y, y), z, alpha=-1.0).add_(f_k, alpha=h)
-    f_next = f(t_next, z_next)
-    y_next = torch.add(y, torch.add(f_k, f_next), alpha=0.5 * h)
-    return y_next, z_next, f_next
-
-
-def reversible_heun_reverse(
-    y_next: torch.Tensor, z_next: torch.Tensor, f_next: torch.Tensor, h: float
-) -> torch.Tensor:
-    """``z_k`` from the state after the step (the first half of the reverse step)."""
-    return torch.add(torch.add(y_next, y_next), z_next, alpha=-1.0).add_(f_next, alpha=-h)
-
-
-def reversible_heun_autograd(
-    f: Any, y0: torch.Tensor, t: torch.Tensor, grid: TimeGrid
-) -> list[torch.Tensor]:
-    """The reversible Heun method with autograd recording every operation, differentiable in
-    ``y0``, the parameters and ``t``: the reference the reversible mode's gradient must equal
-    (:func:`~torchode_adjoint.check_gradients` compares against it). Memory grows with the
-    number of steps.
-    """
-    hs = step_sizes(t, grid)
-    y, z = y0, y0
-    f_k = f(t[0], y0)
-    states = []
-    for i, n in enumerate(grid.n_steps):
-        for m in range(n):
-            t_next = t[i] + (m + 1) * hs[i]
-            z_next = 2 * y - z + hs[i] * f_k
-            f_next = f(t_next, z_next)
-            y = y + hs[i] / 2 * (f_k + f_next)
-            z, f_k = z_next, f_next
-        states.append(y)
-    return states
-
-
-def _is_heun(tableau: ButcherTableau) -> bool:
-    if tableau.stages != HEUN.stages:
-        return False
-    pairs = [
-        *zip(tableau.c, HEUN.c),
-        *zip(tableau.b, HEUN.b),
-        *((x, y) for ra, rb in zip(tableau.a, HEUN.a) for x, y in zip(ra, rb)),
-    ]
-    return all(abs(x - y) <= _COEFF_TOL for x, y in pairs)
+__all__ = ["Reversible", "StepVJP"]
 
 
 @dataclass(frozen=True)
 class Reversible(GradientMode):
-    """The reversible Heun method (Kidger et al. 2021): ``adjoint="reversible"``.
+    """Exact gradients at memory independent of the number of steps: ``adjoint="reversible"``.
 
-    Needs ``solver="heun"`` (checked by its coefficients when the mode is paired with a
-    solver). Gradient: exact for the reversible Heun discretisation (up to the round-off of the
-    state reconstruction). Memory: independent of the number of steps. Cost: one evaluation per
-    step forward (plus one at ``t0``) and one evaluation with its VJP per step backward.
+    With a Butcher tableau (any registered solver, or your own), the solve integrates McCallum
+    & Foster's reversible coupling of that method::
+
+        y_{n+1} = lam y_n + (1 - lam) z_n + Psi_h(t_n, z_n) - z_n
+        z_{n+1} = z_n + y_{n+1} - Psi_{-h}(t_{n+1}, y_{n+1})
+
+    (``Psi_h`` one step of the tableau, ``z`` an auxiliary state with ``z_0 = y_0``), which has
+    the tableau's order. With ``solver="reversible_heun"`` it integrates the reversible Heun
+    method. Gradient: exact for the discretisation integrated (to the round-off of the
+    reconstruction). Memory: the outputs and one auxiliary state, independent of the number of
+    steps. Cost per step, for an ``s``-stage tableau: ``2 s`` evaluations forward; ``2 s``
+    evaluations with their vector--Jacobian products backward (the reconstruction and the
+    products share them). Reversible Heun: one evaluation forward, one evaluation with its
+    product backward.
+
+    Parameters
+    ----------
+    coupling : float, default 0.999
+        ``lam`` in (0, 1]. The reconstruction divides by it once per step, so round-off grows
+        like ``lam**-n`` over ``n`` steps where the dynamics do not damp it: values near 1 are
+        the stable choice; McCallum & Foster note that ``lam = 1`` loses the scheme's linear
+        stability. Not used by the reversible Heun method.
+    drift_tol : float, optional
+        The largest relative difference allowed between the reconstructed and the stored
+        ``y0``; default ``sqrt(eps)`` of the state's dtype (1.5e-8 in float64, 3.5e-4 in
+        float32). Beyond it the backward pass raises rather than return the gradient of another
+        trajectory.
+
+    Raises
+    ------
+    ValueError
+        For a ``coupling`` outside (0, 1] or a non-positive ``drift_tol``.
     """
 
     name: ClassVar[str] = "reversible"
-    required_solver: ClassVar[str | None] = "heun"
+    saves_y0: ClassVar[bool] = True
+    coupling: float = 0.999
+    drift_tol: float | None = None
 
-    def check_solver(self, tableau: ButcherTableau) -> None:
-        if not _is_heun(tableau):
+    def __post_init__(self) -> None:
+        c = self.coupling
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0.0 < float(c) <= 1.0:
             raise ValueError(
-                f"`adjoint='reversible'` integrates with the reversible Heun method; pass "
-                f"`solver='heun'` (got {tableau!r}, whose coefficients are not Heun's)."
+                f"`coupling` must be a number in (0, 1], got {c!r}; pass e.g. "
+                "`Reversible(coupling=0.999)` (values near 1 reconstruct most stably)."
             )
+        object.__setattr__(self, "coupling", float(c))
+        tol = self.drift_tol
+        if tol is not None and (
+            isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not float(tol) > 0.0
+        ):
+            raise ValueError(
+                f"`drift_tol` must be a positive number or None, got {tol!r}; pass e.g. "
+                "`Reversible(drift_tol=1e-6)`, or None for sqrt(eps) of the state's dtype."
+            )
+
+    def check_solver(self, solver: Solver) -> None:
+        if _is_heun(solver):
+            warnings.warn(
+                "`solver='heun'` with `adjoint='reversible'` now integrates Heun's method made "
+                "reversible by McCallum & Foster's coupling (two evaluations per step, order 2); "
+                "it used to mean the reversible Heun method (one evaluation per step), which is "
+                "now `solver='reversible_heun'`.",
+                FutureWarning,
+                stacklevel=4,
+            )
+
+    def method_for(self, solver: Solver) -> Method:
+        if isinstance(solver, ReversibleHeun):
+            return solver
+        return Coupled(solver, self.coupling)
 
     def integrate_only(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec
     ) -> list[torch.Tensor]:
-        states, _ = self.forward(f, y0, t, spec, ForwardRecord.start(y0.device))
-        return states
+        # The same draws as a pass with a gradient (a re-run by torch.utils.checkpoint must
+        # see what the first, gradient-free run saw).
+        f.draws = SeededDraws(y0.device)
+        return super().integrate_only(f, y0, t, spec)
 
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
     ) -> ForwardResult:
-        grid = spec.grid
-        ends = StageTimes(t, grid, (1.0,))
-        before = RngState.capture(y0.device)
-        f_k = f(t[0], y0)
-        # Keep the random state before every evaluation only if the first one drew.
-        random = not before.same_as(RngState.capture(y0.device))
-        if random:
-            record.rng.append(before)
-        y, z = y0, y0
-        states, pos = [], 0
-        step = _compiled(spec, "reversible_step", lambda: _reversible_step) if not random else None
-        for i, n in enumerate(grid.n_steps):
-            for _ in range(n):
-                if random:
-                    record.rng.append(RngState.capture(y0.device))
-                if step is None:
-                    y, z, f_k = reversible_heun_forward(f, y, z, f_k, grid.h[i], ends[pos])
-                else:
-                    h = spec.stepper.step_tensor(grid.h[i], y)
-                    y, z, f_k = step(spec.func, y, z, f_k, h, ends[pos])
-                    f.nfe += 1
-                pos += 1
-            states.append(y)
-        if spec.check_finite:
-            _check_states(states, grid.times)
-        # The last z beside the outputs: memory independent of the number of steps.
-        return states, (z,)
+        record.draws = f.draws = SeededDraws(y0.device)
+        last: list[Any] = []
+        states = integrate(
+            f, y0, t, spec.grid, spec.stepper, check_finite=spec.check_finite, final=last
+        )
+        # The method's last auxiliary tensors beside the outputs: memory flat in the steps.
+        return states, tuple(last[0][1:])
 
     def backward(self, job: BackwardJob) -> Gradients:
         grid = job.spec.grid
-        if job.record.random and not job.record.rng:
+        method: Any = job.spec.stepper.method
+        draws: SeededDraws = job.record.draws
+        if job.record.random and not draws.active:
             raise RuntimeError(
                 "the dynamics drew random numbers in the forward pass, but not in their first "
-                "evaluation, so adjoint='reversible' kept no random states to replay; use "
+                "evaluation, so adjoint='reversible' cannot replay them; use "
                 "adjoint='checkpoint' or 'backprop'."
             )
-        rng = list(job.record.rng)
-        (z,) = job.extra
-        starts = StageTimes(job.t, grid, (0.0,))
-        t_end = job.t[-1]
-        hs = [h for h, n in zip(grid.h, grid.n_steps) for _ in range(n)]
-        owner = [i for i, n in enumerate(grid.n_steps) for _ in range(n)]
-        local = [m for n in grid.n_steps for m in range(n)]
-        g_p = [torch.zeros_like(p) for p in job.vjp_params]
-        at_points: list[tuple[int, float, torch.Tensor]] = []
-        per_step: list[tuple[int, torch.Tensor]] = []
-
-        names = vjp_names(job.spec.compile, job.spec.func, job.vjp_params)
-        compiled = (
-            _compiled(job.spec, "reversible_vjp", lambda: compiled_vjp)
-            if names is not None and not job.record.random
-            else None
-        )
-        params = tuple(p.detach() for p in job.vjp_params)
-
-        def vjp(
-            tau: torch.Tensor, z_k: torch.Tensor, lam_f: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-            if compiled is not None and job.f.checked:
-                with torch.no_grad():  # torch.func's VJP differentiates inside
-                    value, g_y, g_ps, g_t = compiled(job.spec.func, tau, z_k, lam_f, names, params)
-                job.f.nfe += 1
-                accumulate_(g_p, g_ps)
-                return value, g_y, g_t if job.need_t else None
-            state = rng.pop() if rng else None
-            with state.replayed(z_k.device) if state is not None else contextlib.nullcontext():
-                out = dynamics_vjp(job.f, tau, z_k, lam_f, job.vjp_params, want_t=job.need_t)
-            accumulate_(g_p, out.params)
-            return out.value, out.y, out.t
-
-        y = job.states[-1]
+        assert job.y0 is not None  # saves_y0
+        job.f.draws = draws if draws.active else None
+        vjp = StepVJP(job, method)
+        # Detached: the reconstruction runs under enable_grad and must record nothing.
+        carry: Any = tuple(x.detach() for x in (job.states[-1], *job.extra))
+        n_int = len(grid.n_steps)
         last = job.grads[-1]
-        lam_y = last if last is not None else torch.zeros_like(y)
-        job.watch(grid.times[-1], lam_y)
-        lam_f = lam_y * (0.5 * hs[-1])
-        f_next, lam_z, g_tau = vjp(t_end, z, lam_f)
-        if g_tau is not None:
-            at_points.append((len(grid.n_steps) - 1, float(grid.n_steps[-1]), g_tau))
-        out_at = {grid.offsets[i + 1]: i for i in range(len(grid.n_steps) - 1)}
-        for k in range(len(hs) - 1, -1, -1):
-            h = hs[k]
-            z_k = reversible_heun_reverse(y, z, f_next, h)
-            lam_y_next, lam_z_next = lam_y, lam_z
-            lam_y = torch.add(lam_y_next, lam_z_next, alpha=2.0)
-            if k in out_at:
-                if job.grads[out_at[k]] is not None:
-                    lam_y = lam_y + job.grads[out_at[k]]
-                job.watch(grid.times[out_at[k] + 1], lam_y)
-            lam_f = torch.add(lam_z_next * h, lam_y_next, alpha=0.5 * h)
-            if k:
-                lam_f = lam_f.add_(lam_y, alpha=0.5 * hs[k - 1])
-            f_k, jz, g_tau = vjp(starts[k], z_k, lam_f)
-            if job.need_t:
-                dh = 0.5 * torch.sum(lam_y_next * (f_k + f_next)) + torch.sum(lam_z_next * f_k)
-                per_step.append((owner[k], dh))
-                if g_tau is not None:
-                    at_points.append((owner[k], float(local[k]), g_tau))
-            y = torch.add(y, torch.add(f_k, f_next), alpha=-0.5 * h)
-            z, f_next = z_k, f_k
-            lam_z = jz - lam_z_next
-        grad_y0 = lam_y + lam_z
-        job.watch(grid.times[0], grad_y0)
-        grad_t = time_gradient(job.t, grid, at_points, per_step) if job.need_t else None
-        return Gradients(y0=grad_y0, t=grad_t, params=g_p)
+        a_y = last if last is not None else torch.zeros_like(job.states[-1])
+        job.watch(grid.times[-1], a_y)
+        total = grid.offsets[-1]
+        vjp.at_step(n_int - 1, grid.n_steps[-1] - 1, total - 1)
+        adjoint = method.backward_start(vjp, carry, a_y, grid.h[-1])
+        evaluations = len(method.nodes)
+        for i in range(n_int - 1, -1, -1):
+            n, h = grid.n_steps[i], grid.h[i]
+            for k in range(n - 1, -1, -1):
+                g = grid.offsets[i] + k
+                vjp.at_step(i, k, g)
+                if k:
+                    h_prev, incoming = h, None
+                else:
+                    h_prev = grid.h[i - 1] if i else None
+                    incoming = job.grads[i - 1] if i else None
+                carry, adjoint = method.backward_step(
+                    vjp, carry, adjoint, h, h_prev, g * evaluations, incoming
+                )
+            vjp.end_interval()
+            job.watch(grid.times[i], adjoint[0])
+        grad_y0 = adjoint[0] + adjoint[1]
+        self._check_drift(carry, job.y0, total, method)
+        return Gradients(y0=grad_y0, t=vjp.g_t, params=vjp.g_p)
+
+    def _check_drift(self, carry: Any, y0: torch.Tensor, steps: int, method: Any) -> None:
+        """Raise if the reconstructed ``(y_0, z_0)`` is not the stored ``y0`` to the tolerance."""
+        y0 = y0.detach()
+        scale = y0.abs().max()
+        drift = torch.maximum((carry[0] - y0).abs().max(), (carry[1] - y0).abs().max())
+        eps = torch.finfo(y0.dtype).eps
+        tol = self.drift_tol if self.drift_tol is not None else math.sqrt(eps)
+        rel = float(drift / scale.clamp_min(torch.finfo(y0.dtype).tiny))
+        if rel <= tol:
+            return
+        if isinstance(method, Coupled):
+            # Round-off in the reconstruction grows like coupling**-steps: suggest a coupling
+            # that keeps that factor near e (it damps the scheme's second mode by as much).
+            fixes = (
+                f"a `coupling` closer to 1 (over {steps:,} steps {self.coupling:g}**-{steps} = "
+                f"{_power(self.coupling, -steps)}; e.g. `Reversible(coupling="
+                f"{1.0 - 1.0 / steps:.6g})`), a smaller `step`, or float64"
+            )
+        else:
+            fixes = "a smaller `step`, or float64"
+        raise RuntimeError(
+            f"adjoint='reversible' reconstructed the initial state with a relative error of "
+            f"{rel:.3g} (allowed: {tol:.3g}, sqrt(eps) of {y0.dtype} unless `drift_tol` says "
+            f"otherwise): round-off grew through the reversed steps, so the gradient would be "
+            f"that of another trajectory. Use {fixes}; or adjoint='checkpoint' (exact, stores "
+            "states)."
+        )
 
 
-def _compiled(
-    spec: SolveSpec, name: str, make: Callable[[], Callable[..., Any]]
-) -> CompiledFunction | None:
-    return None if spec.compile is None else spec.compile.function((name, HEUN), make)
+def _power(base: float, exponent: int) -> str:
+    log10 = exponent * math.log10(base)
+    return f"{10**log10:.3g}" if log10 < 300 else f"1e{log10:.0f}"
 
 
-def _reversible_step(
-    func: Callable[..., torch.Tensor],
-    y: torch.Tensor,
-    z: torch.Tensor,
-    f_k: torch.Tensor,
-    h: torch.Tensor,
-    t_next: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`reversible_heun_forward` of the module ``func``, as the function to compile."""
-    return reversible_heun_forward(cast(func), y, z, f_k, h, t_next)
+def _is_heun(solver: Solver) -> bool:
+    if not isinstance(solver, ButcherTableau):
+        return False
+    return (solver.c, solver.a, solver.b) == (HEUN.c, HEUN.a, HEUN.b)
 
 
-def _check_states(states: list[torch.Tensor], times: tuple[float, ...]) -> None:
-    """The forward non-finite policy of :func:`~torchode_adjoint._stepping.integrate`, per
-    output time (the reversible state cannot be re-run step by step to locate the step)."""
-    flags = torch.stack([torch.isfinite(s).all() for s in states]).tolist()
-    if all(flags):
-        return
-    i = flags.index(False)
-    raise RuntimeError(
-        f"the ODE state became NaN or infinite in [{times[i]:.6g}, {times[i + 1]:.6g}]; reduce "
-        "`step`, or check the dynamics (pass `check_finite=False` to skip this check)."
-    )
+class StepVJP:
+    """Vector--Jacobian products through the evaluations of one step, for a reversible method's
+    backward step, with the bookkeeping every such product needs: the stage times (recorded
+    when the times need a gradient), the replay of random draws, the parameter gradients
+    (accumulated in place) and the time gradients (folded into the output times per interval,
+    so nothing per step is kept).
+    """
+
+    def __init__(self, job: BackwardJob, method: Any) -> None:
+        self.job, self.f = job, job.f
+        self.need_t = job.need_t
+        self.params = job.vjp_params
+        self.g_p = [torch.zeros_like(p) for p in self.params]
+        grid = job.spec.grid
+        self.grid = grid
+        self.times = StageTimes(job.t, grid, method.nodes)
+        self.ends = StageTimes(job.t, grid, (1.0,))
+        self.init_evaluations = 1 if isinstance(method, ReversibleHeun) else 0
+        self.g_t = torch.zeros_like(job.t) if self.need_t else None
+        zero = job.t.new_zeros(())
+        self._lo, self._hi = zero, zero.clone()
+        self.i = self.k = self.step = 0
+        self._h_leaf: torch.Tensor | None = None
+
+    def at_step(self, i: int, k: int, step: int) -> None:
+        """The products that follow belong to step ``k`` of interval ``i`` (global ``step``)."""
+        self.i, self.k, self.step = i, k, step
+        self._h_leaf = None
+
+    def end_interval(self) -> None:
+        """Fold the interval's time gradients into ``dL/dt_i`` and ``dL/dt_{i+1}``."""
+        if self.g_t is not None:
+            self.g_t[self.i] += self._lo
+            self.g_t[self.i + 1] += self._hi
+            self._lo, self._hi = self._lo.new_zeros(()), self._hi.new_zeros(())
+
+    def _point_time(self, offset: int) -> torch.Tensor:
+        g = self.step + offset
+        return self.ends[g - 1] if g else self.job.t[0]
+
+    def _add_point_gradient(self, g: torch.Tensor | None, offset: int) -> None:
+        if g is not None:
+            m = (self.k + offset) / self.grid.n_steps[self.i]
+            self._lo = torch.add(self._lo, g, alpha=1.0 - m)
+            self._hi = torch.add(self._hi, g, alpha=m)
+
+    def add_step_size_gradient(self, g: torch.Tensor) -> None:
+        """Add ``dL/dh`` of the current step."""
+        n = self.grid.n_steps[self.i]
+        self._lo = torch.add(self._lo, g, alpha=-1.0 / n)
+        self._hi = torch.add(self._hi, g, alpha=1.0 / n)
+
+    def _grad(
+        self, out: torch.Tensor, x: torch.Tensor, v: torch.Tensor, times: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        inputs = [x, *self.params, *times]
+        grads = torch.autograd.grad(out, inputs, v, allow_unused=True)
+        accumulate_(self.g_p, grads[1 : 1 + len(self.params)])
+        g_x = grads[0] if grads[0] is not None else torch.zeros_like(x)
+        return g_x, grads[1 + len(self.params) :]
+
+    def evaluate(
+        self, x: torch.Tensor, v: torch.Tensor, *, offset: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``f(t, x)`` at the current step's start (``offset=0``) or end (1), and ``v^T df/dx``."""
+        x_leaf = x.detach().requires_grad_(True)
+        tau = self._point_time(offset)
+        if self.need_t:
+            tau = tau.detach().requires_grad_(True)
+        self.f.index = self.step + offset
+        out = self.f(tau, x_leaf)
+        g_x, g_times = self._grad(out, x_leaf, v, (tau,) if self.need_t else ())
+        if self.need_t:
+            self._add_point_gradient(g_times[0], offset)
+        return out.detach(), g_x
+
+    def increment(
+        self,
+        tableau: ButcherTableau,
+        x: torch.Tensor,
+        v: torch.Tensor,
+        h: float,
+        pos: int,
+        offset: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The increment ``Psi_h(t, x) - x`` of one base step from the current step's start
+        (``offset=0``) or end (1), evaluated at ``times[pos:]``, and ``v^T`` its Jacobian."""
+        plan = plan_for(tableau)  # cached
+        x_leaf = x.detach().requires_grad_(True)
+        self.f.index = pos + self.init_evaluations
+        if not self.need_t:
+            out = rk_increment(self.f, x_leaf, h, self.times, pos, plan)
+            g_x, _ = self._grad(out, x_leaf, v, ())
+            return out.detach(), g_x
+        tau = self._point_time(offset).detach().requires_grad_(True)
+        h_signed = self.grid.h[self.i]
+        if self._h_leaf is None:  # the interval's step, one leaf for both base steps
+            self._h_leaf = torch.tensor(h_signed, dtype=tau.dtype, device=tau.device)
+            self._h_leaf.requires_grad_(True)
+        hh = self._h_leaf if h == h_signed else -self._h_leaf
+        stage_times = [tau if c == 0.0 else tau + c * hh for c in tableau.c]
+        out = rk_increment(self.f, x_leaf, hh, stage_times, 0, plan)
+        g_x, (g_tau, g_h) = self._grad(out, x_leaf, v, (tau, self._h_leaf))
+        self._add_point_gradient(g_tau, offset)
+        if g_h is not None:
+            self.add_step_size_gradient(g_h)
+        return out.detach(), g_x

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._reversible_heun import REVERSIBLE_HEUN, ReversibleHeun
 from ._tableau import ButcherTableau
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "SSPRK3",
     "RK4",
     "RK38",
+    "Solver",
     "register_solver",
     "get_solver",
     "available_solvers",
@@ -81,7 +83,13 @@ RK38 = ButcherTableau(
 )
 """Kutta's 3/8 rule (torchdiffeq's fixed-grid ``rk4``): order 4, four evaluations per step."""
 
-_REGISTRY: dict[str, ButcherTableau] = {}
+Solver = ButcherTableau | ReversibleHeun
+"""What ``solver=`` resolves to: a tableau, or the reversible Heun method."""
+
+_REGISTRY: dict[str, Solver] = {}
+
+# torchdiffeq's adaptive solvers, named so that their users get the right hint.
+_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "tsit5", "scipy_solver")
 
 
 def register_solver(name: str, tableau: ButcherTableau, *, overwrite: bool = False) -> None:
@@ -125,17 +133,17 @@ def register_solver(name: str, tableau: ButcherTableau, *, overwrite: bool = Fal
     _REGISTRY[name] = tableau
 
 
-def get_solver(solver: str | ButcherTableau) -> ButcherTableau:
-    """Resolve a solver name or tableau to a :class:`ButcherTableau`.
+def get_solver(solver: str | Solver) -> Solver:
+    """Resolve a solver name or object to a :class:`ButcherTableau` or the reversible Heun method.
 
     Parameters
     ----------
-    solver : str or ButcherTableau
-        A registered name (see :func:`available_solvers`) or a tableau, returned as is.
+    solver : str, ButcherTableau or ReversibleHeun
+        A registered name (see :func:`available_solvers`) or a solver, returned as is.
 
     Returns
     -------
-    ButcherTableau
+    ButcherTableau or ReversibleHeun
 
     Raises
     ------
@@ -144,7 +152,7 @@ def get_solver(solver: str | ButcherTableau) -> ButcherTableau:
     TypeError
         For anything that is neither a str nor a tableau.
     """
-    if isinstance(solver, ButcherTableau):
+    if isinstance(solver, (ButcherTableau, ReversibleHeun)):
         return solver
     if not isinstance(solver, str):
         raise TypeError(
@@ -153,6 +161,13 @@ def get_solver(solver: str | ButcherTableau) -> ButcherTableau:
     try:
         return _REGISTRY[solver]
     except KeyError:
+        if solver in _ADAPTIVE:
+            raise ValueError(
+                f"`solver` {solver!r} is an adaptive solver of torchdiffeq; torchode_adjoint "
+                "integrates with fixed steps: pass a fixed-step method and its largest step, e.g. "
+                "`solver='rk4', step=0.05` (see the 'Coming from torchdiffeq' page of the docs). "
+                f"Registered solvers: {available_solvers()}."
+            ) from None
         raise ValueError(
             f"`solver` {solver!r} is not a registered solver; choose one of "
             f"{available_solvers()} or pass a ButcherTableau."
@@ -172,3 +187,4 @@ def available_solvers() -> list[str]:
 for _tab in (EULER, MIDPOINT, HEUN, RALSTON, RK3, SSPRK3, RK4, RK38):
     register_solver(_tab.name, _tab)
 del _tab
+_REGISTRY[REVERSIBLE_HEUN.name] = REVERSIBLE_HEUN

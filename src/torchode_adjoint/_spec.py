@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,7 +12,6 @@ from ._compiled import Compile
 from ._dynamics import NFECounter
 from ._grid import TimeGrid
 from ._stepping import Stepper
-from ._tableau import ButcherTableau
 
 if TYPE_CHECKING:  # the modes import this module; the annotation only names their base class
     from ._mode import GradientMode
@@ -32,7 +31,8 @@ class SolveSpec:
     ----------
     func : callable
         The user's dynamics ``f(t, y)``.
-    tableau : ButcherTableau
+    tableau : ButcherTableau or ReversibleHeun
+        The solver (a tableau, except for the reversible Heun method).
     grid : TimeGrid
     mode : GradientMode
         How the solve is differentiated, with its own options.
@@ -46,7 +46,7 @@ class SolveSpec:
     """
 
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    tableau: ButcherTableau
+    tableau: Any
     grid: TimeGrid
     mode: GradientMode
     check_finite: bool
