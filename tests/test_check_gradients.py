@@ -33,7 +33,9 @@ def test_backprop_mode_agrees_with_finite_differences_to_high_precision() -> Non
         step=0.1,
         adjoint=False,
     )
-    assert report.max_rel_err_backprop == 0.0
+    # Its reference is the checkpointed mode, another computation of the same exact gradient.
+    assert "checkpointed" in report.reference
+    assert 0.0 < report.max_rel_err_backprop < 1e-12
     assert report.max_rel_err_fd < 1e-6
 
 
@@ -101,3 +103,42 @@ def test_a_wrong_gradient_fails_the_check(monkeypatch) -> None:
     report = check_gradients(MLPDynamics(), torch.randn(4, 3), solver="rk4", step=0.05)
     assert report.verdict == "fail"
     assert {c.name for c in report.checks if c.verdict == "fail"} >= {"l1.weight", "l2.bias"}
+
+
+def test_an_error_in_the_dynamics_mid_check_leaves_the_users_tensors_bit_identical() -> None:
+    # A function's tensors are the user's own (the function closes over them): the finite
+    # differences perturb them in place and must put them back whatever happens.
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    before = w.detach().clone()
+    calls = {"n": 0, "limit": None}
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["limit"] is not None and calls["n"] > calls["limit"]:
+            raise RuntimeError("the dynamics failed")
+        return torch.tanh(y @ w.T)
+
+    kwargs = dict(solver="rk4", step=0.25, adjoint="checkpoint", params=[w])
+    check_gradients(f, torch.randn(2, 3), **kwargs)
+    total, calls["n"] = calls["n"], 0
+    assert torch.equal(w.detach(), before)
+    calls["limit"] = int(0.9 * total)  # fails inside the parameter's finite differences
+    with pytest.raises(RuntimeError, match="the dynamics failed"):
+        check_gradients(f, torch.randn(2, 3), **kwargs)
+    assert torch.equal(w.detach(), before)
+
+
+def test_a_float32_function_is_refused_with_the_reason() -> None:
+    w = torch.randn(3, 3, requires_grad=True)
+    with pytest.raises(TypeError, match=r"float64.*params\[0\]"):
+        check_gradients(lambda t, y: y @ w.T, torch.randn(2, 3), params=[w], adjoint="checkpoint")
+
+
+def test_the_adjoint_verdict_says_what_it_measured() -> None:
+    report = check_gradients(MLPDynamics(), torch.randn(4, 3), solver="euler", step=0.5)
+    assert report.discretisation_error is not None and report.discretisation_error > 1e-3
+    text = str(report)
+    assert "halving the step changes the exact gradient by" in text
+    assert f"{report.discretisation_error:.2%}" in text
+    exact = check_gradients(MLPDynamics(), torch.randn(4, 3), solver="euler", adjoint=False)
+    assert exact.discretisation_error is None and "exact mode" in str(exact)

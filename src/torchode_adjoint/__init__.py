@@ -14,6 +14,7 @@ from ._mode import Backprop, GradientMode
 from ._odeint import odeint
 from ._prepare import GRADIENT_MODES, resolve_mode
 from ._reversible import Reversible
+from ._reversible_heun import ReversibleHeun
 from ._solvers import available_solvers, get_solver, register_solver
 from ._tableau import ButcherTableau
 from ._temporal_norm import TemporalBatchNorm1d, TemporalBatchNorm2d, TemporalBatchNorm3d
@@ -29,6 +30,7 @@ __all__ = [
     "ContinuousAdjoint",
     "GradientMode",
     "Reversible",
+    "ReversibleHeun",
     "ConcatConv2d",
     "GRADIENT_MODES",
     "GradientCheck",

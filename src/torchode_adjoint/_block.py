@@ -12,6 +12,7 @@ from ._dynamics import NFECounter, warn_time_shared_statistics
 from ._grid import DEFAULT_MAX_STEPS
 from ._mode import GradientMode
 from ._prepare import ModeName, make_config, solve
+from ._reversible_heun import ReversibleHeun
 from ._tableau import ButcherTableau
 
 __all__ = ["ODEBlock"]
@@ -44,7 +45,7 @@ class ODEBlock(nn.Module):
     adjoint : bool, str or GradientMode, default True
         The gradient mode, as in :func:`~torchode_adjoint.odeint`: what each costs and whether
         its gradient is exact is documented there. Its pairing with the solver is checked here
-        (``adjoint="reversible"`` needs ``solver="heun"``).
+        (``solver="reversible_heun"`` pairs with ``adjoint="reversible"`` or ``"backprop"``).
     t0, t1 : float or Tensor, default 0.0 and 1.0
         Integration interval (``t1 < t0`` integrates backwards). An ``nn.Parameter`` makes the
         time learnable and is registered among the block's parameters.
@@ -140,8 +141,8 @@ class ODEBlock(nn.Module):
         self._nfe = NFECounter()
 
     @property
-    def solver(self) -> ButcherTableau:
-        """The tableau the block integrates with."""
+    def solver(self) -> ButcherTableau | ReversibleHeun:
+        """The solver the block integrates with (a tableau, or the reversible Heun method)."""
         return self.config.tableau
 
     @property

@@ -13,10 +13,13 @@ import torch
 from torch import nn
 
 from ._block import ODEBlock
+from ._checkpoint import Checkpoint
 from ._dynamics import NFECounter
 from ._grid import regrid
 from ._mode import Backprop
 from ._prepare import SolveConfig, make_config, prepare
+from ._reversible import Reversible
+from ._tableau import ButcherTableau
 
 __all__ = ["GradientCheck", "GradientReport", "check_gradients"]
 
@@ -78,6 +81,9 @@ class GradientReport:
     reference : str
         What the mode was compared with.
     checks : tuple of GradientCheck
+    discretisation_error : float or None
+        For the continuous adjoint: the largest relative change of the exact gradient when the
+        step is halved, the yardstick of its tolerance (None for the exact modes).
     """
 
     mode: str
@@ -85,6 +91,25 @@ class GradientReport:
     step: float | None
     reference: str
     checks: tuple[GradientCheck, ...]
+    discretisation_error: float | None = None
+
+    @property
+    def summary(self) -> str:
+        """One sentence saying what the verdict measured."""
+        worst = self.max_rel_err_backprop
+        if self.discretisation_error is None:
+            return (
+                f"exact mode: largest error {worst:.2e} against {self.reference} (allowed: "
+                f"round-off, {_EXACT_TOL:.0e}) and {self.max_rel_err_fd:.2e} against finite "
+                "differences"
+            )
+        return (
+            f"continuous adjoint: its gradient differs from the exact discrete one by up to "
+            f"{worst:.2%}; halving the step changes the exact gradient by "
+            f"{self.discretisation_error:.2%}, and 'pass' allows 10 times that. A large "
+            "discretisation error means a large adjoint error: reduce `step`, or use an exact "
+            "mode ('checkpoint', 'reversible')"
+        )
 
     @property
     def max_rel_err_backprop(self) -> float:
@@ -114,6 +139,7 @@ class GradientReport:
                 f"{c.name:<{width}}  {str(c.shape):<16}  {c.rel_err_backprop:>12.3e}  "
                 f"{c.rel_err_fd:>14.3e}  {c.tolerance:>9.1e}  {c.verdict}"
             )
+        lines.append(self.summary)
         lines.append(f"verdict: {self.verdict}")
         return "\n".join(lines)
 
@@ -180,6 +206,82 @@ def check_gradients(
     >>> report.verdict
     'pass'
     """
+    setup = _setup(func_or_block, y0, t, odeint_kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    out = setup.solution(setup.config)
+    w = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device)
+    g_mode = setup.gradients(out, w)
+    reference, g_ref = _reference(setup, w)
+    scale = max(float(g.norm()) for g in g_ref) * 1e-8 + 1e-300
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm()) / max(float(b.norm()), scale)
+
+    tolerances, discretisation = _tolerances(setup, w, g_ref, rel)
+    directions = [
+        (v / v.norm().clamp_min(1e-300))
+        for v in (
+            torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device)
+            for x in setup.inputs
+        )
+    ]
+    fds, fd_noise = _finite_differences(setup, w, directions, eps)
+    checks = []
+    for idx, (name, x) in enumerate(zip(setup.names, setup.inputs)):
+        v, fd = directions[idx], fds[idx]
+        directional = float((g_mode[idx] * v).sum())
+        ref_dir = float((g_ref[idx] * v).sum())
+        fd_err = abs(directional - fd) / max(abs(fd), abs(ref_dir), fd_noise)
+        err = rel(g_mode[idx], g_ref[idx])
+        exact = setup.config.mode.exact
+        checks.append(
+            GradientCheck(
+                name=name,
+                shape=tuple(x.shape),
+                rel_err_backprop=err,
+                rel_err_fd=fd_err,
+                tolerance=tolerances[idx],
+                verdict=_verdict(err, tolerances[idx], fd_err, exact),
+            )
+        )
+    return GradientReport(
+        mode=setup.config.mode.name,
+        solver=setup.config.tableau.name,
+        step=setup.config.step,
+        reference=reference,
+        checks=tuple(checks),
+        discretisation_error=discretisation,
+    )
+
+
+@dataclass
+class _Setup:
+    """The float64 problem a check runs on: the dynamics (a module's copy, or the user's
+    function), the inputs to differentiate and the solve's settings."""
+
+    func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    config: SolveConfig
+    y: torch.Tensor
+    t: torch.Tensor
+    params: list[torch.Tensor]
+    names: list[str]
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        return [self.y, self.t, *self.params]
+
+    def solution(self, cfg: SolveConfig) -> torch.Tensor:
+        prepared = prepare(self.func, self.y, self.t, cfg, params=self.params)
+        return torch.stack([self.y, *prepared.solve()])
+
+    def gradients(self, sol: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+        g = torch.autograd.grad((w * sol).sum(), self.inputs, allow_unused=True)
+        return [gi if gi is not None else torch.zeros_like(x) for gi, x in zip(g, self.inputs)]
+
+
+def _setup(
+    func_or_block: object, y0: torch.Tensor, t: torch.Tensor | None, odeint_kwargs: dict
+) -> _Setup:
     kwargs = dict(odeint_kwargs)
     if isinstance(func_or_block, ODEBlock):
         block = func_or_block
@@ -191,6 +293,7 @@ def check_gradients(
         func_or_block = block.dynamics
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     if isinstance(func_or_block, nn.Module):
+        # A float64 copy: the user's module, its weights and buffers are never touched.
         func = copy.deepcopy(func_or_block).double()
         named = [(n, p) for n, p in func.named_parameters() if p.requires_grad]
         if "params" in kwargs:
@@ -198,53 +301,77 @@ def check_gradients(
                 "`params` cannot be given with a module: its parameters are checked by name."
             )
     else:
-        func = func_or_block
+        if not callable(func_or_block):
+            raise TypeError(
+                f"`func_or_block` must be an ODEBlock, an nn.Module or a function f(t, y), got "
+                f"{type(func_or_block).__name__}."
+            )
+        func = func_or_block  # type: ignore[assignment]
         given = kwargs.pop("params", None)
         named = [(f"params[{i}]", p) for i, p in enumerate(given or ())]  # type: ignore[arg-type]
-    config = make_config(**kwargs)  # type: ignore[arg-type]
+        wrong = [n for n, p in named if p.dtype != torch.float64]
+        if wrong:
+            raise TypeError(
+                f"check_gradients computes in float64, and a function's tensors cannot be "
+                f"copied: {', '.join(wrong)} of `params` are not float64. Build the function on "
+                "float64 tensors (e.g. `w = w.double()` before defining it), or pass an "
+                "nn.Module, which is copied and cast."
+            )
+    config = make_config(stacklevel=4, **kwargs)  # type: ignore[arg-type]
     y = y0.detach().double().requires_grad_(True)
     tt = (t if t is not None else torch.tensor([0.0, 1.0])).detach().double().to(y.device)
     tt.requires_grad_(True)
-    params = [p for _, p in named]
-    inputs = [y, tt, *params]
-    names = ["y0", "t", *(n for n, _ in named)]
-    base_spec = prepare(func, y, tt, config, params=params).spec
+    return _Setup(func, config, y, tt, [p for _, p in named], ["y0", "t", *(n for n, _ in named)])
 
-    def solution(cfg: SolveConfig) -> torch.Tensor:
-        prepared = prepare(func, y, tt, cfg, params=params)
-        return torch.stack([y, *prepared.solve()])
 
-    gen = torch.Generator().manual_seed(seed)
-    out = solution(config)
-    w = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device)
-
-    def grads(sol: torch.Tensor) -> list[torch.Tensor]:
-        g = torch.autograd.grad((w * sol).sum(), inputs, allow_unused=True)
-        return [gi if gi is not None else torch.zeros_like(x) for gi, x in zip(g, inputs)]
-
-    g_mode = grads(out)
-    # Backprop through the method the mode integrates (the config's stepper: for the reversible
-    # mode the reversible method itself).
-    reference = f"backprop through {config.stepper.method.name}"
-    g_ref = grads(solution(dataclasses.replace(config, mode=Backprop())))
-    scale = max(float(g.norm()) for g in g_ref) * 1e-8 + 1e-300
-
-    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a - b).norm()) / max(float(b.norm()), scale)
-
-    if config.mode.exact:
-        tolerances = [_EXACT_TOL] * len(inputs)
+def _reference(setup: _Setup, w: torch.Tensor) -> tuple[str, list[torch.Tensor]]:
+    """What the mode's gradient is compared with, and that gradient. For the memory-saving
+    modes: backprop through the method the mode integrates (for the reversible mode, the
+    reversible scheme itself). For backprop: the checkpointed mode, an independent computation
+    of the same exact gradient."""
+    config = setup.config
+    if isinstance(config.mode, Backprop):
+        ref_config = dataclasses.replace(config, mode=Checkpoint())
+        name = f"the checkpointed discrete adjoint of {config.stepper.method.name}"
+        if not isinstance(config.tableau, ButcherTableau):  # reversible Heun: its own scheme
+            ref_config = dataclasses.replace(config, mode=Reversible())
+            name = f"the reversible mode's backward pass through {config.tableau.name}"
     else:
-        # The continuous adjoint is as far from the discrete gradient as the discretisation
-        # error: measure that as the change of the exact gradient when the step is halved.
-        half = max(abs(h) for h in base_spec.grid.h) / 2
-        fine = dataclasses.replace(config, mode=Backprop(), step=half)
-        g_fine = grads(solution(fine))
-        tolerances = [max(10 * rel(a, b), _EXACT_TOL) for a, b in zip(g_ref, g_fine)]
+        ref_config = dataclasses.replace(config, mode=Backprop())
+        name = f"backprop through {config.stepper.method.name}"
+    return name, setup.gradients(setup.solution(ref_config), w)
 
-    # Finite differences through the mode's own forward pass (the reversible method for it),
-    # with the step counts held fixed: the grid's counts are piecewise constant in t, so moving t
-    # across a ceil() boundary would jump.
+
+def _tolerances(
+    setup: _Setup, w: torch.Tensor, g_ref: list[torch.Tensor], rel: Callable[..., float]
+) -> tuple[list[float], float | None]:
+    """Per input, the error the mode may have against its reference, and (for the continuous
+    adjoint) the measured discretisation error."""
+    config = setup.config
+    if config.mode.exact:
+        return [_EXACT_TOL] * len(g_ref), None
+    # The continuous adjoint is as far from the discrete gradient as the discretisation error:
+    # measure that as the change of the exact gradient when the step is halved.
+    grid = prepare(setup.func, setup.y, setup.t, config, params=setup.params).spec.grid
+    half = max(abs(h) for h in grid.h) / 2
+    fine = dataclasses.replace(config, mode=Backprop(), step=half)
+    g_fine = setup.gradients(setup.solution(fine), w)
+    errors = [rel(a, b) for a, b in zip(g_ref, g_fine)]
+    return [max(10 * e, _EXACT_TOL) for e in errors], max(errors)
+
+
+def _finite_differences(
+    setup: _Setup, w: torch.Tensor, directions: list[torch.Tensor], eps: float
+) -> tuple[list[float], float]:
+    """Central differences of the loss along each direction, through the mode's own forward
+    pass with the step counts held fixed (the grid's counts are piecewise constant in t, so
+    moving t across a ceil() boundary would jump), and their round-off level.
+
+    Parameters are perturbed in place (a function's tensors are the user's own: it closes over
+    them) and restored in a ``finally``, whatever the dynamics raise.
+    """
+    base_spec = prepare(setup.func, setup.y, setup.t, setup.config, params=setup.params).spec
+
     def loss_at(y_in: torch.Tensor, t_in: torch.Tensor) -> float:
         spec = dataclasses.replace(
             base_spec,
@@ -253,48 +380,27 @@ def check_gradients(
             counter=NFECounter(),
         )
         with torch.no_grad():
-            states = spec.mode.solve(spec, y_in, t_in, params)
+            states = spec.mode.solve(spec, y_in, t_in, setup.params)
             return float((w * torch.stack([y_in, *states])).sum())
 
-    loss0 = abs(loss_at(y.detach(), tt.detach()))
+    y, tt = setup.y.detach(), setup.t.detach()
+    loss0 = abs(loss_at(y, tt))
+    fds = []
+    for idx, (x, v) in enumerate(zip(setup.inputs, directions)):
+        values = []
+        if idx == 0:
+            values = [loss_at(y + sign * eps * v, tt) for sign in (1.0, -1.0)]
+        elif idx == 1:
+            values = [loss_at(y, tt + sign * eps * v) for sign in (1.0, -1.0)]
+        else:
+            with torch.no_grad():
+                base = x.detach().clone()
+                try:
+                    for sign in (1.0, -1.0):
+                        x.copy_(base + sign * eps * v)
+                        values.append(loss_at(y, tt))
+                finally:
+                    x.copy_(base)
+        fds.append((values[0] - values[1]) / (2 * eps))
     # Central differences lose about machine eps * |L| / eps to round-off.
-    fd_noise = 100 * torch.finfo(torch.float64).eps * max(loss0, 1.0) / eps
-    checks = []
-    for idx, (name, x) in enumerate(zip(names, inputs)):
-        v = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device)
-        v = v / v.norm().clamp_min(1e-300)
-        with torch.no_grad():
-            base = x.detach().clone()
-            values = []
-            for sign in (1.0, -1.0):
-                if idx == 0:
-                    values.append(loss_at(base + sign * eps * v, tt.detach()))
-                elif idx == 1:
-                    values.append(loss_at(y.detach(), base + sign * eps * v))
-                else:
-                    x.copy_(base + sign * eps * v)
-                    values.append(loss_at(y.detach(), tt.detach()))
-            if idx >= 2:
-                x.copy_(base)
-        fd = (values[0] - values[1]) / (2 * eps)
-        directional = float((g_mode[idx] * v).sum())
-        ref_dir = float((g_ref[idx] * v).sum())
-        fd_err = abs(directional - fd) / max(abs(fd), abs(ref_dir), fd_noise)
-        err = rel(g_mode[idx], g_ref[idx])
-        checks.append(
-            GradientCheck(
-                name=name,
-                shape=tuple(x.shape),
-                rel_err_backprop=err,
-                rel_err_fd=fd_err,
-                tolerance=tolerances[idx],
-                verdict=_verdict(err, tolerances[idx], fd_err, config.mode.exact),
-            )
-        )
-    return GradientReport(
-        mode=config.mode.name,
-        solver=config.tableau.name,
-        step=config.step,
-        reference=reference,
-        checks=tuple(checks),
-    )
+    return fds, 100 * torch.finfo(torch.float64).eps * max(loss0, 1.0) / eps

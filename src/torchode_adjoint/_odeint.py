@@ -47,8 +47,9 @@ def odeint(
     t : Tensor, shape (T,), T >= 2
         Output times, strictly increasing or strictly decreasing, on ``y0``'s device. They are
         used in ``y0``'s dtype; their gradient flows back in their own dtype.
-    solver : str or ButcherTableau, default "euler"
-        A name from :func:`~torchode_adjoint.available_solvers` or a tableau.
+    solver : str, ButcherTableau or ReversibleHeun, default "euler"
+        A name from :func:`~torchode_adjoint.available_solvers` or a tableau;
+        ``"reversible_heun"`` pairs with ``adjoint="reversible"`` or ``"backprop"`` only.
     step : float or None, default 0.1
         The largest step size. ``None`` takes exactly one step per interval of ``t``.
     adjoint : bool, str or GradientMode, default True
@@ -64,9 +65,11 @@ def odeint(
         - ``"checkpoint"`` / ``Checkpoint(every=k)``: the checkpointed discrete adjoint. Exact
           (backprop's gradient to round-off); memory one state per ``k`` steps plus one
           segment's activations; backward re-runs every step once.
-        - ``"reversible"``: the reversible Heun method (needs ``solver="heun"``; order 2, one
-          evaluation per step). Exact for its discretisation; memory independent of the number
-          of steps; backward reconstructs each state algebraically.
+        - ``"reversible"`` / ``Reversible(coupling=0.999)``: the solver made reversible by
+          McCallum & Foster's coupling (same order, two steps of the tableau per step), or the
+          reversible Heun method with ``solver="reversible_heun"``. Exact for the scheme
+          integrated; memory independent of the number of steps; backward reconstructs each
+          state algebraically, with one VJP per evaluation.
     params : iterable of Tensor, optional
         The tensors the memory-saving modes differentiate. For an ``nn.Module``: its parameters
         that require grad and its tensor attributes that require grad (a context stored with

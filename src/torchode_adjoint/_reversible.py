@@ -241,7 +241,6 @@ class StepVJP:
         self.grid = grid
         self.times = StageTimes(job.t, grid, method.nodes)
         self.ends = StageTimes(job.t, grid, (1.0,))
-        self.init_evaluations = 1 if isinstance(method, ReversibleHeun) else 0
         self.g_t = torch.zeros_like(job.t) if self.need_t else None
         zero = job.t.new_zeros(())
         self._lo, self._hi = zero, zero.clone()
@@ -313,7 +312,7 @@ class StepVJP:
         (``offset=0``) or end (1), evaluated at ``times[pos:]``, and ``v^T`` its Jacobian."""
         plan = plan_for(tableau)  # cached
         x_leaf = x.detach().requires_grad_(True)
-        self.f.index = pos + self.init_evaluations
+        self.f.index = pos  # a tableau's coupled steps evaluate nothing at t0
         if not self.need_t:
             out = rk_increment(self.f, x_leaf, h, self.times, pos, plan)
             g_x, _ = self._grad(out, x_leaf, v, ())
