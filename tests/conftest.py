@@ -20,6 +20,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DTYPE = torch.float64
 
+# One intra-op thread: the suite's tests are small, and with torch's default (one per core) their
+# time depended on the machine's other load by up to 50x (10 min 35 s beside one busy process
+# against 5 min 21 s at one thread). Subprocesses the tests start inherit it.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture
 def gen() -> torch.Generator:

@@ -15,6 +15,18 @@ from torchode_adjoint import measure
 )
 def test_auto_takes_one_thread_per_idle_core(monkeypatch, cores, load, expected) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(measure, "_busy_cores", lambda: load)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # not what it reads
+    assert measure.idle_cpu_threads() == expected
+    assert measure.parse_threads("auto") == expected
+
+
+@pytest.mark.parametrize(("cores", "load", "expected"), [(2, 0.1, 2), (2, 1.2, 1), (16, 5.4, 11)])
+def test_without_proc_stat_auto_falls_back_to_the_load_average(
+    monkeypatch, cores, load, expected
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(measure, "_busy_cores", lambda: None)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     assert measure.idle_cpu_threads() == expected
     assert measure.parse_threads("auto") == expected
@@ -25,6 +37,7 @@ def test_without_a_load_average_auto_takes_every_core(monkeypatch) -> None:
         raise OSError("no load average here")
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(measure, "_busy_cores", lambda: None)
     monkeypatch.setattr(os, "getloadavg", unavailable)
     assert measure.idle_cpu_threads() == 3
 
@@ -37,3 +50,10 @@ def test_a_number_of_threads_is_taken_as_it_is() -> None:
 def test_a_bad_thread_count_names_the_option(value: str) -> None:
     with pytest.raises(ValueError, match="--threads must be 'auto' or a positive int"):
         measure.parse_threads(value)
+
+
+def test_busy_cores_reads_the_machine_now() -> None:
+    busy = measure._busy_cores(0.05)
+    if busy is None:
+        pytest.skip("no /proc/stat on this platform")
+    assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9

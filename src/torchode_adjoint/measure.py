@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -26,8 +27,12 @@ __all__ = [
 
 
 def idle_cpu_threads() -> int:
-    """One torch thread per idle core: the cores this process may run on minus the 1-minute
-    load average (rounded), at least one.
+    """One torch thread per idle core: the cores this process may run on minus the cores busy
+    right now (rounded), at least one.
+
+    "Right now" is the CPU time the whole machine spent busy over a quarter of a second
+    (``/proc/stat``); where that is not available, the 1-minute load average, which lags: just
+    after a ``pip install`` it still counts a busy core on an idle machine.
 
     Oversubscribed threads cost far more than idle cores: on the 2-core test machine the
     CIFAR-10 quick run took 85 s with 2 threads and 154 s with one when idle, but 558 s with 2
@@ -37,11 +42,34 @@ def idle_cpu_threads() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
+    busy = _busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):  # not available on this platform
+            busy = 0.0
+    return max(1, min(cores, cores - round(busy)))
+
+
+def _busy_cores(window: float = 0.25) -> float | None:
+    """Cores busy over the next ``window`` seconds, machine-wide, from ``/proc/stat``."""
+
+    def sample() -> tuple[int, int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle, os.cpu_count() or 1
+
     try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not available on this platform
-        load = 0.0
-    return max(1, min(cores, cores - round(load)))
+        total0, idle0, _ = sample()
+        time.sleep(window)
+        total1, idle1, cpus = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    if elapsed <= 0:
+        return None
+    return (elapsed - (idle1 - idle0)) / elapsed * cpus
 
 
 def parse_threads(value: str) -> int:
