@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from problems import MLPDynamics
@@ -164,3 +166,35 @@ def test_in_place_operations_on_the_dynamics_own_tensors_are_fine() -> None:
     out = odeint(f, y0, T, solver="rk4", step=0.25, adjoint="adjoint")
     ref = odeint(lambda t, y: torch.relu(f.lin(y)), y0, T, solver="rk4", step=0.25, params=())
     assert torch.allclose(out, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "hint"),
+    [
+        ("method", "solver="),
+        ("options", "step=h"),
+        ("rtol", "no tolerances"),
+        ("atol", "no tolerances"),
+        ("event_fn", "events are not supported"),
+        ("adjoint_params", "params="),
+    ],
+)
+def test_a_torchdiffeq_keyword_says_what_to_pass_instead(keyword: str, hint: str) -> None:
+    with pytest.raises(TypeError, match=rf"torchdiffeq's `{keyword}=`.*{re.escape(hint)}"):
+        odeint(lambda t, y: -y, torch.ones(2), T, params=(), **{keyword: "dopri5"})
+
+
+def test_an_unknown_keyword_is_refused_by_name() -> None:
+    with pytest.raises(TypeError, match="unexpected keyword argument 'stepsize'"):
+        odeint(lambda t, y: -y, torch.ones(2), T, params=(), stepsize=0.1)
+
+
+def test_an_adaptive_solver_name_gets_the_fixed_step_hint() -> None:
+    with pytest.raises(ValueError, match=r"'dopri5' is an adaptive solver.*solver='rk4', step="):
+        odeint(lambda t, y: -y, torch.ones(2), T, params=(), solver="dopri5")
+
+
+@pytest.mark.parametrize("state", [(torch.ones(2), torch.ones(3)), [torch.ones(2)]])
+def test_a_tuple_state_gets_the_concatenation_hint(state) -> None:
+    with pytest.raises(TypeError, match=r"`y0` must be one tensor.*torch.cat"):
+        odeint(lambda t, y: y, state, T, params=())

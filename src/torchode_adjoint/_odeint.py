@@ -10,7 +10,7 @@ from ._compiled import Compile
 from ._dynamics import NFECounter, warn_time_shared_statistics
 from ._grid import DEFAULT_MAX_STEPS
 from ._mode import GradientMode
-from ._prepare import ModeName, make_config, solve
+from ._prepare import ModeName, make_config, reject_foreign_options, solve
 from ._tableau import ButcherTableau
 
 __all__ = ["odeint"]
@@ -30,6 +30,7 @@ def odeint(
     checkpoint_every: int | None = None,
     max_steps: int = DEFAULT_MAX_STEPS,
     compile: bool | Compile = False,
+    **unsupported: object,
 ) -> torch.Tensor:
     """Integrate ``dy/dt = func(t, y)`` with a fixed-step explicit Runge--Kutta method.
 
@@ -91,6 +92,9 @@ def odeint(
         minute), later calls are faster where per-op overhead dominates. Dynamics that draw
         random numbers in their first step run eagerly; where ``torch.compile`` fails, a
         :class:`~torchode_adjoint.CompileFallbackWarning` and the eager step.
+    **unsupported
+        None are taken: torchdiffeq's ``method=``, ``options=``, ``rtol=``, ``atol=``,
+        ``event_fn=`` and ``adjoint_*=`` raise a TypeError that says what to pass instead.
 
     Returns
     -------
@@ -129,6 +133,7 @@ def odeint(
     >>> round(y[-1, 0].item(), 4)
     0.3679
     """
+    reject_foreign_options(unsupported, "odeint")
     warn_time_shared_statistics(func)
     config = make_config(
         solver=solver,

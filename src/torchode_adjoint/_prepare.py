@@ -41,6 +41,7 @@ __all__ = [
     "check_times",
     "check_max_steps",
     "check_compile",
+    "reject_foreign_options",
 ]
 
 ModeName = Literal["backprop", "adjoint", "checkpoint", "reversible"]
@@ -135,7 +136,44 @@ def check_compile(compile: object) -> Compile | None:
     )
 
 
+# torchdiffeq's keywords, and what this library does instead.
+_FOREIGN_OPTIONS = {
+    "method": "pass `solver=` (a fixed-step method, e.g. `solver='rk4'`) and `step=`",
+    "options": "pass `step=h` for torchdiffeq's `options={'step_size': h}`",
+    "rtol": "steps are fixed: there are no tolerances; choose `step=` (smaller is more accurate)",
+    "atol": "steps are fixed: there are no tolerances; choose `step=` (smaller is more accurate)",
+    "event_fn": "events are not supported: integrate to the output times `t` instead",
+    "adjoint_params": "pass `params=` (an nn.Module's own parameters are found by themselves)",
+    "adjoint_rtol": "the continuous adjoint uses the forward's tableau and steps: no tolerances",
+    "adjoint_atol": "the continuous adjoint uses the forward's tableau and steps: no tolerances",
+    "adjoint_method": "the continuous adjoint uses the forward's `solver=`",
+    "adjoint_options": "the continuous adjoint uses the forward's `step=`",
+}
+
+
+def reject_foreign_options(options: dict[str, object], where: str) -> None:
+    """Raise a TypeError for keyword arguments this library does not take, with what to pass
+    instead where it is one of torchdiffeq's."""
+    if not options:
+        return
+    name = next(iter(options))
+    hint = _FOREIGN_OPTIONS.get(name)
+    if hint is None:
+        raise TypeError(f"{where}() got an unexpected keyword argument {name!r}.")
+    raise TypeError(
+        f"{where}() does not take torchdiffeq's `{name}=`: {hint}. The differences are listed "
+        "on the docs' page 'Coming from torchdiffeq'."
+    )
+
+
 def _check_y0(y0: object) -> torch.Tensor:
+    if isinstance(y0, (tuple, list, dict)):
+        raise TypeError(
+            f"`y0` must be one tensor, got a {type(y0).__name__}: states made of several "
+            "tensors are not supported yet. Flatten and concatenate the parts, e.g. "
+            "`torch.cat([x.flatten(1), v.flatten(1)], dim=1)`, and split them again in the "
+            "dynamics."
+        )
     if not isinstance(y0, torch.Tensor):
         raise TypeError(
             f"`y0` must be a floating-point torch.Tensor, got {type(y0).__name__}; wrap it with "

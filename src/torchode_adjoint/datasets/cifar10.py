@@ -20,7 +20,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError as err:  # numpy is an extra: only this reader needs it
+    raise ImportError(
+        "torchode_adjoint.datasets needs numpy to read the CIFAR-10 files; install it with "
+        "`pip install 'torchode_adjoint[examples]'` (or `pip install numpy`)."
+    ) from err
 import torch
 
 __all__ = [
