@@ -27,8 +27,23 @@ from torchode_adjoint import (
 
 D = torch.float64
 T = torch.tensor([0.0, 0.35, 1.0], dtype=D)
+_RUNS = [0]  # executions of compiled graphs made with the backend below
+
+
+def _counted_aot_eager(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """The ``aot_eager`` backend, counting every run of the graphs it compiles: a test of the
+    compiled path must see compiled graphs run, not an eager fallback that gives equal values."""
+    compiled = torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    def run(*args):
+        _RUNS[0] += 1
+        return compiled(*args)
+
+    return run
+
+
 # Two steps per graph: every solve below uses graphs of two steps and of one (the rest).
-FAST = Compile(backend="aot_eager", steps=2)
+FAST = Compile(backend=_counted_aot_eager, steps=2)
 
 
 @pytest.fixture(autouse=True)
@@ -45,9 +60,12 @@ def _solve(f, y0, t, compile, **kw):
     y0 = y0.detach().clone().requires_grad_()
     t = t.detach().clone().requires_grad_()
     nfe = NFECounter()
+    runs = _RUNS[0]
     sol = odeint(f, y0, t, compile=compile, nfe=nfe, **kw)
     w = torch.linspace(-1.0, 1.0, sol.numel(), dtype=sol.dtype).reshape(sol.shape)
     grads = torch.autograd.grad((w * sol).sum(), [y0, t, *f.parameters()])
+    if compile is FAST:
+        assert _RUNS[0] > runs, "no compiled graph ran"
     return sol.detach(), grads, (nfe.forward, nfe.backward)
 
 
@@ -104,9 +122,13 @@ def test_new_times_and_step_sizes_do_not_recompile(gen) -> None:
 
     run(0.5)  # compiles what these solves need (5 steps: graphs of two steps and of one)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    runs = _RUNS[0]
     for k in range(20):
         run(0.41 + 0.001 * k)  # 5 steps each time, every time and step size new
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+    # ... and the graphs ran: forward 2 + 1 and backward 2 + 1 per solve (the first step of
+    # each pass is eager), not an eager fallback that compiles nothing.
+    assert _RUNS[0] - runs >= 20 * 4
 
 
 class _OtherDynamics(MLPDynamics):
@@ -177,10 +199,12 @@ def test_a_function_made_anew_for_every_solve_compiles_once(kind: str, gen) -> N
     # A bound method is a new object at every attribute access, and a training loop may build
     # a new lambda for every solve: the same code must reuse its graphs, not compile again.
     model = _Decay()
-    opts = Compile(backend="aot_eager", steps=6)  # functions of its own, none compiled yet
+    # Functions of its own (a backend no other test uses), none compiled yet.
+    opts = Compile(backend=_counted_aot_eager, steps=6)
     counters = torch._dynamo.utils.counters["stats"]
     keep = []  # the functions stay alive: new ones cannot reuse an old one's id
     counts = []
+    runs = _RUNS[0]
     for _ in range(4):
         func = model.rhs if kind == "bound method" else (lambda t, y: model.rhs(t, y))
         keep.append(func)
@@ -198,6 +222,7 @@ def test_a_function_made_anew_for_every_solve_compiles_once(kind: str, gen) -> N
         sol[-1].sum().backward()
         counts.append(counters["unique_graphs"])
     assert counts[1] == counts[2] == counts[3]
+    assert counts[0] > 0 and _RUNS[0] > runs  # graphs were compiled, and they ran
 
 
 class _NormDynamics(nn.Module):
