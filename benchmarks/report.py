@@ -415,7 +415,9 @@ def _plots(results: dict, out: Path) -> None:
         return
     speed = [r for r in results["speed"] if r["workload"] == "mlp"]
     solvers = sorted({r["solver"] for r in speed})
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 6))
+    for ax in axes:  # enough distinct colours for every line (the default cycle has ten)
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for solver in solvers:
         rows = sorted((r for r in speed if r["solver"] == solver), key=lambda r: r["steps"])
         steps = [r["steps"] for r in rows]
@@ -456,7 +458,8 @@ def _plots(results: dict, out: Path) -> None:
     axes[2].set(xlabel="step size", ylabel="relative gradient error", title="gradient error")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6)
+        # Below the axes, never over the data.
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     fig.tight_layout()
     fig.savefig(out / "benchmarks.png", dpi=110)
     plt.close(fig)

@@ -31,9 +31,11 @@ from .workloads import MLPDynamics, Workload, conv_workload, mlp_workload
 
 MODES = ("backprop", "checkpoint", "adjoint", "reversible")
 
+# VmHWM, the peak resident set of this process's memory since exec (ru_maxrss would carry the
+# parent's peak over the fork).
 _RSS_SCRIPT = textwrap.dedent(
     """
-    import resource, sys, torch, warnings
+    import sys, torch, warnings
     warnings.simplefilter("ignore")
     from torchode_adjoint import odeint
     from benchmarks.workloads import mlp_workload
@@ -41,11 +43,15 @@ _RSS_SCRIPT = textwrap.dedent(
     mode, solver, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     w = mlp_workload()
     y0 = w.y0.requires_grad_()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def peak():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    before = peak()
     sol = odeint(w.func, y0, torch.tensor([0.0, 1.0]), solver=solver, step=1.0 / n,
                  adjoint=mode)
     sol[-1].square().mean().backward()
-    print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(before, peak())
     """
 )
 

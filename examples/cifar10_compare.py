@@ -122,7 +122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--models",
         nargs="+",
         default=None,
-        help=f"specs: resnetK, odenet@STEP, hybridK@STEP (default {FULL_MODELS})",
+        help="specs: resnetK, odenet@STEP, hybridK@STEP (default: "
+        + " ".join(FULL_MODELS)
+        + "; with --quick the quick preset's)",
     )
     p.add_argument(
         "--preset",
@@ -591,7 +593,8 @@ def result_record(
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' * (threads != 1)})"
 
 
 def applicable(fields: dict) -> dict:
@@ -707,6 +710,7 @@ def plot(records: list[dict], out_dir: Path) -> Path | None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs only
     fig.tight_layout()
     tmp = out_dir / "curves.tmp.png"
     fig.savefig(tmp, dpi=110)

@@ -73,7 +73,9 @@ class ContinuousAdjoint(GradientMode):
             if grad_i is not None:
                 a = a + grad_i
             job.watch(grid.times[i], a)
-            y, h = job.states[i - 1], grid.h[i - 1]
+            # Detached: the saved output carries the Function's graph, and each backward step
+            # would otherwise record one more node on it (memory growing with the steps).
+            y, h = job.states[i - 1].detach(), grid.h[i - 1]
             aug.h = h
             k, n = 0, grid.n_steps[i - 1]
             while k < n:

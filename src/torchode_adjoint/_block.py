@@ -46,9 +46,11 @@ class ODEBlock(nn.Module):
         The gradient mode, as in :func:`~torchode_adjoint.odeint`: what each costs and whether
         its gradient is exact is documented there. Its pairing with the solver is checked here
         (``solver="reversible_heun"`` pairs with ``adjoint="reversible"`` or ``"backprop"``).
-    t0, t1 : float or Tensor, default 0.0 and 1.0
-        Integration interval (``t1 < t0`` integrates backwards). An ``nn.Parameter`` makes the
-        time learnable and is registered among the block's parameters.
+    t0 : float or Tensor, default 0.0
+        Start of the integration interval. An ``nn.Parameter`` makes the time learnable and is
+        registered among the block's parameters.
+    t1 : float or Tensor, default 1.0
+        End of the interval (``t1 < t0`` integrates backwards); learnable like ``t0``.
     check_finite : bool, default True
         Raise when the state becomes non-finite (see :func:`~torchode_adjoint.odeint`).
     checkpoint_every : int, optional

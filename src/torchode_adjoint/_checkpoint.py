@@ -67,7 +67,12 @@ class Checkpoint(GradientMode):
                 # The segment's first state is y0 or the previous output unless k > 0.
                 if k:
                     kept.append(y)
-                record.rng.append(RngState.capture(y.device))
+                state = RngState.capture(y.device)
+                if record.rng and record.rng[-1].same_as(state):
+                    # No draw since the last segment: share its state (a CPU generator state is
+                    # 5 KB, more than a small ODE state).
+                    state = record.rng[-1]
+                record.rng.append(state)
 
         states = integrate(
             f, y0, t, spec.grid, spec.stepper, check_finite=spec.check_finite, before_step=keep
