@@ -594,7 +594,8 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
-    return f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' * (threads != 1)})"
+    unit = "thread" if threads == 1 else "threads"
+    return f"CPU ({platform.processor() or platform.machine()}, {threads} {unit})"
 
 
 def applicable(fields: dict) -> dict:
