@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._compat import BatchNormBase
 from ._rng import SeededDraws
 from ._temporal_norm import TemporalBatchNormBase
 
@@ -217,7 +218,7 @@ def frozen_batchnorm(func: object) -> Iterator[None]:
     frozen = [
         m
         for m in func.modules()
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, TemporalBatchNormBase))
+        if isinstance(m, (BatchNormBase, TemporalBatchNormBase))
         and m.training
         and m.track_running_stats
     ]
@@ -251,7 +252,7 @@ def warn_time_shared_statistics(func: object, prefix: str = "", stacklevel: int 
         return
     _inspected.add(func)
     for name, m in func.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+        if isinstance(m, BatchNormBase) and m.track_running_stats:
             path = ".".join(p for p in (prefix, name) if p) or type(func).__name__
             cls = type(m).__name__
             temporal = {"BatchNorm1d": "1d", "BatchNorm3d": "3d"}.get(cls, "2d")

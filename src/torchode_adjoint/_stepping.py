@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ._compat import functorch_transforms_active
+from ._compat import BatchNormBase, functorch_transforms_active
 from ._compiled import Compile, CompiledFunction, CompileFallbackWarning, cast
 from ._grid import StageTimes, TimeGrid, step_sizes
 from ._rng import RngState
@@ -339,9 +339,7 @@ def _compilable_with_grad(func: object) -> bool:
     if not torch.is_grad_enabled() or not isinstance(func, torch.nn.Module):
         return True
     tracking = any(
-        isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-        and m.training
-        and m.track_running_stats
+        isinstance(m, BatchNormBase) and m.training and m.track_running_stats
         for m in func.modules()
     )
     if tracking:

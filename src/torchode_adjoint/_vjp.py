@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._compat import foreach_add_
+
 __all__ = ["VJP", "dynamics_vjp", "accumulate_"]
 
 
@@ -79,4 +81,4 @@ def accumulate_(
     """``acc += alpha * grad`` for every pair with a gradient, in one fused foreach call."""
     pairs = [(acc, g) for acc, g in zip(accs, grads) if g is not None]
     if pairs:
-        torch._foreach_add_([p[0] for p in pairs], [p[1] for p in pairs], alpha=alpha)
+        foreach_add_([p[0] for p in pairs], [p[1] for p in pairs], alpha=alpha)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._compat import memory_timeline
+
 __all__ = [
     "SavedBytes",
     "saved_tensor_bytes",
@@ -144,11 +146,8 @@ def peak_memory_bytes(step: Callable[[], object], device: torch.device) -> int |
         step()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - before)
-    try:
-        from torch.profiler import ProfilerActivity, profile
-        from torch.profiler._memory_profiler import Action
-    except ImportError:  # pragma: no cover - depends on the torch version
-        return None
+    from torch.profiler import ProfilerActivity, profile
+
     # The profiler's native library prints start/stop lines straight to the process's stdout
     # and stderr; keep them out of the caller's output.
     with (
@@ -161,17 +160,16 @@ def peak_memory_bytes(step: Callable[[], object], device: torch.device) -> int |
         ) as prof,
     ):
         step()
-    try:
-        timeline = prof._memory_profile().timeline
-    except Exception:  # pragma: no cover - private API
+    timeline = memory_timeline(prof)
+    if timeline is None:  # pragma: no cover - depends on the torch version
         return None
     live = peak = 0
-    for _, action, (key, _), size in timeline:
-        if key.device.type != device.type:
+    for action, device_type, size in timeline:
+        if device_type != device.type:
             continue
-        if action == Action.CREATE:
+        if action == "create":
             live += size
-        elif action == Action.DESTROY:
+        elif action == "destroy":
             live -= size
         peak = max(peak, live)
     return int(peak)
