@@ -1,0 +1,272 @@
+"""Contracts at their edges: step limits, near-integer step ratios, tableau tolerances, exact
+casts under autocast, the time named by errors, check_gradients' verdict bands, the caller's
+random generator after a backward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from problems import reversible_rk_reference
+
+from torchode_adjoint import (
+    ButcherTableau,
+    Checkpoint,
+    NFECounter,
+    Reversible,
+    get_solver,
+    odeint,
+)
+from torchode_adjoint import _check as check_module
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def _count(t: list[float], step: float, dtype: torch.dtype, **kw) -> int:
+    nfe = NFECounter()
+    odeint(
+        lambda t, y: -y,
+        torch.ones(1, dtype=dtype),
+        torch.tensor(t, dtype=dtype),
+        step=step,
+        adjoint=False,
+        nfe=nfe,
+        **kw,
+    )
+    return nfe.forward  # euler: one evaluation per step
+
+
+# --- the step limit -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exactly_max_steps_is_allowed_and_one_more_is_refused(dtype) -> None:
+    assert _count([0.0, 1.0], 0.25, dtype, max_steps=4) == 4
+    with pytest.raises(ValueError, match=r"more than `max_steps=3`"):
+        _count([0.0, 1.0], 0.25, dtype, max_steps=3)
+
+
+def test_the_limit_is_on_the_total_over_every_output_interval() -> None:
+    t = [0.0, 0.5, 1.0, 1.5]  # 2 + 2 + 2 steps of 0.25
+    assert _count(t, 0.25, torch.float64, max_steps=6) == 6
+    with pytest.raises(ValueError, match=r"`max_steps=5`"):
+        _count(t, 0.25, torch.float64, max_steps=5)
+
+
+# --- step counts just above an integer ratio, in every dtype ---------------------------------
+
+
+@settings(max_examples=30)
+@given(n=st.integers(1, 60), ulps=st.integers(0, 3), dtype=st.sampled_from(DTYPES))
+@example(n=11, ulps=1, dtype=torch.float32)
+@example(n=3, ulps=2, dtype=torch.bfloat16)
+def test_no_step_is_larger_than_step_in_the_states_dtype(n: int, ulps: int, dtype) -> None:
+    # The interval is n steps plus a few ulps of the dtype: the count may round down only within
+    # the dtype's round-off, never so far that a step exceeds `step` by more than that.
+    eps = torch.finfo(dtype).eps
+    step = 0.1
+    length = float(torch.tensor(n * step * (1 + ulps * eps), dtype=dtype))
+    count = _count([0.0, length], step, dtype)
+    assert count in (n, n + 1)
+    assert length / count <= step * (1 + 16 * eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_ratio_clearly_above_an_integer_takes_one_step_more(dtype) -> None:
+    # 1 % above 10 steps is far beyond any dtype's round-off tolerance here (at most 1e-5).
+    assert _count([0.0, 1.01], 0.1, dtype) == 11
+    assert _count([0.0, 1.25], 0.1, dtype) == 13
+
+
+# --- tableau validation at small errors and wrong order claims -----------------------------
+
+RK4 = dict(
+    c=[0.0, 0.5, 0.5, 1.0],
+    a=[[0, 0, 0, 0], [0.5, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 1.0, 0]],
+    b=[1 / 6, 1 / 3, 1 / 3, 1 / 6],
+    order=4,
+)
+
+
+@pytest.mark.parametrize("typo", [1e-5, 1e-6, 1e-8])
+def test_a_small_typo_in_a_weight_is_caught(typo: float) -> None:
+    b = list(RK4["b"])
+    b[1] += typo
+    with pytest.raises(ValueError, match="`b` must sum to 1"):
+        ButcherTableau(**{**RK4, "b": b})
+
+
+@pytest.mark.parametrize("typo", [1e-5, 1e-6])
+def test_a_small_typo_in_the_matrix_is_caught_by_the_row_sum_or_the_order(typo: float) -> None:
+    a = [list(r) for r in RK4["a"]]
+    a[3][2] += typo  # c[3] no longer the row sum
+    with pytest.raises(ValueError, match=r"`c\[3\]` must equal the row sum"):
+        ButcherTableau(**{**RK4, "a": a})
+    c = list(RK4["c"])
+    c[3] += typo  # consistent row sum, but the order-2+ conditions move
+    with pytest.raises(ValueError, match="`order=4` is not what the coefficients give"):
+        ButcherTableau(**{**RK4, "a": a, "c": c})
+
+
+@pytest.mark.parametrize(
+    ("tableau", "true_order"),
+    [
+        (dict(c=[0.0], a=[[0.0]], b=[1.0]), 1),
+        (dict(c=[0.0, 0.5], a=[[0, 0], [0.5, 0]], b=[0.0, 1.0]), 2),
+        (
+            dict(
+                c=[0.0, 0.5, 1.0],
+                a=[[0, 0, 0], [0.5, 0, 0], [-1.0, 2.0, 0]],
+                b=[1 / 6, 2 / 3, 1 / 6],
+            ),
+            3,
+        ),
+        (RK4, 4),
+    ],
+)
+def test_each_order_is_accepted_up_to_the_truth_and_refused_above(tableau, true_order) -> None:
+    coeffs = {k: v for k, v in tableau.items() if k != "order"}
+    for order in range(1, true_order + 1):
+        assert ButcherTableau(**coeffs, order=order).order == order
+    if true_order < 4:
+        with pytest.raises(ValueError, match=f"the order-{true_order + 1} condition"):
+            ButcherTableau(**coeffs, order=true_order + 1)
+
+
+def test_a_method_that_satisfies_only_the_order_three_conditions_cannot_claim_four() -> None:
+    # Kutta's third-order method with a fourth stage of weight 0: order 3 exactly.
+    tab = dict(
+        c=[0.0, 0.5, 1.0, 0.0],
+        a=[[0, 0, 0, 0], [0.5, 0, 0, 0], [-1.0, 2.0, 0, 0], [0, 0, 0, 0]],
+        b=[1 / 6, 2 / 3, 1 / 6, 0.0],
+    )
+    assert ButcherTableau(**tab, order=3).stages == 4
+    with pytest.raises(ValueError, match="the order-4 condition"):
+        ButcherTableau(**tab, order=4)
+
+
+# --- exact values: autocast casts, the time in error messages --------------------------------
+
+
+@pytest.mark.parametrize("mode", ["backprop", "adjoint", "checkpoint", "reversible"])
+def test_under_autocast_every_evaluation_returns_the_states_dtype(mode: str) -> None:
+    # Not only the first: a derivative left in bfloat16 after the first evaluation would make
+    # the solver accumulate in bfloat16.
+    lin = torch.nn.Linear(4, 4)
+    seen: list[torch.dtype] = []
+    seen_out: list[torch.dtype] = []
+
+    class F(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, t, y):
+            seen.append(y.dtype)
+            out = self.lin(y)
+            seen_out.append(out.dtype)
+            return out
+
+    y0 = torch.randn(3, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sol = odeint(F(), y0, [0.0, 1.0], solver="rk4", step=0.25, adjoint=mode)
+    assert sol.dtype == torch.float32
+    assert set(seen) == {torch.float32} and torch.bfloat16 in seen_out  # autocast was on
+
+    # The solution equals the one computed with every derivative cast to float32 by hand (an
+    # increment formed from a bfloat16 derivative would be rounded to bfloat16).
+    def f(t, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lin(y).float()
+
+    with torch.no_grad():
+        t = torch.tensor([0.0, 1.0])
+        if mode == "reversible":
+            ref = reversible_rk_reference(f, get_solver("rk4"), y0.detach(), t, [4], 0.999)[-1]
+        else:
+            y, h = y0.detach(), 0.25
+            for _ in range(4):
+                k1 = f(None, y)
+                k2 = f(None, y + h / 2 * k1)
+                k3 = f(None, y + h / 2 * k2)
+                k4 = f(None, y + h * k3)
+                y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+            ref = y
+    torch.testing.assert_close(sol[-1].detach(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "checkpoint", "reversible"])
+def test_a_non_finite_adjoint_error_names_the_output_time_where_it_appeared(mode: str) -> None:
+    k = torch.tensor(1.0, requires_grad=True)
+    y0 = torch.ones(2, requires_grad=True)
+    sol = odeint(
+        lambda t, y: -k * y,
+        y0,
+        [0.0, 0.25, 0.5, 1.0],
+        solver="rk4",
+        step=0.05,
+        adjoint=mode,
+        params=[k],
+    )
+    loss = sol[1].sum() * float("inf") + sol[3].sum()  # infinite incoming gradient at t = 0.25
+    with pytest.raises(RuntimeError, match=r"at t = 0\.25 during the backward pass"):
+        loss.backward()
+
+
+def test_the_forward_error_names_the_step_where_the_state_blew_up() -> None:
+    # y' = y^2 from y(0) = 1 blows up at t = 1; Euler with step 0.1 overflows float32 at a
+    # step computed here by hand.
+    y = torch.ones(1)
+    t, first = 0.0, None
+    for k in range(1, 200):
+        y = y + 0.1 * y * y
+        t = k * 0.1
+        if not torch.isfinite(y).all():
+            first = k
+            break
+    assert first is not None
+    with pytest.raises(RuntimeError, match=rf"at t = {t:.6g} \(step {first} of 200"):
+        odeint(lambda t, y: y * y, torch.ones(1), [0.0, 20.0], step=0.1, adjoint=False)
+
+
+# --- check_gradients' verdict bands ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("err", "fd_err", "exact", "verdict"),
+    [
+        (0.5e-9, 0.0, True, "pass"),
+        (2e-9, 0.0, True, "suspicious"),  # above the tolerance, within 100x
+        (99e-9, 0.0, True, "suspicious"),
+        (101e-9, 0.0, True, "fail"),
+        (0.5e-9, 2e-5, True, "suspicious"),  # exact, but finite differences disagree
+        (0.5e-9, 2e-5, False, "pass"),  # the adjoint is judged against its tolerance only
+    ],
+)
+def test_the_verdict_bands_are_the_tolerance_and_100_times_it(err, fd_err, exact, verdict) -> None:
+    assert check_module._verdict(err, 1e-9, fd_err, exact) == verdict
+
+
+# --- the caller's generator after a backward pass that replayed draws ------------------------
+
+
+class _Dropout(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, t, y):
+        return torch.tanh(self.drop(self.lin(y)))
+
+
+@pytest.mark.parametrize("mode", [Checkpoint(), Checkpoint(every=3), Reversible()])
+def test_after_backward_the_generator_is_where_the_forward_left_it(mode) -> None:
+    f = _Dropout().double()
+    y = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    sol = odeint(f, y, [0.0, 1.0], solver="rk4", step=0.1, adjoint=mode)
+    after_forward = torch.get_rng_state()
+    sol.square().sum().backward()
+    assert torch.equal(torch.get_rng_state(), after_forward)
+    assert y.grad is not None and f.lin.weight.grad is not None
