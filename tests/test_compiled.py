@@ -55,8 +55,9 @@ def _no_silent_fallback():
         yield
 
 
-def _solve(f, y0, t, compile, **kw):
-    """Solution, gradients (y0, t, parameters) and the evaluation counts of one solve."""
+def _solve(f, y0, t, compile, compiled_runs: bool = True, **kw):
+    """Solution, gradients (y0, t, parameters) and the evaluation counts of one solve; with
+    ``compile=FAST`` whether compiled graphs must have run (or must not have)."""
     y0 = y0.detach().clone().requires_grad_()
     t = t.detach().clone().requires_grad_()
     nfe = NFECounter()
@@ -65,7 +66,8 @@ def _solve(f, y0, t, compile, **kw):
     w = torch.linspace(-1.0, 1.0, sol.numel(), dtype=sol.dtype).reshape(sol.shape)
     grads = torch.autograd.grad((w * sol).sum(), [y0, t, *f.parameters()])
     if compile is FAST:
-        assert _RUNS[0] > runs, "no compiled graph ran"
+        ran = _RUNS[0] > runs
+        assert ran == compiled_runs, "compiled graphs ran" if ran else "no compiled graph ran"
     return sol.detach(), grads, (nfe.forward, nfe.backward)
 
 
@@ -340,7 +342,10 @@ def test_parameters_saved_through_hooks_still_compile(gen) -> None:
         assert _rel(a, b) < 1e-10
 
 
-def test_random_dynamics_stay_eager_and_their_draws_are_replayed(gen) -> None:
+@pytest.mark.parametrize("options", [FAST, Compile()], ids=["aot_eager", "inductor"])
+def test_random_dynamics_stay_eager_and_their_draws_are_replayed(options, gen) -> None:
+    # With inductor a compiled step would draw other numbers than the eager generator (about
+    # 20 % wrong gradients); the rule keeps random dynamics eager with either backend.
     class Noisy(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -353,9 +358,9 @@ def test_random_dynamics_stay_eager_and_their_draws_are_replayed(gen) -> None:
     f = Noisy().double()
     y0 = torch.randn(6, 3, dtype=D, generator=gen)
     results = []
-    for compile in (False, FAST):
+    for compile in (False, options):
         torch.manual_seed(7)
-        results.append(_solve(f, y0, T, compile, solver="midpoint", adjoint="checkpoint"))
+        results.append(_solve(f, y0, T, compile, False, solver="midpoint", adjoint="checkpoint"))
     torch.manual_seed(7)
     reference = _solve(f, y0, T, False, solver="midpoint", adjoint="backprop")
     for a, b in zip(results[1][1], reference[1]):
