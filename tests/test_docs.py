@@ -82,3 +82,17 @@ def test_sphinx_builds_without_warnings_and_documents_every_public_name(tmp_path
     for name in torchode_adjoint.__all__:
         if name != "__version__":
             assert f"torchode_adjoint.{name}" in api, name
+    # Tables render as tables: the gradient-modes table has its header and one row per mode
+    # (a simple table whose cells wrap onto new lines renders every wrapped line as a row).
+    page = (out / "gradient_modes.html").read_text()
+    table = page[page.index("<table") : page.index("</table>")]
+    assert table.count("<tr") == 1 + 4, table[:2000]
+
+
+def test_the_readme_is_a_readme() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    # The two Quickstart commands, exactly the test command CI runs.
+    assert "python examples/cifar10_compare.py --quick" in text
+    assert "python -m pytest -q" in (ROOT / ".ci" / "run").read_text()
+    assert "\npython -m pytest -q\n" in text
