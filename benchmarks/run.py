@@ -82,7 +82,7 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (
         f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads, {gpu}"
+        f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}, {gpu}"
     )
 
 

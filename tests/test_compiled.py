@@ -251,7 +251,7 @@ def test_batchnorm_buffers_are_updated_as_in_eager_mode(mode: str, gen) -> None:
         if compile and mode == "backprop":
             # A recorded compiled step cannot update nn.BatchNorm's buffers in place: eager.
             with pytest.warns(CompileFallbackWarning, match="runs eagerly"):
-                _solve(g, y0, T, compile, solver="rk4", step=0.2, adjoint=mode)
+                _solve(g, y0, T, compile, False, solver="rk4", step=0.2, adjoint=mode)
         else:
             _solve(g, y0, T, compile, solver="rk4", step=0.2, adjoint=mode)
         buffers.append(g.state_dict())
