@@ -139,3 +139,52 @@ def _tableau_names() -> list[str]:
 
 TABLEAUS = _tableau_names()
 """The registered solvers that are Butcher tableaus (every mode integrates with those)."""
+
+
+def count_steps(t: list[float], step: float | None, dtype: torch.dtype, **kw) -> int:
+    """The number of steps odeint takes over ``t`` (Euler: one evaluation per step)."""
+    from torchode_adjoint import NFECounter, odeint
+
+    nfe = NFECounter()
+    odeint(
+        lambda t, y: -y,
+        torch.ones(1, dtype=dtype),
+        torch.tensor(t, dtype=dtype),
+        step=step,
+        adjoint=False,
+        nfe=nfe,
+        **kw,
+    )
+    return nfe.forward
+
+
+_RSS_SCRIPT = """
+import sys, torch
+from torchode_adjoint import odeint
+torch.set_num_threads(1)
+n, solver, adjoint, learnable = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+y0 = torch.ones(2, requires_grad=True)
+k = torch.tensor(0.5, requires_grad=True)
+t = torch.tensor([0.0, 1.0], requires_grad=learnable)
+sol = odeint(lambda t, y: -k * y, y0, t, solver=solver, step=1.0 / n, adjoint=adjoint,
+             params=[k])
+sol[-1].sum().backward()
+assert y0.grad is not None and k.grad is not None and (t.grad is not None or not learnable)
+print([line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")][0])
+"""
+
+
+def peak_rss_kib(n: int, solver: str, adjoint: str, learnable_times: bool = False) -> int:
+    """Peak resident memory (KiB) of a fresh process that solves ``y' = -k y`` with ``n`` steps
+    and back-propagates. It reads VmHWM, the process's own peak since exec: ``ru_maxrss`` would
+    carry the parent's (pytest's) peak over the fork, and such a test could not fail."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, str(n), solver, adjoint, str(int(learnable_times))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.split()[-1])

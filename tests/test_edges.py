@@ -8,12 +8,11 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from problems import reversible_rk_reference
+from problems import count_steps, reversible_rk_reference
 
 from torchode_adjoint import (
     ButcherTableau,
     Checkpoint,
-    NFECounter,
     Reversible,
     get_solver,
     odeint,
@@ -23,35 +22,21 @@ from torchode_adjoint import _check as check_module
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
-def _count(t: list[float], step: float, dtype: torch.dtype, **kw) -> int:
-    nfe = NFECounter()
-    odeint(
-        lambda t, y: -y,
-        torch.ones(1, dtype=dtype),
-        torch.tensor(t, dtype=dtype),
-        step=step,
-        adjoint=False,
-        nfe=nfe,
-        **kw,
-    )
-    return nfe.forward  # euler: one evaluation per step
-
-
 # --- the step limit -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_exactly_max_steps_is_allowed_and_one_more_is_refused(dtype) -> None:
-    assert _count([0.0, 1.0], 0.25, dtype, max_steps=4) == 4
+    assert count_steps([0.0, 1.0], 0.25, dtype, max_steps=4) == 4
     with pytest.raises(ValueError, match=r"more than `max_steps=3`"):
-        _count([0.0, 1.0], 0.25, dtype, max_steps=3)
+        count_steps([0.0, 1.0], 0.25, dtype, max_steps=3)
 
 
 def test_the_limit_is_on_the_total_over_every_output_interval() -> None:
     t = [0.0, 0.5, 1.0, 1.5]  # 2 + 2 + 2 steps of 0.25
-    assert _count(t, 0.25, torch.float64, max_steps=6) == 6
+    assert count_steps(t, 0.25, torch.float64, max_steps=6) == 6
     with pytest.raises(ValueError, match=r"`max_steps=5`"):
-        _count(t, 0.25, torch.float64, max_steps=5)
+        count_steps(t, 0.25, torch.float64, max_steps=5)
 
 
 # --- step counts just above an integer ratio, in every dtype ---------------------------------
@@ -67,7 +52,7 @@ def test_no_step_is_larger_than_step_in_the_states_dtype(n: int, ulps: int, dtyp
     eps = torch.finfo(dtype).eps
     step = 0.1
     length = float(torch.tensor(n * step * (1 + ulps * eps), dtype=dtype))
-    count = _count([0.0, length], step, dtype)
+    count = count_steps([0.0, length], step, dtype)
     assert count in (n, n + 1)
     assert length / count <= step * (1 + 16 * eps)
 
@@ -75,8 +60,8 @@ def test_no_step_is_larger_than_step_in_the_states_dtype(n: int, ulps: int, dtyp
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_ratio_clearly_above_an_integer_takes_one_step_more(dtype) -> None:
     # 1 % above 10 steps is far beyond any dtype's round-off tolerance here (at most 1e-5).
-    assert _count([0.0, 1.01], 0.1, dtype) == 11
-    assert _count([0.0, 1.25], 0.1, dtype) == 13
+    assert count_steps([0.0, 1.01], 0.1, dtype) == 11
+    assert count_steps([0.0, 1.25], 0.1, dtype) == 13
 
 
 # --- tableau validation at small errors and wrong order claims -----------------------------

@@ -8,21 +8,9 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
+from problems import count_steps
 
-from torchode_adjoint import NFECounter, odeint
-
-
-def _steps(t: list[float], step: float | None, dtype: torch.dtype) -> int:
-    nfe = NFECounter()
-    odeint(
-        lambda t, y: -y,
-        torch.ones(1, dtype=dtype),
-        torch.tensor(t, dtype=dtype),
-        step=step,
-        adjoint=False,
-        nfe=nfe,
-    )
-    return nfe.forward  # euler: one evaluation per step
+from torchode_adjoint import odeint
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -42,7 +30,7 @@ def _steps(t: list[float], step: float | None, dtype: torch.dtype) -> int:
 def test_step_counts_per_interval(
     t: list[float], step: float | None, expected: int, dtype: torch.dtype
 ) -> None:
-    assert _steps(t, step, dtype) == expected
+    assert count_steps(t, step, dtype) == expected
 
 
 def test_output_times_are_hit_exactly_with_a_grid_not_aligned_to_the_step() -> None:
@@ -75,7 +63,7 @@ def test_step_count_is_the_ceiling_and_no_step_exceeds_the_step_size(
     t0: float, length: float, step: float
 ) -> None:
     t1 = t0 + length
-    n = _steps([t0, t1], step, torch.float64)
+    n = count_steps([t0, t1], step, torch.float64)
     exact = abs(t1 - t0) / step
     # Either the true ceiling, or one less when the ratio is an integer up to round-off.
     assert n in (math.ceil(exact), math.ceil(exact - 1e-9))
