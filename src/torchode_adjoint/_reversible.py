@@ -42,7 +42,7 @@ from ._solvers import HEUN, Solver
 from ._spec import SolveSpec
 from ._stepping import Method, integrate, plan_for, rk_increment
 from ._tableau import ButcherTableau
-from ._vjp import accumulate_
+from ._vjp import accumulate_, dynamics_vjp
 
 __all__ = ["Reversible", "StepVJP"]
 
@@ -288,16 +288,11 @@ class StepVJP:
         self, x: torch.Tensor, v: torch.Tensor, *, offset: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``f(t, x)`` at the current step's start (``offset=0``) or end (1), and ``v^T df/dx``."""
-        x_leaf = x.detach().requires_grad_(True)
-        tau = self._point_time(offset)
-        if self.need_t:
-            tau = tau.detach().requires_grad_(True)
         self.f.index = self.step + offset
-        out = self.f(tau, x_leaf)
-        g_x, g_times = self._grad(out, x_leaf, v, (tau,) if self.need_t else ())
-        if self.need_t:
-            self._add_point_gradient(g_times[0], offset)
-        return out.detach(), g_x
+        out = dynamics_vjp(self.f, self._point_time(offset), x, v, self.params, want_t=self.need_t)
+        accumulate_(self.g_p, out.params)
+        self._add_point_gradient(out.t, offset)
+        return out.value, out.y
 
     def increment(
         self,
