@@ -24,6 +24,7 @@ and saved-tensor hooks the eager steps run without an attempt.
 
 from __future__ import annotations
 
+import sys
 import types
 import warnings
 from collections.abc import Callable, Hashable, Sequence
@@ -43,6 +44,19 @@ __all__ = [
     "vjp_names",
     "cast",
 ]
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first frame outside this package
+    and PyTorch (the user's line that solved or called backward), wherever it is raised."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name.startswith("torchode_adjoint") or name.split(".")[0] == "torch"):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
 
 
 class CompileFallbackWarning(UserWarning):
@@ -152,7 +166,7 @@ class CompiledFunction:
                 f"dynamics {_name(kind)}, which run it eagerly from now on (same results, eager "
                 f"speed): {_reason(err)}",
                 CompileFallbackWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
             return out
         if first:
@@ -171,7 +185,7 @@ class CompiledFunction:
                     "Use a few fixed batch sizes (e.g. drop or pad the last batch), or "
                     "compile=False.",
                     CompileFallbackWarning,
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
             return None
         fn = self.eager
@@ -296,7 +310,7 @@ def parameter_names(func: object, params: Sequence[torch.Tensor]) -> ParamNames 
             "these dynamics have other tensors to differentiate (tensor attributes, or "
             "`params=`), so the backward pass runs eagerly (same results, eager speed).",
             CompileFallbackWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     return names
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from ._compat import BatchNormBase, functorch_transforms_active
-from ._compiled import Compile, CompiledFunction, CompileFallbackWarning, cast
+from ._compiled import Compile, CompiledFunction, CompileFallbackWarning, cast, user_stacklevel
 from ._grid import StageTimes, TimeGrid, step_sizes
 from ._rng import RngState
 from ._tableau import ButcherTableau
@@ -348,7 +348,7 @@ def _compilable_with_grad(func: object) -> bool:
             "statistics in place, so this pass runs eagerly (same results); with "
             "TemporalBatchNorm, or adjoint='adjoint' or 'checkpoint', it compiles.",
             CompileFallbackWarning,
-            stacklevel=5,
+            stacklevel=user_stacklevel(),
         )
     return not tracking
 
