@@ -194,7 +194,3 @@ def test_an_adaptive_solver_name_gets_the_fixed_step_hint() -> None:
         odeint(lambda t, y: -y, torch.ones(2), T, params=(), solver="dopri5")
 
 
-@pytest.mark.parametrize("state", [(torch.ones(2), torch.ones(3)), [torch.ones(2)]])
-def test_a_tuple_state_gets_the_concatenation_hint(state) -> None:
-    with pytest.raises(TypeError, match=r"`y0` must be one tensor.*torch.cat"):
-        odeint(lambda t, y: y, state, T, params=())

@@ -13,6 +13,7 @@ from ._grid import DEFAULT_MAX_STEPS
 from ._mode import GradientMode
 from ._prepare import ModeName, make_config, solve
 from ._reversible_heun import ReversibleHeun
+from ._structure import State, StateStructure, first_leaf, real_dtype
 from ._tableau import ButcherTableau
 
 __all__ = ["ODEBlock"]
@@ -167,20 +168,26 @@ class ODEBlock(nn.Module):
         """Evaluations of the dynamics in the last backward pass."""
         return self._nfe.backward
 
-    def forward(self, y0: torch.Tensor) -> torch.Tensor:
+    def forward(self, y0: State) -> State:
         """Integrate from ``t0`` to ``t1``.
 
         Parameters
         ----------
-        y0 : Tensor, shape (B, ...)
+        y0 : Tensor, shape (B, ...), or a tuple, list or dict of Tensors
+            The state at ``t0`` (see :func:`~torchode_adjoint.odeint` for structured and
+            complex states).
 
         Returns
         -------
-        Tensor, shape (B, ...)
+        Tensor, shape (B, ...), or ``y0``'s structure
             The state at ``t1``.
         """
-        t = self.integration_times(y0)
-        return solve(self.dynamics, y0, t, self.config, nfe=self._nfe)[1][-1]
+        reference = first_leaf(y0)
+        if not isinstance(reference, torch.Tensor):
+            StateStructure.of(y0)  # raises, naming the part that is not a tensor
+        t = self.integration_times(reference)
+        _, states, structure = solve(self.dynamics, y0, t, self.config, nfe=self._nfe)
+        return states[-1] if structure is None else structure.unflatten(states[-1])
 
     def _time(self, name: str) -> float | torch.Tensor:
         return self._fixed_times[name] if name in self._fixed_times else getattr(self, name)
@@ -191,21 +198,29 @@ class ODEBlock(nn.Module):
         Parameters
         ----------
         y0 : Tensor
-            Any tensor with the state's dtype and device.
+            Any tensor with the state's dtype (or, for a complex state, its complex dtype) and
+            device.
 
         Returns
         -------
         Tensor, shape (2,)
+            In the state's real dtype.
         """
+        if not isinstance(y0, torch.Tensor):
+            raise TypeError(
+                f"`y0` must be a tensor or a tuple, list or dict of tensors, got "
+                f"{type(y0).__name__}."
+            )
+        dtype = real_dtype(y0.dtype)
         if len(self._fixed_times) == 2:
-            key = (y0.dtype, y0.device)
+            key = (dtype, y0.device)
             if key not in self._t_cache:
                 values = (self._fixed_times["t0"], self._fixed_times["t1"])
-                self._t_cache[key] = torch.tensor(values, dtype=y0.dtype, device=y0.device)
+                self._t_cache[key] = torch.tensor(values, dtype=dtype, device=y0.device)
             return self._t_cache[key]
         return torch.stack(
             [
-                torch.as_tensor(self._time(name), dtype=y0.dtype, device=y0.device)
+                torch.as_tensor(self._time(name), dtype=dtype, device=y0.device)
                 if name in self._fixed_times
                 else getattr(self, name).reshape(())
                 for name in ("t0", "t1")

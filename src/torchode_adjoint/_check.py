@@ -19,6 +19,7 @@ from ._grid import regrid
 from ._mode import Backprop
 from ._prepare import SolveConfig, make_config, prepare
 from ._reversible import Reversible
+from ._structure import State, StateStructure, first_leaf, map_leaves
 from ._tableau import ButcherTableau
 
 __all__ = ["GradientCheck", "GradientReport", "check_gradients"]
@@ -154,7 +155,7 @@ def _verdict(err: float, tol: float, fd_err: float, exact: bool) -> Verdict:
 
 def check_gradients(
     func_or_block: nn.Module | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    y0: torch.Tensor,
+    y0: State,
     t: torch.Tensor | None = None,
     *,
     eps: float = 1e-6,
@@ -177,7 +178,9 @@ def check_gradients(
         An :class:`~torchode_adjoint.ODEBlock` (its solver, step, mode and times are the
         defaults), a dynamics module, or a function (then pass ``params=`` and make it compute in
         float64). Modules are copied and cast to float64; the original is untouched.
-    y0 : Tensor, shape (...)
+    y0 : Tensor, shape (...), or a tuple, list or dict of Tensors
+        A structured or complex state is checked as the flat real vector it is integrated as
+        (one row ``"y0 (flattened)"``; a complex part contributes its real and imaginary parts).
     t : Tensor, shape (T,), optional
         Default: the block's ``[t0, t1]``, else ``[0, 1]``.
     eps : float, default 1e-6
@@ -279,9 +282,7 @@ class _Setup:
         return [gi if gi is not None else torch.zeros_like(x) for gi, x in zip(g, self.inputs)]
 
 
-def _setup(
-    func_or_block: object, y0: torch.Tensor, t: torch.Tensor | None, odeint_kwargs: dict
-) -> _Setup:
+def _setup(func_or_block: object, y0: State, t: torch.Tensor | None, odeint_kwargs: dict) -> _Setup:
     kwargs = dict(odeint_kwargs)
     if isinstance(func_or_block, ODEBlock):
         block = func_or_block
@@ -289,7 +290,7 @@ def _setup(
         kwargs.setdefault("step", block.step)
         kwargs.setdefault("adjoint", block.adjoint)
         if t is None:
-            t = block.integration_times(y0.detach().double())
+            t = block.integration_times(_double(first_leaf(y0)))
         func_or_block = block.dynamics
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     if isinstance(func_or_block, nn.Module):
@@ -318,10 +319,22 @@ def _setup(
                 "nn.Module, which is copied and cast."
             )
     config = make_config(stacklevel=4, **kwargs)  # type: ignore[arg-type]
-    y = y0.detach().double().requires_grad_(True)
+    y_name = "y0"
+    state = map_leaves(_double, y0)
+    structure = StateStructure.of(state)
+    if structure is not None:  # checked as the flat real vector it is integrated as
+        func, state, y_name = structure.wrap(func), structure.flatten(state), "y0 (flattened)"
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"`y0` must be a tensor or a tuple, list or dict of tensors, got {y0!r}.")
+    y = state.detach().requires_grad_(True)
     tt = (t if t is not None else torch.tensor([0.0, 1.0])).detach().double().to(y.device)
     tt.requires_grad_(True)
-    return _Setup(func, config, y, tt, [p for _, p in named], ["y0", "t", *(n for n, _ in named)])
+    return _Setup(func, config, y, tt, [p for _, p in named], [y_name, "t", *(n for n, _ in named)])
+
+
+def _double(x: torch.Tensor) -> torch.Tensor:
+    """``x`` detached in float64 (complex128 for a complex tensor)."""
+    return x.detach().to(torch.complex128 if x.is_complex() else torch.float64)
 
 
 def _reference(setup: _Setup, w: torch.Tensor) -> tuple[str, list[torch.Tensor]]:

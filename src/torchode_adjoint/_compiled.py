@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ._compat import saved_tensor_hooks_active
+from ._structure import StructuredDynamics
 
 __all__ = [
     "Compile",
@@ -231,6 +232,8 @@ def _signature(kind: Hashable, args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _name(kind: Hashable) -> str:
+    if isinstance(kind, tuple):  # (the user's dynamics, a structured state)
+        return _name(kind[0])
     if isinstance(kind, types.CodeType):
         return f"`{kind.co_name}`"
     return f"of class {getattr(kind, '__name__', kind)}"
@@ -240,6 +243,8 @@ def _kind(func: object) -> Hashable:
     """What a signature and a failure are kept for: a module's class, a function's code (a
     lambda made anew for every solve, or a bound method, which is a new object at every
     attribute access, is the same kind each time), or another callable's class."""
+    if isinstance(func, StructuredDynamics):  # the user's dynamics, on this structure
+        return (_kind(func.dynamics), func.structure)
     if isinstance(func, nn.Module):
         return type(func)
     code = getattr(func, "__code__", None)

@@ -36,6 +36,7 @@ from ._rng import RngState, SeededDraws
 from ._solvers import Solver
 from ._spec import SolveSpec
 from ._stepping import Method, RungeKutta, integrate
+from ._structure import non_finite_part
 from ._tableau import ButcherTableau
 
 __all__ = [
@@ -157,7 +158,7 @@ class BackwardJob:
         """
         if not self._finite or bool(torch.isfinite(self._finite[-1][1]).all()):
             return
-        time = next(tm for tm, a in self._finite if not bool(torch.isfinite(a).all()))
+        time, bad = next((tm, a) for tm, a in self._finite if not bool(torch.isfinite(a).all()))
         incoming = [g for g in self.grads if g is not None]
         source = (
             "the incoming gradient dL/dy is itself NaN or infinite (check the loss)"
@@ -165,7 +166,8 @@ class BackwardJob:
             else "the dynamics' Jacobian overflowed; reduce `step` or check the dynamics"
         )
         raise RuntimeError(
-            f"the adjoint state dL/dy became NaN or infinite at t = {time:.6g} during the "
+            f"the adjoint state dL/dy became NaN or infinite at t = {time:.6g}"
+            f"{non_finite_part(self.spec.func, bad).replace('`y', '`dL/dy')} during the "
             f"backward pass of adjoint={mode!r}: {source} (pass `check_finite=False` to return "
             "it unchecked)."
         )

@@ -11,14 +11,15 @@ from ._dynamics import NFECounter, warn_time_shared_statistics
 from ._grid import DEFAULT_MAX_STEPS
 from ._mode import GradientMode
 from ._prepare import ModeName, make_config, reject_foreign_options, solve
+from ._structure import State
 from ._tableau import ButcherTableau
 
 __all__ = ["odeint"]
 
 
 def odeint(
-    func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    y0: torch.Tensor,
+    func: Callable[[torch.Tensor, State], State],
+    y0: State,
     t: torch.Tensor | Sequence[float],
     *,
     solver: str | ButcherTableau = "euler",
@@ -31,7 +32,7 @@ def odeint(
     max_steps: int = DEFAULT_MAX_STEPS,
     compile: bool | Compile = False,
     **unsupported: object,
-) -> torch.Tensor:
+) -> State:
     """Integrate ``dy/dt = func(t, y)`` with a fixed-step explicit Runge--Kutta method.
 
     Each interval ``[t[i], t[i+1]]`` is split into ``n_i = ceil(|t[i+1] - t[i]| / step)`` equal
@@ -41,13 +42,17 @@ def odeint(
     Parameters
     ----------
     func : callable ``(t, y) -> dy/dt``
-        ``t`` arrives as a 0-dim tensor with ``y0``'s dtype and device; the result must have
-        ``y``'s shape and dtype.
-    y0 : Tensor, shape (...)
-        Initial state, any shape (a batch is usually the first dimension), floating point.
+        ``t`` arrives as a 0-dim tensor with ``y0``'s (real) dtype and device; the result must
+        have ``y``'s structure, shapes and dtypes.
+    y0 : Tensor, or tuple, list or dict of Tensors
+        Initial state, any shape (a batch is usually the first dimension), floating point or
+        complex. A (nested) tuple, list or dict of tensors is a state made of parts: ``func``
+        receives and returns that structure. The parts share one device and one precision
+        (float32 with complex64, float64 with complex128); see :doc:`/structured_states`.
     t : Tensor, shape (T,), T >= 2
         Output times, strictly increasing or strictly decreasing, on ``y0``'s device. They are
-        used in ``y0``'s dtype; their gradient flows back in their own dtype.
+        used in ``y0``'s real dtype (float64 for complex128); their gradient flows back in their
+        own dtype.
     solver : str, ButcherTableau or ReversibleHeun, default "euler"
         A name from :func:`~torchode_adjoint.available_solvers` or a tableau;
         ``"reversible_heun"`` pairs with ``adjoint="reversible"`` or ``"backprop"`` only.
@@ -98,8 +103,9 @@ def odeint(
 
     Returns
     -------
-    Tensor, shape (T, ...)
-        The state at each time of ``t``; row 0 is ``y0``.
+    Tensor, shape (T, ...), or ``y0``'s structure
+        The state at each time of ``t``; row 0 is ``y0``. For a structured state, the same
+        structure with a leading time axis on every tensor.
 
     Raises
     ------
@@ -144,5 +150,6 @@ def odeint(
         max_steps=max_steps,
         compile=compile,
     )
-    first, states = solve(func, y0, t, config, params=params, nfe=nfe)
-    return torch.stack([first, *states])
+    first, states, structure = solve(func, y0, t, config, params=params, nfe=nfe)
+    solution = torch.stack([first, *states])
+    return solution if structure is None else structure.unflatten(solution)

@@ -27,6 +27,7 @@ from ._reversible import Reversible
 from ._solvers import Solver, get_solver
 from ._spec import SolveSpec
 from ._stepping import Stepper
+from ._structure import State, StateStructure
 from ._tableau import ButcherTableau
 
 __all__ = [
@@ -167,17 +168,10 @@ def reject_foreign_options(options: dict[str, object], where: str) -> None:
 
 
 def _check_y0(y0: object) -> torch.Tensor:
-    if isinstance(y0, (tuple, list, dict)):
-        raise TypeError(
-            f"`y0` must be one tensor, got a {type(y0).__name__}: states made of several "
-            "tensors are not supported yet. Flatten and concatenate the parts, e.g. "
-            "`torch.cat([x.flatten(1), v.flatten(1)], dim=1)`, and split them again in the "
-            "dynamics."
-        )
     if not isinstance(y0, torch.Tensor):
         raise TypeError(
-            f"`y0` must be a floating-point torch.Tensor, got {type(y0).__name__}; wrap it with "
-            "`torch.as_tensor(y0, dtype=torch.float32)`."
+            f"`y0` must be a tensor or a tuple, list or dict of tensors, got "
+            f"{type(y0).__name__}; wrap numbers with `torch.as_tensor(y0, dtype=torch.float32)`."
         )
     if not y0.is_floating_point():
         raise TypeError(
@@ -308,6 +302,7 @@ class Prepared:
     y0: torch.Tensor
     t: torch.Tensor
     params: list[torch.Tensor]
+    structure: StateStructure | None = None
 
     def solve(self) -> list[torch.Tensor]:
         """The states at ``t[1:]``, differentiable as the mode promises."""
@@ -316,19 +311,27 @@ class Prepared:
 
 def prepare(
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    y0: torch.Tensor,
+    y0: State,
     t: torch.Tensor | Sequence[float],
     config: SolveConfig,
     *,
     params: Iterable[torch.Tensor] | None = None,
     nfe: NFECounter | None = None,
 ) -> Prepared:
-    """Validate the tensors of one solve against ``config`` and build its spec and grid."""
+    """Validate the tensors of one solve against ``config`` and build its spec and grid.
+
+    A state that is not one real tensor (a tuple, list or dict of tensors, or a complex tensor)
+    is flattened into one real vector here and ``func`` wrapped to match (see
+    :mod:`._structure`); ``Prepared.structure`` maps the solution back.
+    """
     if not callable(func):
         raise TypeError(f"`func` must be callable as func(t, y), got {type(func).__name__}.")
+    param_list = _resolve_params(func, params, config.mode)
+    structure = StateStructure.of(y0)
+    if structure is not None:
+        func, y0 = structure.wrap(func), structure.flatten(y0)
     y0 = _check_y0(y0)
     t_cast, host = check_times(t, y0)
-    param_list = _resolve_params(func, params, config.mode)
     grid = make_grid(host, config.step, torch.finfo(y0.dtype).eps, max_steps=config.max_steps)
     counter = nfe if nfe is not None else NFECounter()
     counter.forward = counter.backward = 0
@@ -342,24 +345,25 @@ def prepare(
         stepper=config.stepper,
         compile=config.compile,
     )
-    return Prepared(spec=spec, y0=y0, t=t_cast, params=param_list)
+    return Prepared(spec=spec, y0=y0, t=t_cast, params=param_list, structure=structure)
 
 
 @torch.compiler.disable  # (its `reason=` needs a newer PyTorch than the oldest supported)
 def solve(
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    y0: torch.Tensor,
+    y0: State,
     t: torch.Tensor | Sequence[float],
     config: SolveConfig,
     *,
     params: Iterable[torch.Tensor] | None = None,
     nfe: NFECounter | None = None,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """:func:`prepare` and solve: the validated ``y0`` and the states at ``t[1:]``.
+) -> tuple[torch.Tensor, list[torch.Tensor], StateStructure | None]:
+    """:func:`prepare` and solve: the validated (flat) ``y0``, the (flat) states at ``t[1:]``,
+    and the structure that maps them back (None for a state that is one real tensor).
 
     Opaque to an outer ``torch.compile`` (of a network holding a block): Dynamo does not trace
     the validation, the host-side grid and the Python stepping loop, which would only break the
     graph inside them; the solve is one graph break, its own steps compile with ``compile=True``.
     """
     prepared = prepare(func, y0, t, config, params=params, nfe=nfe)
-    return prepared.y0, prepared.solve()
+    return prepared.y0, prepared.solve(), prepared.structure

@@ -22,6 +22,7 @@ from ._compat import BatchNormBase, functorch_transforms_active
 from ._compiled import Compile, CompiledFunction, CompileFallbackWarning, cast, user_stacklevel
 from ._grid import StageTimes, TimeGrid, step_sizes
 from ._rng import RngState
+from ._structure import non_finite_part
 from ._tableau import ButcherTableau
 
 __all__ = [
@@ -441,11 +442,15 @@ def locate_non_finite(
     finite = torch.isfinite(sol.reshape(sol.shape[0], -1)).all(dim=1).tolist()
     i = finite.index(False)
     if i == 0:
-        raise ValueError("`y0` contains NaN or infinite values; pass a finite initial state.")
+        part = non_finite_part(f, sol[0])
+        raise ValueError(
+            f"`y0` contains NaN or infinite values{part}; pass a finite initial state."
+        )
     t_a, n, h = grid.times[i - 1], grid.n_steps[i - 1], grid.h[i - 1]
     times = StageTimes(t.detach(), grid, method.nodes)
     evaluations = len(method.nodes)
     where = f"t = {grid.times[i]:.6g}"
+    bad = sol[i]
     with torch.no_grad():
         if isinstance(method, RungeKutta):  # its carry is the stored state: start there
             carry, pos = sol[i - 1], grid.offsets[i - 1] * evaluations
@@ -459,10 +464,11 @@ def locate_non_finite(
             carry = method.step(f, carry, h, times, pos)
             pos += evaluations
             if not bool(torch.isfinite(method.output(carry)).all()):
+                bad = method.output(carry)
                 interval_text = f"[{t_a:.6g}, {grid.times[i]:.6g}]"
                 where = f"t = {t_a + (k + 1) * h:.6g} (step {k + 1} of {n} in {interval_text})"
                 break
     raise RuntimeError(
-        f"the ODE state became NaN or infinite at {where}; reduce `step`, use a more stable "
+        f"the ODE state became NaN or infinite at {where}{non_finite_part(f, bad)}; reduce `step`, use a more stable "
         "solver, or check the dynamics (pass `check_finite=False` to skip this check)."
     )
