@@ -192,5 +192,3 @@ def test_an_unknown_keyword_is_refused_by_name() -> None:
 def test_an_adaptive_solver_name_gets_the_fixed_step_hint() -> None:
     with pytest.raises(ValueError, match=r"'dopri5' is an adaptive solver.*solver='rk4', step="):
         odeint(lambda t, y: -y, torch.ones(2), T, params=(), solver="dopri5")
-
-

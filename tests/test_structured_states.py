@@ -161,8 +161,14 @@ def test_a_dict_state_with_parts_of_different_shapes_matches_the_concatenation(s
     # The same mode on the concatenation (for checkpoint and backprop: backprop's gradient; the
     # modes' own references are the two-part test's).
     ref_mode = mode if mode in ("adjoint", "reversible") else "backprop"
-    y = odeint(ConcatDict(f, 3), torch.cat([z0.reshape(-1), s0]), T, solver=solver, step=0.1,
-               adjoint=ref_mode)
+    y = odeint(
+        ConcatDict(f, 3),
+        torch.cat([z0.reshape(-1), s0]),
+        T,
+        solver=solver,
+        step=0.1,
+        adjoint=ref_mode,
+    )
     ref = _grads((wz * y[:, :6].reshape(3, 3, 2)).sum() + (ws * y[:, 6:]).sum(), inputs)
     for a, b in zip(got, ref):
         _close(a, b, EXACT_TOL)
@@ -179,7 +185,7 @@ def test_structures_round_trip_with_their_types_and_keys() -> None:
     for y0 in y0s:
         seen = []
 
-        def f(t, y):
+        def f(t, y, seen=seen):
             seen.append(type(y))
             return y  # returns the very structure it was given
 
@@ -189,7 +195,7 @@ def test_structures_round_trip_with_their_types_and_keys() -> None:
         flat_in = structure.flatten(y0)
         # y' = y with Euler steps of 0.5: (1.5)^k y0 at the k-th output time, in every part
         for k, factor in enumerate((1.0, 1.5, 2.25)):
-            at_k = structure.flatten(map_leaves(lambda x: x[k], out))
+            at_k = structure.flatten(map_leaves(lambda x, k=k: x[k], out))
             torch.testing.assert_close(at_k, factor * flat_in, rtol=0, atol=0)
     assert list(odeint(lambda t, y: y, y0s[2], [0.0, 1.0], params=())) == ["b", "a"]
 
@@ -219,17 +225,23 @@ def test_counts_are_steps_times_stages_in_both_passes(gen) -> None:
 
 def _complex_problem(gen, dtype=torch.complex128):
     real = torch.float64 if dtype == torch.complex128 else torch.float32
-    A = torch.complex(torch.randn(4, 4, generator=gen, dtype=D), torch.randn(4, 4, generator=gen,
-                      dtype=D)).to(dtype) * 0.5
+    A = (
+        torch.complex(
+            torch.randn(4, 4, generator=gen, dtype=D), torch.randn(4, 4, generator=gen, dtype=D)
+        ).to(dtype)
+        * 0.5
+    )
     omega = nn.Parameter(torch.tensor(0.7, dtype=real))
 
     def f(t, z):  # a non-holomorphic part (|z|^2) too, so conj(z) and z both matter
         return 1j * (z @ A.T) * omega - 0.1 * z * z.abs().pow(2) + torch.cos(t) * z.conj()
 
-    z0 = torch.complex(torch.randn(2, 4, generator=gen, dtype=D),
-                       torch.randn(2, 4, generator=gen, dtype=D)).to(dtype)
-    w = torch.complex(torch.randn(2, 4, generator=gen, dtype=D),
-                      torch.randn(2, 4, generator=gen, dtype=D)).to(dtype)
+    z0 = torch.complex(
+        torch.randn(2, 4, generator=gen, dtype=D), torch.randn(2, 4, generator=gen, dtype=D)
+    ).to(dtype)
+    w = torch.complex(
+        torch.randn(2, 4, generator=gen, dtype=D), torch.randn(2, 4, generator=gen, dtype=D)
+    ).to(dtype)
     return f, z0, w, omega
 
 
@@ -252,8 +264,9 @@ def test_a_complex_state_has_backprops_gradient_and_the_finite_differences(solve
     if solver == "reversible_heun":
         out = reversible_heun_reference(f, z, torch.tensor([0.0, 0.6], dtype=D), [12])[-1]
     elif mode == "reversible":
-        out = reversible_rk_reference(f, get_solver(solver), z, torch.tensor([0.0, 0.6], dtype=D),
-                                      [12], 0.999)[-1]
+        out = reversible_rk_reference(
+            f, get_solver(solver), z, torch.tensor([0.0, 0.6], dtype=D), [12], 0.999
+        )[-1]
     else:
         out = odeint(f, z, [0.0, 0.6], **{**kw, "adjoint": "backprop"})[-1]
     r_z, r_om = _grads(_complex_loss(out, w), (z, omega))
@@ -302,8 +315,9 @@ def test_a_state_with_complex_and_real_parts_of_odd_sizes_gets_backprops_gradien
 
     def grads(mode):
         r, z = r0.clone().requires_grad_(), z0.clone().requires_grad_()
-        out_r, out_z = odeint(f, (r, z), [0.0, 0.5, 1.0], solver="rk4", step=0.1, adjoint=mode,
-                              params=[omega])
+        out_r, out_z = odeint(
+            f, (r, z), [0.0, 0.5, 1.0], solver="rk4", step=0.1, adjoint=mode, params=[omega]
+        )
         return _grads(_complex_loss(out_z, w) + out_r.pow(2).sum(), (r, z, omega))
 
     ref = grads("backprop")
@@ -357,8 +371,12 @@ def test_a_float32_part_with_a_complex64_part_shares_one_precision() -> None:
     y0 = (torch.ones(2), torch.ones(2, dtype=torch.complex64))
     r, z = odeint(lambda t, y: (-y[0], 1j * y[1]), y0, [0.0, 1.0], step=0.01, params=())
     assert r.dtype == torch.float32 and z.dtype == torch.complex64
-    torch.testing.assert_close(z[-1], torch.full((2,), 0.99995 * complex(0.5403, 0.8415),
-                                                 dtype=torch.complex64), atol=2e-2, rtol=0)
+    torch.testing.assert_close(
+        z[-1],
+        torch.full((2,), 0.99995 * complex(0.5403, 0.8415), dtype=torch.complex64),
+        atol=2e-2,
+        rtol=0,
+    )
 
 
 def test_a_non_finite_state_is_reported_with_its_part_and_time() -> None:
@@ -406,8 +424,13 @@ def test_a_captured_tensor_is_refused_by_the_memory_saving_modes(gen) -> None:
             return (y[1] * other, -self.k * y[0])
 
     for mode in ("adjoint", "checkpoint", "reversible"):
-        x, _ = odeint(F(), (torch.ones(2, dtype=D), torch.ones(2, dtype=D)), [0.0, 1.0],
-                      adjoint=mode, solver="rk4")
+        x, _ = odeint(
+            F(),
+            (torch.ones(2, dtype=D), torch.ones(2, dtype=D)),
+            [0.0, 1.0],
+            adjoint=mode,
+            solver="rk4",
+        )
         with pytest.raises(RuntimeError, match="not one of its parameters"):
             x.sum().backward()
 
@@ -418,8 +441,10 @@ def test_a_captured_tensor_is_refused_by_the_memory_saving_modes(gen) -> None:
 
 @pytest.mark.parametrize("mode", ["backprop", "adjoint", "checkpoint", "reversible"])
 def test_check_gradients_passes_a_dict_state_and_catches_a_wrong_gradient(mode, gen) -> None:
-    y0 = {"z": torch.randn(3, 2, dtype=D, generator=gen), "s": torch.randn(4, dtype=D,
-                                                                            generator=gen)}
+    y0 = {
+        "z": torch.randn(3, 2, dtype=D, generator=gen),
+        "s": torch.randn(4, dtype=D, generator=gen),
+    }
     report = check_gradients(DictDynamics(), y0, solver="rk4", step=0.05, adjoint=mode)
     assert report.verdict == "pass", str(report)
     assert report.checks[0].name == "y0 (flattened)" and report.checks[0].shape == (10,)
@@ -479,8 +504,9 @@ def test_a_temporal_batchnorm_on_a_part_gives_backprops_gradient_and_one_update(
         _close(a, b, tol)
     # the backward pass re-evaluated the norm without updating its statistics again
     for name, buf in ref_f.state_dict().items():
-        torch.testing.assert_close(f.state_dict()[name], buf, rtol=0, atol=0, equal_nan=True,
-                                   msg=name)
+        torch.testing.assert_close(
+            f.state_dict()[name], buf, rtol=0, atol=0, equal_nan=True, msg=name
+        )
 
 
 def test_a_single_real_tensor_never_enters_the_structure_code(monkeypatch) -> None:

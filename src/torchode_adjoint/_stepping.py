@@ -469,6 +469,7 @@ def locate_non_finite(
                 where = f"t = {t_a + (k + 1) * h:.6g} (step {k + 1} of {n} in {interval_text})"
                 break
     raise RuntimeError(
-        f"the ODE state became NaN or infinite at {where}{non_finite_part(f, bad)}; reduce `step`, use a more stable "
-        "solver, or check the dynamics (pass `check_finite=False` to skip this check)."
+        f"the ODE state became NaN or infinite at {where}{non_finite_part(f, bad)}; reduce "
+        "`step`, use a more stable solver, or check the dynamics (pass `check_finite=False` to "
+        "skip this check)."
     )

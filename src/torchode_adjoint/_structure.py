@@ -19,7 +19,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ __all__ = [
 #: Structures kept for reuse; beyond this many the table starts over.
 _MAX_INTERNED = 256
 
-State = Union[torch.Tensor, Sequence["State"], Mapping[Any, "State"]]
+State = torch.Tensor | Sequence["State"] | Mapping[Any, "State"]
 
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
