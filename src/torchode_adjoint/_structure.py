@@ -80,13 +80,27 @@ class StateStructure:
     the same object, so that a compiled step guards on it by identity.
     """
 
-    __slots__ = ("root", "leaves", "dtype", "device", "size", "__weakref__")
+    __slots__ = (
+        "root",
+        "leaves",
+        "dtype",
+        "device",
+        "batch",
+        "size",
+        "padded",
+        "_chunks",
+        "_views",
+        "_parts",
+        "_flat_kind",
+        "__weakref__",
+    )
 
     root: _Node | None  # None: the state is one (complex) tensor
     leaves: tuple[_Leaf, ...]
     dtype: torch.dtype  # the real dtype of the flat vector
     device: torch.device
-    size: int
+    batch: tuple[int, ...]  # (B,) when every part has the first dimension B, else ()
+    size: int  # the flat state's last dimension: its shape is (*batch, size)
 
     _interned: dict[tuple[Any, ...], StateStructure] = {}
 
@@ -123,89 +137,146 @@ class StateStructure:
             return found
         self = object.__new__(cls)
         self.root, self.dtype, self.device = root, dtype, first.device
+        # Parts that share a first (batch) dimension are laid out side by side in rows, as a
+        # user's own concatenation along dim 1 would be: (B, size). Otherwise one flat vector.
+        b = first.shape[0] if first.dim() >= 1 else 0
+        batched = b > 0 and all(x.dim() >= 1 and x.shape[0] == b for _, x in leaves)
+        self.batch = (b,) if batched else ()
         placed, offset = [], 0
         for path, x in leaves:
+            numel = x.numel() // b if batched else x.numel()
             if x.is_complex():
                 offset += offset % 2  # view_as_complex needs an even offset: one padding slot
-                size = 2 * x.numel()
+                size = 2 * numel
             else:
-                size = x.numel()
+                size = numel
             placed.append(_Leaf(path, x.shape, x.dtype, offset, size))
             offset += size
         if any(x.is_complex() for _, x in leaves):
-            offset += offset % 2  # and an even row length for a trajectory's rows
+            offset += offset % 2  # and an even row length, for the rows' strides
         self.leaves, self.size = tuple(placed), offset
+        self._plan()
         if len(cls._interned) >= _MAX_INTERNED:  # many shapes (varying batch sizes): start over
             cls._interned.clear()
         cls._interned[key] = self
         return self
 
-    @property
-    def padded(self) -> bool:
-        """Whether the flat vector holds padding slots (complex leaves after odd-sized ones)."""
-        return sum(leaf.size for leaf in self.leaves) != self.size
+    def _plan(self) -> None:
+        """Precompute what the per-evaluation paths need: the chunks of the flat state's last
+        dimension (a padding slot is a chunk of its own), each leaf's chunk and view shape
+        (without the batch dimension), and for a flat container (a tuple, list or dict of
+        tensors) its kind, for the fast paths."""
+        chunks: list[int] = []
+        views: list[tuple[int, tuple[int, ...] | None, bool]] = []
+        position, skip = 0, len(self.batch)
+        for leaf in self.leaves:
+            if leaf.offset != position:
+                chunks.append(leaf.offset - position)
+            complex_ = leaf.dtype.is_complex
+            rest = tuple(leaf.shape[skip:])
+            # None: the chunk is the part already (a real part with one dimension per row)
+            shape = (*rest, 2) if complex_ else (None if len(rest) == 1 else rest)
+            views.append((len(chunks), shape, complex_))
+            chunks.append(leaf.size)
+            position = leaf.offset + leaf.size
+        if position != self.size:
+            chunks.append(self.size - position)
+        self._chunks, self._views = chunks, views
+        # Per leaf, the row shape to reshape it to in `flatten`, or None where it already is one
+        # (a real part of shape (B, n) in the batched layout, or of shape (n,) in the other).
+        row = (*self.batch, -1)
+        self._parts = [
+            (leaf, None if shape is None else row)
+            for leaf, (_, shape, _complex) in zip(self.leaves, views)
+        ]
+        self.padded = len(chunks) != len(self.leaves)
+        root = self.root
+        flat = root is not None and all(child is None for child in root.children)
+        self._flat_kind = root.kind if flat else None
 
     def flatten(self, state: State, what: str = "y0") -> torch.Tensor:
-        """The flat real vector of ``state`` (which must have this structure; ``what`` names it
+        """The flat real state of ``state`` (which must have this structure; ``what`` names it
         in errors). Differentiable; padding slots are zeros."""
-        parts = self._parts(state, what)
-        if len(parts) == 1 and not self.padded:
-            return parts[0]
+        kind = self._flat_kind
+        if (kind is tuple or kind is list) and type(state) in (tuple, list):
+            tensors: Sequence[Any] = state  # type: ignore[assignment]
+            if len(tensors) != len(self.leaves):
+                tensors = _leaves_of(state, self.root, what)
+        elif kind is dict and type(state) is dict and len(state) == len(self.leaves):
+            try:
+                tensors = [state[k] for k in self.root.keys]  # type: ignore[union-attr]
+            except KeyError:
+                tensors = _leaves_of(state, self.root, what)
+        else:
+            tensors = _leaves_of(state, self.root, what)
+        parts = []
+        for (leaf, row), x in zip(self._parts, tensors):
+            if type(x) is not torch.Tensor or x.shape != leaf.shape or x.dtype != leaf.dtype:
+                x = self._conform(leaf, x, what)
+            if row is not None:  # complex, or not (batch, features): a view (or a copy) in rows
+                if x.is_complex():
+                    x = torch.view_as_real(x.resolve_conj())
+                x = x.reshape(row)
+            parts.append(x)
         if self.padded:
             parts = self._padded(parts)
-        return torch.cat(parts)
+        elif len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts, dim=-1)
 
-    def _parts(self, state: State, what: str) -> list[torch.Tensor]:
-        tensors = _leaves_of(state, self.root, what)
-        parts = []
+    def _conform(self, leaf: _Leaf, x: object, what: str) -> torch.Tensor:
+        """``x`` as the part ``leaf`` of a state, or an error naming the part. Under autocast a
+        derivative in another floating dtype is cast to the state's (the state keeps its
+        dtype)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"{_name(what, leaf)} must be a Tensor, got {type(x).__name__}; return a "
+                f"tensor of shape {tuple(leaf.shape)} for this part of the state."
+            )
+        if x.shape != leaf.shape:
+            raise ValueError(
+                f"{_name(what, leaf)} must have the state's shape {tuple(leaf.shape)} for this "
+                f"part, got {tuple(x.shape)}."
+            )
+        if x.dtype == leaf.dtype:  # a tensor subclass (a Parameter, say) of the right kind
+            return x
         autocast = torch.is_autocast_enabled(self.device.type)
-        for leaf, x in zip(self.leaves, tensors):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(
-                    f"{_name(what, leaf)} must be a Tensor, got {type(x).__name__}; return a "
-                    f"tensor of shape {tuple(leaf.shape)} for this part of the state."
-                )
-            if x.shape != leaf.shape:
-                raise ValueError(
-                    f"{_name(what, leaf)} must have the state's shape {tuple(leaf.shape)} for this "
-                    f"part, got {tuple(x.shape)}."
-                )
-            if x.dtype != leaf.dtype:
-                # Under autocast the state keeps its dtype and the derivative is cast to it.
-                if not autocast or x.is_complex() != leaf.dtype.is_complex:
-                    raise TypeError(
-                        f"{_name(what, leaf)} must have the state's dtype {leaf.dtype} for this "
-                        f"part, got {x.dtype}; cast it, e.g. `.to({leaf.dtype})`."
-                    )
-                x = x.to(leaf.dtype)
-            if x.is_complex():
-                x = torch.view_as_real(x.resolve_conj())
-            parts.append(x.reshape(-1))
-        return parts
+        if not autocast or x.is_complex() != leaf.dtype.is_complex:
+            raise TypeError(
+                f"{_name(what, leaf)} must have the state's dtype {leaf.dtype} for this "
+                f"part, got {x.dtype}; cast it, e.g. `.to({leaf.dtype})`."
+            )
+        return x.to(leaf.dtype)
 
     def _padded(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         out, position = [], 0
-        zero = parts[0].new_zeros(1)
         for leaf, part in zip(self.leaves, parts):
             if leaf.offset != position:
-                out.append(zero)
+                out.append(part.new_zeros(*self.batch, leaf.offset - position))
             out.append(part)
             position = leaf.offset + leaf.size
         if position != self.size:
-            out.append(zero)
+            out.append(parts[-1].new_zeros(*self.batch, self.size - position))
         return out
 
     def unflatten(self, flat: torch.Tensor) -> State:
-        """The structure over a flat vector, or over rows of one (``flat`` of shape
-        ``(..., size)``: the leaves get the leading dimensions). The leaves are views."""
+        """The structure over a flat state (shape ``(*batch, size)``), or over a stack of them
+        (``(T, *batch, size)``: the leaves get the leading dimension). The leaves are views."""
         lead = flat.shape[:-1]
-        tensors = []
-        for leaf in self.leaves:
-            part = flat[..., leaf.offset : leaf.offset + leaf.size]
-            if leaf.dtype.is_complex:
-                tensors.append(torch.view_as_complex(part.view(*lead, *leaf.shape, 2)))
-            else:
-                tensors.append(part.view(*lead, *leaf.shape))
+        chunks = flat.split_with_sizes(self._chunks, dim=-1)
+        tensors = [
+            chunks[i]
+            if shape is None
+            else torch.view_as_complex(chunks[i].view(*lead, *shape))
+            if complex_
+            else chunks[i].view(*lead, *shape)
+            for i, shape, complex_ in self._views
+        ]
+        kind = self._flat_kind
+        if kind is tuple:
+            return tuple(tensors)
+        if kind is list:
+            return tensors
         if self.root is None:
             return tensors[0]
         return _build(self.root, iter(tensors))
@@ -339,6 +410,10 @@ class StructuredDynamics(nn.Module):
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``dy/dt`` as a flat vector: the dynamics on the structure of ``y``'s views."""
         return self.structure.flatten(self.dynamics(t, self.structure.unflatten(y)), "dy/dt")
+
+    # Called once per evaluation: skip nn.Module's hook dispatch (this wrapper has no hooks;
+    # the user's module, called inside, keeps its own).
+    __call__ = forward  # type: ignore[assignment]
 
     def describe(self, flat: torch.Tensor) -> str:
         """The part of the state where ``flat`` is not finite (see StateStructure.describe)."""
