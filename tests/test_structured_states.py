@@ -302,12 +302,16 @@ def test_a_complex64_state_runs_on_a_float32_time_grid(gen) -> None:
     assert set(times) == {torch.float32}
 
 
-def test_a_state_with_complex_and_real_parts_of_odd_sizes_gets_backprops_gradient(gen) -> None:
-    # A real part of 3 elements before a complex one: the flat vector pads to keep the complex
-    # part's real/imaginary pairs aligned.
+@pytest.mark.parametrize("real_shape", [(3,), (2, 3)], ids=["flat", "rows"])
+def test_a_state_with_complex_and_real_parts_of_odd_sizes_gets_backprops_gradient(
+    real_shape, gen
+) -> None:
+    # A real part of 3 elements (per row, when it shares the complex part's batch dimension)
+    # before a complex one: the flat state pads to keep the real/imaginary pairs aligned.
     f_c, z0, w, omega = _complex_problem(gen)
-    r0 = torch.randn(3, dtype=D, generator=gen)
-    assert StateStructure.of((r0, z0)).padded
+    r0 = torch.randn(real_shape, dtype=D, generator=gen)
+    structure = StateStructure.of((r0, z0))
+    assert structure.padded and structure.batch == real_shape[:-1]
 
     def f(t, state):
         r, z = state
@@ -524,3 +528,37 @@ def test_a_single_real_tensor_never_enters_the_structure_code(monkeypatch) -> No
 
     odeint(f, y0, [0.0, 1.0], step=0.5, params=())
     assert seen[0] is y0  # the user's own tensor, not a view of a flat copy
+
+
+def test_under_autocast_each_part_keeps_the_state_dtype_and_the_concatenations_values(gen):
+    x0, v0 = (torch.randn(4, 3, generator=gen) for _ in range(2))
+    lin = nn.Linear(3, 3)
+
+    def pair(t, state):
+        x, v = state
+        return lin(v), lin(x)  # bfloat16 under autocast
+
+    def concat(t, y):
+        return torch.cat([lin(y[:, 3:]), lin(y[:, :3])], dim=1)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x, v = odeint(pair, (x0, v0), [0.0, 1.0], step=0.25, params=list(lin.parameters()))
+        y = odeint(
+            concat, torch.cat([x0, v0], 1), [0.0, 1.0], step=0.25, params=list(lin.parameters())
+        )
+    assert x.dtype == v.dtype == torch.float32
+    torch.testing.assert_close(torch.cat([x, v], dim=-1), y, rtol=0, atol=0)
+
+
+def test_torch_func_grad_through_a_tuple_state_equals_autograd(gen) -> None:
+    f = PairDynamics()
+    x0, v0, wx, wv = _pair_case(gen)
+
+    def loss(x_init, v_init):
+        x, v = odeint(f, (x_init, v_init), T, solver="rk4", step=0.1, adjoint="backprop")
+        return (wx * x).sum() + (wv * v).sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1))(x0.detach(), v0.detach())
+    ref = _grads(loss(x0, v0), (x0, v0))
+    for a, b in zip(got, ref):
+        _close(a, b, EXACT_TOL)
