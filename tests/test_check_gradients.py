@@ -142,3 +142,142 @@ def test_the_adjoint_verdict_says_what_it_measured() -> None:
     assert f"{report.discretisation_error:.2%}" in text
     exact = check_gradients(MLPDynamics(), torch.randn(4, 3), solver="euler", adjoint=False)
     assert exact.discretisation_error is None and "exact mode" in str(exact)
+
+
+# --- exact values of the report ----------------------------------------------------------------
+
+
+def _double_f(w: torch.Tensor):
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(y @ w.T) * torch.cos(t)
+
+    return f
+
+
+def test_the_table_names_its_columns_and_shows_each_inputs_shape_and_verdict() -> None:
+    report = check_gradients(MLPDynamics(), torch.randn(4, 3), solver="rk4", step=0.05)
+    lines = str(report).splitlines()
+    assert lines[0] == "gradient check: mode=adjoint, solver=rk4, step=0.05 (float64)"
+    assert lines[2].split() == [
+        "input", "shape", "vs", "reference", "vs", "finite", "diff", "tolerance", "verdict",
+    ]  # fmt: skip
+    for line, c in zip(lines[3:], report.checks):
+        assert line.split()[0] == c.name and str(c.shape) in line and line.endswith(c.verdict)
+    assert (
+        report.step == 0.05 and report.checks[0].shape == (4, 3) and report.checks[1].shape == (2,)
+    )
+
+
+def test_the_same_seed_gives_the_same_report_and_another_seed_another() -> None:
+    y0 = torch.randn(4, 3)
+    f = MLPDynamics()
+    g = MLPDynamics()
+    g.load_state_dict(f.state_dict())
+    a = check_gradients(f, y0, step=0.25, seed=3)
+    b = check_gradients(g, y0, step=0.25, seed=3)
+    c = check_gradients(g, y0, step=0.25, seed=4)
+    assert [x.rel_err_fd for x in a.checks] == [x.rel_err_fd for x in b.checks]
+    assert [x.rel_err_fd for x in a.checks] != [x.rel_err_fd for x in c.checks]
+
+
+def test_the_times_are_the_given_ones_or_the_blocks() -> None:
+    torch.manual_seed(0)
+    block = ODEBlock(MLPDynamics(), solver="midpoint", step=0.1, t1=2.0, adjoint="checkpoint")
+    y0 = torch.randn(2, 3)
+    by_default = check_gradients(block, y0)
+    explicit = check_gradients(block, y0, torch.tensor([0.0, 2.0]))
+    assert [c.rel_err_fd for c in by_default.checks] == [c.rel_err_fd for c in explicit.checks]
+    shorter = check_gradients(block, y0, torch.tensor([0.0, 1.0]))
+    assert [c.rel_err_fd for c in by_default.checks] != [c.rel_err_fd for c in shorter.checks]
+    three = check_gradients(block.dynamics, y0, torch.tensor([0.0, 0.3, 0.7]), step=0.1)
+    assert three.checks[1].shape == (3,)
+
+
+def test_params_with_a_module_are_refused() -> None:
+    with pytest.raises(ValueError, match="`params` cannot be given with a module: its parameters"):
+        check_gradients(MLPDynamics(), torch.randn(2, 3), params=[])
+
+
+def test_an_unused_parameter_gets_a_zero_gradient_row_that_passes() -> None:
+    f = MLPDynamics()
+    f.unused = torch.nn.Parameter(torch.ones(2))
+    report = check_gradients(f, torch.randn(2, 3), step=0.25, adjoint="checkpoint")
+    row = next(c for c in report.checks if c.name == "unused")
+    assert row.shape == (2,) and row.verdict == "pass" and row.rel_err_backprop == 0.0
+
+
+def test_backprop_through_reversible_heun_is_checked_against_the_reversible_mode() -> None:
+    report = check_gradients(
+        MLPDynamics(), torch.randn(2, 3), solver="reversible_heun", step=0.1, adjoint="backprop"
+    )
+    assert report.reference == "the reversible mode's backward pass through reversible_heun"
+    assert report.verdict == "pass" and 0.0 < report.max_rel_err_backprop < 1e-9
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "checkpoint", "reversible"])
+def test_a_function_with_params_is_checked_in_every_mode(mode) -> None:
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    report = check_gradients(
+        _double_f(w), torch.randn(2, 3), solver="rk4", step=0.1, adjoint=mode, params=[w]
+    )
+    assert report.verdict == "pass" and [c.name for c in report.checks] == ["y0", "t", "params[0]"]
+
+
+def test_the_adjoint_tolerance_is_ten_times_the_change_of_the_exact_gradient_at_half_step():
+    # Recomputed here from the documented loss: sum(w * odeint(...)) with w the first draw of a
+    # generator seeded with `seed`, and the exact gradient's change when the step is halved.
+    w_param = torch.randn(3, 3, dtype=torch.float64)
+    f = _double_f(w_param)
+    y0 = torch.randn(2, 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    report = check_gradients(f, y0, t, solver="euler", step=0.25, params=[], seed=7)
+    from torchode_adjoint import odeint
+
+    weights = torch.randn(
+        (2, 2, 3), generator=torch.Generator().manual_seed(7), dtype=torch.float64
+    )
+
+    def grad_y0(step: float) -> torch.Tensor:
+        y = y0.clone().requires_grad_()
+        sol = odeint(f, y, t, solver="euler", step=step, adjoint="backprop", params=[])
+        return torch.autograd.grad((weights * sol).sum(), y)[0]
+
+    coarse, fine = grad_y0(0.25), grad_y0(0.125)
+    change = float((coarse - fine).norm() / fine.norm())
+    assert report.checks[0].tolerance == pytest.approx(10 * change, rel=1e-9)
+    assert report.discretisation_error == pytest.approx(
+        max(c.tolerance for c in report.checks) / 10, rel=1e-12
+    )
+
+
+class _WrongBackward(torch.autograd.Function):
+    """tanh with a backward that is half the true derivative: wrong in every mode alike."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return 0.5 * g * (1 - y * y)
+
+
+@pytest.mark.parametrize("mode", ["backprop", "checkpoint"])
+def test_a_gradient_wrong_in_the_mode_and_its_reference_alike_is_caught_by_finite_differences(
+    mode,
+) -> None:
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    report = check_gradients(
+        lambda t, y: _WrongBackward.apply(y @ w.T),
+        torch.randn(2, 3),
+        step=0.25,
+        adjoint=mode,
+        params=[w],
+    )
+    assert report.max_rel_err_backprop < 1e-9  # the reference is wrong the same way
+    for c in report.checks:
+        if c.name != "t":  # (an autonomous system: its time gradient is exact)
+            assert c.rel_err_fd > 0.1 and c.verdict == "suspicious", str(report)

@@ -227,6 +227,11 @@ def test_the_forward_error_names_the_step_where_the_state_blew_up() -> None:
         (101e-9, 0.0, True, "fail"),
         (0.5e-9, 2e-5, True, "suspicious"),  # exact, but finite differences disagree
         (0.5e-9, 2e-5, False, "pass"),  # the adjoint is judged against its tolerance only
+        # the bands' edges belong to the better verdict: exactly the tolerance passes, exactly
+        # 100 times it is suspicious, finite differences exactly at their limit pass
+        (1e-9, 0.0, True, "pass"),
+        (100e-9, 0.0, True, "suspicious"),
+        (0.5e-9, 1e-5, True, "pass"),
     ],
 )
 def test_the_verdict_bands_are_the_tolerance_and_100_times_it(err, fd_err, exact, verdict) -> None:
