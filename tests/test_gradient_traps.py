@@ -127,8 +127,13 @@ def test_the_reversible_mode_leaves_the_callers_generator_where_the_forward_left
 def test_the_continuous_adjoint_refuses_dynamics_that_draw_random_numbers(gen) -> None:
     f = DropoutDynamics().double()
     sol = odeint(f, torch.randn(5, 3, dtype=D, requires_grad=True), [0.0, 1.0], adjoint=True)
-    with pytest.raises(RuntimeError, match="random numbers.*'checkpoint'"):
+    with pytest.raises(RuntimeError, match="random numbers") as info:
         sol.sum().backward()
+    assert str(info.value).endswith(
+        "in another order, so its gradient would silently use other draws. Use "
+        "adjoint='checkpoint' (exact, replays the draws) or 'backprop', or keep the randomness "
+        "out of the dynamics (e.g. `model.eval()` for dropout)."
+    )
     f.eval()  # dropout off: no randomness, no error
     odeint(f, torch.randn(5, 3, dtype=D, requires_grad=True), [0.0, 1.0]).sum().backward()
 
@@ -362,8 +367,49 @@ def test_a_non_finite_adjoint_state_raises_naming_the_time(mode) -> None:
         params=[k],
     )
     loss = sol[1].sum() * float("inf")  # an infinite incoming gradient at t = 0.5
-    with pytest.raises(RuntimeError, match=r"adjoint state dL/dy became NaN or infinite at t = "):
+    with pytest.raises(
+        RuntimeError, match=r"adjoint state dL/dy became NaN or infinite at t = "
+    ) as info:
         loss.backward()
+    assert "the incoming gradient dL/dy is itself NaN or infinite (check the loss)" in str(
+        info.value
+    )
+    assert str(info.value).endswith("(pass `check_finite=False` to return it unchecked).")
+
+
+class _InfiniteJacobianBefore(torch.autograd.Function):
+    """``-y`` whose backward is infinite for times before 0.5 (a Jacobian that overflows)."""
+
+    @staticmethod
+    def forward(ctx, t, y):
+        ctx.early = bool(t < 0.5)
+        return -y
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, -g * (float("inf") if ctx.early else 1.0)
+
+
+@pytest.mark.parametrize("mode", MEMORY_SAVING)
+def test_a_jacobian_that_overflows_only_in_the_first_interval_is_reported_there(mode) -> None:
+    # The adjoint state is finite at t = 1 and 0.5 and infinite only at t = 0, the last state
+    # the backward pass reaches: the check must look at that one.
+    k = torch.tensor(1.0, dtype=D, requires_grad=True)
+    sol = odeint(
+        lambda t, y: k * _InfiniteJacobianBefore.apply(t, y),
+        torch.ones(2, dtype=D, requires_grad=True),
+        [0.0, 0.5, 1.0],
+        solver=_solver(mode),
+        step=0.1,
+        adjoint=mode,
+        params=[k],
+    )
+    with pytest.raises(RuntimeError, match=r"became NaN or infinite at t = 0 during") as info:
+        sol[-1].sum().backward()
+    assert (
+        f"of adjoint={mode!r}: the dynamics' Jacobian overflowed; reduce `step` or check "
+        "the dynamics" in str(info.value)
+    )
 
 
 @pytest.mark.parametrize("mode", MEMORY_SAVING)

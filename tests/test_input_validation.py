@@ -192,3 +192,67 @@ def test_an_unknown_keyword_is_refused_by_name() -> None:
 def test_an_adaptive_solver_name_gets_the_fixed_step_hint() -> None:
     with pytest.raises(ValueError, match=r"'dopri5' is an adaptive solver.*solver='rk4', step="):
         odeint(lambda t, y: -y, torch.ones(2), T, params=(), solver="dopri5")
+
+
+# --- messages and checks at their edges ----------------------------------------------------
+
+
+def test_the_step_limit_message_names_the_interval_its_count_is_for_and_both_fixes() -> None:
+    times = [0.0, 1.0, 3.0]
+    with pytest.raises(ValueError) as info:  # the interval [1, 3] alone needs 2,000 > 1,500
+        odeint(lambda t, y: -y, torch.ones(1), times, step=1e-3, max_steps=1500, params=())
+    message = str(info.value)
+    assert (
+        "over the interval [1, 3] needs about 2e+03 steps, more than `max_steps=1,500`" in message
+    )
+    assert message.endswith("pass a larger `step`, or a larger `max_steps` if you mean it.")
+    with pytest.raises(ValueError) as info:  # each interval fits, the 3,000 together do not
+        odeint(lambda t, y: -y, torch.ones(1), times, step=1e-3, max_steps=2500, params=())
+    assert "over the interval [0, 3] needs about 3e+03 steps" in str(info.value)
+
+
+def test_a_wrong_output_names_the_type_and_the_dtype_fix() -> None:
+    with pytest.raises(TypeError, match=r"must return a Tensor \(dy/dt\), got list; return a"):
+        odeint(lambda t, y: [y], torch.ones(2), T, params=())
+    with pytest.raises(
+        TypeError,
+        match=r"got torch.float64; cast the output or build the "
+        r"dynamics in the state's dtype\.$",
+    ):
+        odeint(lambda t, y: y.double(), torch.ones(2), T, params=())
+
+
+def test_in_inference_mode_only_a_real_in_place_change_is_refused() -> None:
+    # Inference tensors have no version counter: their values are compared, NaN equal to NaN.
+    with torch.inference_mode():
+        y0 = torch.tensor([1.0, float("nan"), 2.0])
+        sol = odeint(lambda t, y: torch.zeros_like(y), y0, T, params=(), check_finite=False)
+        assert torch.equal(sol[-1][[0, 2]], y0[[0, 2]]) and torch.isnan(sol[-1][1])
+        sol = odeint(lambda t, y: -y, torch.ones(2), T, params=())
+        assert sol.shape == (2, 2)
+        with pytest.raises(RuntimeError, match="modify their input `y` in place"):
+            odeint(lambda t, y: y.mul_(1.0 + float("nan")), y0, T, params=(), check_finite=False)
+        with pytest.raises(RuntimeError, match="modify their input `y` in place"):
+            odeint(lambda t, y: y.add_(1.0), torch.ones(2), T, params=())
+
+
+def test_a_pairing_error_and_the_torch_func_error_give_their_fixes() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"pass one of those, or a Runge--Kutta solver such as "
+        r"`solver='heun'`\.$",
+    ):
+        odeint(
+            lambda t, y: -y,
+            torch.ones(2),
+            T,
+            solver="reversible_heun",
+            adjoint="adjoint",
+            params=(),
+        )
+    with pytest.raises(
+        RuntimeError,
+        match=r"Use adjoint='backprop' inside torch\.func, or "
+        r"torch\.autograd\.grad outside it\.$",
+    ):
+        torch.func.grad(lambda y: odeint(lambda t, x: -x, y, T, params=())[-1].sum())(torch.ones(2))

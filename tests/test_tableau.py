@@ -87,3 +87,78 @@ def test_every_builtin_satisfies_the_order_conditions_of_its_order() -> None:
 
     for name in available_solvers():  # built at import: a wrong built-in would not import
         assert get_solver(name).order >= 1
+
+
+# Butcher's rooted-tree conditions up to order 4, as (order, name, f(b, c, A), target), written
+# in matrix form (independently of the library's sums).
+def _conditions(b, c, A):
+    return [
+        (1, "sum(b)", b.sum(), 1.0),
+        (2, "sum(b c)", b @ c, 1 / 2),
+        (3, "sum(b c^2)", b @ c**2, 1 / 3),
+        (3, "sum(b a c)", b @ A @ c, 1 / 6),
+        (4, "sum(b c^3)", b @ c**3, 1 / 4),
+        (4, "sum(b c a c)", (b * c) @ A @ c, 1 / 8),
+        (4, "sum(b a c^2)", b @ A @ c**2, 1 / 12),
+        (4, "sum(b a a c)", b @ A @ A @ c, 1 / 24),
+    ]
+
+
+def test_the_order_conditions_are_butchers_trees_with_their_orders_and_names() -> None:
+    import numpy as np
+
+    from torchode_adjoint._tableau import _order_conditions
+
+    rng = np.random.default_rng(0)
+    for s in (1, 2, 4, 6):
+        A = np.tril(rng.normal(size=(s, s)), -1)
+        c, b = A.sum(axis=1), rng.normal(size=s)
+        got = _order_conditions(tuple(c), tuple(map(tuple, A)), tuple(b))
+        want = _conditions(b, c, A)
+        assert [(p, n, t) for p, n, _, t in got] == [(p, n, t) for p, n, _, t in want]
+        np.testing.assert_allclose(
+            [v for _, _, v, _ in got], [v for _, _, v, _ in want], rtol=1e-12, atol=1e-12
+        )
+
+
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_a_wrong_order_claim_names_the_first_condition_that_fails(order) -> None:
+    # Kutta's third-order method claims one order too many; Heun's second-order one and the
+    # midpoint method likewise.
+    tableaus = {
+        2: ([0.0, 0.0], [[0.0, 0.0], [0.0, 0.0]], [1.0, 0.0]),  # Euler written with two stages
+        3: ([0.0, 1.0], [[0.0, 0.0], [1.0, 0.0]], [0.5, 0.5]),
+        4: ([0.0, 0.5, 1.0], [[0, 0, 0], [0.5, 0, 0], [-1.0, 2.0, 0]], [1 / 6, 2 / 3, 1 / 6]),
+    }
+    c, a, b = tableaus[order]
+    import numpy as np
+
+    first = next(
+        (p, n)
+        for p, n, v, t in _conditions(np.array(b), np.array(c), np.array(a, dtype=float))
+        if p <= order and abs(v - t) > 1e-10
+    )
+    assert first[0] == order
+    with pytest.raises(ValueError) as info:
+        ButcherTableau(c=c, a=a, b=b, order=order)
+    message = str(info.value)
+    assert f"the order-{first[0]} condition {first[1]} = " in message
+    assert message.endswith("pass the order the method has, or fix the coefficients.")
+
+
+def test_malformed_rows_and_names_get_their_own_messages() -> None:
+    with pytest.raises(TypeError, match=r"^`a` must be a sequence of rows, got 5\.$"):
+        ButcherTableau(c=[0.0], a=5, b=[1.0], order=1)
+    with pytest.raises(
+        TypeError, match=r"^`a` must be a sequence of real numbers, got the string 'xy'"
+    ):
+        ButcherTableau(c=[0.0, 1.0], a=[[0.0, 0.0], "xy"], b=[0.5, 0.5], order=1)
+    with pytest.raises(TypeError, match=r"^`a` must be a sequence of real numbers, got \[None"):
+        ButcherTableau(c=[0.0, 1.0], a=[[0.0, 0.0], [None, 0.0]], b=[0.5, 0.5], order=1)
+    with pytest.raises(ValueError, match=r"^`b` must have at least one weight \(one stage\)"):
+        ButcherTableau(c=[], a=[], b=[], order=1)
+    with pytest.raises(ValueError, match=r"rows of lengths \(2, 3\) in 2 rows\.$"):
+        ButcherTableau(c=[0.0, 1.0], a=[[0.0, 0.0], [1.0, 0.0, 0.0]], b=[0.5, 0.5], order=1)
+    for name in ("", 3):
+        with pytest.raises(TypeError, match=rf"^`name` must be a non-empty str, got {name!r}"):
+            ButcherTableau(c=[0.0], a=[[0.0]], b=[1.0], order=1, name=name)

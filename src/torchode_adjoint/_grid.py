@@ -22,7 +22,6 @@ __all__ = [
     "StageTimes",
     "step_sizes",
     "segment_times",
-    "time_gradient",
 ]
 
 # Step counts are ceil(|dt| / step) up to this many ulps of the state's dtype, so that an
@@ -99,8 +98,8 @@ def make_grid(
             continue
         # In float64 (host floats) whatever the state's dtype: a ratio above 2^53 is no count.
         ratio = abs(t_b - t_a) / step
-        if not math.isfinite(ratio) or ratio > max_steps:
-            _too_many(times, step, ratio, max_steps)
+        if not math.isfinite(ratio) or ratio > max_steps:  # this interval alone is too many
+            _too_many((t_a, t_b), step, ratio, max_steps)
         n_steps.append(max(1, math.ceil(ratio * (1.0 - tolerance))))
     total = sum(n_steps)
     if total > max_steps:
@@ -239,40 +238,3 @@ def segment_times(
         [k + c_j for k in range(k0, k1) for c_j in c], dtype=t.dtype, device=t.device
     )
     return h, list(torch.addcmul(t[i], frac, h).unbind(0))
-
-
-def time_gradient(
-    t: torch.Tensor,
-    grid: TimeGrid,
-    at_points: Sequence[tuple[int, float, torch.Tensor]],
-    per_step: Sequence[tuple[int, torch.Tensor]],
-) -> torch.Tensor:
-    """Chain gradients with respect to evaluation times and step sizes to the output times.
-
-    In interval ``i`` with ``n`` steps, the point at local position ``m`` (in steps, not
-    necessarily whole) is ``t_i + m (t_{i+1} - t_i) / n`` and every step has
-    ``h = (t_{i+1} - t_i) / n``.
-
-    Parameters
-    ----------
-    t : Tensor, shape (T,)
-    grid : TimeGrid
-    at_points : sequence of (i, m, g)
-        ``g = dL/d(time of the point at local position m of interval i)``.
-    per_step : sequence of (i, g)
-        ``g = dL/dh`` of one step of interval ``i``.
-
-    Returns
-    -------
-    Tensor, shape (T,)
-    """
-    grads = [torch.zeros((), dtype=t.dtype, device=t.device) for _ in range(t.shape[0])]
-    for i, m, g in at_points:
-        n = grid.n_steps[i]
-        grads[i] = grads[i] + g * (1.0 - m / n)
-        grads[i + 1] = grads[i + 1] + g * (m / n)
-    for i, g in per_step:
-        n = grid.n_steps[i]
-        grads[i] = grads[i] - g / n
-        grads[i + 1] = grads[i + 1] + g / n
-    return torch.stack(grads)
