@@ -600,7 +600,7 @@ class _PairMLP(nn.Module):
         return v, self.mlp(t, x)
 
 
-@pytest.mark.parametrize("mode", ["adjoint", "checkpoint", "reversible"])
+@pytest.mark.parametrize("mode", ["adjoint", "reversible"])  # compiled backward; coupled steps
 def test_a_tuple_state_compiles_to_the_eager_values_and_gradients_once(mode, gen) -> None:
     f = _PairMLP().double()
     parts = [torch.randn(4, 3, dtype=D, generator=gen) for _ in range(2)]
