@@ -194,8 +194,31 @@ def test_the_times_are_the_given_ones_or_the_blocks() -> None:
 
 
 def test_params_with_a_module_are_refused() -> None:
-    with pytest.raises(ValueError, match="`params` cannot be given with a module: its parameters"):
+    with pytest.raises(
+        ValueError,
+        match="^`params` cannot be given with a module: its parameters are checked by name.$",
+    ):
         check_gradients(MLPDynamics(), torch.randn(2, 3), params=[])
+    with pytest.raises(
+        TypeError,
+        match=r"^`func_or_block` must be an ODEBlock, an nn.Module or a "
+        r"function f\(t, y\), got int\.$",
+    ):
+        check_gradients(5, torch.randn(2, 3))
+    with pytest.raises(
+        TypeError,
+        match=r"copied: params\[0\], params\[1\] of `params` are not "
+        r"float64\. Build the function on float64 tensors \(e\.g\. "
+        r"`w = w.double\(\)` before defining it\), or pass an "
+        r"nn\.Module, which is copied and cast\.$",
+    ):
+        w = torch.ones(1)
+        check_gradients(lambda t, y: y * w, torch.randn(2), params=[w, w], adjoint="checkpoint")
+
+
+def test_a_function_without_params_is_checked_with_backprop() -> None:
+    report = check_gradients(lambda t, y: -y * torch.cos(t), torch.randn(3), adjoint="backprop")
+    assert report.verdict == "pass" and [c.name for c in report.checks] == ["y0", "t"]
 
 
 def test_an_unused_parameter_gets_a_zero_gradient_row_that_passes() -> None:
@@ -263,6 +286,62 @@ class _WrongBackward(torch.autograd.Function):
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
         return 0.5 * g * (1 - y * y)
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_the_finite_difference_error_is_relative_to_the_larger_of_the_two(factor) -> None:
+    # One scalar state: the direction is +-1, so the check's directional derivatives are the
+    # gradient itself and the central difference, recomputed here.
+    def f(t, y):
+        return _Sin.apply(y, factor)
+
+    y0 = torch.tensor([0.3], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    report = check_gradients(f, y0, t, step=0.25, adjoint="backprop", params=[])
+    from torchode_adjoint import odeint
+
+    def loss(y):
+        w = torch.randn((2, 1), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        return (w * odeint(f, y, t, step=0.25, adjoint="backprop", params=[])).sum()
+
+    y = y0.clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss(y), y)
+    with torch.no_grad():
+        fd = (loss(y0 + 1e-6) - loss(y0 - 1e-6)) / 2e-6
+    expected = abs(float(g) - float(fd)) / max(abs(float(g)), abs(float(fd)))
+    assert report.checks[0].rel_err_fd == pytest.approx(expected, rel=1e-4)
+
+
+class _Sin(torch.autograd.Function):
+    """sin with a backward scaled by ``factor`` (a wrong derivative unless it is 1)."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.save_for_backward(x)
+        ctx.factor = factor
+        return torch.sin(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return ctx.factor * g * torch.cos(x), None
+
+
+def test_each_inputs_error_is_relative_to_its_own_gradient(monkeypatch) -> None:
+    # Every parameter gradient of the adjoint halved: each row's error against backprop is
+    # about 0.5 however small that parameter's gradient is next to the others.
+    from torchode_adjoint import _adjoint
+
+    original = _adjoint.accumulate_
+    monkeypatch.setattr(
+        _adjoint, "accumulate_", lambda accs, grads, alpha=1.0: original(accs, grads, 0.5 * alpha)
+    )
+    f = MLPDynamics()
+    with torch.no_grad():
+        f.u.mul_(1e-3)
+    report = check_gradients(f, torch.randn(4, 3), solver="rk4", step=0.05)
+    for c in report.checks[2:]:
+        assert 0.45 < c.rel_err_backprop < 0.55, str(report)
 
 
 @pytest.mark.parametrize("mode", ["backprop", "checkpoint"])

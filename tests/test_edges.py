@@ -260,3 +260,9 @@ def test_after_backward_the_generator_is_where_the_forward_left_it(mode) -> None
     sol.square().sum().backward()
     assert torch.equal(torch.get_rng_state(), after_forward)
     assert y.grad is not None and f.lin.weight.grad is not None
+
+
+def test_the_verdict_bands_edges_with_exactly_representable_numbers() -> None:
+    assert check_module._verdict(25.0, 0.25, 0.0, True) == "suspicious"  # exactly 100x
+    assert check_module._verdict(25.0000001, 0.25, 0.0, True) == "fail"
+    assert check_module._verdict(0.25, 0.25, 0.0, True) == "pass"  # exactly the tolerance

@@ -456,3 +456,25 @@ def test_a_block_inside_torch_utils_checkpoint_gets_the_same_gradients(
 
     for a, b in zip(grads(block, True), grads(reference, False)):
         assert _rel(a, b) < 1e-12
+
+
+def test_the_dynamics_tensors_are_found_once_each_and_private_attributes_are_not() -> None:
+    from torchode_adjoint._dynamics import module_tensors
+
+    shared = nn.Linear(2, 2)
+    tied = nn.Linear(2, 2)
+    tied.weight = shared.weight  # the same parameter in two layers
+
+    class F(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = shared, shared, tied  # one child registered twice
+            self.ctx = torch.ones(2, requires_grad=True)  # a context tensor: included
+            self.alias = self.ctx  # the same tensor under a second name: once
+            self.frozen = torch.ones(2)  # no grad: not included
+            self._private = torch.ones(2, requires_grad=True)  # private: not included
+
+    f = F()
+    found = module_tensors(f)
+    want = [shared.weight, shared.bias, tied.bias, f.ctx]
+    assert len(found) == len(want) and all(x is y for x, y in zip(found, want))

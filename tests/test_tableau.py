@@ -162,3 +162,9 @@ def test_malformed_rows_and_names_get_their_own_messages() -> None:
     for name in ("", 3):
         with pytest.raises(TypeError, match=rf"^`name` must be a non-empty str, got {name!r}"):
             ButcherTableau(c=[0.0], a=[[0.0]], b=[1.0], order=1, name=name)
+
+
+def test_a_row_sum_off_by_exactly_the_tolerance_is_accepted_and_beyond_it_refused() -> None:
+    ButcherTableau(c=[0.0, 0.0], a=[[0.0, 0.0], [1e-10, 0.0]], b=[1.0, 0.0], order=1)
+    with pytest.raises(ValueError, match=r"`c\[1\]` must equal the row sum"):
+        ButcherTableau(c=[0.0, 0.0], a=[[0.0, 0.0], [1.1e-10, 0.0]], b=[1.0, 0.0], order=1)

@@ -324,9 +324,7 @@ def _setup(func_or_block: object, y0: State, t: torch.Tensor | None, odeint_kwar
     structure = StateStructure.of(state)
     if structure is not None:  # checked as the flat real vector it is integrated as
         func, state, y_name = structure.wrap(func), structure.flatten(state), "y0 (flattened)"
-    if not isinstance(state, torch.Tensor):
-        raise TypeError(f"`y0` must be a tensor or a tuple, list or dict of tensors, got {y0!r}.")
-    y = state.detach().requires_grad_(True)
+    y = state.detach().requires_grad_(True)  # type: ignore[union-attr]
     tt = (t if t is not None else torch.tensor([0.0, 1.0])).detach().double().to(y.device)
     tt.requires_grad_(True)
     return _Setup(func, config, y, tt, [p for _, p in named], [y_name, "t", *(n for n, _ in named)])
