@@ -157,6 +157,8 @@ def test_malformed_rows_and_names_get_their_own_messages() -> None:
         ButcherTableau(c=[0.0, 1.0], a=[[0.0, 0.0], [None, 0.0]], b=[0.5, 0.5], order=1)
     with pytest.raises(ValueError, match=r"^`b` must have at least one weight \(one stage\)"):
         ButcherTableau(c=[], a=[], b=[], order=1)
+    with pytest.raises(ValueError, match=r"rows of lengths \(2,\) in 3 rows\.$"):
+        ButcherTableau(c=[0.0, 1.0], a=[[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]], b=[0.5, 0.5], order=1)
     with pytest.raises(ValueError, match=r"rows of lengths \(2, 3\) in 2 rows\.$"):
         ButcherTableau(c=[0.0, 1.0], a=[[0.0, 0.0], [1.0, 0.0, 0.0]], b=[0.5, 0.5], order=1)
     for name in ("", 3):
