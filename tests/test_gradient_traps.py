@@ -186,8 +186,13 @@ def test_a_tensor_the_dynamics_reach_without_declaring_it_raises(mode) -> None:
 
     block = ODEBlock(Borrowing().double(), solver=_solver(mode), step=0.25, adjoint=mode)
     out = block(torch.randn(2, 3, dtype=D))
-    with pytest.raises(RuntimeError, match="not one of its parameters.*`params=`"):
+    with pytest.raises(RuntimeError, match="not one of its parameters") as info:
         out.sum().backward()
+    assert str(info.value).endswith(
+        "would return no gradient for it. Store it as an attribute of the dynamics module before "
+        "the solve (tensor attributes are included), pass it in `params=`, or use "
+        "adjoint='backprop'."
+    )
 
 
 @pytest.mark.parametrize("mode", GRADIENT_MODES)
@@ -197,8 +202,12 @@ def test_functional_call_gives_the_substitute_weights_gradient_or_raises(mode, g
     w = (torch.randn(8, 3, dtype=D, generator=gen) * 0.5).requires_grad_()
     out = torch.func.functional_call(block, {"dynamics.l1.weight": w}, (y0,))
     if mode != "backprop":
-        with pytest.raises(RuntimeError, match="functional_call"):
+        with pytest.raises(RuntimeError, match="functional_call") as info:
             torch.autograd.grad(out.sum(), [w])
+        assert str(info.value).endswith(
+            "re-evaluates the module as it is now and would return gradients for other weights. "
+            "Use adjoint='backprop' inside functional_call, or call the block directly."
+        )
         return
     (g,) = torch.autograd.grad(out.sum(), [w])
     with torch.no_grad():
@@ -213,8 +222,11 @@ def test_double_backward_works_with_backprop_and_raises_elsewhere(mode, gen) -> 
     y0 = torch.randn(2, 3, dtype=D, generator=gen, requires_grad=True)
     sol = odeint(f, y0, [0.0, 1.0], solver=_solver(mode), step=0.25, adjoint=mode)
     if mode != "backprop":
-        with pytest.raises(RuntimeError, match="double backward.*'backprop'"):
+        with pytest.raises(RuntimeError, match="double backward") as info:
             torch.autograd.grad(sol.square().sum(), [y0], create_graph=True)
+        assert str(info.value).endswith(
+            "outside autograd; use adjoint='backprop' for higher derivatives."
+        )
         return
     (g,) = torch.autograd.grad(sol.square().sum(), [y0], create_graph=True)
     v = torch.randn_like(y0)
@@ -505,3 +517,27 @@ def test_a_captured_tensor_behind_a_shared_subexpression_is_still_found(mode) ->
     )
     with pytest.raises(RuntimeError, match="not one of its parameters"):
         sol.sum().backward()
+
+
+@pytest.mark.parametrize(
+    ("norm", "kind"), [("BatchNorm1d", "1d"), ("BatchNorm2d", "2d"), ("BatchNorm3d", "3d")]
+)
+def test_a_time_shared_batchnorm_is_named_with_its_temporal_replacement(norm, kind) -> None:
+    from torchode_adjoint import TimeSharedStatisticsWarning
+
+    class F(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = getattr(nn, norm)(3)
+
+    with pytest.warns(TimeSharedStatisticsWarning) as record:
+        ODEBlock(F())
+    text = str(record[0].message)
+    assert text.startswith(f"`dynamics.norm` ({norm}) inside the dynamics")
+    assert f"Use `torchode_adjoint.TemporalBatchNorm{kind}` (called as `norm(t, x)`)" in text
+    # A bare normalisation layer as the dynamics is named by its class.
+    from torchode_adjoint._dynamics import warn_time_shared_statistics
+
+    with pytest.warns(TimeSharedStatisticsWarning) as record:
+        warn_time_shared_statistics(getattr(nn, norm)(3))
+    assert str(record[0].message).startswith(f"`{norm}` ({norm}) inside the dynamics")
