@@ -256,3 +256,22 @@ def test_a_pairing_error_and_the_torch_func_error_give_their_fixes() -> None:
         r"torch\.autograd\.grad outside it\.$",
     ):
         torch.func.grad(lambda y: odeint(lambda t, x: -x, y, T, params=())[-1].sum())(torch.ones(2))
+
+
+def test_a_solve_without_grad_counts_no_backward_evaluations() -> None:
+    from torchode_adjoint import NFECounter
+
+    nfe = NFECounter(forward=7, backward=7)
+    with torch.no_grad():
+        odeint(lambda t, y: -y, torch.ones(2), T, step=0.25, params=(), nfe=nfe)
+    assert (nfe.forward, nfe.backward) == (4, 0)
+
+
+def test_dynamics_without_the_time_argument_get_the_signature_fix() -> None:
+    with pytest.raises(TypeError) as info:
+        odeint(lambda y: -y, torch.ones(2), T, params=())
+    assert str(info.value).startswith("the dynamics are called as `f(t, y)` with the time first")
+    assert (
+        "Define `forward(self, t, y)` (or `def f(t, y)`), even if the dynamics do not use `t`."
+        in str(info.value)
+    )
