@@ -415,10 +415,6 @@ class StructuredDynamics(nn.Module):
     # the user's module, called inside, keeps its own).
     __call__ = forward  # type: ignore[assignment]
 
-    def describe(self, flat: torch.Tensor) -> str:
-        """The part of the state where ``flat`` is not finite (see StateStructure.describe)."""
-        return self.structure.describe(flat)
-
 
 def non_finite_part(func: object, flat: torch.Tensor) -> str:
     """For an error message: ``" (in `y['v']`)"``, the first part of a structured state where
