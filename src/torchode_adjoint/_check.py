@@ -51,7 +51,9 @@ class GradientCheck:
     rel_err_fd : float
         ``|<g, v> - fd|`` along a random unit direction ``v``, where ``fd`` is the central finite
         difference of the mode's own discretised forward pass (same step counts), relative to
-        ``max(|fd|, |<g_ref, v>|)`` and at least the finite differences' round-off.
+        ``max(|fd|, |<g_ref, v>|)`` and at least the finite differences' round-off,
+        ``100 * eps64 * max(|L|, 1) / eps`` (``eps64`` float64's machine epsilon, ``L`` the
+        checked loss at the unperturbed inputs, ``eps`` the finite-difference step).
     tolerance : float
         What the mode's error against its reference may be: round-off (1e-9) for the exact
         modes; for the continuous adjoint ten times the discretisation error, measured as the
