@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from problems import MLPDynamics
@@ -405,3 +407,24 @@ def test_the_finite_difference_error_has_the_documented_round_off_floor(y0_value
     assert directional < floor
     (row,) = [c for c in report.checks if c.name not in ("y0", "t")]
     assert row.rel_err_fd == pytest.approx(directional / floor, rel=1e-9)
+
+
+@pytest.mark.parametrize("adjoint", ["backprop", "checkpoint"])
+def test_finite_differences_that_leave_the_domain_make_the_row_suspicious(adjoint) -> None:
+    # dy/dt = sqrt(p - 1) at p = 1 + 1e-7: the gradient is finite, but one of the two central
+    # difference solves (p -+ 1e-6) takes the root of a negative number. The finite differences
+    # verify nothing, which must not read as a pass.
+    p = torch.tensor([1.0 + 1e-7], dtype=torch.float64, requires_grad=True)
+
+    def f(t, y):
+        return torch.sqrt(p - 1.0) * torch.ones_like(y)
+
+    y0 = torch.tensor([0.2], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    report = check_gradients(f, y0, t, step=0.25, adjoint=adjoint, params=[p])
+    rows = {c.name: c for c in report.checks}
+    (name,) = set(rows) - {"y0", "t"}
+    assert rows[name].rel_err_backprop < 1e-9  # the gradient itself is right
+    assert rows[name].rel_err_fd == math.inf
+    assert rows[name].verdict == "suspicious" and report.verdict == "suspicious"
+    assert rows["y0"].verdict == "pass" and math.isfinite(rows["y0"].rel_err_fd)

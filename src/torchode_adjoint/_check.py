@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -14,7 +15,6 @@ from torch import nn
 
 from ._block import ODEBlock
 from ._checkpoint import Checkpoint
-from ._dynamics import NFECounter
 from ._grid import regrid
 from ._mode import Backprop
 from ._prepare import SolveConfig, make_config, prepare
@@ -54,13 +54,15 @@ class GradientCheck:
         ``max(|fd|, |<g_ref, v>|)`` and at least the finite differences' round-off,
         ``100 * eps64 * max(|L|, 1) / eps`` (``eps64`` float64's machine epsilon, ``L`` the
         checked loss at the unperturbed inputs, ``eps`` the finite-difference step).
+        ``inf`` when a perturbed solve is not finite (the dynamics leave their domain within
+        ``eps``): the finite differences then verify nothing.
     tolerance : float
         What the mode's error against its reference may be: round-off (1e-9) for the exact
         modes; for the continuous adjoint ten times the discretisation error, measured as the
         change of the exact gradient when the step is halved.
     verdict : {"pass", "suspicious", "fail"}
         ``pass`` within the tolerance, ``suspicious`` within 100 times it (or an exact mode
-        whose finite-difference error exceeds 1e-5), ``fail`` beyond.
+        whose finite-difference error exceeds 1e-5, or is ``inf``), ``fail`` beyond.
     """
 
     name: str
@@ -237,6 +239,8 @@ def check_gradients(
         directional = float((g_mode[idx] * v).sum())
         ref_dir = float((g_ref[idx] * v).sum())
         fd_err = abs(directional - fd) / max(abs(fd), abs(ref_dir), fd_noise)
+        if not math.isfinite(fd_err):
+            fd_err = math.inf
         err = rel(g_mode[idx], g_ref[idx])
         exact = setup.config.mode.exact
         checks.append(
@@ -383,6 +387,7 @@ def _finite_differences(
     Parameters are perturbed in place (a function's tensors are the user's own: it closes over
     them) and restored in a ``finally``, whatever the dynamics raise.
     """
+    # Its evaluation counter is this check's own (prepare() without `nfe`), never the user's.
     base_spec = prepare(setup.func, setup.y, setup.t, setup.config, params=setup.params).spec
 
     def loss_at(y_in: torch.Tensor, t_in: torch.Tensor) -> float:
@@ -390,7 +395,6 @@ def _finite_differences(
             base_spec,
             grid=regrid(base_spec.grid, t_in.tolist()),
             check_finite=False,
-            counter=NFECounter(),
         )
         with torch.no_grad():
             states = spec.mode.solve(spec, y_in, t_in, setup.params)
