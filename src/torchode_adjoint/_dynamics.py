@@ -106,9 +106,7 @@ class Dynamics:
         return out
 
     def _first_call(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # An in-place change of `y` shows in its version counter; inference tensors have none,
-        # so their values are compared (one copy of the state, once per pass).
-        version, before = (None, y.clone()) if y.is_inference() else (y._version, None)
+        changed = _change_detector(y)
         try:
             out = self.func(t, y)
         except TypeError as err:
@@ -123,7 +121,7 @@ class Dynamics:
             if "leaf Variable that requires grad" not in str(err):
                 raise
             raise RuntimeError(f"{_IN_PLACE} (PyTorch: {err})") from err
-        if (y._version != version) if version is not None else _changed(y, before):
+        if changed():
             raise RuntimeError(_IN_PLACE)
         if isinstance(out, torch.Tensor) and out.dtype != y.dtype:
             if torch.is_autocast_enabled(y.device.type):
@@ -146,11 +144,17 @@ _IN_PLACE = (
 )
 
 
-def _changed(y: torch.Tensor, before: torch.Tensor | None) -> bool:
-    """Whether ``y`` differs from its copy ``before`` (NaN equal to NaN)."""
-    if before is None or torch.equal(y, before):
-        return False
-    return bool(((y != before) & ~(torch.isnan(y) & torch.isnan(before))).any())
+def _change_detector(y: torch.Tensor) -> Callable[[], bool]:
+    """A function telling whether ``y`` has been modified in place since this call.
+
+    An in-place change shows in the version counter; inference tensors have none, so their
+    values are compared with a copy (NaN equal to NaN; one copy of the state, once per pass).
+    """
+    if y.is_inference():
+        before = y.clone()
+        return lambda: bool(((y != before) & ~(torch.isnan(y) & torch.isnan(before))).any())
+    version = y._version
+    return lambda: y._version != version
 
 
 def _check_output(out: object, y: torch.Tensor) -> None:
