@@ -199,13 +199,13 @@ class StageTimes:
             return
         if t.requires_grad:
             idx = torch.tensor(index, device=t.device)
-            fr = torch.tensor(frac, dtype=t.dtype, device=t.device)
+            fr = t.new_tensor(frac)
             t_a = t[:-1][idx]
             values = torch.addcmul(t_a, fr, t[1:][idx] - t_a)
         else:
             ts = self.grid.times
             host = [ts[i] + f * (ts[i + 1] - ts[i]) for i, f in zip(index, frac)]
-            values = torch.tensor(host, dtype=t.dtype, device=t.device)
+            values = t.new_tensor(host)
         self._start, self._chunk = start, values.unbind(0)
 
 
@@ -221,7 +221,7 @@ def _small_grid_times(
 
 def step_sizes(t: torch.Tensor, grid: TimeGrid) -> list[torch.Tensor]:
     """Each interval's step size as a 0-dim tensor, differentiable with respect to ``t``."""
-    n = torch.tensor(grid.n_steps, dtype=t.dtype, device=t.device)
+    n = t.new_tensor(grid.n_steps)
     return list(((t[1:] - t[:-1]) / n).unbind(0))
 
 
@@ -234,7 +234,5 @@ def segment_times(
     """
     n = grid.n_steps[i]
     h = (t[i + 1] - t[i]) / n
-    frac = torch.tensor(
-        [k + c_j for k in range(k0, k1) for c_j in c], dtype=t.dtype, device=t.device
-    )
+    frac = t.new_tensor([k + c_j for k in range(k0, k1) for c_j in c])
     return h, list(torch.addcmul(t[i], frac, h).unbind(0))
