@@ -364,14 +364,6 @@ def test_a_gradient_wrong_in_the_mode_and_its_reference_alike_is_caught_by_finit
             assert c.rel_err_fd > 0.1 and c.verdict == "suspicious", str(report)
 
 
-def test_a_deprecation_warning_points_at_the_callers_line() -> None:
-    with pytest.warns(DeprecationWarning, match="checkpoint_every") as record:
-        check_gradients(
-            MLPDynamics(), torch.randn(2, 3), step=0.25, adjoint="checkpoint", checkpoint_every=2
-        )
-    assert record[0].filename == __file__
-
-
 class _ZeroWithGradient(torch.autograd.Function):
     """dy/dt = 0 whatever ``p``, with a backward that claims dF/dp = ``k`` for every element."""
 

@@ -324,7 +324,7 @@ def _setup(func_or_block: object, y0: State, t: torch.Tensor | None, odeint_kwar
                 "float64 tensors (e.g. `w = w.double()` before defining it), or pass an "
                 "nn.Module, which is copied and cast."
             )
-    config = make_config(stacklevel=4, **kwargs)  # type: ignore[arg-type]
+    config = make_config(**kwargs)  # type: ignore[arg-type]
     y_name = "y0"
     state = map_leaves(_double, y0)
     structure = StateStructure.of(state)

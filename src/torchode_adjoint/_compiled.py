@@ -24,7 +24,6 @@ and saved-tensor hooks the eager steps run without an attempt.
 
 from __future__ import annotations
 
-import sys
 import types
 import warnings
 from collections.abc import Callable, Hashable, Sequence
@@ -36,6 +35,7 @@ from torch import nn
 
 from ._compat import saved_tensor_hooks_active
 from ._structure import StructuredDynamics
+from ._warnings import user_stacklevel
 
 __all__ = [
     "Compile",
@@ -45,19 +45,6 @@ __all__ = [
     "vjp_names",
     "cast",
 ]
-
-
-def user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning point at the first frame outside this package
-    and PyTorch (the user's line that solved or called backward), wherever it is raised."""
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None:
-        name = frame.f_globals.get("__name__", "")
-        if not (name.startswith("torchode_adjoint") or name.split(".")[0] == "torch"):
-            return level
-        frame, level = frame.f_back, level + 1
-    return 1
 
 
 class CompileFallbackWarning(UserWarning):

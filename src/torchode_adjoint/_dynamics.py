@@ -14,6 +14,7 @@ from torch import nn
 from ._compat import BatchNormBase
 from ._rng import SeededDraws
 from ._temporal_norm import TemporalBatchNormBase
+from ._warnings import user_stacklevel
 
 __all__ = [
     "NFECounter",
@@ -246,7 +247,7 @@ class TimeSharedStatisticsWarning(UserWarning):
 _inspected: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
-def warn_time_shared_statistics(func: object, prefix: str = "", stacklevel: int = 3) -> None:
+def warn_time_shared_statistics(func: object, prefix: str = "") -> None:
     """Warn once per dynamics module that holds a plain BatchNorm tracking running statistics.
 
     Such a layer normalises the state at every evaluation time with statistics averaged over all
@@ -269,6 +270,6 @@ def warn_time_shared_statistics(func: object, prefix: str = "", stacklevel: int 
                 "`nn.GroupNorm`, or `track_running_stats=False`; silence this with "
                 "`warnings.filterwarnings('ignore', category=TimeSharedStatisticsWarning)`.",
                 TimeSharedStatisticsWarning,
-                stacklevel=stacklevel,
+                stacklevel=user_stacklevel(),
             )
             return

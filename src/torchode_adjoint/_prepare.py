@@ -29,6 +29,7 @@ from ._spec import SolveSpec
 from ._stepping import Stepper
 from ._structure import State, StateStructure
 from ._tableau import ButcherTableau
+from ._warnings import user_stacklevel
 
 __all__ = [
     "ModeName",
@@ -54,7 +55,7 @@ GRADIENT_MODES: tuple[str, ...] = tuple(_SHORTHANDS)
 
 
 def resolve_mode(
-    adjoint: bool | str | GradientMode, checkpoint_every: int | None = None, stacklevel: int = 3
+    adjoint: bool | str | GradientMode, checkpoint_every: int | None = None
 ) -> GradientMode:
     """Normalise the ``adjoint`` argument to a :class:`GradientMode` object.
 
@@ -82,7 +83,7 @@ def resolve_mode(
         warnings.warn(
             "`checkpoint_every=k` is deprecated; pass `adjoint=Checkpoint(every=k)`.",
             DeprecationWarning,
-            stacklevel=stacklevel,
+            stacklevel=user_stacklevel(),
         )
         if not isinstance(mode, Checkpoint):
             raise ValueError(
@@ -276,10 +277,9 @@ def make_config(
     checkpoint_every: int | None = None,
     max_steps: int = DEFAULT_MAX_STEPS,
     compile: bool | Compile = False,
-    stacklevel: int = 3,
 ) -> SolveConfig:
     """Validate the settings: solver, step, mode (and its pairing with the solver), limits."""
-    mode = resolve_mode(adjoint, checkpoint_every, stacklevel=stacklevel + 1)
+    mode = resolve_mode(adjoint, checkpoint_every)
     tableau = get_solver(solver)
     mode.check_solver(tableau)
     options = check_compile(compile)

@@ -43,6 +43,7 @@ from ._spec import SolveSpec
 from ._stepping import Method, integrate, plan_for, rk_increment
 from ._tableau import ButcherTableau
 from ._vjp import accumulate_, dynamics_vjp
+from ._warnings import user_stacklevel
 
 __all__ = ["Reversible", "StepVJP"]
 
@@ -115,7 +116,7 @@ class Reversible(GradientMode):
                 "it used to mean the reversible Heun method (one evaluation per step), which is "
                 "now `solver='reversible_heun'`.",
                 FutureWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
 
     def method_for(self, solver: Solver) -> Method:

@@ -19,11 +19,12 @@ from typing import Any, Protocol
 import torch
 
 from ._compat import BatchNormBase, functorch_transforms_active
-from ._compiled import Compile, CompiledFunction, CompileFallbackWarning, cast, user_stacklevel
+from ._compiled import Compile, CompiledFunction, CompileFallbackWarning, cast
 from ._grid import StageTimes, TimeGrid, step_sizes
 from ._rng import RngState
 from ._structure import non_finite_part
 from ._tableau import ButcherTableau
+from ._warnings import user_stacklevel
 
 __all__ = [
     "StepPlan",
