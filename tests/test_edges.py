@@ -1,6 +1,6 @@
 """Contracts at their edges: step limits, near-integer step ratios, tableau tolerances, exact
 casts under autocast, the time named by errors, check_gradients' verdict bands, the caller's
-random generator after a backward pass."""
+random generator after a backward pass, the CUDA side of the random and autocast bookkeeping."""
 
 from __future__ import annotations
 
@@ -260,6 +260,70 @@ def test_after_backward_the_generator_is_where_the_forward_left_it(mode) -> None
     sol.square().sum().backward()
     assert torch.equal(torch.get_rng_state(), after_forward)
     assert y.grad is not None and f.lin.weight.grad is not None
+
+
+# The CUDA side of the random and autocast bookkeeping, run where no GPU is: the device's
+# generator state is a byte tensor like the CPU's, and autocast flags exist for every kind.
+
+
+def _state(byte: int) -> torch.Tensor:
+    return torch.full((8,), byte, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ((1, 2), (1, 2), True),
+        ((1, 2), (1, 3), False),  # a draw on the device only
+        ((1, 2), (4, 2), False),  # a draw on the CPU only
+        ((1, None), (1, None), True),
+        ((1, None), (4, None), False),
+    ],
+)
+def test_a_random_state_is_unchanged_only_if_every_generator_is(a, b, same) -> None:
+    from torchode_adjoint._rng import RngState
+
+    def make(cpu: int, cuda: int | None) -> RngState:
+        return RngState(_state(cpu), None if cuda is None else _state(cuda))
+
+    assert make(*a).same_as(make(*b)) is same
+    assert make(*b).same_as(make(*a)) is same
+
+
+def test_a_cuda_capture_keeps_that_devices_generator(monkeypatch) -> None:
+    from torchode_adjoint._rng import RngState
+
+    asked: list[torch.device] = []
+
+    def get_rng_state(device: torch.device) -> torch.Tensor:
+        asked.append(device)
+        return _state(7)
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    state = RngState.capture(torch.device("cuda", 1))
+    assert asked == [torch.device("cuda", 1)]
+    assert state.cuda is not None and torch.equal(state.cuda, _state(7))
+    assert torch.equal(state.cpu, torch.get_rng_state())
+    assert RngState.capture(torch.device("cpu")).cuda is None and len(asked) == 1
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_forward_record_notes_autocast_for_the_cpu_and_the_states_device(device) -> None:
+    from torchode_adjoint._mode import ForwardRecord
+
+    kinds = ["cpu"] if device == "cpu" else ["cpu", "cuda"]
+    # A non-default autocast dtype for each kind, so that a kind's flags read from another's
+    # would differ.
+    dtypes = {"cpu": torch.float16, "cuda": torch.bfloat16}
+    before = {k: torch.get_autocast_dtype(k) for k in kinds}
+    try:
+        for k in kinds:
+            torch.set_autocast_dtype(k, dtypes[k])
+        record = ForwardRecord.start(torch.device(device))
+    finally:
+        for k in kinds:
+            torch.set_autocast_dtype(k, before[k])
+    assert record.autocast == tuple((k, False, dtypes[k]) for k in kinds)
 
 
 def test_the_verdict_bands_edges_with_exactly_representable_numbers() -> None:
