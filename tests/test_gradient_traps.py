@@ -481,6 +481,8 @@ def test_the_dynamics_tensors_are_found_once_each_and_private_attributes_are_not
         def __init__(self) -> None:
             super().__init__()
             self.a, self.b, self.c = shared, shared, tied  # one child registered twice
+            self.dropped = nn.Linear(2, 2)
+            self.dropped = None  # a child set to None stays in _modules as None
             self.ctx = torch.ones(2, requires_grad=True)  # a context tensor: included
             self.alias = self.ctx  # the same tensor under a second name: once
             self.frozen = torch.ones(2)  # no grad: not included
