@@ -7,6 +7,7 @@ backprop through the same discretisation) or an error that names the cause and t
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -492,6 +493,28 @@ def test_the_dynamics_tensors_are_found_once_each_and_private_attributes_are_not
     found = module_tensors(f)
     want = [shared.weight, shared.bias, tied.bias, f.ctx]
     assert len(found) == len(want) and all(x is y for x, y in zip(found, want))
+
+
+def test_the_graph_walk_visits_each_node_once_in_a_residual_graph() -> None:
+    # y <- y + tanh(y), 40 times: 2**40 paths from the output to x, but 81 nodes (an add and a
+    # tanh per level, x's accumulator). A walk that revisits shared nodes would never end here;
+    # at most 1000 are taken, so that it fails instead.
+    from torchode_adjoint._mode import graph_nodes
+
+    x = torch.randn(3, requires_grad=True)
+    y = x
+    for _ in range(40):
+        y = y + torch.tanh(y)
+    nodes = list(itertools.islice(graph_nodes(y.grad_fn, set()), 1000))
+    assert len(nodes) == len(set(nodes)) == 81
+    assert sum(getattr(n, "variable", None) is x for n in nodes) == 1
+    # A stop node's subgraph is not entered: stopping at the 20th level leaves 20 levels.
+    z = x
+    for i in range(40):
+        z = z + torch.tanh(z)
+        if i == 19:
+            stop = {z.grad_fn}
+    assert len(list(itertools.islice(graph_nodes(z.grad_fn, stop), 1000))) == 40
 
 
 @pytest.mark.parametrize("mode", MEMORY_SAVING)

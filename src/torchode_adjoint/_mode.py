@@ -380,13 +380,7 @@ def _check_no_captured_tensors(
     # tensor may come back as another Python object).
     known_nodes = {x.grad_fn for x in declared if x.grad_fn is not None}
     known_leaves = {*param_ids, *(id(x) for x in declared)}
-    seen: set[Any] = set()
-    stack = [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen or node in known_nodes:
-            continue
-        seen.add(node)
+    for node in graph_nodes(out.grad_fn, known_nodes):
         variable = getattr(node, "variable", None)
         if variable is not None and id(variable) not in known_leaves:
             raise RuntimeError(
@@ -397,6 +391,19 @@ def _check_no_captured_tensors(
                 "module before the solve (tensor attributes are included), pass it in "
                 "`params=`, or use adjoint='backprop'."
             )
+
+
+def graph_nodes(root: Any, stop: set[Any]) -> Iterator[Any]:
+    """Every node of the autograd graph below ``root`` once (a residual graph has exponentially
+    many paths), without descending into the nodes of ``stop``."""
+    seen: set[Any] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stop:
+            continue
+        seen.add(node)
+        yield node
         stack.extend(next_fn for next_fn, _ in node.next_functions)
 
 
