@@ -183,7 +183,7 @@ class StageTimes:
 
     def __getitem__(self, e: int) -> torch.Tensor:
         offset = e - self._start
-        if self._start < 0 or not 0 <= offset < len(self._chunk):
+        if not 0 <= offset < len(self._chunk):  # (no chunk yet: the empty one)
             self._load(e)
             offset = e - self._start
         return self._chunk[offset]
