@@ -28,15 +28,17 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_exactly_max_steps_is_allowed_and_one_more_is_refused(dtype) -> None:
     assert count_steps([0.0, 1.0], 0.25, dtype, max_steps=4) == 4
-    with pytest.raises(ValueError, match=r"more than `max_steps=3`"):
+    with pytest.raises(ValueError, match=r"more than `max_steps=3`") as err:
         count_steps([0.0, 1.0], 0.25, dtype, max_steps=3)
+    assert "`step=0.25` over the interval [0, 1] needs about 4 steps" in str(err.value)
 
 
 def test_the_limit_is_on_the_total_over_every_output_interval() -> None:
     t = [0.0, 0.5, 1.0, 1.5]  # 2 + 2 + 2 steps of 0.25
     assert count_steps(t, 0.25, torch.float64, max_steps=6) == 6
-    with pytest.raises(ValueError, match=r"`max_steps=5`"):
+    with pytest.raises(ValueError, match=r"`max_steps=5`") as err:
         count_steps(t, 0.25, torch.float64, max_steps=5)
+    assert "`step=0.25` over the interval [0, 1.5] needs about 6 steps" in str(err.value)
 
 
 # --- step counts just above an integer ratio, in every dtype ---------------------------------
@@ -55,6 +57,17 @@ def test_no_step_is_larger_than_step_in_the_states_dtype(n: int, ulps: int, dtyp
     count = count_steps([0.0, length], step, dtype)
     assert count in (n, n + 1)
     assert length / count <= step * (1 + 16 * eps)
+
+
+@pytest.mark.parametrize("n", [1, 3, 10, 11, 60])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_ratio_64_ulps_above_an_integer_takes_one_step_more(n: int, dtype) -> None:
+    # The round-off tolerance is 16 ulps of the state's dtype (at most 1e-5): 64 ulps above n
+    # steps is beyond it in float32 and float64, though far below 1e-5.
+    eps = torch.finfo(dtype).eps
+    length = float(torch.tensor(n * 0.1 * (1 + 64 * eps), dtype=dtype))
+    assert length / (n * 0.1) - 1 > 32 * eps
+    assert count_steps([0.0, length], 0.1, dtype) == n + 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
