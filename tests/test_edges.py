@@ -291,6 +291,8 @@ def _state(byte: int) -> torch.Tensor:
         ((1, 2), (4, 2), False),  # a draw on the CPU only
         ((1, None), (1, None), True),
         ((1, None), (4, None), False),
+        ((1, 2), (1, None), True),  # one side without a device state: the CPU's decides
+        ((1, 2), (4, None), False),
     ],
 )
 def test_a_random_state_is_unchanged_only_if_every_generator_is(a, b, same) -> None:
@@ -337,6 +339,7 @@ def test_the_forward_record_notes_autocast_for_the_cpu_and_the_states_device(dev
         for k in kinds:
             torch.set_autocast_dtype(k, before[k])
     assert record.autocast == tuple((k, False, dtypes[k]) for k in kinds)
+    assert record.device == torch.device(device)
 
 
 def test_the_verdict_bands_edges_with_exactly_representable_numbers() -> None:
