@@ -401,7 +401,9 @@ def bench_gradients(solvers: list[str], steps: list[int]) -> list[dict]:
         y0 = w.y0.detach().clone().requires_grad_()
         t = _times(y0.device, y0.dtype)
         if lib == "ours":
-            sol = odeint(w.func, y0, t, solver=solver, step=1.0 / n, adjoint=mode)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # heun + reversible: a new meaning
+                sol = odeint(w.func, y0, t, solver=solver, step=1.0 / n, adjoint=mode)
         else:
             fn = torchdiffeq.odeint_adjoint if mode == "adjoint" else torchdiffeq.odeint
             kw = {"adjoint_params": tuple(params)} if mode == "adjoint" else {}
