@@ -84,3 +84,16 @@ def test_the_warning_points_at_the_users_line(entry: str, kind: str) -> None:
         line = ENTRY_POINTS[entry](make(), **kwargs)
     mine = [w for w in record if issubclass(w.category, category)]
     assert [(w.filename, w.lineno) for w in mine] == [(__file__, line)]
+
+
+def test_a_user_package_whose_name_starts_like_the_librarys_is_the_users() -> None:
+    # Code in a package named e.g. `torchode_adjoint_experiments` is the user's, not ours.
+    source = (
+        "def solve(odeint, f, y0, t):\n"
+        "    return odeint(f, y0, t, step=0.25, adjoint='checkpoint', checkpoint_every=2)\n"
+    )
+    scope = {"__name__": "torchode_adjoint_experiments.runs"}
+    exec(compile(source, "experiments.py", "exec"), scope)
+    with pytest.warns(DeprecationWarning, match="checkpoint_every") as record:
+        scope["solve"](odeint, MLPDynamics(), torch.randn(4, 3), torch.tensor([0.0, 1.0]))
+    assert [(w.filename, w.lineno) for w in record] == [("experiments.py", 2)]

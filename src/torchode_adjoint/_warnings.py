@@ -17,8 +17,8 @@ def user_stacklevel() -> int:
     frame = sys._getframe(1)
     level = 1
     while frame is not None:
-        name = frame.f_globals.get("__name__", "")
-        if not (name.startswith("torchode_adjoint") or name.split(".")[0] == "torch"):
+        package = frame.f_globals.get("__name__", "").split(".")[0]
+        if package not in ("torchode_adjoint", "torch"):
             return level
         frame, level = frame.f_back, level + 1
     return 1
