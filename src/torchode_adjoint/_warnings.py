@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from types import FrameType
 
 __all__ = ["user_stacklevel"]
 
@@ -14,7 +15,7 @@ def user_stacklevel() -> int:
     Counted from the frame that calls :func:`warnings.warn`, so it holds wherever the warning
     is raised and however the call chain between the user and that frame changes.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     level = 1
     while frame is not None:
         package = frame.f_globals.get("__name__", "").split(".")[0]
