@@ -544,6 +544,14 @@ def test_a_captured_tensor_behind_a_shared_subexpression_is_still_found(mode) ->
         sol.sum().backward()
 
 
+class _WithNorm(nn.Module):
+    """Dynamics holding a normalisation layer (the time-shared statistics warning's subject)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+
 def test_each_fix_the_time_shared_batchnorm_warning_names_works() -> None:
     # The warning explains the cause, then names fixes in backticks: two alternative layers and
     # a line of code that silences it. Each is taken from the message and tried.
@@ -552,13 +560,8 @@ def test_each_fix_the_time_shared_batchnorm_warning_names_works() -> None:
 
     from torchode_adjoint import TimeSharedStatisticsWarning
 
-    class F(nn.Module):
-        def __init__(self, norm: nn.Module) -> None:
-            super().__init__()
-            self.norm = norm
-
     with pytest.warns(TimeSharedStatisticsWarning) as record:
-        ODEBlock(F(nn.BatchNorm2d(3)))
+        ODEBlock(_WithNorm(nn.BatchNorm2d(3)))
     text = str(record[0].message)
     assert "one set of running statistics for every evaluation time" in text
     assert "in eval mode it normalises the state at each time with statistics averaged" in text
@@ -569,15 +572,15 @@ def test_each_fix_the_time_shared_batchnorm_warning_names_works() -> None:
     assert f"), `{group}`, or `{no_stats}`; silence this with `{silence}`." in text
     with warnings.catch_warnings():
         warnings.simplefilter("error", TimeSharedStatisticsWarning)
-        ODEBlock(F(getattr(nn, group.split(".")[1])(1, 3)))
-        ODEBlock(F(eval(f"nn.BatchNorm2d(3, {no_stats})")))
+        ODEBlock(_WithNorm(getattr(nn, group.split(".")[1])(1, 3)))
+        ODEBlock(_WithNorm(eval(f"nn.BatchNorm2d(3, {no_stats})")))
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         exec(
             silence,
             {"warnings": warnings, "TimeSharedStatisticsWarning": TimeSharedStatisticsWarning},
         )
-        ODEBlock(F(nn.BatchNorm2d(3)))
+        ODEBlock(_WithNorm(nn.BatchNorm2d(3)))
     assert not [w for w in seen if issubclass(w.category, TimeSharedStatisticsWarning)]
 
 
@@ -587,13 +590,8 @@ def test_each_fix_the_time_shared_batchnorm_warning_names_works() -> None:
 def test_a_time_shared_batchnorm_is_named_with_its_temporal_replacement(norm, kind) -> None:
     from torchode_adjoint import TimeSharedStatisticsWarning
 
-    class F(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.norm = getattr(nn, norm)(3)
-
     with pytest.warns(TimeSharedStatisticsWarning) as record:
-        ODEBlock(F())
+        ODEBlock(_WithNorm(getattr(nn, norm)(3)))
     text = str(record[0].message)
     assert text.startswith(f"`dynamics.norm` ({norm}) inside the dynamics")
     assert f"Use `torchode_adjoint.TemporalBatchNorm{kind}` (called as `norm(t, x)`)" in text
