@@ -219,6 +219,59 @@ def test_counts_are_steps_times_stages_in_both_passes(gen) -> None:
     assert (nfe.forward, nfe.backward) == (10 * 4, 10 * 4)
 
 
+class ScalarAndVector(nn.Module):
+    """A log-density beside a sample, as in a CNF: ``(logp, z)`` with ``logp`` a scalar (shape
+    ``()``) or of shape ``(1,)``, z of shape (3,); d logp/dt = -sum(tanh'(...)) couples them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(11)
+        self.W = nn.Parameter(torch.randn(3, 3, generator=g, dtype=D) * 0.5)
+        self.c = nn.Parameter(torch.tensor(0.3, dtype=D))
+
+    def rates(self, t, logp, z):
+        dz = torch.tanh(z @ self.W) * torch.cos(t) - self.c * z * logp
+        return -(dz * z).sum().reshape(logp.shape), dz
+
+    def forward(self, t, state):
+        logp, z = state
+        return self.rates(t, logp, z)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("scalar_shape", [(), (1,)], ids=["0-dim", "1-element"])
+@pytest.mark.parametrize(("solver", "mode"), MODES)
+def test_a_scalar_part_beside_a_vector_has_the_gradients_of_the_concatenation(
+    solver, mode, scalar_shape, compile, gen
+):
+    from torchode_adjoint import Compile
+
+    f = ScalarAndVector()
+    logp0 = torch.full(scalar_shape, 0.2, dtype=D).requires_grad_()
+    z0 = torch.randn(3, dtype=D, generator=gen).requires_grad_()
+    w = torch.randn(3, 4, dtype=D, generator=gen)
+    options = Compile(backend="aot_eager", steps=2) if compile else False
+    logp, z = odeint(f, (logp0, z0), T, solver=solver, step=0.1, adjoint=mode, compile=options)
+    assert logp.shape == (3, *scalar_shape) and z.shape == (3, 3)
+    inputs = (logp0, z0, *f.parameters())
+    got = _grads((logp.reshape(3, 1) * w[:, :1]).sum() + (z * w[:, 1:]).sum(), inputs)
+
+    def concatenated(t, y):  # the user's own concatenation [logp, z] of shape (4,)
+        dlogp, dz = f.rates(t, y[:1].reshape(scalar_shape), y[1:])
+        return torch.cat([dlogp.reshape(1), dz])
+
+    y0 = torch.cat([logp0.reshape(1), z0])
+    if solver == "reversible_heun":
+        y = reversible_heun_reference(concatenated, y0, T, [4, 6])
+    elif mode == "reversible":
+        y = reversible_rk_reference(concatenated, get_solver(solver), y0, T, [4, 6], 0.999)
+    else:
+        y = odeint(concatenated, y0, T, solver=solver, step=0.1, adjoint="backprop", params=())
+    ref = _grads((y * w).sum(), inputs)
+    for a, b in zip(got, ref):
+        _close(a, b, 1e-4 if mode == "adjoint" else EXACT_TOL)
+
+
 # ---------------------------------------------------------------------------------------------
 # Complex states
 

@@ -255,7 +255,10 @@ def check_gradients(
                 # A difference below the finite differences' round-off cannot count against
                 # the gradient (a gradient zero up to round-off, e.g. a bias under BatchNorm).
                 verdict=_verdict(
-                    err, tolerances[idx], 0.0 if abs(directional - fd) <= fd_noise else fd_err, exact
+                    err,
+                    tolerances[idx],
+                    0.0 if abs(directional - fd) <= fd_noise else fd_err,
+                    exact,
                 ),
             )
         )

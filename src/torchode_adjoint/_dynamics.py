@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ._compat import BatchNormBase
+from ._reads import ReadRecorder, reachable_modules, version_of
 from ._rng import SeededDraws
 from ._temporal_norm import TemporalBatchNormBase
 from ._warnings import user_stacklevel
@@ -23,6 +24,7 @@ __all__ = [
     "TimeSharedStatisticsWarning",
     "warn_time_shared_statistics",
     "module_tensors",
+    "normalisation_buffers",
 ]
 
 DynamicsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -55,7 +57,17 @@ class Dynamics:
     only count.
     """
 
-    __slots__ = ("func", "nfe", "compile_ok", "draws", "_checked", "_check", "_probe")
+    __slots__ = (
+        "func",
+        "nfe",
+        "compile_ok",
+        "draws",
+        "reads",
+        "_checked",
+        "_check",
+        "_probe",
+        "_record_reads",
+    )
 
     def __init__(
         self,
@@ -63,6 +75,7 @@ class Dynamics:
         *,
         check: bool = True,
         probe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+        record_reads: bool = False,
     ) -> None:
         self.func = func
         self.nfe = 0
@@ -71,8 +84,11 @@ class Dynamics:
         self.compile_ok: bool | None = None
         # A reversible mode's replayable random draws (see SeededDraws), or None.
         self.draws: SeededDraws | None = None
-        self._check, self._probe = check, probe
-        self._checked = not (check or probe is not None)
+        # With `record_reads`, the first call notes the tensors outside its inputs that its
+        # output depends on, with their versions after the call (see ._reads).
+        self.reads: tuple[list[torch.Tensor], list[int | None]] = ([], [])
+        self._check, self._probe, self._record_reads = check, probe, record_reads
+        self._checked = not (check or probe is not None or record_reads)
 
     @property
     def checked(self) -> bool:
@@ -109,7 +125,10 @@ class Dynamics:
     def _first_call(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         changed = _change_detector(y)
         try:
-            out = self.func(t, y)
+            if self._record_reads and not torch.compiler.is_compiling():
+                out = self._recorded(t, y)
+            else:
+                out = self.func(t, y)
         except TypeError as err:
             if "positional argument" not in str(err):
                 raise
@@ -134,6 +153,18 @@ class Dynamics:
                 return out  # nothing to inspect yet: probe the next call
             self._probe(t, y, out)
         self._checked = True
+        return out
+
+    def _recorded(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One call of the dynamics that notes what it reads besides ``t`` and ``y``; running
+        statistics of normalisation layers in training mode (written, never read for the
+        output, and frozen when the dynamics are evaluated again) are left out."""
+        recorder = ReadRecorder(t, y)
+        with recorder:
+            out = self.func(t, y)
+        written = normalisation_buffers(self.func)
+        read = [x for x in recorder.read_by(out) if id(x) not in written]
+        self.reads = (read, [version_of(x) for x in read])
         return out
 
 
@@ -207,6 +238,30 @@ def module_tensors(module: nn.Module) -> list[torch.Tensor]:
     return out
 
 
+def _training_norms(func: object) -> list[BatchNormBase | TemporalBatchNormBase]:
+    """The BatchNorm and temporal BatchNorm modules that update running statistics in ``func``
+    or in the modules a function reaches (a closure or a global over a module)."""
+    seen: set[int] = set()
+    out: list[BatchNormBase | TemporalBatchNormBase] = []
+    for top in reachable_modules(func):
+        for m in top.modules():
+            if (
+                id(m) not in seen
+                and isinstance(m, (BatchNormBase, TemporalBatchNormBase))
+                and m.training
+                and m.track_running_stats
+            ):
+                seen.add(id(m))
+                out.append(m)
+    return out
+
+
+def normalisation_buffers(func: object) -> set[int]:
+    """The ids of the buffers of ``func``'s normalisation layers in training mode: they
+    normalise with the batch's statistics, so their buffers are written and not read."""
+    return {id(b) for m in _training_norms(func) for b in m.buffers(recurse=False)}
+
+
 @contextlib.contextmanager
 def frozen_batchnorm(func: object) -> Iterator[None]:
     """Re-evaluate ``func`` without touching any BatchNorm buffer.
@@ -217,16 +272,7 @@ def frozen_batchnorm(func: object) -> Iterator[None]:
     ``track_running_stats`` off in training mode it gets no running buffers at all. Modules in
     eval mode read their running statistics as usual.
     """
-    if not isinstance(func, nn.Module):
-        yield
-        return
-    frozen = [
-        m
-        for m in func.modules()
-        if isinstance(m, (BatchNormBase, TemporalBatchNormBase))
-        and m.training
-        and m.track_running_stats
-    ]
+    frozen = _training_norms(func)
     for m in frozen:
         m.track_running_stats = False
     try:

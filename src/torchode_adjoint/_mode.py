@@ -31,12 +31,13 @@ import torch
 
 from ._compat import autocast_state, functorch_transforms_active
 from ._dynamics import Dynamics, frozen_batchnorm, module_tensors
+from ._reads import Reads
 from ._reversible_heun import ReversibleHeun
 from ._rng import RngState, SeededDraws
 from ._solvers import Solver
 from ._spec import SolveSpec
 from ._stepping import Method, RungeKutta, integrate
-from ._structure import non_finite_part
+from ._structure import StructuredDynamics, non_finite_part
 from ._tableau import ButcherTableau
 
 __all__ = [
@@ -72,6 +73,9 @@ class ForwardRecord:
         The reversible mode's replayable draws.
     n_extra : int
         How many extra tensors the mode's forward pass saved beside the states.
+    reads : Reads or None
+        The tensors the dynamics read besides the state and the time, checked unchanged before
+        the backward pass evaluates them again.
     """
 
     device: torch.device
@@ -80,6 +84,7 @@ class ForwardRecord:
     rng: list[RngState] = field(default_factory=list)
     draws: SeededDraws | None = None
     n_extra: int = 0
+    reads: Reads | None = None
 
     @staticmethod
     def start(device: torch.device) -> ForwardRecord:
@@ -295,10 +300,14 @@ class _Solve(torch.autograd.Function):
     ) -> tuple[torch.Tensor, ...]:
         # The classic ctx-style forward: torch.func transforms are refused in `solve` with a
         # clear message anyway, and `setup_context` would add a signature binding per call.
-        f = Dynamics(spec.func)
+        f = Dynamics(spec.func, record_reads=True)
         record = ForwardRecord.start(y0.device)
         before = RngState.capture(y0.device)
         states, extra = spec.mode.forward(f, y0, t.detach(), spec, record)
+        # Paths are named from the user's dynamics, not from the structured-state wrapper.
+        func = spec.func
+        root = func.dynamics if isinstance(func, StructuredDynamics) else func
+        record.reads = Reads.record(root, *f.reads)
         record.random = not before.same_as(RngState.capture(y0.device))
         if not record.random:
             record.rng.clear()
@@ -324,13 +333,17 @@ class _Solve(torch.autograd.Function):
                 "outside autograd; use adjoint='backprop' for higher derivatives."
             )
         record: ForwardRecord = ctx.record
+        # Before anything is computed (or unpacked); swapped parameters first, as the more
+        # specific cause of a rebound parameter.
+        _check_same_parameters(spec, ctx.param_ids, mode)
+        if record.reads is not None:
+            record.reads.check(mode.name)
         saved = ctx.saved_tensors
         y0 = saved[0] if mode.saves_y0 else None
         rest = saved[1:] if mode.saves_y0 else saved
         n, n_extra = ctx.n_states, record.n_extra
         states, extra = rest[:n], rest[n : n + n_extra]
         t, params = rest[n + n_extra], tuple(rest[n + n_extra + 1 :])
-        _check_same_parameters(spec, ctx.param_ids, mode)
         if record.random and not mode.replays_randomness:
             raise RuntimeError(
                 f"the dynamics drew random numbers in the forward pass (dropout in training mode, "

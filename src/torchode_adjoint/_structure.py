@@ -267,9 +267,11 @@ class StateStructure:
         tensors = [
             chunks[i]
             if shape is None
-            else torch.view_as_complex(chunks[i].view(*lead, *shape))
+            # A tuple, not unpacked arguments: `view()` with no size (a 0-dim part of an
+            # unbatched state) is not a valid call.
+            else torch.view_as_complex(chunks[i].view((*lead, *shape)))
             if complex_
-            else chunks[i].view(*lead, *shape)
+            else chunks[i].view((*lead, *shape))
             for i, shape, complex_ in self._views
         ]
         kind = self._flat_kind
