@@ -33,7 +33,12 @@ from torchode_adjoint import (
     odeint,
     resolve_mode,
 )
-from torchode_adjoint.measure import parse_threads, peak_memory_bytes, saved_tensor_bytes
+from torchode_adjoint.measure import (
+    THREADS_HELP,
+    parse_threads,
+    peak_memory_bytes,
+    saved_tensor_bytes,
+)
 
 from .timing import alternating_medians
 from .workloads import Counting, Oscillator, Workload, conv_workload, mlp_workload
@@ -491,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads",
         default="auto",
-        help="torch CPU threads; auto: one per idle core (cores minus the 1-minute load average)",
+        help=THREADS_HELP,
     )
     p.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"

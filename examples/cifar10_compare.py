@@ -41,6 +41,7 @@ from torchode_adjoint.datasets.cifar10 import (
     normalize,
 )
 from torchode_adjoint.measure import (
+    THREADS_HELP,
     parse_threads,
     peak_memory_bytes,
     saved_tensor_bytes,
@@ -135,17 +136,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--norm",
         choices=list(NORMS),
-        default="batch",
-        help="batch: BatchNorm everywhere (the reference study; inside the dynamics one set of "
-        "running statistics for all times); temporal: TemporalBatchNorm2d inside the dynamics "
-        "(statistics per evaluation time); group: GroupNorm everywhere",
+        default="temporal",
+        help="temporal: TemporalBatchNorm2d inside the dynamics (statistics per evaluation time), "
+        "BatchNorm elsewhere; batch: BatchNorm everywhere (the reference study; inside the "
+        "dynamics one set of running statistics for all times); group: GroupNorm everywhere",
     )
     p.add_argument("--solver", default="euler", help="the ODE blocks' solver (registry name)")
     p.add_argument(
         "--gradient",
         nargs="+",
         choices=list(GRADIENT_MODES),
-        default=["adjoint"],
+        default=["checkpoint"],
         help="gradient mode(s) of the ODE blocks; several run each ODE model once per mode "
         "('reversible' integrates --solver made reversible; --solver reversible_heun pairs with "
         "'reversible' and 'backprop' only)",
@@ -164,9 +165,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--threads",
         default="auto",
-        help="CPU threads for torch; auto: one per idle core (the cores minus the 1-minute load "
-        "average, at least 1), since threads oversubscribed beside other busy processes slow "
-        "small ops down many times over",
+        help=THREADS_HELP,
     )
     p.add_argument("--train-subset", type=int, default=None, help="train on the first N images")
     p.add_argument("--test-subset", type=int, default=None, help="test on the first N images")
@@ -196,6 +195,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="do not download the official archive when the data is not found",
     )
     p.add_argument(
+        "--thesis",
+        action="store_true",
+        help="the reference study's own settings: --norm batch --gradient adjoint (flags given "
+        "explicitly still win)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="10,000 training images, 3 epochs, the full test set, all three families (median of "
@@ -207,6 +212,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             epochs=3, train_subset=10000, models=["resnet1", "odenet@0.5", "hybrid1@0.5"]
         )
         for key, value in defaults.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
+    if args.thesis:
+        for key, value in (("norm", "batch"), ("gradient", ["adjoint"])):
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
     args.models = args.models or FULL_MODELS

@@ -335,3 +335,29 @@ def test_a_run_is_quiet_says_where_results_go_and_what_it_resumed(tmp_path: Path
     assert runs_[1].startswith("resnet1-thesis-batch-lr")  # no solver or gradient in its name
     second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
     assert "already finished" in second.stdout
+
+
+def test_the_default_is_the_readmes_configuration_and_thesis_is_one_flag_away() -> None:
+    # The Quickstart's main job trains what the README's Results table reports: temporal
+    # BatchNorm in the dynamics and an exact gradient (checkpointed).
+    quick = compare.parse_args(["--quick"])
+    assert (quick.norm, quick.gradient) == ("temporal", ["checkpoint"])
+    thesis = compare.parse_args(["--quick", "--thesis"])
+    assert (thesis.norm, thesis.gradient) == ("batch", ["adjoint"])
+    mixed = compare.parse_args(["--thesis", "--norm", "group"])  # an explicit flag wins
+    assert (mixed.norm, mixed.gradient) == ("group", ["adjoint"])
+
+
+def test_the_threads_help_says_what_auto_measures() -> None:
+    from torchode_adjoint.measure import THREADS_HELP
+
+    for command in ([str(SCRIPT)], ["-m", "benchmarks.run"]):
+        proc = subprocess.run(
+            [sys.executable, *command, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert " ".join(THREADS_HELP.split()) in " ".join(proc.stdout.split()), command
+    assert "/proc/stat" in THREADS_HELP

@@ -25,7 +25,16 @@ __all__ = [
     "state_dict_bytes",
     "idle_cpu_threads",
     "parse_threads",
+    "THREADS_HELP",
 ]
+
+THREADS_HELP = (
+    "torch CPU threads: a positive int, or auto: one per idle core, counting the cores busy "
+    "machine-wide over a quarter of a second before the run (/proc/stat; elsewhere the 1-minute "
+    "load average), at least 1, since threads oversubscribed beside other busy processes slow "
+    "small ops down many times over"
+)
+"""The ``--threads`` help of the example and the benchmarks (what :func:`parse_threads` does)."""
 
 
 def idle_cpu_threads() -> int:
