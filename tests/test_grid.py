@@ -69,3 +69,36 @@ def test_step_count_is_the_ceiling_and_no_step_exceeds_the_step_size(
     assert n in (math.ceil(exact), math.ceil(exact - 1e-9))
     assert abs(t1 - t0) / n <= step * (1 + 1e-9)
     assert n == 1 or abs(t1 - t0) / (n - 1) > step * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_interval_barely_over_a_whole_number_of_steps_warns_naming_the_fix(dtype) -> None:
+    # Output times spaced 0.025025 with step=0.025: each interval is 0.1 % over one step and
+    # takes two (twice the evaluations); the warning names the interval, the step and the fix.
+    from torchode_adjoint import NFECounter, StepRoundingWarning
+
+    t = torch.arange(5, dtype=torch.float64) * 0.025025
+    nfe = NFECounter()
+    with pytest.warns(
+        StepRoundingWarning, match=r"\[0, 0\.025025\] .*0\.1 % of a step longer than 1 step"
+    ) as rec:
+        odeint(lambda t, y: -y, torch.ones(1, dtype=dtype), t.to(dtype), step=0.025, nfe=nfe,
+               adjoint=False)  # fmt: skip
+    assert nfe.forward == 4 * 2  # the documented rule still holds: never a step above `step`
+    assert len(rec) == 1  # once per solve, not once per interval
+    assert "pass `step=0.025025`" in str(rec[0].message)
+
+
+@pytest.mark.parametrize(
+    ("length", "step"),
+    [(0.0255, 0.025), (1.0, 0.1), (1.1, 0.1), (0.05, 0.1), (1.0, None), (1.0, 0.002), (2.0, 1e-3)],
+)
+def test_intervals_not_within_one_percent_over_a_whole_count_do_not_warn(length, step) -> None:
+    import warnings
+
+    from torchode_adjoint import StepRoundingWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StepRoundingWarning)
+        odeint(lambda t, y: -y, torch.ones(1, dtype=torch.float64), [0.0, length], step=step,
+               adjoint=False)  # fmt: skip

@@ -9,6 +9,7 @@ from ._check import GradientCheck, GradientReport, check_gradients
 from ._checkpoint import Checkpoint
 from ._compiled import Compile, CompileFallbackWarning
 from ._dynamics import NFECounter, TimeSharedStatisticsWarning
+from ._grid import StepRoundingWarning
 from ._layers import ConcatConv2d
 from ._mode import Backprop, GradientMode
 from ._odeint import odeint
@@ -48,4 +49,5 @@ __all__ = [
     "TemporalBatchNorm2d",
     "TemporalBatchNorm3d",
     "TimeSharedStatisticsWarning",
+    "StepRoundingWarning",
 ]

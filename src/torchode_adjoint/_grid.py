@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from ._warnings import user_stacklevel
+
 __all__ = [
     "DEFAULT_MAX_STEPS",
+    "NEAR_WHOLE",
+    "StepRoundingWarning",
+    "distinct_stage_times",
     "TimeGrid",
     "make_grid",
     "regrid",
@@ -30,6 +36,11 @@ __all__ = [
 # would be 12.5 % and a step larger than `step` could pass.
 _ULPS = 16
 _MAX_TOLERANCE = 1e-5
+
+# An interval longer than a whole number of steps by at most this fraction of one step (1 %)
+# takes one more step, as `step` is never exceeded, with a StepRoundingWarning: the output
+# spacing 0.025025 with `step=0.025` would otherwise double the cost in silence.
+NEAR_WHOLE = 0.01
 
 DEFAULT_MAX_STEPS = 10_000_000
 """The largest number of steps one call may take unless ``max_steps`` says otherwise."""
@@ -54,11 +65,15 @@ class TimeGrid:
         Steps in each interval ``[times[i], times[i+1]]``.
     h : tuple of float
         The signed step size of each interval (negative for decreasing times).
+    step : float or None
+        The largest step size asked for (``step=``), for messages; None for one step per
+        interval.
     """
 
     times: tuple[float, ...]
     n_steps: tuple[int, ...]
     h: tuple[float, ...]
+    step: float | None = None
 
     @property
     def offsets(self) -> tuple[int, ...]:
@@ -92,6 +107,7 @@ def make_grid(
     """
     tolerance = min(_ULPS * eps, _MAX_TOLERANCE)
     n_steps = []
+    near: tuple[float, float, int] | None = None  # the first interval barely over a whole count
     for t_a, t_b in zip(times[:-1], times[1:]):
         if step is None:
             n_steps.append(1)
@@ -100,12 +116,54 @@ def make_grid(
         ratio = abs(t_b - t_a) / step
         if not math.isfinite(ratio) or ratio > max_steps:  # this interval alone is too many
             _too_many((t_a, t_b), step, ratio, max_steps)
-        n_steps.append(max(1, math.ceil(ratio * (1.0 - tolerance))))
+        n = max(1, math.ceil(ratio * (1.0 - tolerance)))
+        if near is None and n > 1 and ratio - (n - 1) <= NEAR_WHOLE:
+            near = (t_a, t_b, n)
+        n_steps.append(n)
     total = sum(n_steps)
     if total > max_steps:
         _too_many(times, step, float(total), max_steps)
+    if near is not None and step is not None:
+        _warn_near_whole(*near, step)
     h = tuple((t_b - t_a) / n for t_a, t_b, n in zip(times[:-1], times[1:], n_steps))
-    return TimeGrid(times=tuple(times), n_steps=tuple(n_steps), h=h)
+    return TimeGrid(times=tuple(times), n_steps=tuple(n_steps), h=h, step=step)
+
+
+def distinct_stage_times(grid: TimeGrid, nodes: Sequence[float], cap: int) -> tuple[int, bool]:
+    """How many distinct times a solve on ``grid`` evaluates at (stage times ``t + c_j h``,
+    rounded to 12 significant digits so that a stage at ``t + h`` meets the next step's first),
+    counting up to ``cap``; and whether counting stopped there."""
+    seen: set[float] = set()
+    for t_a, n, h in zip(grid.times[:-1], grid.n_steps, grid.h):
+        for k in range(n):
+            for c in nodes:
+                seen.add(float(f"{t_a + (k + c) * h:.12g}"))
+            if len(seen) >= cap:
+                return len(seen), True
+    return len(seen), False
+
+
+class StepRoundingWarning(UserWarning):
+    """An interval of ``t`` is barely longer than a whole number of steps, so it takes one more.
+
+    Silence it with ``warnings.filterwarnings("ignore", category=StepRoundingWarning)``.
+    """
+
+
+def _warn_near_whole(t_a: float, t_b: float, n: int, step: float) -> None:
+    length = abs(t_b - t_a)
+    excess = 100.0 * (length / step - (n - 1))
+    warnings.warn(
+        f"the interval [{t_a:.6g}, {t_b:.6g}] of `t` (length {length:.6g}) is {excess:.2g} % "
+        f"of a step longer than {n - 1} step{'s' if n > 2 else ''} of `step={step!r}`, so it "
+        f"takes {n} "
+        f"steps of {length / n:.6g} ({n / (n - 1):.3g}x the evaluations of {n - 1}); "
+        "`step` is the largest step, never exceeded. If you meant the output spacing, pass "
+        f"`step={length / (n - 1):.6g}` (or `step=None`: one step per interval). Warned once "
+        "per solve, for the first such interval.",
+        StepRoundingWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _too_many(times: Sequence[float], step: float | None, count: float, max_steps: int) -> None:

@@ -36,8 +36,10 @@ def odeint(
     """Integrate ``dy/dt = func(t, y)`` with a fixed-step explicit Runge--Kutta method.
 
     Each interval ``[t[i], t[i+1]]`` is split into ``n_i = ceil(|t[i+1] - t[i]| / step)`` equal
-    steps (up to a few ulps of the dtype, so 1.1 / 0.1 gives 11 steps). A method with ``s``
-    stages costs ``s`` evaluations of ``func`` per step.
+    steps (up to a few ulps of the dtype, so 1.1 / 0.1 gives 11 steps); an interval longer than
+    a whole number of steps by at most 1 % of a step warns
+    (:class:`~torchode_adjoint.StepRoundingWarning`). A method with ``s`` stages costs ``s``
+    evaluations of ``func`` per step.
 
     Parameters
     ----------
