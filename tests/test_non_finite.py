@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from problems import HEUN_MADE_REVERSIBLE
 
 from torchode_adjoint import GRADIENT_MODES, odeint
+
+pytestmark = HEUN_MADE_REVERSIBLE
 
 D = torch.float64
 
@@ -67,3 +70,21 @@ def test_overflowing_state_is_reported_as_infinite() -> None:
         odeint(
             lambda t, y: y * y, torch.tensor([10.0]), torch.tensor([0.0, 5.0]), step=0.05, params=()
         )
+
+
+def test_a_blow_up_with_the_defaults_names_the_settings_in_force_and_the_steps_taken() -> None:
+    # No solver or step given: the error says they were solver='euler', step=0.1, and that the
+    # steps taken were 0.0833 (each output interval of 0.25 split into 3 equal steps <= 0.1),
+    # so that a user ported from torchdiffeq, who gave neither, sees what ran.
+    t = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=D)
+    with pytest.raises(RuntimeError) as info:
+        odeint(_blows_up_after(0.62), torch.ones(2, dtype=D), t, params=())
+    message = str(info.value)
+    assert "solver='euler', step=0.1 (steps of 0.0833333 in this interval" in message
+    assert "default to solver='euler', step=0.1" in message
+
+
+def test_a_blow_up_with_one_step_per_interval_says_so() -> None:
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=D)
+    with pytest.raises(RuntimeError, match=r"solver='rk4', step=None \(one step per interval\)"):
+        odeint(_blows_up_after(0.62), torch.ones(2, dtype=D), t, solver="rk4", step=None, params=())

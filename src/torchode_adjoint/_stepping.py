@@ -469,8 +469,11 @@ def locate_non_finite(
                 interval_text = f"[{t_a:.6g}, {grid.times[i]:.6g}]"
                 where = f"t = {t_a + (k + 1) * h:.6g} (step {k + 1} of {n} in {interval_text})"
                 break
+    step = "None (one step per interval)" if grid.step is None else f"{grid.step!r}"
     raise RuntimeError(
-        f"the ODE state became NaN or infinite at {where}{non_finite_part(f, bad)}; reduce "
-        "`step`, use a more stable solver, or check the dynamics (pass `check_finite=False` to "
-        "skip this check)."
+        f"the ODE state became NaN or infinite at {where}{non_finite_part(f, bad)}, integrating "
+        f"with solver={method.name!r}, step={step} (steps of {abs(h):.6g} in this interval; "
+        "`odeint` and `ODEBlock` default to solver='euler', step=0.1 when they are not given); "
+        "reduce `step`, use a more stable solver such as solver='rk4', or check the dynamics "
+        "(pass `check_finite=False` to skip this check)."
     )
