@@ -267,3 +267,33 @@ def test_with_shared_affine_gives_own_statistics_and_the_same_parameters() -> No
     assert norm.recorded_times() == [] and twin.recorded_times() == [0.0]
     pair = nn.ModuleList([norm, twin])
     assert sum(p.numel() for p in pair.parameters()) == 6  # shared: counted once
+
+
+def test_a_solve_with_more_distinct_times_than_slots_warns_once_naming_how_many() -> None:
+    import warnings
+
+    from torchode_adjoint import ODEBlock, TemporalBatchNorm1d
+
+    class Normed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.norm = TemporalBatchNorm1d(3)  # max_times=64
+
+        def forward(self, t, y):
+            return torch.tanh(self.norm(t, self.lin(y)))
+
+    # rk4, 100 steps on [0, 1]: stages at t_k and t_k + h/2 (twice each) and t_k + h, which is
+    # the next step's first: 201 distinct times.
+    block = ODEBlock(Normed(), solver="rk4", step=0.01, adjoint="checkpoint")
+    x = torch.randn(8, 3)
+    with pytest.warns(UserWarning, match=r"`max_times=64` .*at 201 distinct times") as rec:
+        block(x)
+    assert "`max_times=201`" in str(rec[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        block(x)  # once per layer
+        # rk4 with 8 steps: 17 distinct times fit in a fresh layer's 64 slots: no warning
+        ODEBlock(Normed(), solver="rk4", step=0.125, adjoint="checkpoint")(x)
+        block.eval()
+        block(x)  # eval mode claims no slots

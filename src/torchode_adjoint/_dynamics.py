@@ -25,6 +25,7 @@ __all__ = [
     "warn_time_shared_statistics",
     "module_tensors",
     "normalisation_buffers",
+    "training_norms",
 ]
 
 DynamicsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -238,7 +239,7 @@ def module_tensors(module: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def _training_norms(func: object) -> list[BatchNormBase | TemporalBatchNormBase]:
+def training_norms(func: object) -> list[BatchNormBase | TemporalBatchNormBase]:
     """The BatchNorm and temporal BatchNorm modules that update running statistics in ``func``
     or in the modules a function reaches (a closure or a global over a module)."""
     seen: set[int] = set()
@@ -259,7 +260,7 @@ def _training_norms(func: object) -> list[BatchNormBase | TemporalBatchNormBase]
 def normalisation_buffers(func: object) -> set[int]:
     """The ids of the buffers of ``func``'s normalisation layers in training mode: they
     normalise with the batch's statistics, so their buffers are written and not read."""
-    return {id(b) for m in _training_norms(func) for b in m.buffers(recurse=False)}
+    return {id(b) for m in training_norms(func) for b in m.buffers(recurse=False)}
 
 
 @contextlib.contextmanager
@@ -272,7 +273,7 @@ def frozen_batchnorm(func: object) -> Iterator[None]:
     ``track_running_stats`` off in training mode it gets no running buffers at all. Modules in
     eval mode read their running statistics as usual.
     """
-    frozen = _training_norms(func)
+    frozen = training_norms(func)
     for m in frozen:
         m.track_running_stats = False
     try:

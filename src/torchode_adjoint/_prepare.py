@@ -20,8 +20,8 @@ from torch import nn
 from ._adjoint import ContinuousAdjoint
 from ._checkpoint import Checkpoint
 from ._compiled import Compile
-from ._dynamics import NFECounter, module_tensors
-from ._grid import DEFAULT_MAX_STEPS, make_grid
+from ._dynamics import NFECounter, module_tensors, training_norms
+from ._grid import DEFAULT_MAX_STEPS, distinct_stage_times, make_grid
 from ._mode import Backprop, GradientMode
 from ._reversible import Reversible
 from ._solvers import Solver, get_solver
@@ -29,6 +29,7 @@ from ._spec import SolveSpec
 from ._stepping import Stepper
 from ._structure import State, StateStructure
 from ._tableau import ButcherTableau
+from ._temporal_norm import TemporalBatchNormBase
 from ._warnings import user_stacklevel
 
 __all__ = [
@@ -366,4 +367,17 @@ def solve(
     graph inside them; the solve is one graph break, its own steps compile with ``compile=True``.
     """
     prepared = prepare(func, y0, t, config, params=params, nfe=nfe)
+    _check_temporal_slots(prepared.spec)
     return prepared.y0, prepared.solve(), prepared.structure
+
+
+def _check_temporal_slots(spec: SolveSpec) -> None:
+    """Warn when a temporal BatchNorm in training mode has fewer time slots than the solve
+    has distinct stage times (host arithmetic on the grid: no device sync)."""
+    norms = [m for m in training_norms(spec.func) if isinstance(m, TemporalBatchNormBase)]
+    if not norms:
+        return
+    cap = 4 * max(m.max_times for m in norms) + 1
+    needed, capped = distinct_stage_times(spec.grid, spec.stepper.method.nodes, cap)
+    for m in norms:
+        m.warn_if_too_few_slots(needed, capped)

@@ -22,9 +22,13 @@ device without host synchronisation.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from ._warnings import user_stacklevel
 
 __all__ = [
     "TemporalBatchNormBase",
@@ -124,6 +128,24 @@ class TemporalBatchNormBase(nn.Module):
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
         self.num_batches_tracked.zero_()
+
+    def warn_if_too_few_slots(self, needed: int, capped: bool = False) -> None:
+        """Warn once (per layer) that a solve needs ``needed`` distinct times, more than
+        ``max_times``: the times beyond the slots update interpolated statistics instead of
+        their own. ``capped``: counting stopped at ``needed``."""
+        if needed <= self.max_times or getattr(self, "_warned_slots", False):
+            return
+        self._warned_slots = True
+        count = f"at least {needed:,}" if capped else f"{needed:,}"
+        warnings.warn(
+            f"{type(self).__name__} has `max_times={self.max_times}` slots for running statistics, "
+            f"and a solve evaluates the dynamics at {count} distinct times: the times beyond "
+            "the slots share interpolated statistics instead of their own. Pass "
+            f"`max_times={needed if not capped else 2 * needed}` or more, or solve with fewer "
+            "steps. Warned once per layer.",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def recorded_times(self) -> list[float]:
         """The times that have their own statistics, sorted (one host sync)."""
