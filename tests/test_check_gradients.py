@@ -141,9 +141,22 @@ def test_the_adjoint_verdict_says_what_it_measured() -> None:
     assert report.discretisation_error is not None and report.discretisation_error > 1e-3
     text = str(report)
     assert "halving the step changes the exact gradient by" in text
-    assert f"{report.discretisation_error:.2%}" in text
+    assert f"{100 * report.discretisation_error:.2g} %" in text
     exact = check_gradients(MLPDynamics(), torch.randn(4, 3), solver="euler", adjoint=False)
     assert exact.discretisation_error is None and "exact mode" in str(exact)
+
+
+def test_the_adjoint_table_marks_the_finite_differences_as_not_counting() -> None:
+    # A fine rk4 adjoint: its error against the discrete gradient is far below 0.01 %, which
+    # must still read as a number, not "0.00%"; its finite-difference column is marked.
+    report = check_gradients(MLPDynamics(), torch.randn(4, 3), solver="rk4", step=0.05)
+    text = str(report)
+    assert "0.00%" not in text and f"{100 * report.max_rel_err_backprop:.2g} %" in text
+    rows = text.splitlines()[3 : 3 + len(report.checks)]
+    assert all(row.split()[-3].endswith("*") for row in rows)
+    assert "* for information only" in text
+    exact = str(check_gradients(MLPDynamics(), torch.randn(4, 3), adjoint="checkpoint"))
+    assert "*" not in exact and "suspicious above 1e-05" in exact
 
 
 # --- exact values of the report ----------------------------------------------------------------
@@ -191,7 +204,8 @@ def test_the_times_are_the_given_ones_or_the_blocks() -> None:
     assert [c.rel_err_fd for c in by_default.checks] == [c.rel_err_fd for c in explicit.checks]
     shorter = check_gradients(block, y0, torch.tensor([0.0, 1.0]))
     assert [c.rel_err_fd for c in by_default.checks] != [c.rel_err_fd for c in shorter.checks]
-    three = check_gradients(block.dynamics, y0, torch.tensor([0.0, 0.3, 0.7]), step=0.1)
+    t3 = torch.tensor([0.0, 0.3, 0.7], dtype=torch.float64)  # float32 0.3 is 3.0000001 steps
+    three = check_gradients(block.dynamics, y0, t3, step=0.1)
     assert three.checks[1].shape == (3,)
 
 

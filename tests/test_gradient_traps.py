@@ -132,9 +132,15 @@ def test_the_continuous_adjoint_refuses_dynamics_that_draw_random_numbers(gen) -
         sol.sum().backward()
     assert str(info.value).endswith(
         "in another order, so its gradient would silently use other draws. Use "
-        "adjoint='checkpoint' (exact, replays the draws) or 'backprop', or keep the randomness "
-        "out of the dynamics (e.g. `model.eval()` for dropout)."
+        "adjoint='checkpoint' or 'reversible' (both replay the draws exactly; memory flat in "
+        "the steps with 'reversible') or 'backprop', or keep the randomness out of the dynamics "
+        "(e.g. `model.eval()` for dropout)."
     )
+    # Every mode the message names runs these dynamics.
+    for mode in ("checkpoint", "reversible", "backprop"):
+        y = torch.randn(5, 3, dtype=D, requires_grad=True)
+        odeint(f, y, [0.0, 1.0], solver="rk4", step=0.25, adjoint=mode).sum().backward()
+        assert y.grad is not None
     f.eval()  # dropout off: no randomness, no error
     odeint(f, torch.randn(5, 3, dtype=D, requires_grad=True), [0.0, 1.0]).sum().backward()
 

@@ -112,8 +112,8 @@ class GradientReport:
             )
         return (
             f"continuous adjoint: its gradient differs from the exact discrete one by up to "
-            f"{worst:.2%}; halving the step changes the exact gradient by "
-            f"{self.discretisation_error:.2%}, and 'pass' allows 10 times that. A large "
+            f"{_percent(worst)}; halving the step changes the exact gradient by "
+            f"{_percent(self.discretisation_error)}, and 'pass' allows 10 times that. A large "
             "discretisation error means a large adjoint error: reduce `step`, or use an exact "
             "mode ('checkpoint', 'reversible')"
         )
@@ -141,14 +141,34 @@ class GradientReport:
             f"{'input':<{width}}  {'shape':<16}  {'vs reference':>12}  {'vs finite diff':>14}  "
             f"{'tolerance':>9}  verdict",
         ]
+        exact = self.discretisation_error is None
+        mark = "" if exact else "*"  # the finite differences do not count for the adjoint
         for c in self.checks:
+            fd = f"{c.rel_err_fd:.3e}{mark}"
             lines.append(
                 f"{c.name:<{width}}  {str(c.shape):<16}  {c.rel_err_backprop:>12.3e}  "
-                f"{c.rel_err_fd:>14.3e}  {c.tolerance:>9.1e}  {c.verdict}"
+                f"{fd:>14}  {c.tolerance:>9.1e}  {c.verdict}"
+            )
+        if exact:
+            lines.append(
+                f"'tolerance' bounds 'vs reference'; 'vs finite diff' makes a row suspicious above "
+                f"{_FD_TOL:.0e} unless the difference is below the finite differences' round-off"
+            )
+        else:
+            lines.append(
+                "* for information only: the continuous adjoint's gradient differs from the "
+                "discrete one by its discretisation error, so only 'vs reference' against "
+                "'tolerance' decides"
             )
         lines.append(self.summary)
         lines.append(f"verdict: {self.verdict}")
         return "\n".join(lines)
+
+
+def _percent(x: float) -> str:
+    """A relative error as a percentage with two significant digits (``3.1e-06 %``, not
+    ``0.00%``)."""
+    return f"{100 * x:.2g} %"
 
 
 def _verdict(err: float, tol: float, fd_err: float, exact: bool) -> Verdict:

@@ -349,7 +349,8 @@ class _Solve(torch.autograd.Function):
                 f"the dynamics drew random numbers in the forward pass (dropout in training mode, "
                 f"or another random op), and adjoint={mode.name!r} re-evaluates them backwards "
                 "in another order, so its gradient would silently use other draws. Use "
-                "adjoint='checkpoint' (exact, replays the draws) or 'backprop', or keep the "
+                "adjoint='checkpoint' or 'reversible' (both replay the draws exactly; memory "
+                "flat in the steps with 'reversible') or 'backprop', or keep the "
                 "randomness out of the dynamics (e.g. `model.eval()` for dropout)."
             )
         job = BackwardJob(
