@@ -203,8 +203,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="10,000 training images, 3 epochs, the full test set, all three families (median of "
-        "3 runs on the idle 2-core CPU: 85 s with 2 threads, 154 s with 1)",
+        help="10,000 training images, 3 epochs, the full test set, all three families (86 s "
+        "with 2 threads on an idle 2-core Intel Xeon, torch 2.13.0 CPU build)",
     )
     args = p.parse_args(argv)
     if args.quick:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from problems import TABLEAUS, MLPDynamics
+from problems import HEUN_MADE_REVERSIBLE, TABLEAUS, MLPDynamics
 from torch import nn
 
 from torchode_adjoint import (
@@ -13,6 +13,8 @@ from torchode_adjoint import (
     get_solver,
     odeint,
 )
+
+pytestmark = HEUN_MADE_REVERSIBLE
 
 D = torch.float64
 

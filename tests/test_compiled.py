@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from problems import TABLEAUS, MLPDynamics
+from problems import HEUN_MADE_REVERSIBLE, TABLEAUS, MLPDynamics
 from torch import nn
 
 from torchode_adjoint import (
@@ -24,6 +24,8 @@ from torchode_adjoint import (
     TemporalBatchNorm1d,
     odeint,
 )
+
+pytestmark = HEUN_MADE_REVERSIBLE
 
 D = torch.float64
 T = torch.tensor([0.0, 0.35, 1.0], dtype=D)
@@ -238,6 +240,9 @@ class _NormDynamics(nn.Module):
         return torch.tanh(self.tbn(t, self.bn(self.lin(y))))
 
 
+# Plain BatchNorm in the dynamics on purpose (its buffers are what is tested): the warning that
+# recommends the temporal one is for users.
+@pytest.mark.filterwarnings("ignore::torchode_adjoint.TimeSharedStatisticsWarning")
 @pytest.mark.parametrize("mode", ["adjoint", "backprop", "checkpoint"])
 def test_batchnorm_buffers_are_updated_as_in_eager_mode(mode: str, gen) -> None:
     with warnings.catch_warnings():
@@ -306,6 +311,9 @@ def test_after_a_failed_compile_the_module_keeps_its_parameters(gen) -> None:
                 assert _rel(a, b) < 1e-12
 
 
+# Plain BatchNorm in the dynamics on purpose (its buffers are what is tested): the warning that
+# recommends the temporal one is for users.
+@pytest.mark.filterwarnings("ignore::torchode_adjoint.TimeSharedStatisticsWarning")
 def test_the_thesis_conv_dynamics_compile_their_backward_with_batch_statistics(gen) -> None:
     # One conv and one BatchNorm applied twice, in training mode: the backward step's
     # torch.func VJP compiles (a fallback is an error here) and the module keeps its tensors.

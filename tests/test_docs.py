@@ -96,3 +96,25 @@ def test_the_readme_is_a_readme() -> None:
     assert "python examples/cifar10_compare.py --quick" in text
     assert "python -m pytest -q" in (ROOT / ".ci" / "run").read_text()
     assert "\npython -m pytest -q\n" in text
+
+
+def test_each_readme_code_block_runs_on_its_own() -> None:
+    # A reader copies one block, not the page: each must define what it uses.
+    for block in _python_blocks((ROOT / "README.md").read_text(), markdown=True):
+        exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - our own docs
+
+
+def test_the_install_texts_state_the_torch_range_of_pyproject() -> None:
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch_dep,) = [d for d in deps if d.startswith("torch")]
+    low, high = re.fullmatch(r"torch>=([\d.]+),<([\d.]+)", torch_dep).groups()
+    stated = f">= {low}, < {high}"
+    for page in (ROOT / "README.md", ROOT / "docs" / "getting_started.rst"):
+        text = page.read_text()
+        assert stated in text, (page.name, stated)
+        # No other torch range anywhere on the install lines.
+        for found in re.findall(r"\(>= ?[\d.]+(?:, < ?[\d.]+)?\)", text):
+            assert found == f"({stated})", (page.name, found)
+    assert deps == [torch_dep], "the install texts say torch is the only runtime dependency"

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from problems import (
+    HEUN_MADE_REVERSIBLE,
     PROBLEMS,
     TABLEAUS,
     MLPDynamics,
@@ -22,6 +23,8 @@ from torchode_adjoint import (
     get_solver,
     odeint,
 )
+
+pytestmark = HEUN_MADE_REVERSIBLE
 
 D = torch.float64
 T = torch.tensor([0.0, 0.4371, 1.0713], dtype=D)

@@ -13,9 +13,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from problems import TABLEAUS, MLPDynamics
+from problems import HEUN_MADE_REVERSIBLE, TABLEAUS, MLPDynamics
 
 from torchode_adjoint import GRADIENT_MODES, get_solver, odeint
+
+pytestmark = HEUN_MADE_REVERSIBLE
 
 D = torch.float64
 # Output times chosen so that a finite-difference nudge never changes a step count.

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from problems import MLPDynamics
+from problems import HEUN_MADE_REVERSIBLE, MLPDynamics
 
 from torchode_adjoint import (
     GRADIENT_MODES,
@@ -18,6 +18,8 @@ from torchode_adjoint import (
     Reversible,
     odeint,
 )
+
+pytestmark = HEUN_MADE_REVERSIBLE
 
 D = torch.float64
 

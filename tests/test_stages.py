@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from problems import TABLEAUS
+from problems import HEUN_MADE_REVERSIBLE, TABLEAUS
 
 from torchode_adjoint import get_solver, odeint
+
+pytestmark = HEUN_MADE_REVERSIBLE
 
 
 class Recorder:
