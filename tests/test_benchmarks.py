@@ -147,3 +147,47 @@ def test_the_compiled_targets_take_the_median_and_worst_ratio_per_workload() -> 
     assert (mlp_fwd["median"], mlp_fwd["worst"], mlp_fwd["met"]) == (0.5, 1.0, True)
     conv = next(c for name, c in checks.items() if name.startswith("conv"))
     assert (conv["median"], conv["met"]) == (0.9, False)
+
+
+def test_the_bookkeeping_benchmark_measures_each_mode_with_and_without_the_check(tmp_path):
+    from benchmarks import bookkeeping
+
+    assert bookkeeping.main(["--repeats", "1", "--output-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["workload"], r["mode"]) for r in results["steps"]}
+    assert rows == {
+        (w, m) for w in ("mlp", "conv8") for m in ("adjoint", "checkpoint", "reversible")
+    }
+    for p in results["parts"].values():
+        assert p["tensors_read"] >= 4 and p["per_solve_s"] >= 0  # weights and biases at least
+    assert "share of the fastest step" in (tmp_path / "report.md").read_text()
+
+
+def test_the_bookkeeping_switch_turns_the_check_off_and_back_on():
+    # The benchmark's "without" rows must really run without the check, and restore it.
+    from benchmarks.bookkeeping import bookkeeping_off
+    from torchode_adjoint import odeint
+
+    w = torch.ones(2, requires_grad=True)
+    e = torch.ones(2)
+
+    def solve():
+        return odeint(lambda t, y: -w * y * e, torch.ones(2), [0.0, 1.0], adjoint=True, params=[w])
+
+    with bookkeeping_off():
+        y = solve()
+        e.add_(1.0)
+        y.sum().backward()  # no check: no error
+    y = solve()
+    e.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        y.sum().backward()
+
+
+def test_the_ode_demo_port_runs_both_libraries(capsys):
+    pytest.importorskip("torchdiffeq", reason="the bench extra is not installed")
+    from benchmarks import port_ode_demo
+
+    assert port_ode_demo.main(["--iterations", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "backprop: ours / torchdiffeq = " in out and "adjoint: ours / torchdiffeq = " in out

@@ -426,7 +426,7 @@ def _finite_differences(
             check_finite=False,
         )
         with torch.no_grad():
-            states = spec.mode.solve(spec, y_in, t_in, setup.params)
+            states = setup.config.mode.solve(spec, y_in, t_in, setup.params)
             return float((w * torch.stack([y_in, *states])).sum())
 
     y, tt = setup.y.detach(), setup.t.detach()

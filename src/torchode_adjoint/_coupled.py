@@ -32,15 +32,12 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ._stepping import Step, StepPlan, plan_for, rk_increment
+from ._stepping import Step, StepPlan, StepProducts, plan_for, rk_increment
 from ._tableau import ButcherTableau
-
-if TYPE_CHECKING:
-    from ._reversible import StepVJP
 
 __all__ = ["Coupled"]
 
@@ -99,13 +96,13 @@ class Coupled:
         d_q = rk_increment(f, y, -h, times, pos + plan.stages, plan)
         return (y, z - d_q)
 
-    def backward_start(self, vjp: StepVJP, carry: Carry, a_y: torch.Tensor, h: float) -> Carry:
+    def backward_start(self, vjp: StepProducts, carry: Carry, a_y: torch.Tensor, h: float) -> Carry:
         """The adjoints ``(A_y, A_z)`` at the last state (``z_N`` is no output)."""
         return (a_y, torch.zeros_like(a_y))
 
     def backward_step(
         self,
-        vjp: StepVJP,
+        vjp: StepProducts,
         carry: Carry,
         adjoint: Carry,
         h: float,

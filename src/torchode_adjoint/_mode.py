@@ -238,7 +238,7 @@ class GradientMode:
             states = self.integrate_only(f, y0, t.detach(), spec)
             spec.counter.forward, spec.counter.backward = f.nfe, 0
             return states
-        out = _Solve.apply(spec, y0, t, *params)
+        out = _Solve.apply(self, spec, y0, t, *params)
         return list(out[: len(spec.grid.n_steps)])
 
     def integrate_only(
@@ -296,14 +296,19 @@ class _Solve(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor
+        ctx: Any,
+        mode: GradientMode,
+        spec: SolveSpec,
+        y0: torch.Tensor,
+        t: torch.Tensor,
+        *params: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         # The classic ctx-style forward: torch.func transforms are refused in `solve` with a
         # clear message anyway, and `setup_context` would add a signature binding per call.
         f = Dynamics(spec.func, record_reads=True)
         record = ForwardRecord.start(y0.device)
         before = RngState.capture(y0.device)
-        states, extra = spec.mode.forward(f, y0, t.detach(), spec, record)
+        states, extra = mode.forward(f, y0, t.detach(), spec, record)
         # Paths are named from the user's dynamics, not from the structured-state wrapper.
         func = spec.func
         root = func.dynamics if isinstance(func, StructuredDynamics) else func
@@ -313,19 +318,19 @@ class _Solve(torch.autograd.Function):
             record.rng.clear()
         spec.counter.forward, spec.counter.backward = f.nfe, 0
         record.n_extra = len(extra)
-        ctx.spec, ctx.record = spec, record
+        ctx.mode, ctx.spec, ctx.record = mode, spec, record
         ctx.n_states = len(states)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*extra)
         ctx.param_ids = tuple(id(p) for p in params)
-        y0_saved = (y0,) if spec.mode.saves_y0 else ()
+        y0_saved = (y0,) if mode.saves_y0 else ()
         ctx.save_for_backward(*y0_saved, *states, *extra, t, *params)
         return (*states, *extra)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         spec: SolveSpec = ctx.spec
-        mode: GradientMode = spec.mode
+        mode: GradientMode = ctx.mode
         if torch.is_grad_enabled():
             raise RuntimeError(
                 f"double backward (a gradient of a gradient, `create_graph=True`) is not "
@@ -369,16 +374,16 @@ class _Solve(torch.autograd.Function):
             t=t.detach(),
             params=params,
             grads=grad_outputs[:n],
-            need_y0=ctx.needs_input_grad[1],
-            need_t=ctx.needs_input_grad[2],
-            need_p=bool(params) and any(ctx.needs_input_grad[3:]),
+            need_y0=ctx.needs_input_grad[2],
+            need_t=ctx.needs_input_grad[3],
+            need_p=bool(params) and any(ctx.needs_input_grad[4:]),
         )
         with torch.enable_grad(), frozen_batchnorm(spec.func), record.autocast_replayed():
             grads = mode.backward(job)
         spec.counter.backward = job.f.nfe
         job.check_finite(mode.name)
         grad_params = list(grads.params) if job.need_p else [None] * len(params)
-        return (None, grads.y0 if job.need_y0 else None, grads.t, *grad_params)
+        return (None, None, grads.y0 if job.need_y0 else None, grads.t, *grad_params)
 
 
 def _check_no_captured_tensors(

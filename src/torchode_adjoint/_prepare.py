@@ -300,6 +300,7 @@ class Prepared:
     """The validated inputs of one solve: the spec and the tensors the mode is applied to."""
 
     spec: SolveSpec
+    mode: GradientMode
     y0: torch.Tensor
     t: torch.Tensor
     params: list[torch.Tensor]
@@ -307,7 +308,7 @@ class Prepared:
 
     def solve(self) -> list[torch.Tensor]:
         """The states at ``t[1:]``, differentiable as the mode promises."""
-        return self.spec.mode.solve(self.spec, self.y0, self.t, self.params)
+        return self.mode.solve(self.spec, self.y0, self.t, self.params)
 
 
 def prepare(
@@ -340,13 +341,14 @@ def prepare(
         func=func,
         tableau=config.tableau,
         grid=grid,
-        mode=config.mode,
         check_finite=config.check_finite,
         counter=counter,
         stepper=config.stepper,
         compile=config.compile,
     )
-    return Prepared(spec=spec, y0=y0, t=t_cast, params=param_list, structure=structure)
+    return Prepared(
+        spec=spec, mode=config.mode, y0=y0, t=t_cast, params=param_list, structure=structure
+    )
 
 
 @torch.compiler.disable  # (its `reason=` needs a newer PyTorch than the oldest supported)

@@ -24,14 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ._stepping import Step
-
-if TYPE_CHECKING:
-    from ._reversible import StepVJP
+from ._stepping import Step, StepProducts
 
 __all__ = ["ReversibleHeun", "REVERSIBLE_HEUN"]
 
@@ -82,14 +79,16 @@ class ReversibleHeun:
         f_next = f(times[pos], z_next)
         return (torch.add(y, torch.add(f_n, f_next), alpha=0.5 * h), z_next, f_next)
 
-    def backward_start(self, vjp: StepVJP, carry: Carry, a_y: torch.Tensor, h: float) -> Adjoint:
+    def backward_start(
+        self, vjp: StepProducts, carry: Carry, a_y: torch.Tensor, h: float
+    ) -> Adjoint:
         """The adjoints ``(A_y, A_z)`` at the last state, with the product through ``f_N``."""
         _, g = vjp.evaluate(carry[1], a_y * (0.5 * h), offset=1)
         return (a_y, g)
 
     def backward_step(
         self,
-        vjp: StepVJP,
+        vjp: StepProducts,
         carry: Carry,
         adjoint: Adjoint,
         h: float,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -12,9 +12,6 @@ from ._compiled import Compile
 from ._dynamics import NFECounter
 from ._grid import TimeGrid
 from ._stepping import Stepper
-
-if TYPE_CHECKING:  # the modes import this module; the annotation only names their base class
-    from ._mode import GradientMode
 
 __all__ = ["SolveSpec"]
 
@@ -34,8 +31,6 @@ class SolveSpec:
     tableau : ButcherTableau or ReversibleHeun
         The solver (a tableau, except for the reversible Heun method).
     grid : TimeGrid
-    mode : GradientMode
-        How the solve is differentiated, with its own options.
     check_finite : bool
     counter : NFECounter
         Filled by the forward pass and, where the mode re-evaluates, by the backward pass.
@@ -48,7 +43,6 @@ class SolveSpec:
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     tableau: Any
     grid: TimeGrid
-    mode: GradientMode
     check_finite: bool
     counter: NFECounter
     stepper: Stepper

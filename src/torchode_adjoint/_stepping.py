@@ -37,6 +37,7 @@ __all__ = [
     "Stepper",
     "integrate",
     "StepHook",
+    "StepProducts",
 ]
 
 Step = float | torch.Tensor
@@ -152,10 +153,17 @@ class Method(Protocol):
     with auxiliary tensors for a reversible one.
     """
 
-    name: str
-    order: int
-    nodes: tuple[float, ...]
-    """Where the evaluations of one step lie, as fractions of the step, in the order made."""
+    @property
+    def name(self) -> str:
+        """The method's name in messages."""
+
+    @property
+    def order(self) -> int:
+        """The order of convergence."""
+
+    @property
+    def nodes(self) -> tuple[float, ...]:
+        """Where the evaluations of one step lie, as fractions of the step, in the order made."""
 
     @property
     def key(self) -> Hashable:
@@ -169,6 +177,39 @@ class Method(Protocol):
 
     def step(self, f: Any, carry: Any, h: Step, times: Sequence[torch.Tensor], pos: int) -> Any:
         """One step; its evaluations are at ``times[pos:pos + len(nodes)]``."""
+
+
+class StepProducts(Protocol):
+    """The vector--Jacobian products a reversible method's exact backward step asks for.
+
+    A gradient mode implements it (the reversible mode's ``StepVJP``) with its bookkeeping:
+    stage times, replayed random draws, parameter and time gradients. The methods
+    (:mod:`._coupled`, :mod:`._reversible_heun`) call it and import nothing from a mode.
+    """
+
+    need_t: bool
+    """Whether the time gradients are asked for."""
+
+    def evaluate(
+        self, x: torch.Tensor, v: torch.Tensor, *, offset: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``f(t, x)`` at the current step's start (``offset=0``) or end (1), and ``v^T df/dx``."""
+
+    def increment(
+        self,
+        tableau: ButcherTableau,
+        x: torch.Tensor,
+        v: torch.Tensor,
+        h: float,
+        pos: int,
+        offset: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The increment ``Psi_h(t, x) - x`` of one base step of ``tableau`` from the current
+        step's start (``offset=0``) or end (1), evaluated at stage times ``pos...``, and ``v^T``
+        its Jacobian."""  # fmt: skip
+
+    def add_step_size_gradient(self, g: torch.Tensor) -> None:
+        """Add ``dL/dh`` of the current step."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,109 @@
+"""The package's imports point down the layers: no cycle, and the solver layer imports no mode.
+
+Read from the source with ``ast`` (every ``import`` and ``from . import``, inside functions and
+``TYPE_CHECKING`` blocks too), so a type-only or a lazy import counts like any other.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "torchode_adjoint"
+
+# How a solve is differentiated. Nothing in the solver layer below may import one of these.
+MODES = {"_mode", "_adjoint", "_checkpoint", "_reversible"}
+# Data and numerics: tableaus and the registry, methods and their steps, the grid, states,
+# one call of the dynamics, the VJP, the compiled step.
+SOLVER_LAYER = {
+    "_tableau",
+    "_solvers",
+    "_stepping",
+    "_coupled",
+    "_reversible_heun",
+    "_grid",
+    "_structure",
+    "_rng",
+    "_compat",
+    "_warnings",
+    "_vjp",
+    "_compiled",
+    "_dynamics",
+    "_reads",
+    "_temporal_norm",
+    "_layers",
+    "_spec",
+}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    return ".".join(rel.parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of the package and the package modules it imports (relative or absolute)."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        package = name.rsplit(".", 1)[0] if "." in name else ""
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".") if package else []
+                    base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+                    module = ".".join([*base, node.module] if node.module else base)
+                elif node.module and node.module.startswith("torchode_adjoint"):
+                    module = node.module.removeprefix("torchode_adjoint").lstrip(".")
+                else:
+                    continue
+                targets.add(module)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("torchode_adjoint."):
+                        targets.add(alias.name.removeprefix("torchode_adjoint."))
+        graph[name] = {t for t in targets if t and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of ``graph`` (each found once, as a path that closes on itself)."""
+    found, state = [], {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return found
+
+
+def test_the_graph_reader_sees_relative_type_only_and_lazy_imports() -> None:
+    graph = import_graph()
+    assert "_tableau" in graph["_solvers"]  # a plain relative import
+    assert "_dynamics" in graph["_mode"]
+    # The reader's own rules, on a made-up graph: a cycle is found, a chain is not.
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    assert cycles(import_graph()) == []
+
+
+def test_the_solver_layer_imports_no_gradient_mode() -> None:
+    graph = import_graph()
+    assert SOLVER_LAYER <= set(graph), SOLVER_LAYER - set(graph)
+    upward = {(m, t) for m in SOLVER_LAYER for t in graph[m] if t in MODES}
+    assert not upward, sorted(upward)
