@@ -118,3 +118,28 @@ def test_the_install_texts_state_the_torch_range_of_pyproject() -> None:
         for found in re.findall(r"\(>= ?[\d.]+(?:, < ?[\d.]+)?\)", text):
             assert found == f"({stated})", (page.name, found)
     assert deps == [torch_dep], "the install texts say torch is the only runtime dependency"
+
+
+def test_the_torchdiffeq_page_states_both_libraries_defaults() -> None:
+    text = " ".join((ROOT / "docs" / "torchdiffeq.rst").read_text().split())
+    for fact in ('``dopri5`` at ``rtol=1e-7``, ``atol=1e-9``', 'solver="euler"``', "``step=0.1``",
+                 "continuous adjoint (``adjoint=True``)", "backpropagates"):  # fmt: skip
+        assert fact in text, fact
+
+
+def test_the_suite_turns_every_warning_of_the_library_into_an_error() -> None:
+    # A test that triggers one of the project's warnings without asserting it fails; a new
+    # warning class must be listed too.
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    filters = config["tool"]["pytest"]["ini_options"]["filterwarnings"]
+    classes = [
+        name
+        for name in torchode_adjoint.__all__
+        if isinstance(getattr(torchode_adjoint, name), type)
+        and issubclass(getattr(torchode_adjoint, name), Warning)
+    ]
+    assert len(classes) >= 3
+    for name in classes:
+        assert f"error::torchode_adjoint.{name}" in filters, name
