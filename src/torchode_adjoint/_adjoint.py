@@ -20,6 +20,8 @@ gradient is added to ``a``, the state is reset to the stored forward state, and
 
 from __future__ import annotations
 
+import functools
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -143,7 +145,7 @@ def _compiled_step(job: BackwardJob) -> _CompiledStep | None:
     plan = plan_for(tableau)
     fns = {
         steps: options.function(
-            ("adjoint", tableau, steps), lambda steps=steps: _make_adjoint_steps(plan, steps)
+            ("adjoint", tableau, steps), functools.partial(_make_adjoint_steps, plan, steps)
         )
         for steps in {1, options.steps}
     }
@@ -220,8 +222,12 @@ def _make_adjoint_steps(plan: StepPlan, steps: int) -> Callable[..., Any]:
         for k in range(steps):
             y, a = rk_step(augmented, (y, a), (-h, h), ts, k * plan.stages, plan)
         used = [(k * plan.stages + j, h * b_j) for k in range(steps) for j, b_j in weights]
-        g_p = tuple(sum(w * stage_out[e][1][m] for e, w in used) for m in range(len(params)))
-        g_t = sum(w * stage_out[e][2] for e, w in used)
+        # (sum() starts from the int 0, which the first tensor term absorbs.)
+        g_p = tuple(
+            typing.cast(torch.Tensor, sum(w * stage_out[e][1][m] for e, w in used))
+            for m in range(len(params))
+        )
+        g_t = typing.cast(torch.Tensor, sum(w * stage_out[e][2] for e, w in used))
         return y, a, g_p, g_t, stage_out[0][0]
 
     return adjoint_steps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 from torch import nn
@@ -185,7 +186,8 @@ class ODEBlock(nn.Module):
         reference = first_leaf(y0)
         if not isinstance(reference, torch.Tensor):
             StateStructure.of(y0)  # raises, naming the part that is not a tensor
-        t = self.integration_times(reference)
+        # A tensor here: StateStructure.of raised otherwise.
+        t = self.integration_times(typing.cast(torch.Tensor, reference))
         _, states, structure = solve(self.dynamics, y0, t, self.config, nfe=self._nfe)
         return states[-1] if structure is None else structure.unflatten(states[-1])
 

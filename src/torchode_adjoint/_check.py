@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -325,7 +326,7 @@ def _setup(func_or_block: object, y0: State, t: torch.Tensor | None, odeint_kwar
         kwargs.setdefault("step", block.step)
         kwargs.setdefault("adjoint", block.adjoint)
         if t is None:
-            t = block.integration_times(_double(first_leaf(y0)))
+            t = block.integration_times(_double(typing.cast(torch.Tensor, first_leaf(y0))))
         func_or_block = block.dynamics
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     if isinstance(func_or_block, nn.Module):

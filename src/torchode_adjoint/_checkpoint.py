@@ -9,14 +9,13 @@ plus one segment's activations.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ._dynamics import Dynamics
-from ._grid import StageTimes, segment_times
+from ._grid import StageTimes, Times, segment_times
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients, RngState
 from ._spec import SolveSpec
 from ._stepping import Stepper, integrate, plan_for
@@ -101,7 +100,7 @@ class Checkpoint(GradientMode):
                 y_s = start.detach().requires_grad_(True)
                 if t_leaf is None:
                     h: float | torch.Tensor = grid.h[i]
-                    times: Sequence[torch.Tensor] = host_times
+                    times: Times = host_times
                     pos = (offsets[i] + k0) * plan.stages
                 else:
                     h, times = segment_times(t_leaf, grid, spec.tableau.c, i, k0, k1)
@@ -123,7 +122,7 @@ class Checkpoint(GradientMode):
         f: Dynamics,
         y: torch.Tensor,
         h: float | torch.Tensor,
-        times: Sequence[torch.Tensor],
+        times: Times,
         pos: int,
         steps: int,
         rng: RngState | None,

@@ -25,6 +25,7 @@ and saved-tensor hooks the eager steps run without an attempt.
 from __future__ import annotations
 
 import types
+import typing
 import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -113,7 +114,8 @@ class CompiledFunction:
     def __init__(self, fn: Callable[..., Any], options: Compile) -> None:
         self.eager = fn
         self.options = options
-        self._graphs: dict[Hashable, Callable[..., Any]] = {}
+        # Keyed by (kind, signature...): the first item says what the graph was compiled for.
+        self._graphs: dict[tuple[Hashable, ...], Callable[..., Any]] = {}
         # Dynamics classes this function failed to compile for (a failure is one of PyTorch's
         # for what the class computes: its next instance, e.g. a deep copy, would fail again),
         # (signature, module id) pairs it ran compiled for, and the classes over the limit.
@@ -161,7 +163,7 @@ class CompiledFunction:
             self._verified.add((key, id(func)))
         return out
 
-    def _new_graph(self, key: Hashable, kind: Hashable) -> Callable[..., Any] | None:
+    def _new_graph(self, key: tuple[Hashable, ...], kind: Hashable) -> Callable[..., Any] | None:
         """A fresh compiled copy of the step for a new signature; None over the limit."""
         if sum(1 for k in self._graphs if k[0] == kind) >= MAX_SIGNATURES:
             if kind not in self._over:
@@ -233,9 +235,9 @@ def _kind(func: object) -> Hashable:
     if isinstance(func, StructuredDynamics):  # the user's dynamics, on this structure
         return (_kind(func.dynamics), func.structure)
     if isinstance(func, nn.Module):
-        return type(func)
+        return type(func)  # type: ignore[return-value]  # torch's stubs: Module.__hash__ is typed unhashable
     code = getattr(func, "__code__", None)
-    return code if isinstance(code, types.CodeType) else type(func)
+    return code if isinstance(code, types.CodeType) else type(func)  # type: ignore[return-value]
 
 
 def _reason(err: BaseException) -> str:
@@ -335,7 +337,9 @@ def functional(
         # storages, which torch.func's wrapped tensors lack under torch.compile (PyTorch 2.13:
         # "Cannot access storage of TensorWrapper", for any layer used twice).
         swap = {name: p for aliases, p in zip(names, params) for name in aliases}
-        out = torch.func.functional_call(func, swap, (t, y), tie_weights=False)
+        # `names` are found on a module only (vjp_names): func is one here.
+        module = typing.cast(nn.Module, func)
+        out = torch.func.functional_call(module, swap, (t, y), tie_weights=False)
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
     return g
@@ -351,6 +355,7 @@ def vjp(
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
     """``f(t, y)`` and ``v^T df/dy``, ``v^T df/dtheta``, ``v^T df/dt`` by ``torch.func.vjp``
     (traceable by ``torch.compile``, unlike ``torch.autograd.grad``)."""
-    value, pull = torch.func.vjp(functional(func, names), t, y, params)
+    # torch's stubs type vjp's result as a pair of a pair; it is (value, pullback).
+    value, pull = torch.func.vjp(functional(func, names), t, y, params)  # type: ignore[misc]
     g_t, g_y, g_p = pull(v)
     return value, g_y, g_p, g_t

@@ -30,12 +30,13 @@ exact gradient of the discretisation, to the round-off of the reconstruction.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ._grid import Times
 from ._stepping import Step, StepPlan, StepProducts, plan_for, rk_increment
 from ._tableau import ButcherTableau
 
@@ -87,7 +88,7 @@ class Coupled:
     def output(self, carry: Carry) -> torch.Tensor:
         return carry[0]
 
-    def step(self, f: Any, carry: Carry, h: Step, times: Sequence[torch.Tensor], pos: int) -> Carry:
+    def step(self, f: Any, carry: Carry, h: Step, times: Times, pos: int) -> Carry:
         y, z = carry
         plan, lam = self.plan, self.coupling
         d_p = rk_increment(f, z, h, times, pos, plan)

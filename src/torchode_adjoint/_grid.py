@@ -12,6 +12,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -26,6 +27,7 @@ __all__ = [
     "make_grid",
     "regrid",
     "StageTimes",
+    "Times",
     "step_sizes",
     "segment_times",
 ]
@@ -205,6 +207,15 @@ def _fractions(
         index.append(i)
         frac.append(((k + 1 - c[j]) if reverse else (k + c[j])) / n)
     return index, frac
+
+
+class Times(Protocol):
+    """The stage times a step reads: ``times[e]`` is the 0-dim time of evaluation ``e`` (a
+    :class:`StageTimes`, or a plain sequence of tensors)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, e: int) -> torch.Tensor: ...
 
 
 class StageTimes:

@@ -146,7 +146,8 @@ class Reversible(GradientMode):
     def backward(self, job: BackwardJob) -> Gradients:
         grid = job.spec.grid
         method: Any = job.spec.stepper.method
-        draws: SeededDraws = job.record.draws
+        draws = job.record.draws
+        assert draws is not None  # the reversible forward always sets them
         if job.record.random and not draws.active:
             raise RuntimeError(
                 "the dynamics drew random numbers in the forward pass, but not in their first "
@@ -166,6 +167,7 @@ class Reversible(GradientMode):
         vjp.at_step(n_int - 1, grid.n_steps[-1] - 1, total - 1)
         adjoint = method.backward_start(vjp, carry, a_y, grid.h[-1])
         evaluations = len(method.nodes)
+        h_prev: float | None
         for i in range(n_int - 1, -1, -1):
             n, h = grid.n_steps[i], grid.h[i]
             for k in range(n - 1, -1, -1):

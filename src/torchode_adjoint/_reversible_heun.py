@@ -22,12 +22,13 @@ through ``f_{n+1}``)::
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ._grid import Times
 from ._stepping import Step, StepProducts
 
 __all__ = ["ReversibleHeun", "REVERSIBLE_HEUN"]
@@ -68,7 +69,7 @@ class ReversibleHeun:
     def output(self, carry: Carry) -> torch.Tensor:
         return carry[0]
 
-    def step(self, f: Any, carry: Carry, h: Step, times: Sequence[torch.Tensor], pos: int) -> Carry:
+    def step(self, f: Any, carry: Carry, h: Step, times: Times, pos: int) -> Carry:
         y, z, f_n = carry
         if isinstance(h, torch.Tensor):
             # No `alpha=` on the compiled path (see `_stepping.combine`).

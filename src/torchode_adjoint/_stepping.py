@@ -20,7 +20,7 @@ import torch
 
 from ._compat import BatchNormBase, functorch_transforms_active
 from ._compiled import Compile, CompiledFunction, CompileFallbackWarning, cast
-from ._grid import StageTimes, TimeGrid, step_sizes
+from ._grid import StageTimes, TimeGrid, Times, step_sizes
 from ._rng import RngState
 from ._structure import non_finite_part
 from ._tableau import ButcherTableau
@@ -104,9 +104,7 @@ def combine(
     return acc * h if y is None else y + acc * h
 
 
-def _stages(
-    f: Any, y: Any, h: Any, times: Sequence[torch.Tensor], pos: int, plan: StepPlan
-) -> list[Any]:
+def _stages(f: Any, y: Any, h: Any, times: Times, pos: int, plan: StepPlan) -> list[Any]:
     ks: list[Any] = []
     for j in range(plan.stages):
         ks.append(f(times[pos + j], _combine_state(y, h, plan.rows[j], ks)))
@@ -117,7 +115,7 @@ def rk_step(
     f: Callable[[torch.Tensor, Any], Any],
     y: Any,
     h: Any,
-    times: Sequence[torch.Tensor],
+    times: Times,
     pos: int,
     plan: StepPlan,
 ) -> Any:
@@ -131,7 +129,7 @@ def rk_step(
 
 
 def rk_increment(
-    f: DynamicsFn, y: torch.Tensor, h: Step, times: Sequence[torch.Tensor], pos: int, plan: StepPlan
+    f: DynamicsFn, y: torch.Tensor, h: Step, times: Times, pos: int, plan: StepPlan
 ) -> torch.Tensor:
     """``Psi_h(y) - y = h * sum_j b_j k_j``: one step's increment, formed without ``y`` (so
     that a method that adds it to another state loses no digits to a cancellation)."""
@@ -175,7 +173,7 @@ class Method(Protocol):
     def output(self, carry: Any) -> torch.Tensor:
         """The solution held in a carry."""
 
-    def step(self, f: Any, carry: Any, h: Step, times: Sequence[torch.Tensor], pos: int) -> Any:
+    def step(self, f: Any, carry: Any, h: Step, times: Times, pos: int) -> Any:
         """One step; its evaluations are at ``times[pos:pos + len(nodes)]``."""
 
 
@@ -245,9 +243,7 @@ class RungeKutta:
     def output(self, carry: torch.Tensor) -> torch.Tensor:
         return carry
 
-    def step(
-        self, f: Any, carry: torch.Tensor, h: Step, times: Sequence[torch.Tensor], pos: int
-    ) -> torch.Tensor:
+    def step(self, f: Any, carry: torch.Tensor, h: Step, times: Times, pos: int) -> torch.Tensor:
         return rk_step(f, carry, h, times, pos, self.plan)
 
 

@@ -65,7 +65,7 @@ class _Node:
     children: tuple[_Node | None, ...]
 
 
-def _new_container(kind: type, keys: tuple[Any, ...], values: list[Any]) -> Any:
+def _new_container(kind: Any, keys: tuple[Any, ...], values: list[Any]) -> Any:
     if issubclass(kind, dict):
         return kind(zip(keys, values))
     if issubclass(kind, tuple) and hasattr(kind, "_fields"):  # a namedtuple
@@ -192,7 +192,7 @@ class StateStructure:
         self.padded = len(chunks) != len(self.leaves)
         root = self.root
         flat = root is not None and all(child is None for child in root.children)
-        self._flat_kind = root.kind if flat else None
+        self._flat_kind = root.kind if flat and root is not None else None
 
     def flatten(self, state: State, what: str = "y0") -> torch.Tensor:
         """The flat real state of ``state`` (which must have this structure; ``what`` names it

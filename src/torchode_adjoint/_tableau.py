@@ -55,7 +55,7 @@ def _order_conditions(
     ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ButcherTableau:
     """An explicit Runge--Kutta method as its Butcher tableau.
 
@@ -102,6 +102,20 @@ class ButcherTableau:
     b: tuple[float, ...]
     order: int
     name: str = "custom"
+
+    def __init__(
+        self,
+        c: Sequence[float],
+        a: Sequence[Sequence[float]],
+        b: Sequence[float],
+        order: int,
+        name: str = "custom",
+    ) -> None:
+        # Any sequences in, tuples kept (validated and converted below): the dataclass's own
+        # __init__ would type the arguments as the stored tuples.
+        for field_name, value in (("c", c), ("a", a), ("b", b), ("order", order), ("name", name)):
+            object.__setattr__(self, field_name, value)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         c = _as_floats(self.c, "c")

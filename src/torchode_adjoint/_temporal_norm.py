@@ -42,6 +42,13 @@ class TemporalBatchNormBase(nn.Module):
     """The implementation shared by the 1d, 2d and 3d layers; see :class:`TemporalBatchNorm2d`."""
 
     _input_dims: tuple[int, ...] = ()
+    # Registered in __init__ (buffers and parameters); declared for the type checker.
+    times: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -77,7 +84,6 @@ class TemporalBatchNormBase(nn.Module):
             )
         if not (isinstance(eps, (int, float)) and eps > 0):
             raise ValueError(f"`eps` must be a positive number, got {eps!r}.")
-        factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.max_times = max_times
         self.eps = float(eps)
@@ -85,16 +91,22 @@ class TemporalBatchNormBase(nn.Module):
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         if self.affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+            self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         # Fixed shapes (max_times slots, NaN = free), so that state_dict, .to(), DDP's buffer
         # broadcast and weights_only loading work exactly as for nn.BatchNorm.
-        self.register_buffer("times", torch.full((max_times,), float("nan"), **factory))
-        self.register_buffer("running_mean", torch.zeros(max_times, num_features, **factory))
-        self.register_buffer("running_var", torch.ones(max_times, num_features, **factory))
+        self.register_buffer(
+            "times", torch.full((max_times,), float("nan"), device=device, dtype=dtype)
+        )
+        self.register_buffer(
+            "running_mean", torch.zeros(max_times, num_features, device=device, dtype=dtype)
+        )
+        self.register_buffer(
+            "running_var", torch.ones(max_times, num_features, device=device, dtype=dtype)
+        )
         self.register_buffer(
             "num_batches_tracked",
             torch.zeros(max_times, dtype=torch.long, device=device),
@@ -198,7 +210,7 @@ class TemporalBatchNormBase(nn.Module):
             # not differentiate its statistics, so spell the normalisation out.
             shape = (1, -1) + (1,) * (x.dim() - 2)
             out = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
-            if self.weight is not None:
+            if self.weight is not None and self.bias is not None:  # affine: both or neither
                 out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
             return out
         if not self.track_running_stats:

@@ -31,6 +31,7 @@ from torch import nn
 
 from .._block import ODEBlock
 from .._layers import ConcatConv2d
+from .._prepare import resolve_mode
 from .._temporal_norm import TemporalBatchNorm2d
 
 __all__ = [
@@ -201,7 +202,7 @@ def _ode_stage(
         ConvDynamics(channels, shared=shared, norm=norm),
         solver=solver,
         step=step,
-        adjoint=adjoint,
+        adjoint=resolve_mode(adjoint),  # a name or a bool checked, as a mode object
         compile=compile,
     )
 
