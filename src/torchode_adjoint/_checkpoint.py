@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from ._compat import vector_jacobian_product
 from ._dynamics import Dynamics
 from ._grid import StageTimes, Times, segment_times
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients, RngState
@@ -108,7 +109,7 @@ class Checkpoint(GradientMode):
                 state = rng.pop() if rng else None
                 y = self._rerun(spec.stepper, job.f, y_s, h, times, pos, k1 - k0, state)
                 inputs = [y_s, *job.vjp_params, *(() if t_leaf is None else (t_leaf,))]
-                grads = torch.autograd.grad(y, inputs, a, allow_unused=True)
+                grads = vector_jacobian_product(y, inputs, a)
                 a = grads[0] if grads[0] is not None else torch.zeros_like(a)
                 accumulate_(g_p, grads[1 : 1 + len(job.vjp_params)])
                 if g_t is not None and grads[-1] is not None:

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ._compat import vector_jacobian_product
 from ._coupled import Coupled
 from ._dynamics import Dynamics
 from ._grid import StageTimes
@@ -286,7 +287,7 @@ class StepVJP:
         self, out: torch.Tensor, x: torch.Tensor, v: torch.Tensor, times: tuple[torch.Tensor, ...]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
         inputs = [x, *self.params, *times]
-        grads = torch.autograd.grad(out, inputs, v, allow_unused=True)
+        grads = vector_jacobian_product(out, inputs, v)
         accumulate_(self.g_p, grads[1 : 1 + len(self.params)])
         g_x = grads[0] if grads[0] is not None else torch.zeros_like(x)
         return g_x, grads[1 + len(self.params) :]

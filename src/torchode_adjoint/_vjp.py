@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._compat import foreach_add_
+from ._compat import foreach_add_, vector_jacobian_product
 
 __all__ = ["VJP", "dynamics_vjp", "accumulate_"]
 
@@ -65,7 +65,7 @@ def dynamics_vjp(
     tau = t.detach().requires_grad_(True) if want_t else t
     out = f(tau, y_leaf)
     inputs = [y_leaf, *params, *((tau,) if want_t else ())]
-    grads = torch.autograd.grad(out, inputs, v, allow_unused=True)
+    grads = vector_jacobian_product(out, inputs, v)
     g_y = grads[0] if grads[0] is not None else torch.zeros_like(y)
     return VJP(
         value=out.detach(),
@@ -80,5 +80,7 @@ def accumulate_(
 ) -> None:
     """``acc += alpha * grad`` for every pair with a gradient, in one fused foreach call."""
     pairs = [(acc, g) for acc, g in zip(accs, grads) if g is not None]
-    if pairs:
+    if len(pairs) == 1:  # one kernel either way; the plain call has less dispatch overhead
+        pairs[0][0].add_(pairs[0][1], alpha=alpha)
+    elif pairs:
         foreach_add_([p[0] for p in pairs], [p[1] for p in pairs], alpha=alpha)
