@@ -191,3 +191,30 @@ def test_the_ode_demo_port_runs_both_libraries(capsys):
     assert port_ode_demo.main(["--iterations", "1"]) == 0
     out = capsys.readouterr().out
     assert "backprop: ours / torchdiffeq = " in out and "adjoint: ours / torchdiffeq = " in out
+
+
+def test_the_launch_bound_benchmark_reports_every_mode_against_a_bare_loop(tmp_path):
+    from benchmarks import launch_bound
+
+    assert launch_bound.main(["--repeats", "1", "--output-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    for solver in ("euler", "rk4"):
+        times = results["times"][solver]
+        for mode in launch_bound.MODES:
+            assert times[f"{mode}_step"] > 0 and times[f"{mode}_forward"] > 0
+        assert times["bare_step"] > 0 and times["vjp_floor"] > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| adjoint |" in report and "bare loop, backprop" in report
+
+
+def test_the_bare_loop_is_the_same_scheme_as_the_library():
+    # The bare loop is a reference only if it computes what the library computes.
+    from benchmarks.launch_bound import STEPS, Linear, _bare_loop
+
+    from torchode_adjoint import odeint
+
+    f = Linear().double()
+    y0 = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    for solver in ("euler", "rk4"):
+        ours = odeint(f, y0, [0.0, 1.0], solver=solver, step=1.0 / STEPS, adjoint=False)[-1]
+        torch.testing.assert_close(_bare_loop(f, y0, solver), ours, rtol=1e-12, atol=1e-12)
