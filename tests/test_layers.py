@@ -107,3 +107,18 @@ def test_the_solver_layer_imports_no_gradient_mode() -> None:
     assert SOLVER_LAYER <= set(graph), SOLVER_LAYER - set(graph)
     upward = {(m, t) for m in SOLVER_LAYER for t in graph[m] if t in MODES}
     assert not upward, sorted(upward)
+
+
+def test_modes_ask_for_methods_and_capabilities_never_for_method_classes() -> None:
+    # A mode gets its method from the solver layer (as_method, as_reversible, tableau_of) and
+    # asks a method for what it can do; it never tests or builds a method class itself.
+    classes = {"RungeKutta", "Coupled", "ReversibleHeun"}
+    found = []
+    for name in sorted(MODES):
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and node.id in classes:
+                found.append((name, node.id, node.lineno))
+            elif isinstance(node, ast.alias) and node.name in classes:
+                found.append((name, node.name, 0))
+    assert not found, found

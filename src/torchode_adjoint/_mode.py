@@ -31,14 +31,13 @@ import torch
 
 from ._compat import autocast_state, functorch_transforms_active
 from ._dynamics import Dynamics, frozen_batchnorm, module_tensors
+from ._methods import as_method, tableau_of
 from ._reads import Reads
-from ._reversible_heun import ReversibleHeun
 from ._rng import RngState, SeededDraws
 from ._solvers import Solver
 from ._spec import SolveSpec
-from ._stepping import Method, RungeKutta, integrate
+from ._stepping import Method, integrate
 from ._structure import StructuredDynamics, non_finite_part
-from ._tableau import ButcherTableau
 
 __all__ = [
     "GradientMode",
@@ -208,7 +207,7 @@ class GradientMode:
     def check_solver(self, solver: Solver) -> None:
         """Raise a ValueError if the mode cannot integrate with ``solver`` (default: any
         tableau; the reversible Heun method pairs with the reversible mode and backprop)."""
-        if not isinstance(solver, ButcherTableau):
+        if tableau_of(solver) is None:
             raise ValueError(
                 f"`solver={solver.name!r}` pairs with `adjoint='reversible'` (exact, memory "
                 f"flat in the steps) or `adjoint='backprop'`, not with adjoint={self.name!r}; "
@@ -217,8 +216,7 @@ class GradientMode:
 
     def method_for(self, solver: Solver) -> Method:
         """The method the mode's solves step with (default: the tableau's Runge--Kutta step)."""
-        assert isinstance(solver, ButcherTableau)  # check_solver ran first
-        return RungeKutta(solver)
+        return as_method(solver)
 
     def solve(
         self, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]
@@ -280,7 +278,7 @@ class Backprop(GradientMode):
         """Any solver: autograd records whatever it computes."""
 
     def method_for(self, solver: Solver) -> Method:
-        return solver if isinstance(solver, ReversibleHeun) else RungeKutta(solver)
+        return as_method(solver)
 
     def solve(
         self, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]

@@ -22,6 +22,7 @@ from ._checkpoint import Checkpoint
 from ._compiled import Compile
 from ._dynamics import NFECounter, module_tensors, training_norms
 from ._grid import DEFAULT_MAX_STEPS, distinct_stage_times, make_grid
+from ._methods import is_heun
 from ._mode import Backprop, GradientMode
 from ._reversible import Reversible
 from ._solvers import Solver, get_solver
@@ -283,6 +284,15 @@ def make_config(
     mode = resolve_mode(adjoint, checkpoint_every)
     tableau = get_solver(solver)
     mode.check_solver(tableau)
+    if mode.name == "reversible" and is_heun(tableau):
+        warnings.warn(
+            "`solver='heun'` with `adjoint='reversible'` now integrates Heun's method made "
+            "reversible by McCallum & Foster's coupling (two evaluations per step, order 2); "
+            "it used to mean the reversible Heun method (one evaluation per step), which is "
+            "now `solver='reversible_heun'`.",
+            FutureWarning,
+            stacklevel=user_stacklevel(),
+        )
     options = check_compile(compile)
     return SolveConfig(
         tableau=tableau,

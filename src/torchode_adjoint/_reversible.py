@@ -26,25 +26,22 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from ._compat import vector_jacobian_product
-from ._coupled import Coupled
 from ._dynamics import Dynamics
 from ._grid import StageTimes
+from ._methods import as_reversible
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
-from ._reversible_heun import ReversibleHeun
 from ._rng import SeededDraws
-from ._solvers import HEUN, Solver
+from ._solvers import Solver
 from ._spec import SolveSpec
 from ._stepping import Method, integrate, plan_for, rk_increment
 from ._tableau import ButcherTableau
 from ._vjp import accumulate_, dynamics_vjp
-from ._warnings import user_stacklevel
 
 __all__ = ["Reversible", "StepVJP"]
 
@@ -110,20 +107,10 @@ class Reversible(GradientMode):
             )
 
     def check_solver(self, solver: Solver) -> None:
-        if _is_heun(solver):
-            warnings.warn(
-                "`solver='heun'` with `adjoint='reversible'` now integrates Heun's method made "
-                "reversible by McCallum & Foster's coupling (two evaluations per step, order 2); "
-                "it used to mean the reversible Heun method (one evaluation per step), which is "
-                "now `solver='reversible_heun'`.",
-                FutureWarning,
-                stacklevel=user_stacklevel(),
-            )
+        """Any solver: a tableau is made reversible, the reversible Heun method is already."""
 
     def method_for(self, solver: Solver) -> Method:
-        if isinstance(solver, ReversibleHeun):
-            return solver
-        return Coupled(solver, self.coupling)
+        return as_reversible(solver, self.coupling)
 
     def integrate_only(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec
@@ -202,7 +189,7 @@ class Reversible(GradientMode):
         rel = float(drift / scale.clamp_min(torch.finfo(y0.dtype).tiny))
         if rel <= tol:
             return
-        if isinstance(method, Coupled):
+        if getattr(method, "coupling", None) is not None:  # a coupled scheme
             # Round-off in the reconstruction grows like coupling**-steps: suggest a coupling
             # that keeps that factor near e (it damps the scheme's second mode by as much).
             fixes = (
@@ -224,12 +211,6 @@ class Reversible(GradientMode):
 def _power(base: float, exponent: int) -> str:
     log10 = exponent * math.log10(base)
     return f"{10**log10:.3g}" if log10 < 300 else f"1e{log10:.0f}"
-
-
-def _is_heun(solver: Solver) -> bool:
-    if not isinstance(solver, ButcherTableau):
-        return False
-    return (solver.c, solver.a, solver.b) == (HEUN.c, HEUN.a, HEUN.b)
 
 
 class StepVJP:

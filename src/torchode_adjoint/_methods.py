@@ -1,0 +1,45 @@
+"""Methods built from solvers: the solver layer's answer to "what steps does this solver take?".
+
+A gradient mode never names a solver class. It asks for a method (:func:`as_method`), for a
+method with an exact inverse (:func:`as_reversible`), or for a capability: :func:`tableau_of`
+(the Butcher tableau a method steps with, which the continuous adjoint and the checkpointed mode
+integrate again), and a method's ``coupling`` (the reversible scheme's parameter, for advice on
+its round-off).
+"""
+
+from __future__ import annotations
+
+from ._coupled import Coupled
+from ._solvers import HEUN, Solver
+from ._stepping import Method, RungeKutta
+from ._tableau import ButcherTableau
+
+__all__ = ["as_method", "as_reversible", "tableau_of", "is_heun"]
+
+
+def as_method(solver: Solver) -> Method:
+    """The method ``solver`` steps with: a tableau's Runge--Kutta step, or the reversible Heun
+    method, which is its own method."""
+    if isinstance(solver, ButcherTableau):
+        return RungeKutta(solver)
+    return solver
+
+
+def as_reversible(solver: Solver, coupling: float) -> Method:
+    """``solver`` as a method with an exact inverse: a tableau made reversible by McCallum &
+    Foster's coupling ``coupling``, or the reversible Heun method (its own inverse)."""
+    if isinstance(solver, ButcherTableau):
+        return Coupled(solver, coupling)
+    return solver
+
+
+def tableau_of(solver: Solver) -> ButcherTableau | None:
+    """The Butcher tableau ``solver`` steps with, or None for a method that is no tableau."""
+    return solver if isinstance(solver, ButcherTableau) else None
+
+
+def is_heun(solver: Solver) -> bool:
+    """Whether ``solver`` has Heun's tableau (whatever its name)."""
+    if not isinstance(solver, ButcherTableau):
+        return False
+    return (solver.c, solver.a, solver.b) == (HEUN.c, HEUN.a, HEUN.b)
