@@ -210,7 +210,6 @@ def test_the_launch_bound_benchmark_reports_every_mode_against_a_bare_loop(tmp_p
 def test_the_bare_loop_is_the_same_scheme_as_the_library():
     # The bare loop is a reference only if it computes what the library computes.
     from benchmarks.launch_bound import STEPS, Linear, _bare_loop
-
     from torchode_adjoint import odeint
 
     f = Linear().double()

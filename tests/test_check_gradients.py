@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 from problems import MLPDynamics
+from torch import nn
 
-from torchode_adjoint import GradientReport, ODEBlock, check_gradients
+from torchode_adjoint import GradientReport, NFECounter, ODEBlock, check_gradients, odeint
 
 
 def test_report_for_a_block_has_one_row_per_input_and_small_errors() -> None:
@@ -435,3 +436,40 @@ def test_finite_differences_that_leave_the_domain_make_the_row_suspicious(adjoin
     assert rows[name].rel_err_fd == math.inf
     assert rows[name].verdict == "suspicious" and report.verdict == "suspicious"
     assert rows["y0"].verdict == "pass" and math.isfinite(rows["y0"].rel_err_fd)
+
+
+_VISITED: list[float] = []
+
+
+class _TimeRecorder(nn.Module):
+    """Linear dynamics that record every time they are evaluated at (copies record too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, t, y):
+        _VISITED.append(float(t.detach()))
+        return self.lin(y)
+
+
+def test_a_float32_solve_is_checked_with_its_own_step_counts() -> None:
+    # In float32, 0.3 / 0.1 is 3 steps (3.0000001 within the ulps tolerance); the same float32
+    # times cast to float64 would give 4. The check must verify the discretisation the user's
+    # solve takes: Euler evaluations only at multiples of 0.1.
+    import warnings
+
+    f = _TimeRecorder()
+    t = torch.tensor([0.0, 0.3, 0.7])  # float32, as the user's block or solve has them
+    n = NFECounter()
+    odeint(f, torch.randn(3, 2), t, step=0.1, adjoint="checkpoint", nfe=n)
+    assert n.forward == 3 + 4  # the user's own solve
+    _VISITED.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no step-rounding warning from inside the check
+        report = check_gradients(f, torch.randn(3, 2), t, step=0.1, adjoint="checkpoint")
+    assert report.verdict == "pass", str(report)
+    # (finite differences in t move the times by about 1e-6: far below a 0.075 spacing)
+    assert _VISITED and all(abs(v * 10 - round(v * 10)) < 1e-3 for v in _VISITED), sorted(
+        set(_VISITED)
+    )[:8]

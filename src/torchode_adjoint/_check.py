@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import math
 import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -16,11 +17,11 @@ from torch import nn
 
 from ._block import ODEBlock
 from ._checkpoint import Checkpoint
-from ._grid import regrid
+from ._grid import StepRoundingWarning, make_grid, regrid
 from ._mode import Backprop
-from ._prepare import SolveConfig, make_config, prepare
+from ._prepare import Prepared, SolveConfig, make_config, prepare
 from ._reversible import Reversible
-from ._structure import State, StateStructure, first_leaf, map_leaves
+from ._structure import State, StateStructure, first_leaf, map_leaves, real_dtype
 from ._tableau import ButcherTableau
 
 __all__ = ["GradientCheck", "GradientReport", "check_gradients"]
@@ -304,14 +305,28 @@ class _Setup:
     t: torch.Tensor
     params: list[torch.Tensor]
     names: list[str]
+    counts: tuple[int, ...]
+    """The steps per interval of the user's own solve (counted in the user's dtype)."""
 
     @property
     def inputs(self) -> list[torch.Tensor]:
         return [self.y, self.t, *self.params]
 
+    def prepared(self, cfg: SolveConfig) -> Prepared:
+        """The float64 solve of ``cfg``; at the user's own step, with the user's step
+        counts (float32 times cast to float64 can round to another count: 0.3f / 0.1 is
+        3.0000001 steps, 3 in float32 and 4 in float64)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", StepRoundingWarning)  # counts: the user's, below
+            prepared = prepare(self.func, self.y, self.t, cfg, params=self.params)
+        if cfg.step != self.config.step:  # another discretisation (the halved step)
+            return prepared
+        user = dataclasses.replace(prepared.spec.grid, n_steps=self.counts)
+        grid = regrid(user, prepared.spec.grid.times)
+        return dataclasses.replace(prepared, spec=dataclasses.replace(prepared.spec, grid=grid))
+
     def solution(self, cfg: SolveConfig) -> torch.Tensor:
-        prepared = prepare(self.func, self.y, self.t, cfg, params=self.params)
-        return torch.stack([self.y, *prepared.solve()])
+        return torch.stack([self.y, *self.prepared(cfg).solve()])
 
     def gradients(self, sol: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
         g = torch.autograd.grad((w * sol).sum(), self.inputs, allow_unused=True)
@@ -361,9 +376,23 @@ def _setup(func_or_block: object, y0: State, t: torch.Tensor | None, odeint_kwar
     if structure is not None:  # checked as the flat real vector it is integrated as
         func, state, y_name = structure.wrap(func), structure.flatten(state), "y0 (flattened)"
     y = state.detach().requires_grad_(True)  # type: ignore[union-attr]
-    tt = (t if t is not None else torch.tensor([0.0, 1.0])).detach().double().to(y.device)
+    given_t = t if t is not None else torch.tensor([0.0, 1.0])
+    tt = given_t.detach().double().to(y.device)
     tt.requires_grad_(True)
-    return _Setup(func, config, y, tt, [p for _, p in named], [y_name, "t", *(n for n, _ in named)])
+    counts = _user_counts(y0, given_t, config)
+    names = [y_name, "t", *(n for n, _ in named)]
+    return _Setup(func, config, y, tt, [p for _, p in named], names, counts)
+
+
+def _user_counts(y0: State, t: torch.Tensor, config: SolveConfig) -> tuple[int, ...]:
+    """The steps per interval the user's solve takes: its times in the state's real dtype."""
+    leaf = first_leaf(y0)
+    dtype = real_dtype(leaf.dtype) if isinstance(leaf, torch.Tensor) else torch.float64
+    host = t.detach().to(dtype).cpu().tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StepRoundingWarning)
+        grid = make_grid(host, config.step, torch.finfo(dtype).eps, max_steps=config.max_steps)
+    return grid.n_steps
 
 
 def _double(x: torch.Tensor) -> torch.Tensor:
@@ -399,7 +428,7 @@ def _tolerances(
         return [_EXACT_TOL] * len(g_ref), None
     # The continuous adjoint is as far from the discrete gradient as the discretisation error:
     # measure that as the change of the exact gradient when the step is halved.
-    grid = prepare(setup.func, setup.y, setup.t, config, params=setup.params).spec.grid
+    grid = setup.prepared(config).spec.grid
     half = max(abs(h) for h in grid.h) / 2
     fine = dataclasses.replace(config, mode=Backprop(), step=half)
     g_fine = setup.gradients(setup.solution(fine), w)
@@ -418,7 +447,7 @@ def _finite_differences(
     them) and restored in a ``finally``, whatever the dynamics raise.
     """
     # Its evaluation counter is this check's own (prepare() without `nfe`), never the user's.
-    base_spec = prepare(setup.func, setup.y, setup.t, setup.config, params=setup.params).spec
+    base_spec = setup.prepared(setup.config).spec
 
     def loss_at(y_in: torch.Tensor, t_in: torch.Tensor) -> float:
         spec = dataclasses.replace(

@@ -179,7 +179,7 @@ def _too_many(times: Sequence[float], step: float | None, count: float, max_step
 def regrid(grid: TimeGrid, times: Sequence[float]) -> TimeGrid:
     """The same step counts over new output times (for finite differences in the times)."""
     h = tuple((t_b - t_a) / n for t_a, t_b, n in zip(times[:-1], times[1:], grid.n_steps))
-    return TimeGrid(times=tuple(times), n_steps=grid.n_steps, h=h)
+    return TimeGrid(times=tuple(times), n_steps=grid.n_steps, h=h, step=grid.step)
 
 
 def _fractions(
