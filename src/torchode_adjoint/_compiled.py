@@ -8,7 +8,7 @@ compiled once, so that the stages and their combinations fuse:
   that checkpointing re-runs, whose backward graph AOTAutograd compiles),
 - the continuous adjoint's backward step: every stage's evaluation and its VJP with respect to
   the state, the parameters and the time, with the weighted accumulation,
-- the reversible Heun step and the reversible mode's backward VJP.
+- the reversible methods' forward steps (the reversible mode's backward pass runs eagerly).
 
 Times and step sizes enter as 0-dim tensors, so a new time or step size never recompiles; the
 host syncs per call are those of the eager path. The first step of every pass runs eagerly:

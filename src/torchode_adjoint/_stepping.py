@@ -1,11 +1,13 @@
-"""The solver step as data, and the one loop and executor every solve runs through.
+"""The solver step as data, and the fixed-step loop of the forward passes.
 
 A *method* says what one step computes: an explicit Runge--Kutta tableau
 (:class:`RungeKutta`), or a reversible method with a state of its own (see
 :mod:`torchode_adjoint._coupled` and :mod:`torchode_adjoint._reversible_heun`). The
-:class:`Stepper` runs a method's steps, eagerly or as compiled graphs, deciding which in one place;
+:class:`Stepper` runs a method's forward steps, eagerly or as compiled graphs;
 :func:`integrate` is the fixed-step loop over the time grid that the forward pass of every gradient
-mode, backprop and the checkpointed re-runs call.
+mode, backprop and the checkpointed re-runs call. The backward passes are not all run here yet:
+the continuous adjoint's backward loop (:mod:`._adjoint`, with its own compiled step) and the
+reversible mode's (:mod:`._reversible`, eager) are loops of their own.
 """
 
 from __future__ import annotations
