@@ -387,3 +387,84 @@ def test_batchnorm_statistics_changed_after_the_solve_raise_in_eval_mode_only(mo
     else:
         with pytest.raises(RuntimeError, match=r"`dyn\.1\.running_mean` .*modified in place"):
             loss.backward()
+
+
+class _Rates:
+    """A plain callable object (not a module) holding its weight."""
+
+    def __init__(self) -> None:
+        self.w = torch.randn(3, 3, dtype=D, requires_grad=True)
+
+    def __call__(self, t, y):
+        return torch.tanh(y @ self.w)
+
+    def rates(self, t, y):  # the same, as a bound method
+        return torch.tanh(y @ self.w)
+
+
+@pytest.mark.parametrize("kind", ["callable", "bound method"])
+def test_a_plain_objects_tensor_rebound_is_named_through_the_object(kind):
+    obj = _Rates()
+    func = obj if kind == "callable" else obj.rates
+    y = odeint(func, torch.randn(2, 3, dtype=D), [0.0, 1.0], solver="rk4", step=0.25,
+               adjoint="adjoint", params=[obj.w])  # fmt: skip
+    obj.w = torch.randn(3, 3, dtype=D, requires_grad=True)
+    where = r"`_Rates\.w`" if kind == "callable" else r"`rates\.__self__\.w`"
+    with pytest.raises(RuntimeError, match=where + r" .*rebound"):
+        y.sum().backward()
+
+
+def test_a_partials_tensor_modified_in_place_is_named_by_its_keyword():
+    import functools
+
+    def decay(t, y, rate):
+        return -rate * y
+
+    rate = torch.tensor(0.5, dtype=D)
+    y0 = torch.randn(2, 3, dtype=D, requires_grad=True)
+    func = functools.partial(decay, rate=rate)
+    y = odeint(func, y0, [0.0, 1.0], solver="rk4", step=0.25, adjoint="checkpoint", params=())
+    rate.mul_(2.0)
+    with pytest.raises(RuntimeError, match=r"`partial\['rate'\]` .*modified in place"):
+        y.sum().backward()
+
+
+def test_a_tensor_read_only_through_item_is_a_read():
+    # Its value steers the computation from Python: a change must raise like any other read.
+    class Gain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3, dtype=D)
+            self.register_buffer("gain", torch.tensor(2.0, dtype=D))
+
+        def forward(self, t, y):
+            return self.lin(y) * float(self.gain.item())
+
+    f = Gain()
+    y = odeint(f, torch.randn(2, 3, dtype=D), [0.0, 1.0], solver="rk4", step=0.25, adjoint=True)
+    with torch.no_grad():
+        f.gain.fill_(3.0)
+    with pytest.raises(RuntimeError, match=r"`Gain\.gain` .*modified in place"):
+        y.sum().backward()
+
+
+def test_a_structured_state_names_the_tensor_from_the_users_dynamics():
+    # The flat-vector wrapper of a tuple state is the library's: the path starts at the user's
+    # module, as the user wrote it.
+    class PairNoise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3, dtype=D)
+            self.e = torch.ones(3, dtype=D)
+
+        def forward(self, t, state):
+            z, logp = state
+            dz = torch.tanh(self.lin(z)) * self.e
+            return dz, -(dz * z).sum(dim=1)
+
+    f = PairNoise()
+    z, logp = odeint(f, (torch.randn(2, 3, dtype=D), torch.zeros(2, dtype=D)), [0.0, 1.0],
+                     solver="rk4", step=0.25, adjoint="checkpoint")  # fmt: skip
+    f.e = torch.full((3,), 2.0, dtype=D)
+    with pytest.raises(RuntimeError, match=r"`PairNoise\.e` \(shape \(3,\)"):
+        (z.sum() + logp.sum()).backward()
