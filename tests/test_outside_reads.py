@@ -468,3 +468,146 @@ def test_a_structured_state_names_the_tensor_from_the_users_dynamics():
     f.e = torch.full((3,), 2.0, dtype=D)
     with pytest.raises(RuntimeError, match=r"`PairNoise\.e` \(shape \(3,\)"):
         (z.sum() + logp.sum()).backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every kind of place a read tensor is found at: named exactly, unchanged passes, rebound raises
+
+_SHIFT = torch.tensor([0.1, -0.2, 0.3], dtype=D)
+
+
+class _Caller:
+    """A callable object whose ``__call__`` reads a global."""
+
+    def __call__(self, t, y):
+        return torch.tanh(y) + _SHIFT
+
+
+def _places():
+    """(id, dynamics, params, rebind, the name the error must give)."""
+    out = []
+    f = Noisy()
+    out.append(("module attribute", f, None, lambda: setattr(f, "e", f.e.clone()), "`Noisy.e`"))
+
+    def closure():
+        noise = torch.ones(3, dtype=D)
+
+        def rates(t, y):
+            return torch.tanh(y) * noise
+
+        def rebind():
+            nonlocal noise
+            noise = noise.clone()
+
+        return rates, rebind
+
+    rates, rebind = closure()
+    out.append(("closure", rates, (), rebind, "`noise` (a variable captured by `rates`)"))
+    holder = [torch.ones(3, dtype=D)]
+    out.append(
+        (
+            "list item",
+            lambda t, y: torch.tanh(y) * holder[0],
+            (),
+            lambda: holder.__setitem__(0, holder[0].clone()),
+            "`holder[0]` (a variable captured by `<lambda>`)",
+        )
+    )
+    config = {"scale": torch.ones(3, dtype=D)}
+    out.append(
+        (
+            "dict item",
+            lambda t, y: torch.tanh(y) * config["scale"],
+            (),
+            lambda: config.__setitem__("scale", config["scale"].clone()),
+            "`config['scale']` (a variable captured by `<lambda>`)",
+        )
+    )
+    obj = _Rates()
+    out.append(
+        (
+            "bound method",
+            obj.rates,
+            [obj.w],
+            lambda: setattr(obj, "w", obj.w.detach().clone().requires_grad_()),
+            "`rates.__self__.w`",
+        )
+    )
+    import functools
+
+    def decay(t, y, rate):
+        return -rate * y
+
+    part = functools.partial(decay, rate=torch.tensor(0.5, dtype=D))
+    out.append(
+        (
+            "partial keyword",
+            part,
+            (),
+            lambda: part.keywords.__setitem__("rate", part.keywords["rate"].clone()),
+            "`partial['rate']`",
+        )
+    )
+
+    def rebind_global():
+        global _SHIFT
+        _SHIFT = _SHIFT.clone()
+
+    out.append(
+        (
+            "global of a callable's __call__",
+            _Caller(),
+            (),
+            rebind_global,
+            "`_SHIFT` (a global read by `_Caller.__call__`)",
+        )
+    )
+    return out
+
+
+@pytest.mark.parametrize("index", range(7), ids=[p[0] for p in _places()])
+@pytest.mark.parametrize("mode", ["adjoint", "checkpoint", "reversible"])
+def test_each_kind_of_place_passes_unchanged_and_raises_rebound_with_its_exact_name(index, mode):
+    _, func, params, rebind, name = _places()[index]
+    kw = dict(solver="rk4", step=0.25, adjoint=mode, params=params)
+    y0 = torch.randn(2, 3, dtype=D, requires_grad=True)
+    odeint(func, y0, [0.0, 1.0], **kw).sum().backward()  # nothing changed: no error
+    assert y0.grad is not None
+    y = odeint(func, y0, [0.0, 1.0], **kw)
+    rebind()
+    with pytest.raises(RuntimeError) as err:
+        y.sum().backward()
+    assert f"read besides the state and the time, {name} (shape " in str(err.value)
+    assert "was rebound to another tensor after the solve" in str(err.value)
+
+
+class _ShapeOnly(nn.Module):
+    """Dynamics that use an outside tensor's shape and a tensor "like" it, never its values,
+    and one outside tensor written into a slice of the output (a read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3, dtype=D)
+        self.template = torch.zeros(2, 3, dtype=D)  # shape only
+        self.column = torch.ones(2, dtype=D)  # written into the output: read
+
+    def forward(self, t, y):
+        base = torch.zeros_like(self.template) + y.new_zeros(self.template.shape)
+        out = self.lin(y) + base
+        out[:, 0] = self.column
+        return out
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "checkpoint", "reversible"])
+def test_shapes_and_tensors_like_are_not_reads_and_a_slice_assignment_is(mode):
+    f = _ShapeOnly()
+    kw = dict(solver="rk4", step=0.25, adjoint=mode)
+    y = odeint(f, torch.randn(2, 3, dtype=D), [0.0, 1.0], **kw)
+    with torch.no_grad():
+        f.template.fill_(5.0)  # its values are never read: no error
+    y.sum().backward()
+    y = odeint(f, torch.randn(2, 3, dtype=D), [0.0, 1.0], **kw)
+    with torch.no_grad():
+        f.column.fill_(5.0)
+    with pytest.raises(RuntimeError, match=r"`_ShapeOnly\.column` .*modified in place"):
+        y.sum().backward()
