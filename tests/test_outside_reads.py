@@ -611,3 +611,30 @@ def test_shapes_and_tensors_like_are_not_reads_and_a_slice_assignment_is(mode):
         f.column.fill_(5.0)
     with pytest.raises(RuntimeError, match=r"`_ShapeOnly\.column` .*modified in place"):
         y.sum().backward()
+
+
+class _Shifted(nn.Module):
+    def __init__(self, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3, dtype=D)
+        self.shift = shift  # added, never saved for backward (autograd refuses inference tensors)
+
+    def forward(self, t, y):
+        return torch.tanh(self.lin(y)) + self.shift
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "checkpoint", "reversible"])
+def test_an_inference_tensor_the_dynamics_read_is_accepted_unchanged(mode):
+    # Inference tensors have no version counter: the check must not read one (it would raise
+    # inside the library); a rebinding is still seen.
+    with torch.inference_mode():
+        f = _Shifted(torch.tensor([1.0, 0.5, 2.0], dtype=D))
+    f = _Shifted(f.shift)  # the module itself built outside inference mode
+    kw = dict(solver="rk4", step=0.25, adjoint=mode)
+    odeint(f, torch.randn(2, 3, dtype=D), [0.0, 1.0], **kw).sum().backward()
+    assert f.lin.weight.grad is not None
+    y = odeint(f, torch.randn(2, 3, dtype=D), [0.0, 1.0], **kw)
+    with torch.inference_mode():
+        f.shift = torch.ones(3, dtype=D)
+    with pytest.raises(RuntimeError, match=r"`_Shifted\.shift` .*rebound"):
+        y.sum().backward()
