@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from torchode_adjoint import Compile, TimeSharedStatisticsWarning, _mode
 from torchode_adjoint._reads import ReadRecorder, Reads
 from torchode_adjoint.measure import parse_threads
 
+from .files import write_atomic
 from .run import machine, ours_loss
 from .timing import alternating_medians
 from .workloads import Workload, conv_workload, mlp_workload
@@ -164,9 +164,7 @@ def write_report(results: dict, out: Path) -> None:
             f"| {p['check_s'] * 1e3:.3f} | {p['per_solve_s'] * 1e3:.3f} "
             f"| {100 * p['per_solve_s'] / fastest:.2f} % |"
         )
-    tmp = out / "report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "report.md")
+    write_atomic(out / "report.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,9 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "parts": {w.name: parts(w, max(args.repeats, 21)) for w, _, _ in workloads},
     }
     results["wall_s"] = time.time() - started
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
+    write_atomic(out / "results.json", json.dumps(results, indent=2))
     write_report(results, out)
     print(f"wrote {out / 'report.md'}")
     return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from torch import nn
 
 from torchode_adjoint import odeint
 
+from .files import write_atomic
 from .run import heun_meant, machine
 from .timing import alternating_medians
 
@@ -169,9 +169,7 @@ def write_report(results: dict, out: Path) -> None:
             f"backward stage: {per['vjp_floor']:.1f} us per step.",
             "",
         ]
-    tmp = out / "report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "report.md")
+    write_atomic(out / "report.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,9 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "times": times,
         "wall_s": time.time() - started,
     }
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
+    write_atomic(out / "results.json", json.dumps(results, indent=2))
     write_report(results, out)
     print(f"wrote {out / 'report.md'}")
     return 0

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 from pathlib import Path
+
+from .files import write_atomic
 
 TARGETS = {
     # (metric, workload prefix): upper bound
@@ -303,9 +304,7 @@ def write_report(results: dict, out: Path) -> None:
             "",
             *_compiled_section(results.get("compiled", [])),
         ]
-        tmp = out / "report.md.tmp"
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, out / "report.md")
+        write_atomic(out / "report.md", "\n".join(lines) + "\n")
         return
     lines = [
         "# Benchmark report",
@@ -372,9 +371,7 @@ def write_report(results: dict, out: Path) -> None:
     ]
     for r in accuracy:
         lines.append(f"| {r['solver']} | {r['steps']} | {r['step']:.4g} | {r['error']:.2e} |")
-    tmp = out / "report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "report.md")
+    write_atomic(out / "report.md", "\n".join(lines) + "\n")
     _plots(results, out)
 
 

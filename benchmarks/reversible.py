@@ -25,6 +25,7 @@ import torch
 from torchode_adjoint import TimeSharedStatisticsWarning, check_gradients
 from torchode_adjoint.measure import parse_threads, peak_memory_bytes, saved_tensor_bytes
 
+from .files import write_atomic
 from .run import machine, ours_loss, train_step
 from .timing import alternating_medians
 from .workloads import MLPDynamics, Workload, conv_workload, mlp_workload
@@ -183,9 +184,7 @@ def write_report(results: dict, out: Path) -> None:
             f"- {r['mode']}, {r['solver']}, {r['steps']} steps: {r['before']:,} -> "
             f"{r['after']:,} (+{r['after'] - r['before']:,})"
         )
-    tmp = out / "report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "report.md")
+    write_atomic(out / "report.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "flatness": flat,
         "rss": rss_rows,
     }
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
+    write_atomic(out / "results.json", json.dumps(results, indent=2))
     write_report(results, out)
     print(f"wrote {out / 'results.json'} and {out / 'report.md'} in {results['wall_s']:.0f} s")
     return 0

@@ -41,6 +41,7 @@ from torchode_adjoint.measure import (
     saved_tensor_bytes,
 )
 
+from .files import write_atomic
 from .timing import alternating_medians
 from .workloads import Counting, Oscillator, Workload, conv_workload, mlp_workload
 
@@ -601,9 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         "gradients": gradients,
         "accuracy": accuracy,
     }
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
+    write_atomic(out / "results.json", json.dumps(results, indent=2))
     from .report import write_report
 
     write_report(results, out)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from torchode_adjoint import odeint
 from torchode_adjoint._structure import StateStructure, first_leaf
 from torchode_adjoint.measure import parse_threads
 
+from .files import write_atomic
 from .run import machine, train_step
 from .timing import alternating_medians
 from .workloads import mlp_workload
@@ -137,9 +137,7 @@ def write_report(results: dict, out: Path) -> None:
         f"tensor?): {over * 1e9:.0f} ns per call, against {results['single_solve_s'] * 1e3:.2f} "
         "ms for one MLP training step with rk4 at 10 steps (backprop).",
     ]
-    tmp = out / "report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "report.md")
+    write_atomic(out / "report.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "single_solve_s": single,
         "wall_s": time.time() - started,
     }
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
+    write_atomic(out / "results.json", json.dumps(results, indent=2))
     write_report(results, out)
     print(f"wrote {out / 'results.json'} and {out / 'report.md'} in {results['wall_s']:.0f} s")
     return 0
