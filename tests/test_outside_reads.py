@@ -638,3 +638,18 @@ def test_an_inference_tensor_the_dynamics_read_is_accepted_unchanged(mode):
         f.shift = torch.ones(3, dtype=D)
     with pytest.raises(RuntimeError, match=r"`_Shifted\.shift` .*rebound"):
         y.sum().backward()
+
+
+def test_a_tensor_in_a_long_container_is_checked_in_place_but_not_searched_for():
+    # Containers over 256 items are not walked (every solve would pay for a global data set):
+    # the tensor's in-place change is still caught, named by shape and dtype.
+    data = [torch.full((3,), float(i), dtype=D) for i in range(1000)]
+
+    def rates(t, y):
+        return torch.tanh(y) * data[999]
+
+    y0 = torch.randn(2, 3, dtype=D, requires_grad=True)
+    y = odeint(rates, y0, [0.0, 1.0], solver="rk4", step=0.25, adjoint="adjoint", params=())
+    data[999].mul_(2.0)
+    with pytest.raises(RuntimeError, match=r"a tensor of shape \(3,\) and dtype torch.float64"):
+        y.sum().backward()

@@ -158,8 +158,7 @@ def _warn_near_whole(t_a: float, t_b: float, n: int, step: float) -> None:
     warnings.warn(
         f"the interval [{t_a:.6g}, {t_b:.6g}] of `t` (length {length:.6g}) is {excess:.2g} % "
         f"of a step longer than {n - 1} step{'s' if n > 2 else ''} of `step={step!r}`, so it "
-        f"takes {n} "
-        f"steps of {length / n:.6g} ({n / (n - 1):.3g}x the evaluations of {n - 1}); "
+        f"takes {n} steps of {length / n:.6g} ({n / (n - 1):.3g}x the evaluations of {n - 1}); "
         "`step` is the largest step, never exceeded. If you meant the output spacing, pass "
         f"`step={length / (n - 1):.6g}` (or `step=None`: one step per interval). Warned once "
         "per solve, for the first such interval.",

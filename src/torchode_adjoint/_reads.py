@@ -50,6 +50,10 @@ _MAX_DEPTH = 5
 # How many objects the search visits at most (a module tree with thousands of submodules stops
 # here; the tensors not found keep their in-place check).
 _MAX_VISITS = 20_000
+# Containers longer than this are not searched: a function's global data set (a list of
+# thousands of tensors) would otherwise cost every solve a walk, for the training-mode
+# normalisation layers as for the places of read tensors (their in-place changes stay checked).
+_MAX_ITEMS = 256
 
 # Functions whose result does not depend on the *values* of their tensor inputs: reading a
 # tensor's shape, dtype or device is not a read of it, and a new tensor "like" another holds none
@@ -204,10 +208,10 @@ def _children(obj: Any) -> Iterator[tuple[_Step, Any]]:
             yield _Step("partial", i), v
         for k, v in obj.keywords.items():
             yield _Step("partial", k), v
-    elif isinstance(obj, (tuple, list)):
+    elif isinstance(obj, (tuple, list)) and len(obj) <= _MAX_ITEMS:
         for i, v in enumerate(obj):
             yield _Step("item", i), v
-    elif isinstance(obj, dict):
+    elif isinstance(obj, dict) and len(obj) <= _MAX_ITEMS:
         for k, v in obj.items():
             yield _Step("item", k), v
     elif not isinstance(obj, (type, types.ModuleType, str, bytes, int, float, complex, bool)):
