@@ -102,6 +102,36 @@ def test_values_gradients_and_counts_equal_the_eager_path(solver: str, mode: str
     assert compiled[2] == eager[2]
 
 
+@pytest.mark.parametrize("solver", ["rk4", "midpoint", "reversible_heun"])
+def test_the_reversible_backward_pass_runs_compiled_graphs_with_the_eager_gradients(
+    solver: str, gen
+) -> None:
+    # Without time gradients and random draws the reversible mode's backward steps run as
+    # compiled graphs (two steps per graph and one); the graphs must run in the backward pass
+    # itself, and give the eager path's gradients and counts.
+    f = MLPDynamics().double()
+    y0 = torch.randn(4, 3, dtype=D, generator=gen, requires_grad=True)
+
+    def grads(compile: object) -> tuple[list[torch.Tensor], tuple[int, int], int]:
+        nfe = NFECounter()
+        sol = odeint(
+            f, y0, T, solver=solver, step=0.1, adjoint="reversible", compile=compile, nfe=nfe
+        )
+        w = torch.linspace(-1.0, 1.0, sol.numel(), dtype=D).reshape(sol.shape)
+        loss = (w * sol).sum()
+        runs = _RUNS[0]
+        g = torch.autograd.grad(loss, [y0, *f.parameters()])
+        return list(g), (nfe.forward, nfe.backward), _RUNS[0] - runs
+
+    eager, eager_nfe, _ = grads(False)
+    compiled, compiled_nfe, backward_runs = grads(FAST)
+    # 4 and 7 steps: the steps inside the intervals (3 and 6) after the first, eager, one.
+    assert backward_runs >= 4, backward_runs
+    assert compiled_nfe == eager_nfe
+    for a, b in zip(compiled, eager):
+        assert _rel(a, b) < 1e-10
+
+
 def test_inductor_matches_eager_in_float32(gen) -> None:
     f = MLPDynamics().float()
     y0 = torch.randn(8, 3, generator=gen)
@@ -572,8 +602,8 @@ def test_a_network_compiled_whole_around_a_block_keeps_values_and_gradients(
         ("adjoint", "rk4", 2),  # the forward step, the backward step
         ("checkpoint", "rk4", 2),  # the forward step without grad, the re-run with it
         ("backprop", "rk4", 1),  # the recorded step
-        ("reversible", "rk4", 1),  # the forward step (its backward pass runs eagerly)
-        ("reversible", "reversible_heun", 1),
+        ("reversible", "rk4", 2),  # the forward step, the exact backward step
+        ("reversible", "reversible_heun", 2),
     ],
 )
 def test_each_step_compiles_once_for_repeated_training_steps(

@@ -13,12 +13,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "torchode_adjoint"
 
 # How a solve is differentiated. Nothing in the solver layer below may import one of these.
 MODES = {"_mode", "_adjoint", "_checkpoint", "_reversible"}
-# Data and numerics: tableaus and the registry, methods and their steps, the grid, states,
-# one call of the dynamics, the VJP, the compiled step.
+# Data, numerics and the executor: tableaus and the registry, methods and their steps, the
+# record of steps, states, one call of the dynamics, the VJP, the compiled step, the executor.
 SOLVER_LAYER = {
     "_tableau",
     "_solvers",
-    "_stepping",
+    "_step",
+    "_runge_kutta",
+    "_methods",
+    "_executor",
     "_coupled",
     "_reversible_heun",
     "_grid",

@@ -9,34 +9,38 @@ output time to the first with the same tableau and grid::
     dg_theta/dt = -a . df/dtheta    g_theta(t_N) = 0,  dL/dtheta = g_theta(t_0)
     dg_t/dt     = -a . df/dt        g_t(t_N) = -dL/dy(t_N) . f(t_N, y_N),  dL/dt_0 = g_t(t_0)
 
-Each backward step is the forward's Runge--Kutta step (:func:`~torchode_adjoint._stepping.
-rk_step`) on the pair ``(y, a)`` with steps ``(-h, h)`` (the signs of ``-h`` and of ``-a.df/dy``
-cancel for ``a``). The ``g_theta`` and ``g_t`` components enter no stage, so they are accumulated
-with the weights ``h b_j`` as each stage's one vector--Jacobian product arrives, and stages with
-``b_j = 0`` skip their parameter and time products. At every output time ``t_i`` the incoming
-gradient is added to ``a``, the state is reset to the stored forward state, and
+The backward pass is an augmented method (:class:`AugmentedMethod`) run by the same executor as
+the forward steps, eager or compiled: each of its steps is the forward's Runge--Kutta step on the
+pair ``(y, a)`` with steps ``(-h, h)`` (the signs of ``-h`` and of ``-a.df/dy`` cancel for
+``a``). The ``g_theta`` and ``g_t`` components enter no stage, so they are accumulated with the
+weights ``h b_j`` as each stage's one vector--Jacobian product arrives, and stages with
+``b_j = 0`` skip their parameter and time products. The products come from one routine in its
+eager form (:func:`~torchode_adjoint._vjp.dynamics_vjp`) or, inside a compiled step, its
+traceable one (:func:`~torchode_adjoint._vjp.traceable_vjp`). At every output time ``t_i`` the
+incoming gradient is added to ``a``, the state is reset to the stored forward state, and
 ``dL/dt_i = dL/dy(t_i) . f(t_i, y_i)``.
 """
 
 from __future__ import annotations
 
-import functools
-import typing
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from ._compiled import CompiledFunction, ParamNames, vjp, vjp_names
 from ._dynamics import Dynamics
+from ._executor import Executor, integrate
 from ._grid import StageTimes
+from ._methods import runge_kutta_tableau
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
+from ._runge_kutta import StepPlan, combine, plan_for
 from ._spec import SolveSpec
-from ._stepping import StepPlan, integrate, plan_for, rk_step
-from ._vjp import accumulate_, dynamics_vjp
+from ._step import Step, Stepped
+from ._tableau import ButcherTableau
+from ._vjp import ParamNames, accumulate_, dynamics_vjp, traceable_vjp, vjp_names
 
-__all__ = ["ContinuousAdjoint"]
+__all__ = ["ContinuousAdjoint", "AugmentedMethod"]
 
 
 @dataclass(frozen=True)
@@ -57,19 +61,22 @@ class ContinuousAdjoint(GradientMode):
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
     ) -> ForwardResult:
-        states = integrate(f, y0, t, spec.grid, spec.stepper, check_finite=spec.check_finite)
+        states = integrate(f, y0, t, spec.grid, spec.executor, check_finite=spec.check_finite)
         # The states at the output times only: memory independent of the number of steps.
         return states, ()
 
     def backward(self, job: BackwardJob) -> Gradients:
         spec, grid = job.spec, job.spec.grid
-        plan = plan_for(spec.tableau)
-        aug = _Augmented(job, plan.b)
-        compiled = _compiled_step(job)
-        times = StageTimes(job.t, grid, spec.tableau.c, reverse=True)
+        tableau = runge_kutta_tableau(spec.method)
+        assert tableau is not None  # check_solver: the adjoint pairs with tableaus only
+        f = AdjointProducts(job.f, job.vjp_params, job.need_t, spec.compile)
+        executor = Executor(AugmentedMethod(tableau), spec.compile)
+        times = StageTimes(job.t, grid, tableau.c, reverse=True)
         a = torch.zeros_like(job.states[-1])
+        g_t = torch.zeros((), dtype=job.t.dtype, device=job.t.device)
+        g_p = tuple(torch.zeros_like(p) for p in job.vjp_params)
         dl_dt: list[torch.Tensor] = []
-        pos = 0
+        r = 0  # steps taken backwards so far
         for i in range(len(grid.times) - 1, 0, -1):
             grad_i = job.grads[i - 1]
             if grad_i is not None:
@@ -77,157 +84,158 @@ class ContinuousAdjoint(GradientMode):
             job.watch(grid.times[i], a)
             # Detached: the saved output carries the Function's graph, and each backward step
             # would otherwise record one more node on it (memory growing with the steps).
-            y, h = job.states[i - 1].detach(), grid.h[i - 1]
-            aug.h = h
-            k, n = 0, grid.n_steps[i - 1]
-            while k < n:
-                if compiled is not None and job.f.checked:
-                    steps = compiled.steps_for(n - k)
-                    y, a = compiled(aug, y, a, spec.stepper.step_tensor(h, y), times, pos, steps)
-                else:
-                    steps = 1
-                    y, a = rk_step(aug, (y, a), (-h, h), times, pos, plan)
-                if k == 0 and job.need_t:
-                    # The step's first stage is f(t_i, y_i): reuse it for dL/dt_i.
-                    d = aug.g_t.new_zeros(()) if grad_i is None else torch.sum(grad_i * aug.first)
-                    dl_dt.append(d)
-                    aug.g_t = aug.g_t - d
-                k, pos = k + steps, pos + steps * plan.stages
+            y, h, n = job.states[i - 1].detach(), grid.h[i - 1], grid.n_steps[i - 1]
+            carry: Any = (y, a, g_t, *g_p)
+            carry, _, stages = executor.step(f, carry, h, times.of(r), dense=job.need_t)
+            if job.need_t:
+                # The step's first stage is f(t_i, y_i): reuse it for dL/dt_i.
+                d = g_t.new_zeros(()) if grad_i is None else torch.sum(grad_i * stages[0][0])
+                dl_dt.append(d)
+                carry = (*carry[:2], carry[2] - d, *carry[3:])
+            carry = executor.advance(f, carry, h, times, r + 1, n - 1)
+            y, a, g_t, *rest = carry
+            g_p = tuple(rest)
+            r += n
         job.watch(grid.times[0], a)
-        grad_t = torch.stack([aug.g_t, *reversed(dl_dt)]) if job.need_t else None
-        return Gradients(y0=a, t=grad_t, params=aug.g_p)
+        grad_t = torch.stack([g_t, *reversed(dl_dt)]) if job.need_t else None
+        return Gradients(y0=a, t=grad_t, params=g_p)
 
 
-class _Augmented:
-    """The augmented dynamics ``(y, a) -> (f, a.df/dy)`` for :func:`rk_step`, which on the side
-    accumulates ``h b_j a.df/dtheta`` and ``h b_j a.df/dt`` of stage ``j`` of each step."""
+class AdjointProducts:
+    """The evaluator of the augmented method: ``(t, y, a, with_params) -> (f, a.df/dy,
+    a.df/dtheta, a.df/dt)`` by the eager VJP, with what the executor needs to run the
+    traceable one in a compiled step (``graph_inputs``: the parameters' names and tensors)."""
 
-    __slots__ = ("job", "b", "j", "h", "g_p", "g_t", "first")
+    __slots__ = ("dynamics", "params", "need_t", "graph_inputs", "compile_ok")
 
-    def __init__(self, job: BackwardJob, b: tuple[float, ...]) -> None:
-        self.job, self.b, self.j, self.h = job, b, 0, 0.0
-        self.g_p = [torch.zeros_like(p) for p in job.vjp_params]
-        self.g_t = torch.zeros((), dtype=job.t.dtype, device=job.t.device)
-        self.first = self.g_t
-
-    def __call__(
-        self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        job, j = self.job, self.j
-        weight = self.b[j]
-        self.j = (j + 1) % len(self.b)
-        # Stages with zero weight feed later stages only: they need no parameter or time VJP.
-        vjp = dynamics_vjp(
-            job.f,
-            t,
-            state[0],
-            state[1],
-            job.vjp_params if weight != 0.0 else (),
-            want_t=job.need_t and weight != 0.0,
-        )
-        if weight != 0.0:
-            accumulate_(self.g_p, vjp.params, alpha=self.h * weight)
-            if vjp.t is not None:
-                self.g_t = torch.add(self.g_t, vjp.t, alpha=self.h * weight)
-        if j == 0:
-            self.first = vjp.value
-        return vjp.value, vjp.y
-
-
-def _compiled_step(job: BackwardJob) -> _CompiledStep | None:
-    """The compiled backward step, or None where the eager one runs (see
-    :func:`~torchode_adjoint._compiled.vjp_names`)."""
-    options = job.spec.compile
-    names = vjp_names(options, job.spec.func, job.vjp_params)
-    if options is None or names is None:
-        return None
-    tableau = job.spec.tableau
-    plan = plan_for(tableau)
-    fns = {
-        steps: options.function(
-            ("adjoint", tableau, steps), functools.partial(_make_adjoint_steps, plan, steps)
-        )
-        for steps in {1, options.steps}
-    }
-    params = tuple(p.detach() for p in job.vjp_params)
-    return _CompiledStep(fns, job.spec.func, names, params)
-
-
-class _CompiledStep:
-    """Compiled backward steps (one, and ``Compile.steps``) with the bookkeeping of
-    :class:`_Augmented` around them."""
-
-    __slots__ = ("fns", "func", "names", "params", "size")
+    differentiable_graph: ClassVar[bool] = False  # torch.func differentiates inside the graph
 
     def __init__(
-        self,
-        fns: dict[int, CompiledFunction],
-        func: object,
-        names: ParamNames,
-        params: tuple[torch.Tensor, ...],
+        self, dynamics: Dynamics, params: tuple[torch.Tensor, ...], need_t: bool, options: Any
     ) -> None:
-        self.fns, self.func, self.names, self.params = fns, func, names, params
-        self.size = max(fns)
+        self.dynamics, self.params, self.need_t = dynamics, params, need_t
+        self.compile_ok: bool | None = None
+        names: ParamNames | None = None
+        if options is not None:
+            names = vjp_names(options, dynamics.func, params)
+        detached = tuple(p.detach() for p in params)
+        self.graph_inputs = None if names is None else (names, detached, need_t)
 
-    def steps_for(self, remaining: int) -> int:
-        """The steps the next compiled call takes: a full graph, or one."""
-        return self.size if remaining >= self.size else 1
+    @property
+    def func(self) -> Any:
+        return self.dynamics.func
+
+    @property
+    def checked(self) -> bool:
+        return self.dynamics.checked
+
+    @property
+    def nfe(self) -> int:
+        return self.dynamics.nfe
+
+    @nfe.setter
+    def nfe(self, value: int) -> None:
+        self.dynamics.nfe = value
 
     def __call__(
-        self,
-        aug: _Augmented,
-        y: torch.Tensor,
-        a: torch.Tensor,
-        h: torch.Tensor,
-        times: StageTimes,
-        pos: int,
-        steps: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        evaluations = steps * len(aug.b)
-        ts = tuple(times[pos + e] for e in range(evaluations))
-        with torch.no_grad():  # torch.func's VJP differentiates inside; nothing to record
-            out = self.fns[steps](self.func, y, a, h, ts, self.names, self.params)
-        y, a, g_p, g_t, first = out
-        aug.job.f.nfe += evaluations
-        accumulate_(aug.g_p, g_p)
-        if aug.job.need_t:
-            aug.g_t = aug.g_t + g_t
-        aug.first = first
-        return y, a
-
-
-def _make_adjoint_steps(plan: StepPlan, steps: int) -> Callable[..., Any]:
-    weights = plan.weights
-
-    def adjoint_steps(
-        func: Callable[..., torch.Tensor],
-        y: torch.Tensor,
-        a: torch.Tensor,
-        h: torch.Tensor,
-        ts: tuple[torch.Tensor, ...],
-        names: ParamNames,
-        params: tuple[torch.Tensor, ...],
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
-        # `steps` backward steps of `_Augmented` as one pure function, with torch.func's VJP;
-        # returns the parameter and time gradients they add and the first stage's value.
-        stage_out: list[tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]] = []
-
-        def augmented(
-            t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            value, g_y, g_p, g_t = vjp(func, t, state[0], state[1], names, params)
-            stage_out.append((value, g_p, g_t))
-            return value, g_y
-
-        for k in range(steps):
-            y, a = rk_step(augmented, (y, a), (-h, h), ts, k * plan.stages, plan)
-        used = [(k * plan.stages + j, h * b_j) for k in range(steps) for j, b_j in weights]
-        # (sum() starts from the int 0, which the first tensor term absorbs.)
-        g_p = tuple(
-            typing.cast(torch.Tensor, sum(w * stage_out[e][1][m] for e, w in used))
-            for m in range(len(params))
+        self, t: torch.Tensor, y: torch.Tensor, a: torch.Tensor, with_params: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...], torch.Tensor | None]:
+        vjp = dynamics_vjp(
+            self.dynamics,
+            t,
+            y,
+            a,
+            self.params if with_params else (),
+            want_t=self.need_t and with_params,
         )
-        g_t = typing.cast(torch.Tensor, sum(w * stage_out[e][2] for e, w in used))
-        return y, a, g_p, g_t, stage_out[0][0]
+        return vjp.value, vjp.y, vjp.params, vjp.t
 
-    return adjoint_steps
+
+def _traceable_products(
+    func: Any, inputs: tuple[ParamNames, tuple[torch.Tensor, ...], bool]
+) -> Any:
+    names, params, need_t = inputs
+
+    def products(
+        t: torch.Tensor, y: torch.Tensor, a: torch.Tensor, with_params: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...], torch.Tensor | None]:
+        value, g_y, g_p, g_t = traceable_vjp(func, t, y, a, names, params)
+        if not with_params:
+            return value, g_y, (), None
+        return value, g_y, g_p, (g_t if need_t else None)
+
+    return products
+
+
+@dataclass(frozen=True)
+class AugmentedMethod:
+    """The continuous adjoint's backward step as a method: one Runge--Kutta step of the
+    augmented system on the carry ``(y, a, g_t, *g_theta)``, backwards from a step's end.
+
+    The evaluator returns ``(f, a.df/dy, a.df/dtheta, a.df/dt)``; ``y`` steps with ``-h``,
+    ``a`` with ``h``, and ``g_theta``, ``g_t`` accumulate ``h b_j`` times their products
+    (in place on the eager path). The dense information is the stages' ``(f, a.df/dy)``.
+    """
+
+    tableau: ButcherTableau
+    plan: StepPlan = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plan", plan_for(self.tableau))
+
+    @property
+    def name(self) -> str:
+        return f"the continuous adjoint of {self.tableau.name}"
+
+    @property
+    def order(self) -> int:
+        return self.tableau.order
+
+    @property
+    def nodes(self) -> tuple[float, ...]:
+        return self.tableau.c
+
+    @property
+    def key(self) -> Hashable:
+        return ("adjoint", self.tableau)
+
+    def init(self, f: Any, y0: torch.Tensor, t0: torch.Tensor) -> Any:
+        raise NotImplementedError("the augmented carry is built by the adjoint's backward pass")
+
+    def output(self, carry: Any) -> torch.Tensor:
+        return carry[1]
+
+    def step(self, f: Any, carry: Any, h: Step, ts: tuple[torch.Tensor, ...]) -> Stepped:
+        y, a, g_t, *g_p = carry
+        plan = self.plan
+        back = -h
+        values: list[torch.Tensor] = []
+        g_ys: list[torch.Tensor] = []
+        stages = []
+        for j in range(plan.stages):
+            row = plan.rows[j]
+            weight = plan.b[j]
+            # Stages with zero weight feed later stages only: no parameter or time product.
+            value, g_y, params, g_tj = f(
+                ts[j], combine(y, back, row, values), combine(a, h, row, g_ys), weight != 0.0
+            )
+            values.append(value)
+            g_ys.append(g_y)
+            stages.append((value, g_y))
+            if weight == 0.0:
+                continue
+            if isinstance(h, float):  # eager: in place, fused
+                w = h * weight
+                accumulate_(g_p, params, alpha=w)
+                if g_tj is not None:
+                    g_t = torch.add(g_t, g_tj, alpha=w)
+            else:  # traced: out of place, no `alpha=` (see combine)
+                g_p = [g if p is None else g + p * (h * weight) for g, p in zip(g_p, params)]
+                if g_tj is not None:
+                    g_t = g_t + g_tj * (h * weight)
+        y = combine(y, back, plan.weights, values)
+        a = combine(a, h, plan.weights, g_ys)
+        return (y, a, g_t, *g_p), None, stages
+
+    def bind(self, func: Any, inputs: Any) -> Any:
+        return _traceable_products(func, inputs)

@@ -408,13 +408,13 @@ def _reference(setup: _Setup, w: torch.Tensor) -> tuple[str, list[torch.Tensor]]
     config = setup.config
     if isinstance(config.mode, Backprop):
         ref_config = dataclasses.replace(config, mode=Checkpoint())
-        name = f"the checkpointed discrete adjoint of {config.stepper.method.name}"
+        name = f"the checkpointed discrete adjoint of {config.executor.method.name}"
         if not isinstance(config.tableau, ButcherTableau):  # reversible Heun: its own scheme
             ref_config = dataclasses.replace(config, mode=Reversible())
             name = f"the reversible mode's backward pass through {config.tableau.name}"
     else:
         ref_config = dataclasses.replace(config, mode=Backprop())
-        name = f"backprop through {config.stepper.method.name}"
+        name = f"backprop through {config.executor.method.name}"
     return name, setup.gradients(setup.solution(ref_config), w)
 
 

@@ -16,10 +16,10 @@ import torch
 
 from ._compat import vector_jacobian_product
 from ._dynamics import Dynamics
+from ._executor import Executor, integrate
 from ._grid import StageTimes, Times, segment_times
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients, RngState
 from ._spec import SolveSpec
-from ._stepping import Stepper, integrate, plan_for
 from ._vjp import accumulate_
 
 __all__ = ["Checkpoint"]
@@ -75,17 +75,17 @@ class Checkpoint(GradientMode):
                 record.rng.append(state)
 
         states = integrate(
-            f, y0, t, spec.grid, spec.stepper, check_finite=spec.check_finite, before_step=keep
+            f, y0, t, spec.grid, spec.executor, check_finite=spec.check_finite, before_step=keep
         )
         return states, tuple(kept)
 
     def backward(self, job: BackwardJob) -> Gradients:
         spec, grid = job.spec, job.spec.grid
-        plan = plan_for(spec.tableau)
+        nodes = spec.method.nodes
         assert job.y0 is not None  # saves_y0
         kept, rng = list(job.extra), list(job.record.rng)
         t_leaf = job.t.requires_grad_(True) if job.need_t else None
-        host_times = StageTimes(job.t.detach(), grid, spec.tableau.c)
+        host_times = StageTimes(job.t.detach(), grid, nodes)
         a = torch.zeros_like(job.states[-1])
         g_p = [torch.zeros_like(p) for p in job.vjp_params]
         g_t = torch.zeros_like(job.t) if job.need_t else None
@@ -102,12 +102,11 @@ class Checkpoint(GradientMode):
                 if t_leaf is None:
                     h: float | torch.Tensor = grid.h[i]
                     times: Times = host_times
-                    pos = (offsets[i] + k0) * plan.stages
                 else:
-                    h, times = segment_times(t_leaf, grid, spec.tableau.c, i, k0, k1)
-                    pos = 0
+                    h, times = segment_times(t_leaf, grid, nodes, i, k0, k1)
                 state = rng.pop() if rng else None
-                y = self._rerun(spec.stepper, job.f, y_s, h, times, pos, k1 - k0, state)
+                g0 = offsets[i] + k0
+                y = self._rerun(spec.executor, job.f, y_s, h, times, g0, k1 - k0, state)
                 inputs = [y_s, *job.vjp_params, *(() if t_leaf is None else (t_leaf,))]
                 grads = vector_jacobian_product(y, inputs, a)
                 a = grads[0] if grads[0] is not None else torch.zeros_like(a)
@@ -119,17 +118,19 @@ class Checkpoint(GradientMode):
 
     @staticmethod
     def _rerun(
-        stepper: Stepper,
+        executor: Executor,
         f: Dynamics,
         y: torch.Tensor,
         h: float | torch.Tensor,
         times: Times,
-        pos: int,
+        g0: int,
         steps: int,
         rng: RngState | None,
     ) -> torch.Tensor:
-        """Re-run ``steps`` steps with a graph, under the forward's random state if it had one."""
+        """Re-run steps ``g0...g0 + steps`` with a graph, under the forward's random state if it
+        had one."""
         if rng is None:
-            return stepper.advance(f, y, h, times, pos, steps)
+            result: torch.Tensor = executor.advance(f, y, h, times, g0, steps)
+            return result
         with rng.replayed(y.device):
-            return Checkpoint._rerun(stepper, f, y, h, times, pos, steps, None)
+            return Checkpoint._rerun(executor, f, y, h, times, g0, steps, None)

@@ -6,9 +6,10 @@ compiled once, so that the stages and their combinations fuse:
 
 - the forward step (any explicit Runge--Kutta tableau; also the step that backprop records and
   that checkpointing re-runs, whose backward graph AOTAutograd compiles),
-- the continuous adjoint's backward step: every stage's evaluation and its VJP with respect to
-  the state, the parameters and the time, with the weighted accumulation,
-- the reversible methods' forward steps (the reversible mode's backward pass runs eagerly).
+- the continuous adjoint's backward step (its augmented method, run by the same executor):
+  every stage's evaluation and its VJP with respect to the state, the parameters and the time,
+  with the weighted accumulation,
+- the reversible methods' forward steps.
 
 Times and step sizes enter as 0-dim tensors, so a new time or step size never recompiles; the
 host syncs per call are those of the eager path. The first step of every pass runs eagerly:
@@ -25,27 +26,18 @@ and saved-tensor hooks the eager steps run without an attempt.
 from __future__ import annotations
 
 import types
-import typing
 import warnings
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._compat import saved_tensor_hooks_active
 from ._structure import StructuredDynamics
 from ._warnings import user_stacklevel
 
-__all__ = [
-    "Compile",
-    "CompiledFunction",
-    "CompileFallbackWarning",
-    "parameter_names",
-    "vjp_names",
-    "cast",
-]
+__all__ = ["Compile", "CompiledFunction", "CompileFallbackWarning", "cast"]
 
 
 class CompileFallbackWarning(UserWarning):
@@ -272,90 +264,3 @@ def cast(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
     return f
-
-
-#: Per parameter to differentiate, the names under which the module holds it: one per module
-#: that holds it (weights tied between two layers have two), not one per path to a module (a
-#: layer applied twice, registered under two names, has one).
-ParamNames = tuple[tuple[str, ...], ...]
-
-
-def parameter_names(func: object, params: Sequence[torch.Tensor]) -> ParamNames | None:
-    """The names under which ``func`` holds ``params`` as parameters, for
-    ``torch.func.functional_call``; None (with a warning: the backward pass then runs eagerly)
-    if one of them is not a parameter of ``func``."""
-    names: ParamNames | None = None if params else ()
-    if isinstance(func, nn.Module):
-        # By storage, not identity: saved tensors can come back from autograd as new Python
-        # objects (under saved-tensor hooks, for instance).
-        by_storage: dict[tuple[Any, ...], list[str]] = {}
-        slots: set[tuple[int, str]] = set()
-        for name, p in func.named_parameters(remove_duplicate=False):
-            owner, _, attr = name.rpartition(".")
-            slot = (id(func.get_submodule(owner)), attr)
-            if slot not in slots:  # swapping one module's attribute twice would lose it
-                slots.add(slot)
-                by_storage.setdefault(_storage_key(p), []).append(name)
-        found = tuple(tuple(by_storage.get(_storage_key(p), ())) for p in params)
-        names = None if () in found else found
-    if names is None:
-        warnings.warn(
-            "the compiled backward step differentiates the parameters of an nn.Module only; "
-            "these dynamics have other tensors to differentiate (tensor attributes, or "
-            "`params=`), so the backward pass runs eagerly (same results, eager speed).",
-            CompileFallbackWarning,
-            stacklevel=user_stacklevel(),
-        )
-    return names
-
-
-def vjp_names(
-    options: Compile | None, func: object, params: Sequence[torch.Tensor]
-) -> ParamNames | None:
-    """The parameter names for a compiled ``torch.func`` VJP of ``func``, or None where the
-    backward pass runs its eager VJP: no compiled path, saved-tensor hooks active (which
-    ``torch.func`` does not support), or tensors that are not parameters of ``func``."""
-    if options is None or saved_tensor_hooks_active():
-        return None
-    return parameter_names(func, params)
-
-
-def _storage_key(p: torch.Tensor) -> tuple[int, tuple[int, ...], torch.dtype, torch.device]:
-    return (p.data_ptr(), tuple(p.shape), p.dtype, p.device)
-
-
-def functional(
-    func: nn.Module | Callable[..., Any], names: ParamNames
-) -> Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor]:
-    """``g(t, y, params)``: ``func(t, y)`` with the parameters ``names`` replaced by ``params``."""
-    f = cast(func)
-    if not names:
-        return lambda t, y, params: f(t, y)
-
-    def g(t: torch.Tensor, y: torch.Tensor, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        # Tied weights named explicitly: functional_call's own search for them reads tensor
-        # storages, which torch.func's wrapped tensors lack under torch.compile (PyTorch 2.13:
-        # "Cannot access storage of TensorWrapper", for any layer used twice).
-        swap = {name: p for aliases, p in zip(names, params) for name in aliases}
-        # `names` are found on a module only (vjp_names): func is one here.
-        module = typing.cast(nn.Module, func)
-        out = torch.func.functional_call(module, swap, (t, y), tie_weights=False)
-        return out if out.dtype == y.dtype else out.to(y.dtype)
-
-    return g
-
-
-def vjp(
-    func: nn.Module | Callable[..., Any],
-    t: torch.Tensor,
-    y: torch.Tensor,
-    v: torch.Tensor,
-    names: ParamNames,
-    params: tuple[torch.Tensor, ...],
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
-    """``f(t, y)`` and ``v^T df/dy``, ``v^T df/dtheta``, ``v^T df/dt`` by ``torch.func.vjp``
-    (traceable by ``torch.compile``, unlike ``torch.autograd.grad``)."""
-    # torch's stubs type vjp's result as a pair of a pair; it is (value, pullback).
-    value, pull = torch.func.vjp(functional(func, names), t, y, params)  # type: ignore[misc]
-    g_t, g_y, g_p = pull(v)
-    return value, g_y, g_p, g_t

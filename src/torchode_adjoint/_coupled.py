@@ -36,8 +36,9 @@ from typing import Any
 
 import torch
 
-from ._grid import Times
-from ._stepping import Step, StepPlan, StepProducts, plan_for, rk_increment
+from ._compiled import cast
+from ._runge_kutta import StepPlan, plan_for, rk_increment
+from ._step import Step, Stepped, StepProducts
 from ._tableau import ButcherTableau
 
 __all__ = ["Coupled"]
@@ -88,14 +89,23 @@ class Coupled:
     def output(self, carry: Carry) -> torch.Tensor:
         return carry[0]
 
-    def step(self, f: Any, carry: Carry, h: Step, times: Times, pos: int) -> Carry:
+    def step(self, f: Any, carry: Carry, h: Step, ts: tuple[torch.Tensor, ...]) -> Stepped:
         y, z = carry
         plan, lam = self.plan, self.coupling
-        d_p = rk_increment(f, z, h, times, pos, plan)
+        s = plan.stages
+        d_p = rk_increment(f, z, h, ts[:s], plan)
         # Plain products, no `alpha=` (the compiled path; see `combine`).
         y = d_p + y if lam == 1.0 else d_p + lam * y + (1.0 - lam) * z
-        d_q = rk_increment(f, y, -h, times, pos + plan.stages, plan)
-        return (y, z - d_q)
+        d_q = rk_increment(f, y, -h, ts[s:], plan)
+        return (y, z - d_q), None, None
+
+    def bind(self, func: Any, inputs: Any) -> Any:
+        return cast(func)
+
+    @property
+    def backward_nodes(self) -> tuple[float, ...]:
+        """Where a backward step evaluates: the forward step's stage times."""
+        return self.nodes
 
     def backward_start(self, vjp: StepProducts, carry: Carry, a_y: torch.Tensor, h: float) -> Carry:
         """The adjoints ``(A_y, A_z)`` at the last state (``z_N`` is no output)."""
@@ -106,22 +116,21 @@ class Coupled:
         vjp: StepProducts,
         carry: Carry,
         adjoint: Carry,
-        h: float,
-        h_prev: float | None,
-        pos: int,
+        h: Step,
+        h_prev: Step | None,
         incoming: torch.Tensor | None,
     ) -> tuple[Carry, Carry]:
-        """``(y_n, z_n)`` and their adjoints from those of ``(y_{n+1}, z_{n+1})``; ``pos`` is
-        the step's first evaluation, ``incoming`` is ``dL/dy_n`` when ``t_n`` is an output
-        time (``h_prev`` is not needed: the steps share no evaluation)."""
+        """``(y_n, z_n)`` and their adjoints from those of ``(y_{n+1}, z_{n+1})``; ``incoming``
+        is ``dL/dy_n`` when ``t_n`` is an output time (``h_prev`` is not needed: the steps share
+        no evaluation)."""
         y1, z1 = carry
         a_y, a_z = adjoint
         plan, lam = self.plan, self.coupling
         # z_{n+1} = z_n - d_{-h}(y_{n+1}): the product with -A_z.
-        d_q, g_q = vjp.increment(self.tableau, y1, torch.neg(a_z), -h, pos + plan.stages, 1)
+        d_q, g_q = vjp.increment(plan, y1, torch.neg(a_z), -h, first=plan.stages, offset=1)
         z0 = z1 + d_q
         b = a_y + g_q
-        d_p, g_p = vjp.increment(self.tableau, z0, b, h, pos, 0)
+        d_p, g_p = vjp.increment(plan, z0, b, h, first=0, offset=0)
         if lam == 1.0:
             y0, a_y0, a_z0 = y1 - d_p, b, a_z + g_p
         else:

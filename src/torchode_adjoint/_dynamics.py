@@ -70,6 +70,11 @@ class Dynamics:
         "_record_reads",
     )
 
+    graph_inputs: object = ()
+    """What a compiled step needs besides ``func``: nothing (see the executor)."""
+    differentiable_graph: bool = True
+    """A compiled step of the dynamics is recorded by autograd when grad mode is on."""
+
     def __init__(
         self,
         func: DynamicsFn,

@@ -27,6 +27,7 @@ __all__ = [
     "make_grid",
     "regrid",
     "StageTimes",
+    "SegmentTimes",
     "Times",
     "step_sizes",
     "segment_times",
@@ -77,13 +78,20 @@ class TimeGrid:
     h: tuple[float, ...]
     step: float | None = None
 
-    @property
+    @functools.cached_property
     def offsets(self) -> tuple[int, ...]:
         """The global index of each interval's first step (length ``len(n_steps) + 1``)."""
         out = [0]
         for n in self.n_steps:
             out.append(out[-1] + n)
         return tuple(out)
+
+    def fractions(self, i: int, k: int) -> tuple[float, float, float]:
+        """Where step ``k`` of interval ``i`` starts and ends, and its size, as fractions of the
+        interval: a step's ends are ``t[i] + m (t[i+1] - t[i])``, which the time gradients
+        follow."""
+        n = self.n_steps[i]
+        return k / n, (k + 1) / n, 1.0 / n
 
 
 def make_grid(
@@ -184,47 +192,45 @@ def regrid(grid: TimeGrid, times: Sequence[float]) -> TimeGrid:
 def _fractions(
     grid: TimeGrid, c: Sequence[float], first: int, count: int, reverse: bool
 ) -> tuple[list[int], list[float]]:
-    """Interval index and fraction of the interval of stage evaluations ``first..first+count``.
+    """Interval index and fraction of the interval of the stage evaluations of steps
+    ``first..first+count``.
 
-    Evaluations are numbered in the order the integration visits them: forward, step by step
-    and stage by stage; with ``reverse`` backwards through the steps, each starting at its end
-    (stage ``j`` at ``(k + 1 - c_j) / n``).
+    Steps are numbered in the order the integration visits them: forward; with ``reverse``
+    backwards, each starting at its end (stage ``j`` at ``(k + 1 - c_j) / n``).
     """
-    s = len(c)
     offsets = grid.offsets
     total = offsets[-1]
     index, frac = [], []
-    for e in range(first, first + count):
-        g, j = divmod(e, s)
+    i = 0
+    for g in range(first, first + count):
         if reverse:
             g = total - 1 - g
+            i = 0
         # The interval of global step g (few intervals: a linear scan is fine).
-        i = 0
         while offsets[i + 1] <= g:
             i += 1
         k, n = g - offsets[i], grid.n_steps[i]
-        index.append(i)
-        frac.append(((k + 1 - c[j]) if reverse else (k + c[j])) / n)
+        for c_j in c:
+            index.append(i)
+            frac.append(((k + 1 - c_j) if reverse else (k + c_j)) / n)
     return index, frac
 
 
 class Times(Protocol):
-    """The stage times a step reads: ``times[e]`` is the 0-dim time of evaluation ``e`` (a
-    :class:`StageTimes`, or a plain sequence of tensors)."""
+    """The stage times a step reads: ``times.of(g)`` holds the 0-dim times of step ``g``'s
+    evaluations, one per node of the method, in the order it makes them."""
 
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, e: int) -> torch.Tensor: ...
+    def of(self, g: int) -> tuple[torch.Tensor, ...]: ...
 
 
 class StageTimes:
-    """Every stage time of a solve, as 0-dim tensors, built lazily a chunk at a time.
+    """Every stage time of a solve, as 0-dim tensors, built lazily a chunk of steps at a time.
 
-    ``times[e]`` is the time of the ``e``-th evaluation in the order the integration visits them
-    (see :func:`_fractions`); the time of stage ``j`` of step ``k`` in interval ``i`` is
-    ``t[i] + (k + c_j) / n_i * (t[i+1] - t[i])``. Only the chunk in use is held, so memory does
-    not grow with the number of steps. When ``t`` requires grad, each chunk is computed from it
-    by one differentiable op.
+    ``times.of(g)`` holds the times of the evaluations of step ``g`` in the order the integration
+    visits the steps (see :func:`_fractions`); the time of stage ``j`` of step ``k`` in interval
+    ``i`` is ``t[i] + (k + c_j) / n_i * (t[i+1] - t[i])``. Only the chunk in use is held, so
+    memory does not grow with the number of steps. When ``t`` requires grad, each chunk is
+    computed from it by one differentiable op.
 
     Parameters
     ----------
@@ -232,12 +238,12 @@ class StageTimes:
         Output times in the state's dtype and device; their values equal ``grid.times``.
     grid : TimeGrid
     c : tuple of float
-        The tableau's nodes.
+        The method's nodes.
     reverse : bool, default False
-        Number the evaluations backwards (the continuous adjoint's order).
+        Number the steps backwards (the continuous adjoint's order).
     """
 
-    __slots__ = ("t", "grid", "c", "reverse", "_start", "_chunk")
+    __slots__ = ("t", "grid", "c", "reverse", "_start", "_chunk", "_per_chunk")
 
     def __init__(
         self, t: torch.Tensor, grid: TimeGrid, c: Sequence[float], *, reverse: bool = False
@@ -245,26 +251,30 @@ class StageTimes:
         self.t, self.grid, self.c, self.reverse = t, grid, tuple(c), reverse
         self._start = -1
         self._chunk: tuple[torch.Tensor, ...] = ()
+        self._per_chunk = max(1, _CHUNK // max(1, len(self.c)))
 
     def __len__(self) -> int:
-        return self.grid.offsets[-1] * len(self.c)
+        """The number of steps."""
+        return self.grid.offsets[-1]
 
-    def __getitem__(self, e: int) -> torch.Tensor:
-        offset = e - self._start
+    def of(self, g: int) -> tuple[torch.Tensor, ...]:
+        s = len(self.c)
+        offset = (g - self._start) * s
         if not 0 <= offset < len(self._chunk):  # (no chunk yet: the empty one)
-            self._load(e)
-            offset = e - self._start
-        return self._chunk[offset]
+            self._load(g)
+            offset = (g - self._start) * s
+        return self._chunk[offset : offset + s]
 
-    def _load(self, e: int) -> None:
-        start = e - e % _CHUNK
-        count = min(_CHUNK, len(self) - start)
-        index, frac = _fractions(self.grid, self.c, start, count, self.reverse)
+    def _load(self, g: int) -> None:
+        per = self._per_chunk
+        start = g - g % per
+        count = min(per, len(self) - start)
         t = self.t
-        if not t.requires_grad and len(self) <= _CACHED_EVALUATIONS:
+        if not t.requires_grad and len(self) * len(self.c) <= _CACHED_EVALUATIONS:
             self._start = 0
             self._chunk = _small_grid_times(self.grid, self.c, self.reverse, t.dtype, t.device)
             return
+        index, frac = _fractions(self.grid, self.c, start, count, self.reverse)
         if t.requires_grad:
             idx = torch.tensor(index, device=t.device)
             fr = t.new_tensor(frac)
@@ -281,10 +291,24 @@ class StageTimes:
 def _small_grid_times(
     grid: TimeGrid, c: tuple[float, ...], reverse: bool, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
-    index, frac = _fractions(grid, c, 0, grid.offsets[-1] * len(c), reverse)
+    index, frac = _fractions(grid, c, 0, grid.offsets[-1], reverse)
     ts = grid.times
     host = [ts[i] + f * (ts[i + 1] - ts[i]) for i, f in zip(index, frac)]
     return torch.tensor(host, dtype=dtype, device=device).unbind(0)
+
+
+class SegmentTimes:
+    """The stage times of steps ``first..`` of one interval, differentiable with respect to
+    ``t`` (built afresh per segment, so that each segment's graph is back-propagated once)."""
+
+    __slots__ = ("first", "s", "values")
+
+    def __init__(self, first: int, s: int, values: tuple[torch.Tensor, ...]) -> None:
+        self.first, self.s, self.values = first, s, values
+
+    def of(self, g: int) -> tuple[torch.Tensor, ...]:
+        offset = (g - self.first) * self.s
+        return self.values[offset : offset + self.s]
 
 
 def step_sizes(t: torch.Tensor, grid: TimeGrid) -> list[torch.Tensor]:
@@ -295,12 +319,11 @@ def step_sizes(t: torch.Tensor, grid: TimeGrid) -> list[torch.Tensor]:
 
 def segment_times(
     t: torch.Tensor, grid: TimeGrid, c: Sequence[float], i: int, k0: int, k1: int
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Step size and stage times of steps ``k0..k1`` of interval ``i``, differentiable in ``t``.
-
-    Built afresh per segment, so that each segment's graph is back-propagated once.
-    """
+) -> tuple[torch.Tensor, SegmentTimes]:
+    """Step size and stage times of steps ``k0..k1`` of interval ``i``, differentiable in ``t``
+    (the stage times indexed by global step, like :class:`StageTimes`)."""
     n = grid.n_steps[i]
     h = (t[i + 1] - t[i]) / n
     frac = t.new_tensor([k + c_j for k in range(k0, k1) for c_j in c])
-    return h, list(torch.addcmul(t[i], frac, h).unbind(0))
+    values = tuple(torch.addcmul(t[i], frac, h).unbind(0))
+    return h, SegmentTimes(grid.offsets[i] + k0, len(c), values)

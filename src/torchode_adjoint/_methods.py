@@ -10,11 +10,12 @@ its round-off).
 from __future__ import annotations
 
 from ._coupled import Coupled
+from ._runge_kutta import RungeKutta
 from ._solvers import HEUN, Solver
-from ._stepping import Method, RungeKutta
+from ._step import Method
 from ._tableau import ButcherTableau
 
-__all__ = ["as_method", "as_reversible", "tableau_of", "is_heun"]
+__all__ = ["as_method", "as_reversible", "tableau_of", "runge_kutta_tableau", "is_heun"]
 
 
 def as_method(solver: Solver) -> Method:
@@ -36,6 +37,12 @@ def as_reversible(solver: Solver, coupling: float) -> Method:
 def tableau_of(solver: Solver) -> ButcherTableau | None:
     """The Butcher tableau ``solver`` steps with, or None for a method that is no tableau."""
     return solver if isinstance(solver, ButcherTableau) else None
+
+
+def runge_kutta_tableau(method: Method) -> ButcherTableau | None:
+    """The tableau ``method`` takes plain Runge--Kutta steps of (the continuous adjoint
+    integrates its augmented system with it), or None for a method with a state of its own."""
+    return method.tableau if isinstance(method, RungeKutta) else None
 
 
 def is_heun(solver: Solver) -> bool:

@@ -31,12 +31,13 @@ import torch
 
 from ._compat import autocast_state, functorch_transforms_active
 from ._dynamics import Dynamics, frozen_batchnorm, module_tensors
+from ._executor import integrate
 from ._methods import as_method, tableau_of
 from ._reads import Reads
 from ._rng import RngState, SeededDraws
 from ._solvers import Solver
 from ._spec import SolveSpec
-from ._stepping import Method, integrate
+from ._step import Method
 from ._structure import StructuredDynamics, non_finite_part
 
 __all__ = [
@@ -244,7 +245,7 @@ class GradientMode:
     ) -> list[torch.Tensor]:
         """The states at ``t[1:]`` when no gradient is needed (inference): the mode's method,
         keeping nothing for a backward pass."""
-        return integrate(f, y0, t, spec.grid, spec.stepper, check_finite=spec.check_finite)
+        return integrate(f, y0, t, spec.grid, spec.executor, check_finite=spec.check_finite)
 
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
@@ -284,7 +285,7 @@ class Backprop(GradientMode):
         self, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         f = Dynamics(spec.func)
-        states = integrate(f, y0, t, spec.grid, spec.stepper, check_finite=spec.check_finite)
+        states = integrate(f, y0, t, spec.grid, spec.executor, check_finite=spec.check_finite)
         spec.counter.forward, spec.counter.backward = f.nfe, 0
         return states
 

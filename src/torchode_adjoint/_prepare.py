@@ -21,13 +21,13 @@ from ._adjoint import ContinuousAdjoint
 from ._checkpoint import Checkpoint
 from ._compiled import Compile
 from ._dynamics import NFECounter, module_tensors, training_norms
+from ._executor import Executor
 from ._grid import DEFAULT_MAX_STEPS, distinct_stage_times, make_grid
 from ._methods import is_heun
 from ._mode import Backprop, GradientMode
 from ._reversible import Reversible
 from ._solvers import Solver, get_solver
 from ._spec import SolveSpec
-from ._stepping import Stepper
 from ._structure import State, StateStructure
 from ._tableau import ButcherTableau
 from ._temporal_norm import TemporalBatchNormBase
@@ -266,8 +266,12 @@ class SolveConfig:
     mode: GradientMode
     check_finite: bool
     max_steps: int
-    stepper: Stepper
-    compile: Compile | None = None
+    executor: Executor
+
+    @property
+    def compile(self) -> Compile | None:
+        """The compiled path's options (None: eager)."""
+        return self.executor.options
 
 
 def make_config(
@@ -300,8 +304,7 @@ def make_config(
         mode=mode,
         check_finite=bool(check_finite),
         max_steps=check_max_steps(max_steps),
-        stepper=Stepper(mode.method_for(tableau), options),
-        compile=options,
+        executor=Executor(mode.method_for(tableau), options),
     )
 
 
@@ -349,12 +352,10 @@ def prepare(
     counter.forward = counter.backward = 0
     spec = SolveSpec(
         func=func,
-        tableau=config.tableau,
         grid=grid,
         check_finite=config.check_finite,
         counter=counter,
-        stepper=config.stepper,
-        compile=config.compile,
+        executor=config.executor,
     )
     return Prepared(
         spec=spec, mode=config.mode, y0=y0, t=t_cast, params=param_list, structure=structure
@@ -390,6 +391,6 @@ def _check_temporal_slots(spec: SolveSpec) -> None:
     if not norms:
         return
     cap = 4 * max(m.max_times for m in norms) + 1
-    needed, capped = distinct_stage_times(spec.grid, spec.stepper.method.nodes, cap)
+    needed, capped = distinct_stage_times(spec.grid, spec.method.nodes, cap)
     for m in norms:
         m.warn_if_too_few_slots(needed, capped)

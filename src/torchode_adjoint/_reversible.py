@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,15 +34,17 @@ import torch
 
 from ._compat import vector_jacobian_product
 from ._dynamics import Dynamics
+from ._executor import Executor, integrate
 from ._grid import StageTimes
 from ._methods import as_reversible
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
 from ._rng import SeededDraws
+from ._runge_kutta import rk_increment
 from ._solvers import Solver
 from ._spec import SolveSpec
-from ._stepping import Method, integrate, plan_for, rk_increment
-from ._tableau import ButcherTableau
-from ._vjp import accumulate_, dynamics_vjp
+from ._step import Method, Step, Stepped
+from ._tableau import StepPlan
+from ._vjp import ParamNames, accumulate_, dynamics_vjp, functional, traceable_vjp, vjp_names
 
 __all__ = ["Reversible", "StepVJP"]
 
@@ -126,14 +129,14 @@ class Reversible(GradientMode):
         record.draws = f.draws = SeededDraws(y0.device)
         last: list[Any] = []
         states = integrate(
-            f, y0, t, spec.grid, spec.stepper, check_finite=spec.check_finite, final=last
+            f, y0, t, spec.grid, spec.executor, check_finite=spec.check_finite, final=last
         )
         # The method's last auxiliary tensors beside the outputs: memory flat in the steps.
         return states, tuple(last[0][1:])
 
     def backward(self, job: BackwardJob) -> Gradients:
         grid = job.spec.grid
-        method: Any = job.spec.stepper.method
+        method: Any = job.spec.method
         draws = job.record.draws
         assert draws is not None  # the reversible forward always sets them
         if job.record.random and not draws.active:
@@ -147,28 +150,31 @@ class Reversible(GradientMode):
         vjp = StepVJP(job, method)
         # Detached: the reconstruction runs under enable_grad and must record nothing.
         carry: Any = tuple(x.detach() for x in (job.states[-1], *job.extra))
+        # The steps inside an interval (no incoming gradient) run through the executor, eager or
+        # compiled; each interval's first step, where dL/dy(t_i) enters, runs here.
+        reverse = ReverseSteps(method, len(carry))
+        executor = Executor(reverse, job.spec.compile)
+        total = grid.offsets[-1]
+        times = _Backwards(StageTimes(job.t, grid, method.backward_nodes), total)
         n_int = len(grid.n_steps)
         last = job.grads[-1]
         a_y = last if last is not None else torch.zeros_like(job.states[-1])
         job.watch(grid.times[-1], a_y)
-        total = grid.offsets[-1]
         vjp.at_step(n_int - 1, grid.n_steps[-1] - 1, total - 1)
         adjoint = method.backward_start(vjp, carry, a_y, grid.h[-1])
-        evaluations = len(method.nodes)
-        h_prev: float | None
         for i in range(n_int - 1, -1, -1):
-            n, h = grid.n_steps[i], grid.h[i]
-            for k in range(n - 1, -1, -1):
-                g = grid.offsets[i] + k
-                vjp.at_step(i, k, g)
-                if k:
-                    h_prev, incoming = h, None
-                else:
-                    h_prev = grid.h[i - 1] if i else None
-                    incoming = job.grads[i - 1] if i else None
-                carry, adjoint = method.backward_step(
-                    vjp, carry, adjoint, h, h_prev, g * evaluations, incoming
+            n, h, first = grid.n_steps[i], grid.h[i], grid.offsets[i]
+            if n > 1:
+                vjp.at_step(i, n - 1, first + n - 1)
+                state = executor.advance(
+                    vjp, (*carry, *adjoint, *vjp.g_p), h, times, total - first - n, n - 1
                 )
+                carry, adjoint = state[: len(carry)], state[len(carry) : len(carry) + 2]
+                vjp.g_p = list(state[len(carry) + 2 :])
+            vjp.at_step(i, 0, first)
+            h_prev = grid.h[i - 1] if i else None
+            incoming = job.grads[i - 1] if i else None
+            carry, adjoint = method.backward_step(vjp, carry, adjoint, h, h_prev, incoming)
             vjp.end_interval()
             job.watch(grid.times[i], adjoint[0])
         grad_y0 = adjoint[0] + adjoint[1]
@@ -213,16 +219,132 @@ def _power(base: float, exponent: int) -> str:
     return f"{10**log10:.3g}" if log10 < 300 else f"1e{log10:.0f}"
 
 
+@dataclass(frozen=True)
+class ReverseSteps:
+    """A reversible method's exact backward step, as a method the executor runs: the carry is
+    ``(*state, A_y, A_z, *g_theta)`` and the evaluator implements ``StepProducts``
+    (:class:`StepVJP` eagerly; :class:`_TraceableProducts` inside a compiled graph). The steps
+    it takes have no incoming gradient and the same size as the step before them."""
+
+    method: Any
+    state_size: int
+
+    @property
+    def name(self) -> str:
+        return f"the backward step of {self.method.name}"
+
+    @property
+    def order(self) -> int:
+        return int(self.method.order)
+
+    @property
+    def nodes(self) -> tuple[float, ...]:
+        return tuple(self.method.backward_nodes)
+
+    @property
+    def key(self) -> Hashable:
+        return ("reverse", self.method.key, self.state_size)
+
+    def init(self, f: Any, y0: torch.Tensor, t0: torch.Tensor) -> Any:
+        raise NotImplementedError("the backward carry is built by the reversible mode")
+
+    def output(self, carry: Any) -> torch.Tensor:
+        return carry[0]  # type: ignore[no-any-return]
+
+    def step(self, f: Any, carry: Any, h: Step, ts: tuple[torch.Tensor, ...]) -> Stepped:
+        n = self.state_size
+        f.begin_step(ts, carry[n + 2 :])
+        state, adjoint = self.method.backward_step(f, carry[:n], carry[n : n + 2], h, h, None)
+        return (*state, *adjoint, *f.g_p), None, None
+
+    def bind(self, func: Any, inputs: Any) -> Any:
+        names, params = inputs
+        return _TraceableProducts(func, names, params)
+
+
+class _Backwards:
+    """Stage times numbered backwards: step ``r`` is the forward's step ``total - 1 - r``."""
+
+    __slots__ = ("times", "total")
+
+    def __init__(self, times: StageTimes, total: int) -> None:
+        self.times, self.total = times, total
+
+    def of(self, r: int) -> tuple[torch.Tensor, ...]:
+        return self.times.of(self.total - 1 - r)
+
+
+class _TraceableProducts:
+    """:class:`StepVJP`'s products in a form ``torch.compile`` traces (``torch.func.vjp``), for
+    the backward steps without time gradients or replayed draws."""
+
+    need_t = False
+
+    def __init__(self, func: Any, names: ParamNames, params: tuple[torch.Tensor, ...]) -> None:
+        self.func, self.names, self.params = func, names, params
+        self.g = functional(func, names)
+        self.ts: tuple[torch.Tensor, ...] = ()
+        self.g_p: list[torch.Tensor] = []
+
+    def begin_step(self, ts: tuple[torch.Tensor, ...], g_p: Sequence[torch.Tensor]) -> None:
+        self.ts, self.g_p = ts, list(g_p)
+
+    def _add(self, grads: Sequence[torch.Tensor]) -> None:
+        self.g_p = [acc + g for acc, g in zip(self.g_p, grads)]
+
+    def evaluate(
+        self, x: torch.Tensor, v: torch.Tensor, *, offset: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        value, g_y, g_p, _ = traceable_vjp(self.func, self.ts[0], x, v, self.names, self.params)
+        self._add(g_p)
+        return value, g_y
+
+    def increment(
+        self,
+        plan: StepPlan,
+        x: torch.Tensor,
+        v: torch.Tensor,
+        h: Step,
+        *,
+        first: int,
+        offset: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ts, g = self.ts[first : first + plan.stages], self.g
+
+        def increment(x_: torch.Tensor, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            return rk_increment(lambda t, y: g(t, y, params), x_, h, ts, plan)
+
+        out, pull = torch.func.vjp(increment, x, self.params)  # type: ignore[misc]
+        g_x, g_p = pull(v)
+        self._add(g_p)
+        return out, g_x
+
+    def add_step_size_gradient(self, g: torch.Tensor) -> None:
+        raise AssertionError("no time gradients on the compiled path")
+
+
 class StepVJP:
     """Vector--Jacobian products through the evaluations of one step, for a reversible method's
     backward step, with the bookkeeping every such product needs: the stage times (recorded
     when the times need a gradient), the replay of random draws, the parameter gradients
     (accumulated in place) and the time gradients (folded into the output times per interval,
-    so nothing per step is kept).
-    """
+    so nothing per step is kept). It is also the evaluator the executor runs
+    :class:`ReverseSteps` with: ``graph_inputs`` says what a compiled step needs (None where
+    the steps stay eager: time gradients, replayed draws, or tensors that are no parameters of
+    a module)."""
+
+    differentiable_graph: ClassVar[bool] = False  # torch.func differentiates inside the graph
 
     def __init__(self, job: BackwardJob, method: Any) -> None:
         self.job, self.f = job, job.f
+        self.compile_ok: bool | None = None
+        self.graph_inputs: tuple[ParamNames, tuple[torch.Tensor, ...]] | None = None
+        options = job.spec.compile
+        if options is not None and not job.need_t and job.f.draws is None:
+            names = vjp_names(options, job.f.func, job.vjp_params)
+            if names is not None:
+                self.graph_inputs = (names, tuple(p.detach() for p in job.vjp_params))
+        self._fresh = True
         self.need_t = job.need_t
         self.params = job.vjp_params
         self.g_p = [torch.zeros_like(p) for p in self.params]
@@ -234,12 +356,43 @@ class StepVJP:
         zero = job.t.new_zeros(())
         self._lo, self._hi = zero, zero.clone()
         self.i = self.k = self.step = 0
+        self.evaluations = len(method.nodes)
+        # Where the step starts and ends and its size, as fractions of its output interval.
+        self._fractions = (0.0, 0.0, 0.0)
         self._h_leaf: torch.Tensor | None = None
+
+    @property
+    def func(self) -> Any:
+        return self.f.func
+
+    @property
+    def checked(self) -> bool:
+        return self.f.checked
+
+    @property
+    def nfe(self) -> int:
+        return self.f.nfe
+
+    @nfe.setter
+    def nfe(self, value: int) -> None:
+        self.f.nfe = value
 
     def at_step(self, i: int, k: int, step: int) -> None:
         """The products that follow belong to step ``k`` of interval ``i`` (global ``step``)."""
         self.i, self.k, self.step = i, k, step
+        self._fractions = self.grid.fractions(i, k)
         self._h_leaf = None
+        self._fresh = True
+
+    def begin_step(self, ts: tuple[torch.Tensor, ...], g_p: Sequence[torch.Tensor]) -> None:
+        """The next step backwards (the first after :meth:`at_step` is that one), in the same
+        interval; ``ts`` is not needed (the stage times are this object's own)."""
+        if self._fresh:
+            self._fresh = False
+        else:
+            self.at_step(self.i, self.k - 1, self.step - 1)
+            self._fresh = False
+        self.g_p = list(g_p)
 
     def end_interval(self) -> None:
         """Fold the interval's time gradients into ``dL/dt_i`` and ``dL/dt_{i+1}``."""
@@ -250,19 +403,20 @@ class StepVJP:
 
     def _point_time(self, offset: int) -> torch.Tensor:
         g = self.step + offset
-        return self.ends[g - 1] if g else self.job.t[0]
+        return self.ends.of(g - 1)[0] if g else self.job.t[0]
 
     def _add_point_gradient(self, g: torch.Tensor | None, offset: int) -> None:
+        # The step's start (end) is t_i + m (t_{i+1} - t_i), m its fraction of the interval.
         if g is not None:
-            m = (self.k + offset) / self.grid.n_steps[self.i]
+            m = self._fractions[offset]
             self._lo = torch.add(self._lo, g, alpha=1.0 - m)
             self._hi = torch.add(self._hi, g, alpha=m)
 
     def add_step_size_gradient(self, g: torch.Tensor) -> None:
-        """Add ``dL/dh`` of the current step."""
-        n = self.grid.n_steps[self.i]
-        self._lo = torch.add(self._lo, g, alpha=-1.0 / n)
-        self._hi = torch.add(self._hi, g, alpha=1.0 / n)
+        """Add ``dL/dh`` of the current step (``h`` is its fraction of the interval's length)."""
+        size = self._fractions[2]
+        self._lo = torch.add(self._lo, g, alpha=-size)
+        self._hi = torch.add(self._hi, g, alpha=size)
 
     def _grad(
         self, out: torch.Tensor, x: torch.Tensor, v: torch.Tensor, times: tuple[torch.Tensor, ...]
@@ -285,30 +439,33 @@ class StepVJP:
 
     def increment(
         self,
-        tableau: ButcherTableau,
+        plan: StepPlan,
         x: torch.Tensor,
         v: torch.Tensor,
-        h: float,
-        pos: int,
+        h: Step,
+        *,
+        first: int,
         offset: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The increment ``Psi_h(t, x) - x`` of one base step from the current step's start
-        (``offset=0``) or end (1), evaluated at ``times[pos:]``, and ``v^T`` its Jacobian."""
-        plan = plan_for(tableau)  # cached
+        (``offset=0``, step ``h``) or end (1, step ``-h``), its evaluations being the step's
+        ``first...first + stages``, and ``v^T`` its Jacobian."""
         x_leaf = x.detach().requires_grad_(True)
-        self.f.index = pos  # a tableau's coupled steps evaluate nothing at t0
+        # (A tableau's coupled steps evaluate nothing at t0: evaluation numbers from 0.)
+        self.f.index = self.step * self.evaluations + first
         if not self.need_t:
-            out = rk_increment(self.f, x_leaf, h, self.times, pos, plan)
+            ts = self.times.of(self.step)[first : first + plan.stages]
+            out = rk_increment(self.f, x_leaf, h, ts, plan)
             g_x, _ = self._grad(out, x_leaf, v, ())
             return out.detach(), g_x
         tau = self._point_time(offset).detach().requires_grad_(True)
-        h_signed = self.grid.h[self.i]
-        if self._h_leaf is None:  # the interval's step, one leaf for both base steps
+        if self._h_leaf is None:  # the step's size, one leaf for both base steps
+            h_signed = h if offset == 0 else -h
             self._h_leaf = torch.tensor(h_signed, dtype=tau.dtype, device=tau.device)
             self._h_leaf.requires_grad_(True)
-        hh = self._h_leaf if h == h_signed else -self._h_leaf
-        stage_times = [tau if c == 0.0 else tau + c * hh for c in tableau.c]
-        out = rk_increment(self.f, x_leaf, hh, stage_times, 0, plan)
+        hh = self._h_leaf if offset == 0 else -self._h_leaf
+        stage_times = [tau if c == 0.0 else tau + c * hh for c in plan.c]
+        out = rk_increment(self.f, x_leaf, hh, stage_times, plan)
         g_x, (g_tau, g_h) = self._grad(out, x_leaf, v, (tau, self._h_leaf))
         self._add_point_gradient(g_tau, offset)
         if g_h is not None:

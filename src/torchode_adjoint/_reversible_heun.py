@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from ._grid import Times
-from ._stepping import Step, StepProducts
+from ._compiled import cast
+from ._step import Step, Stepped, StepProducts
 
 __all__ = ["ReversibleHeun", "REVERSIBLE_HEUN"]
 
@@ -69,16 +69,24 @@ class ReversibleHeun:
     def output(self, carry: Carry) -> torch.Tensor:
         return carry[0]
 
-    def step(self, f: Any, carry: Carry, h: Step, times: Times, pos: int) -> Carry:
+    def step(self, f: Any, carry: Carry, h: Step, ts: tuple[torch.Tensor, ...]) -> Stepped:
         y, z, f_n = carry
         if isinstance(h, torch.Tensor):
-            # No `alpha=` on the compiled path (see `_stepping.combine`).
+            # No `alpha=` on the compiled path (see `_runge_kutta.combine`).
             z_next = 2 * y - z + h * f_n
-            f_next = f(times[pos], z_next)
-            return (y + (0.5 * h) * (f_n + f_next), z_next, f_next)
+            f_next = f(ts[0], z_next)
+            return (y + (0.5 * h) * (f_n + f_next), z_next, f_next), None, None
         z_next = torch.add(torch.add(y, y), z, alpha=-1.0).add_(f_n, alpha=h)
-        f_next = f(times[pos], z_next)
-        return (torch.add(y, torch.add(f_n, f_next), alpha=0.5 * h), z_next, f_next)
+        f_next = f(ts[0], z_next)
+        return (torch.add(y, torch.add(f_n, f_next), alpha=0.5 * h), z_next, f_next), None, None
+
+    def bind(self, func: Any, inputs: Any) -> Any:
+        return cast(func)
+
+    @property
+    def backward_nodes(self) -> tuple[float, ...]:
+        """Where a backward step evaluates: at the step's start."""
+        return (0.0,)
 
     def backward_start(
         self, vjp: StepProducts, carry: Carry, a_y: torch.Tensor, h: float
@@ -92,9 +100,8 @@ class ReversibleHeun:
         vjp: StepProducts,
         carry: Carry,
         adjoint: Adjoint,
-        h: float,
-        h_prev: float | None,
-        pos: int,
+        h: Step,
+        h_prev: Step | None,
         incoming: torch.Tensor | None,
     ) -> tuple[Carry, Adjoint]:
         """One step back; ``incoming`` is ``dL/dy_n`` when ``t_n`` is an output time (it must
@@ -104,14 +111,24 @@ class ReversibleHeun:
         a_y0 = torch.add(a_y, a_z, alpha=2.0)
         if incoming is not None:
             a_y0 = a_y0 + incoming
-        v = torch.add(a_z * h, a_y, alpha=0.5 * h)
-        if h_prev is not None:
-            v = v.add_(a_y0, alpha=0.5 * h_prev)
-        z0 = torch.add(torch.add(y1, y1), z1, alpha=-1.0).add_(f1, alpha=-h)
+        if isinstance(h, torch.Tensor) or isinstance(h_prev, torch.Tensor):
+            # A compiled step: no `alpha=` (see `_runge_kutta.combine`).
+            v = a_z * h + a_y * (0.5 * h)
+            if h_prev is not None:
+                v = v + a_y0 * (0.5 * h_prev)
+            z0 = 2 * y1 - z1 - h * f1
+        else:
+            v = torch.add(a_z * h, a_y, alpha=0.5 * h)
+            if h_prev is not None:
+                v = v.add_(a_y0, alpha=0.5 * h_prev)
+            z0 = torch.add(torch.add(y1, y1), z1, alpha=-1.0).add_(f1, alpha=-h)
         f0, g = vjp.evaluate(z0, v, offset=0)
         if vjp.need_t:
             vjp.add_step_size_gradient(0.5 * torch.sum(a_y * (f0 + f1)) + torch.sum(a_z * f0))
-        y0 = torch.add(y1, torch.add(f0, f1), alpha=-0.5 * h)
+        if isinstance(h, torch.Tensor):
+            y0 = y1 - (0.5 * h) * (f0 + f1)
+        else:
+            y0 = torch.add(y1, torch.add(f0, f1), alpha=-0.5 * h)
         return (y0, z0, f0), (a_y0, g - a_z)
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from ._compiled import Compile
 from ._dynamics import NFECounter
+from ._executor import Executor
 from ._grid import TimeGrid
-from ._stepping import Stepper
+from ._step import Method
 
 __all__ = ["SolveSpec"]
 
@@ -28,22 +28,28 @@ class SolveSpec:
     ----------
     func : callable
         The user's dynamics ``f(t, y)``.
-    tableau : ButcherTableau or ReversibleHeun
-        The solver (a tableau, except for the reversible Heun method).
     grid : TimeGrid
+        The record of steps: how many each output interval takes, their sizes and stage times.
     check_finite : bool
     counter : NFECounter
         Filled by the forward pass and, where the mode re-evaluates, by the backward pass.
-    stepper : Stepper
-        The tableau's step, eager or compiled.
-    compile : Compile or None
-        The compiled path's options (None: eager), for the modes' own compiled backward steps.
+    executor : Executor
+        The method the solve steps with (``executor.method``), and how its steps run (eager or
+        compiled).
     """
 
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    tableau: Any
     grid: TimeGrid
     check_finite: bool
     counter: NFECounter
-    stepper: Stepper
-    compile: Compile | None = None
+    executor: Executor
+
+    @property
+    def method(self) -> Method:
+        """The method the solve steps with."""
+        return self.executor.method
+
+    @property
+    def compile(self) -> Compile | None:
+        """The compiled path's options (None: eager)."""
+        return self.executor.options

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ButcherTableau"]
+__all__ = ["ButcherTableau", "StepPlan", "plan_for"]
 
 # Consistency conditions (sum(b) == 1, c_i == sum_j a_ij) are checked to this absolute tolerance:
 # loose enough for coefficients typed as decimals (e.g. 0.1666...), tight enough to catch a typo.
@@ -176,3 +177,38 @@ class ButcherTableau:
 
     def __repr__(self) -> str:
         return f"ButcherTableau(name={self.name!r}, order={self.order}, stages={self.stages})"
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A tableau's non-zero coefficients, resolved once per tableau.
+
+    Attributes
+    ----------
+    stages : int
+    rows : tuple of tuple of (int, float)
+        For each stage ``j``, the pairs ``(l, a_jl)`` with ``a_jl != 0``.
+    weights : tuple of (int, float)
+        The pairs ``(j, b_j)`` with ``b_j != 0``.
+    b : tuple of float
+        All weights, zeros included.
+    c : tuple of float
+        The nodes.
+    """
+
+    stages: int
+    rows: tuple[tuple[tuple[int, float], ...], ...]
+    weights: tuple[tuple[int, float], ...]
+    b: tuple[float, ...]
+    c: tuple[float, ...]
+
+
+@functools.lru_cache(maxsize=64)
+def plan_for(tableau: ButcherTableau) -> StepPlan:
+    """The :class:`StepPlan` of a tableau (cached: tableaus are frozen and hashable)."""
+    rows = tuple(
+        tuple((m, a_jm) for m, a_jm in enumerate(row[:j]) if a_jm != 0.0)
+        for j, row in enumerate(tableau.a)
+    )
+    weights = tuple((j, b_j) for j, b_j in enumerate(tableau.b) if b_j != 0.0)
+    return StepPlan(stages=tableau.stages, rows=rows, weights=weights, b=tableau.b, c=tableau.c)

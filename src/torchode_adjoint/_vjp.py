@@ -1,20 +1,37 @@
 """One evaluation of the dynamics with its vector--Jacobian product, shared by the gradient modes.
 
 The adjoint and the reversible mode evaluate ``f`` at a state during the backward pass and need
-``v^T df/dy``, ``v^T df/dtheta`` and ``v^T df/dt`` together: one ``torch.autograd.grad`` call
-gives all three, with parameter gradients already summed over the batch.
+``v^T df/dy``, ``v^T df/dtheta`` and ``v^T df/dt`` together: one reverse pass gives all three,
+with parameter gradients already summed over the batch. One routine in two forms: eager
+(:func:`dynamics_vjp`, PyTorch's autograd engine, which any dynamics support) and traceable
+(:func:`traceable_vjp`, ``torch.func.vjp`` over the module's named parameters, which
+``torch.compile`` can trace into a compiled step).
 """
 
 from __future__ import annotations
 
+import typing
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
-from ._compat import foreach_add_, vector_jacobian_product
+from ._compat import foreach_add_, saved_tensor_hooks_active, vector_jacobian_product
+from ._compiled import Compile, CompileFallbackWarning, cast
+from ._warnings import user_stacklevel
 
-__all__ = ["VJP", "dynamics_vjp", "accumulate_"]
+__all__ = [
+    "VJP",
+    "dynamics_vjp",
+    "accumulate_",
+    "ParamNames",
+    "parameter_names",
+    "vjp_names",
+    "traceable_vjp",
+]
 
 
 @dataclass(frozen=True)
@@ -84,3 +101,91 @@ def accumulate_(
         pairs[0][0].add_(pairs[0][1], alpha=alpha)
     elif pairs:
         foreach_add_([p[0] for p in pairs], [p[1] for p in pairs], alpha=alpha)
+
+
+#: Per parameter to differentiate, the names under which the module holds it: one per module
+#: that holds it (weights tied between two layers have two), not one per path to a module (a
+#: layer applied twice, registered under two names, has one).
+ParamNames = tuple[tuple[str, ...], ...]
+
+
+def parameter_names(func: object, params: Sequence[torch.Tensor]) -> ParamNames | None:
+    """The names under which ``func`` holds ``params`` as parameters, for
+    ``torch.func.functional_call``; None (with a warning: the backward pass then runs eagerly)
+    if one of them is not a parameter of ``func``."""
+    names: ParamNames | None = None if params else ()
+    if isinstance(func, nn.Module):
+        # By storage, not identity: saved tensors can come back from autograd as new Python
+        # objects (under saved-tensor hooks, for instance).
+        by_storage: dict[tuple[Any, ...], list[str]] = {}
+        slots: set[tuple[int, str]] = set()
+        for name, p in func.named_parameters(remove_duplicate=False):
+            owner, _, attr = name.rpartition(".")
+            slot = (id(func.get_submodule(owner)), attr)
+            if slot not in slots:  # swapping one module's attribute twice would lose it
+                slots.add(slot)
+                by_storage.setdefault(_storage_key(p), []).append(name)
+        found = tuple(tuple(by_storage.get(_storage_key(p), ())) for p in params)
+        names = None if () in found else found
+    if names is None:
+        warnings.warn(
+            "the compiled backward step differentiates the parameters of an nn.Module only; "
+            "these dynamics have other tensors to differentiate (tensor attributes, or "
+            "`params=`), so the backward pass runs eagerly (same results, eager speed).",
+            CompileFallbackWarning,
+            stacklevel=user_stacklevel(),
+        )
+    return names
+
+
+def vjp_names(
+    options: Compile | None, func: object, params: Sequence[torch.Tensor]
+) -> ParamNames | None:
+    """The parameter names for a compiled ``torch.func`` VJP of ``func``, or None where the
+    backward pass runs its eager VJP: no compiled path, saved-tensor hooks active (which
+    ``torch.func`` does not support), or tensors that are not parameters of ``func``."""
+    if options is None or saved_tensor_hooks_active():
+        return None
+    return parameter_names(func, params)
+
+
+def _storage_key(p: torch.Tensor) -> tuple[int, tuple[int, ...], torch.dtype, torch.device]:
+    return (p.data_ptr(), tuple(p.shape), p.dtype, p.device)
+
+
+def functional(
+    func: nn.Module | Callable[..., Any], names: ParamNames
+) -> Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor]:
+    """``g(t, y, params)``: ``func(t, y)`` with the parameters ``names`` replaced by ``params``."""
+    f = cast(func)
+    if not names:
+        return lambda t, y, params: f(t, y)
+
+    def g(t: torch.Tensor, y: torch.Tensor, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        # Tied weights named explicitly: functional_call's own search for them reads tensor
+        # storages, which torch.func's wrapped tensors lack under torch.compile (PyTorch 2.13:
+        # "Cannot access storage of TensorWrapper", for any layer used twice).
+        swap = {name: p for aliases, p in zip(names, params) for name in aliases}
+        # `names` are found on a module only (vjp_names): func is one here.
+        module = typing.cast(nn.Module, func)
+        out = torch.func.functional_call(module, swap, (t, y), tie_weights=False)
+        return out if out.dtype == y.dtype else out.to(y.dtype)
+
+    return g
+
+
+def traceable_vjp(
+    func: nn.Module | Callable[..., Any],
+    t: torch.Tensor,
+    y: torch.Tensor,
+    v: torch.Tensor,
+    names: ParamNames,
+    params: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+    """``f(t, y)`` and ``v^T df/dy``, ``v^T df/dtheta``, ``v^T df/dt`` by ``torch.func.vjp``:
+    :func:`dynamics_vjp`'s traceable form (``torch.compile`` traces it, unlike the autograd
+    engine), for the parameters held by ``func`` under ``names``."""
+    # torch's stubs type vjp's result as a pair of a pair; it is (value, pullback).
+    value, pull = torch.func.vjp(functional(func, names), t, y, params)  # type: ignore[misc]
+    g_t, g_y, g_p = pull(v)
+    return value, g_y, g_p, g_t

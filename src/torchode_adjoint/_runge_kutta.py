@@ -1,0 +1,135 @@
+"""The explicit Runge--Kutta step: one generic step for every tableau, and its method.
+
+A tableau is resolved once into a :class:`StepPlan` (its non-zero coefficients); :func:`rk_step`
+takes one step of any plan, on a tensor or on a tuple of tensors (an augmented system), and
+:func:`combine` is the one linear-combination kernel the steps use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._compiled import cast
+from ._step import DynamicsFn, Step, Stepped
+from ._tableau import ButcherTableau, StepPlan, plan_for
+
+__all__ = ["StepPlan", "plan_for", "combine", "rk_stages", "rk_step", "rk_increment", "RungeKutta"]
+
+
+def combine(
+    y: torch.Tensor | None, h: Step, terms: Sequence[tuple[int, float]], ks: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """``y + h * sum(coef * ks[l] for l, coef in terms)`` with fused kernels (``y=None``: the
+    increment alone).
+
+    With a float ``h`` each term is one ``torch.add(..., alpha=)``; with a tensor ``h`` (times
+    that need a gradient, and the compiled path) the sum is formed first and then added.
+    """
+    if not terms:
+        return y if y is not None else torch.zeros_like(ks[0])
+    if isinstance(h, float):
+        m0, c0 = terms[0]
+        out = torch.mul(ks[m0], c0 * h) if y is None else torch.add(y, ks[m0], alpha=c0 * h)
+        for m, coef in terms[1:]:
+            out = torch.add(out, ks[m], alpha=coef * h)
+        return out
+    # No `alpha=`/`value=` coefficients here: this path is also the compiled one, and
+    # torch.compile's inductor drops the `alpha` of `add(x, mm(a, b), alpha=c)` when it rewrites
+    # it to `addmm` (pytorch/pytorch#167313), which a stage that is a matrix product triggers.
+    acc = ks[terms[0][0]] * terms[0][1]
+    for m, coef in terms[1:]:
+        acc = acc + ks[m] * coef
+    return acc * h if y is None else y + acc * h
+
+
+def combine_state(y: Any, h: Any, terms: Sequence[tuple[int, float]], ks: Sequence[Any]) -> Any:
+    """:func:`combine` on a tensor, or part by part on a tuple (with a tuple of steps)."""
+    if isinstance(y, tuple):
+        return tuple(
+            combine(y_c, h_c, terms, [k[c] for k in ks]) for c, (y_c, h_c) in enumerate(zip(y, h))
+        )
+    return combine(y, h, terms, ks)
+
+
+def rk_stages(
+    f: Callable[[torch.Tensor, Any], Any],
+    y: Any,
+    h: Any,
+    ts: Sequence[torch.Tensor],
+    plan: StepPlan,
+) -> list[Any]:
+    """The stage derivatives ``k_j = f(ts[j], y + h sum_l a_jl k_l)`` of one step from ``y``.
+
+    ``y`` is a tensor and ``h`` its step, or, for an augmented system, a tuple of tensors with a
+    tuple of per-part steps; ``f`` then returns a tuple of the same length.
+    """
+    ks: list[Any] = []
+    for j in range(plan.stages):
+        ks.append(f(ts[j], combine_state(y, h, plan.rows[j], ks)))
+    return ks
+
+
+def rk_step(
+    f: Callable[[torch.Tensor, Any], Any],
+    y: Any,
+    h: Any,
+    ts: Sequence[torch.Tensor],
+    plan: StepPlan,
+) -> tuple[Any, list[Any]]:
+    """One explicit RK step from ``y`` (see :func:`rk_stages`): the new state and the stages."""
+    ks = rk_stages(f, y, h, ts, plan)
+    return combine_state(y, h, plan.weights, ks), ks
+
+
+def rk_increment(
+    f: DynamicsFn, y: torch.Tensor, h: Step, ts: Sequence[torch.Tensor], plan: StepPlan
+) -> torch.Tensor:
+    """``Psi_h(y) - y = h * sum_j b_j k_j``: one step's increment, formed without ``y`` (so
+    that a method that adds it to another state loses no digits to a cancellation)."""
+    return combine(None, h, plan.weights, rk_stages(f, y, h, ts, plan))
+
+
+@dataclass(frozen=True)
+class RungeKutta:
+    """An explicit Runge--Kutta method: its carry is the solution; its dense information the
+    stage derivatives."""
+
+    tableau: ButcherTableau
+    plan: StepPlan = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Resolved here, not in the step: the compiled step traces no cache lookups.
+        object.__setattr__(self, "plan", plan_for(self.tableau))
+
+    @property
+    def name(self) -> str:
+        return self.tableau.name
+
+    @property
+    def order(self) -> int:
+        return self.tableau.order
+
+    @property
+    def nodes(self) -> tuple[float, ...]:
+        return self.tableau.c
+
+    @property
+    def key(self) -> Hashable:
+        return ("rk", self.tableau)
+
+    def init(self, f: Any, y0: torch.Tensor, t0: torch.Tensor) -> torch.Tensor:
+        return y0
+
+    def output(self, carry: torch.Tensor) -> torch.Tensor:
+        return carry
+
+    def step(self, f: Any, carry: torch.Tensor, h: Step, ts: tuple[torch.Tensor, ...]) -> Stepped:
+        y, ks = rk_step(f, carry, h, ts, self.plan)
+        return y, None, ks
+
+    def bind(self, func: Any, inputs: Any) -> Any:
+        return cast(func)

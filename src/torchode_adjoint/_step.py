@@ -1,0 +1,112 @@
+"""What one solver step is: the protocols between the methods, the executor and the modes.
+
+A *method* owns its step. ``method.step(f, carry, h, ts)`` takes one step of size ``h`` from the
+method's state ``carry`` with its evaluations at the stage times ``ts`` (one 0-dim tensor per
+node, ``t0 + c_j h``, in the order the method makes them) and returns a :data:`Stepped`: the new
+carry, an error estimate (None for a method without an embedded pair) and what its interpolant
+needs (the stage derivatives of a Runge--Kutta step, or None). The executor runs steps; a
+gradient mode asks a method for capabilities (an inverse, a tableau), never for its class.
+
+A reversible method's exact backward step asks for vector--Jacobian products through
+:class:`StepProducts`, which the reversible mode implements: the methods import nothing from a
+mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from ._tableau import StepPlan
+
+__all__ = ["Step", "Stepped", "Method", "StepProducts", "DynamicsFn"]
+
+Step = float | torch.Tensor
+"""A step size: a host float, or a 0-dim tensor (learnable times, the compiled path)."""
+
+DynamicsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+Stepped = tuple[Any, torch.Tensor | None, Any]
+"""``(carry, error, dense)``: a step's new carry, its error estimate or None, and its dense
+output information (the stage derivatives of a Runge--Kutta step) or None."""
+
+
+class Method(Protocol):
+    """What a solver step computes; the executor runs it.
+
+    ``carry`` is the method's state: the solution itself for a Runge--Kutta method, a tuple
+    with auxiliary tensors for a reversible one.
+    """
+
+    @property
+    def name(self) -> str:
+        """The method's name in messages."""
+
+    @property
+    def order(self) -> int:
+        """The order of convergence."""
+
+    @property
+    def nodes(self) -> tuple[float, ...]:
+        """Where the evaluations of one step lie, as fractions of the step, in the order made."""
+
+    @property
+    def key(self) -> Hashable:
+        """What the compiled steps are cached under."""
+
+    def init(self, f: Any, y0: torch.Tensor, t0: torch.Tensor) -> Any:
+        """The carry at the first time."""
+
+    def output(self, carry: Any) -> torch.Tensor:
+        """The solution held in a carry."""
+
+    def step(self, f: Any, carry: Any, h: Step, ts: tuple[torch.Tensor, ...]) -> Stepped:
+        """One step of size ``h``; its evaluations are at ``ts`` (one time per node)."""
+
+    def bind(self, func: Any, inputs: Any) -> Any:
+        """What ``step`` evaluates inside a compiled graph: the user's ``func`` (with the graph
+        inputs ``inputs`` the executor passed along) in the form the step calls."""
+
+
+class StepProducts(Protocol):
+    """The vector--Jacobian products a reversible method's exact backward step asks for.
+
+    A gradient mode implements it (the reversible mode's ``StepVJP``) with its bookkeeping:
+    stage times, replayed random draws, parameter and time gradients. The methods
+    (:mod:`._coupled`, :mod:`._reversible_heun`) call it and import nothing from a mode.
+    """
+
+    need_t: bool
+    """Whether the time gradients are asked for."""
+
+    def evaluate(
+        self, x: torch.Tensor, v: torch.Tensor, *, offset: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``f(t, x)`` at the current step's start (``offset=0``) or end (1), and ``v^T df/dx``."""
+
+    def increment(
+        self,
+        plan: StepPlan,
+        x: torch.Tensor,
+        v: torch.Tensor,
+        h: Step,
+        *,
+        first: int,
+        offset: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The increment ``Psi_h(t, x) - x`` of one base step of the tableau resolved in
+        ``plan`` from the current step's start (``offset=0``) or end (1), its evaluations being
+        the step's ``first...first + stages``, and ``v^T`` its Jacobian."""
+
+    def add_step_size_gradient(self, g: torch.Tensor) -> None:
+        """Add ``dL/dh`` of the current step."""
+
+    def begin_step(self, ts: tuple[torch.Tensor, ...], g_p: Sequence[torch.Tensor]) -> None:
+        """The products that follow belong to the next step backwards, whose evaluations are
+        at ``ts`` (the method's ``backward_nodes``); parameter gradients accumulate onto
+        ``g_p`` and are read back from ``g_p`` after the step."""
+
+    g_p: list[torch.Tensor]
+    """The parameter gradients accumulated so far."""
