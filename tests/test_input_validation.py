@@ -25,7 +25,7 @@ F = MLPDynamics()
         (dict(step=float("inf")), ValueError, "`step`"),
         (dict(step="0.1"), TypeError, "`step`"),
         (dict(step=True), TypeError, "`step`"),
-        (dict(solver="dopri5"), ValueError, "`solver`"),
+        (dict(solver="dopri8"), ValueError, "`solver`"),
         (dict(adjoint="sometimes"), ValueError, "`adjoint`"),
         (dict(params=torch.ones(2)), TypeError, "`params`"),
         (dict(params=[1.0]), TypeError, "`params`"),
@@ -173,8 +173,8 @@ def test_in_place_operations_on_the_dynamics_own_tensors_are_fine() -> None:
     [
         ("method", "solver="),
         ("options", "step=h"),
-        ("rtol", "no tolerances"),
-        ("atol", "no tolerances"),
+        ("adjoint_rtol", "ContinuousAdjoint(rtol="),
+        ("adjoint_atol", "ContinuousAdjoint(rtol="),
         ("event_fn", "events are not supported"),
         ("adjoint_params", "params="),
     ],
@@ -189,9 +189,9 @@ def test_an_unknown_keyword_is_refused_by_name() -> None:
         odeint(lambda t, y: -y, torch.ones(2), T, params=(), stepsize=0.1)
 
 
-def test_an_adaptive_solver_name_gets_the_fixed_step_hint() -> None:
-    with pytest.raises(ValueError, match=r"'dopri5' is an adaptive solver.*solver='rk4', step="):
-        odeint(lambda t, y: -y, torch.ones(2), T, params=(), solver="dopri5")
+def test_a_torchdiffeq_solver_not_built_in_gets_the_embedded_pair_hint() -> None:
+    with pytest.raises(ValueError, match=r"'dopri8' is a torchdiffeq solver.*'dopri5', rtol="):
+        odeint(lambda t, y: -y, torch.ones(2), T, params=(), solver="dopri8")
 
 
 # --- messages and checks at their edges ----------------------------------------------------

@@ -29,8 +29,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from ._control import ErrorControl, initial_step
 from ._dynamics import Dynamics
-from ._executor import Executor, integrate
+from ._executor import AdaptiveStats, Executor, adaptive_interval, integrate
 from ._grid import StageTimes
 from ._methods import runge_kutta_tableau
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
@@ -52,16 +53,43 @@ class ContinuousAdjoint(GradientMode):
     at the output times, independent of the number of steps. Backward cost: one evaluation and
     one vector--Jacobian product per stage. Dynamics that draw random numbers (dropout in
     training mode) raise: the backward pass cannot replay the forward's draws.
+
+    With error-controlled steps (``rtol=``/``atol=``) the backward pass controls its own steps,
+    measuring the error on the state and the adjoint only (the seminorm of Kidger, Chen & Lyons
+    2021: the parameter gradients, which feed no stage, do not shrink the steps).
+
+    Parameters
+    ----------
+    rtol, atol : float, optional
+        The backward pass's tolerances (torchdiffeq's ``adjoint_rtol``/``adjoint_atol``);
+        default the forward's.
     """
 
     name: ClassVar[str] = "adjoint"
     exact: ClassVar[bool] = False
     replays_randomness: ClassVar[bool] = False
+    rtol: float | None = None
+    atol: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if value is not None:  # validated the way the forward's are
+                ErrorControl(rtol=value, atol=1.0) if name == "rtol" else ErrorControl(1.0, value)
 
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
     ) -> ForwardResult:
-        states = integrate(f, y0, t, spec.grid, spec.executor, check_finite=spec.check_finite)
+        states = integrate(
+            f,
+            y0,
+            t,
+            spec.grid,
+            spec.executor,
+            check_finite=spec.check_finite,
+            control=spec.control,
+            stats=spec.counter,
+        )
         # The states at the output times only: memory independent of the number of steps.
         return states, ()
 
@@ -70,6 +98,8 @@ class ContinuousAdjoint(GradientMode):
         tableau = runge_kutta_tableau(spec.method)
         assert tableau is not None  # check_solver: the adjoint pairs with tableaus only
         f = AdjointProducts(job.f, job.vjp_params, job.need_t, spec.compile)
+        if spec.control is not None:
+            return self._adaptive_backward(job, tableau, f, spec.control)
         executor = Executor(AugmentedMethod(tableau), spec.compile)
         times = StageTimes(job.t, grid, tableau.c, reverse=True)
         a = torch.zeros_like(job.states[-1])
@@ -97,6 +127,78 @@ class ContinuousAdjoint(GradientMode):
             g_p = tuple(rest)
             r += n
         job.watch(grid.times[0], a)
+        grad_t = torch.stack([g_t, *reversed(dl_dt)]) if job.need_t else None
+        return Gradients(y0=a, t=grad_t, params=g_p)
+
+    def _adaptive_backward(
+        self, job: BackwardJob, tableau: ButcherTableau, f: AdjointProducts, forward: ErrorControl
+    ) -> Gradients:
+        """The backward pass with error-controlled steps, interval by interval from the last
+        output time, each interval's steps ending on its output time."""
+        control = ErrorControl(
+            rtol=forward.rtol if self.rtol is None else self.rtol,
+            atol=forward.atol if self.atol is None else self.atol,
+            max_step=forward.max_step,
+            max_steps=forward.max_steps,
+        )
+        executor = Executor(AugmentedMethod(tableau, estimate=True), job.spec.compile)
+        times = job.spec.grid.times
+        a = torch.zeros_like(job.states[-1])
+        g_t = torch.zeros((), dtype=job.t.dtype, device=job.t.device)
+        g_p: tuple[torch.Tensor, ...] = tuple(torch.zeros_like(p) for p in job.vjp_params)
+        dl_dt: list[torch.Tensor] = []
+        stats = AdaptiveStats()
+        h: float | None = None
+
+        def seminorm(before: Any, after: Any, error: Any) -> tuple[Any, ...]:
+            return error, before[:2], after[:2]
+
+        for i in range(len(times) - 1, 0, -1):
+            grad_i = job.grads[i - 1]
+            if grad_i is not None:
+                a = a + grad_i
+            job.watch(times[i], a)
+            y = job.states[i - 1].detach()
+            t_i = job.t[i]
+            if h is None:  # Hairer's first step, on the state's dynamics
+                with torch.no_grad():
+                    f0 = job.f(t_i, y)
+                    h = initial_step(
+                        job.f,
+                        t_i,
+                        y,
+                        f0,
+                        tableau.embedded_order or 1,
+                        control.rtol,
+                        control.atol,
+                        -1.0 if times[-1] > times[0] else 1.0,
+                    )
+            first: list[torch.Tensor] = []
+            carry, h = adaptive_interval(
+                executor,
+                f,
+                (y, a, g_t, *g_p),
+                times[i],
+                times[i - 1],
+                h,
+                control,
+                seminorm,
+                stats,
+                max_steps=control.max_steps,
+                like=y,
+                h_sign=-1.0,
+                first=lambda out, keep=first: keep.append(out[2][0][0]),  # type: ignore[misc]
+            )
+            y, a, g_t, *rest = carry
+            g_p = tuple(rest)
+            if job.need_t:
+                # The first stage tried is f(t_i, y_i): dL/dt_i = dL/dy(t_i) . f(t_i, y_i).
+                d = g_t.new_zeros(()) if grad_i is None else torch.sum(grad_i * first[0])
+                dl_dt.append(d)
+                g_t = g_t - d
+        job.watch(times[0], a)
+        counter = job.spec.counter
+        counter.backward_accepted, counter.backward_rejected = stats.accepted, stats.rejected
         grad_t = torch.stack([g_t, *reversed(dl_dt)]) if job.need_t else None
         return Gradients(y0=a, t=grad_t, params=g_p)
 
@@ -178,6 +280,7 @@ class AugmentedMethod:
     """
 
     tableau: ButcherTableau
+    estimate: bool = False
     plan: StepPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -186,6 +289,11 @@ class AugmentedMethod:
     @property
     def name(self) -> str:
         return f"the continuous adjoint of {self.tableau.name}"
+
+    @property
+    def error_order(self) -> int:
+        """The embedded order of the tableau (error-controlled backward steps)."""
+        return int(self.tableau.embedded_order or 1)
 
     @property
     def order(self) -> int:
@@ -197,7 +305,7 @@ class AugmentedMethod:
 
     @property
     def key(self) -> Hashable:
-        return ("adjoint", self.tableau)
+        return ("adjoint", self.tableau, self.estimate)
 
     def init(self, f: Any, y0: torch.Tensor, t0: torch.Tensor) -> Any:
         raise NotImplementedError("the augmented carry is built by the adjoint's backward pass")
@@ -207,6 +315,9 @@ class AugmentedMethod:
 
     def step(self, f: Any, carry: Any, h: Step, ts: tuple[torch.Tensor, ...]) -> Stepped:
         y, a, g_t, *g_p = carry
+        if self.estimate and isinstance(h, float):
+            # A step may be rejected: accumulate into copies, never into the carry's tensors.
+            g_p = [g.clone() for g in g_p]
         plan = self.plan
         back = -h
         values: list[torch.Tensor] = []
@@ -233,9 +344,12 @@ class AugmentedMethod:
                 g_p = [g if p is None else g + p * (h * weight) for g, p in zip(g_p, params)]
                 if g_tj is not None:
                     g_t = g_t + g_tj * (h * weight)
+        error = None
+        if self.estimate:  # the state's and the adjoint's (the seminorm's parts)
+            error = (combine(None, back, plan.errors, values), combine(None, h, plan.errors, g_ys))
         y = combine(y, back, plan.weights, values)
         a = combine(a, h, plan.weights, g_ys)
-        return (y, a, g_t, *g_p), None, stages
+        return (y, a, g_t, *g_p), error, stages
 
     def bind(self, func: Any, inputs: Any) -> Any:
         return _traceable_products(func, inputs)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ._compiled import Compile
 from ._dynamics import NFECounter, warn_time_shared_statistics
-from ._grid import DEFAULT_MAX_STEPS
+from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP
 from ._mode import GradientMode
 from ._prepare import ModeName, make_config, solve
 from ._reversible_heun import ReversibleHeun
@@ -62,6 +62,9 @@ class ODEBlock(nn.Module):
     compile : bool or Compile, default False
         Compile each solver step and each backward step with ``torch.compile`` (see
         :func:`~torchode_adjoint.odeint`).
+    rtol, atol : float, optional
+        Error-controlled steps with an embedded pair such as ``solver="dopri5"`` (see
+        :func:`~torchode_adjoint.odeint`); ``step`` is then the largest step.
 
     Attributes
     ----------
@@ -100,7 +103,7 @@ class ODEBlock(nn.Module):
         self,
         dynamics: nn.Module,
         solver: str | ButcherTableau = "euler",
-        step: float | None = 0.1,
+        step: float | None = DEFAULT_STEP,
         adjoint: bool | ModeName | GradientMode = True,
         t0: float | torch.Tensor = 0.0,
         t1: float | torch.Tensor = 1.0,
@@ -109,6 +112,8 @@ class ODEBlock(nn.Module):
         checkpoint_every: int | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         compile: bool | Compile = False,
+        rtol: float | None = None,
+        atol: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(dynamics, nn.Module):
@@ -126,6 +131,8 @@ class ODEBlock(nn.Module):
             checkpoint_every=checkpoint_every,
             max_steps=max_steps,
             compile=compile,
+            rtol=rtol,
+            atol=atol,
         )
         values = {"t0": _time_value(t0, "t0"), "t1": _time_value(t1, "t1")}
         if values["t0"] == values["t1"]:

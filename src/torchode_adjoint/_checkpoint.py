@@ -10,14 +10,15 @@ plus one segment's activations.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ._compat import vector_jacobian_product
 from ._dynamics import Dynamics
-from ._executor import Executor, integrate
-from ._grid import StageTimes, Times, segment_times
+from ._executor import Executor, integrate, integrate_adaptive
+from ._grid import RecordedSteps, StageTimes, Times
+from ._methods import as_method, runge_kutta_tableau
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients, RngState
 from ._spec import SolveSpec
 from ._vjp import accumulate_
@@ -59,6 +60,8 @@ class Checkpoint(GradientMode):
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
     ) -> ForwardResult:
+        if spec.control is not None:
+            return self._adaptive_forward(f, y0, t, spec, record)
         kept: list[torch.Tensor] = []
         every = self.every
 
@@ -79,9 +82,55 @@ class Checkpoint(GradientMode):
         )
         return states, tuple(kept)
 
+    def _adaptive_forward(
+        self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
+    ) -> ForwardResult:
+        """Error-controlled steps, keeping the accepted steps (two host floats each) and the
+        state at the start of every ``every``-th of them."""
+        assert spec.control is not None
+        kept: list[torch.Tensor] = []
+        method = spec.method
+
+        def keep(i: int, k: int, m0: float, m1: float, before: Any, token: Any) -> None:
+            if k % self.every == 0:
+                if k:
+                    kept.append(method.output(before))
+                record.rng.append(token)
+
+        recorded: list[RecordedSteps] = []
+        states = integrate_adaptive(
+            f,
+            y0,
+            t,
+            spec.grid.times,
+            spec.executor,
+            spec.control,
+            check_finite=spec.check_finite,
+            stats=spec.counter,
+            record=recorded,
+            before_try=lambda: RngState.capture(y0.device),
+            on_accept=keep,
+        )
+        record.steps = recorded[0]
+        return states, tuple(kept)
+
     def backward(self, job: BackwardJob) -> Gradients:
-        spec, grid = job.spec, job.spec.grid
+        spec, grid = job.spec, job.steps
         nodes = spec.method.nodes
+        executor = spec.executor
+        if job.record.steps is not None:
+            if job.record.random:
+                raise RuntimeError(
+                    "the dynamics drew random numbers in an error-controlled forward pass: its "
+                    "rejected trials and its first-same-as-last stages drew numbers that a "
+                    "replay of the accepted steps cannot draw again, so adjoint='checkpoint' "
+                    "cannot reproduce them. Use fixed steps (`step=`) with random dynamics, or "
+                    "keep the randomness out of the dynamics (e.g. `model.eval()`)."
+                )
+            # The accepted steps again, as plain steps of the pair's higher-order method.
+            tableau = runge_kutta_tableau(spec.method)
+            assert tableau is not None
+            executor = Executor(as_method(tableau), spec.compile)
         assert job.y0 is not None  # saves_y0
         kept, rng = list(job.extra), list(job.record.rng)
         t_leaf = job.t.requires_grad_(True) if job.need_t else None
@@ -100,13 +149,13 @@ class Checkpoint(GradientMode):
                 start = kept.pop() if k0 else (job.states[i - 1] if i else job.y0)
                 y_s = start.detach().requires_grad_(True)
                 if t_leaf is None:
-                    h: float | torch.Tensor = grid.h[i]
+                    h: Any = grid.sizes(i)
                     times: Times = host_times
                 else:
-                    h, times = segment_times(t_leaf, grid, nodes, i, k0, k1)
+                    h, times = grid.segment(t_leaf, nodes, i, k0, k1)
                 state = rng.pop() if rng else None
                 g0 = offsets[i] + k0
-                y = self._rerun(spec.executor, job.f, y_s, h, times, g0, k1 - k0, state)
+                y = self._rerun(executor, job.f, y_s, h, times, g0, k1 - k0, state)
                 inputs = [y_s, *job.vjp_params, *(() if t_leaf is None else (t_leaf,))]
                 grads = vector_jacobian_product(y, inputs, a)
                 a = grads[0] if grads[0] is not None else torch.zeros_like(a)
@@ -121,7 +170,7 @@ class Checkpoint(GradientMode):
         executor: Executor,
         f: Dynamics,
         y: torch.Tensor,
-        h: float | torch.Tensor,
+        h: Any,
         times: Times,
         g0: int,
         steps: int,

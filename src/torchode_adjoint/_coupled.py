@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ._compiled import cast
-from ._runge_kutta import StepPlan, plan_for, rk_increment
+from ._runge_kutta import StepPlan, combine, plan_for, rk_increment, rk_stages
 from ._step import Step, Stepped, StepProducts
 from ._tableau import ButcherTableau
 
@@ -60,6 +60,7 @@ class Coupled:
 
     tableau: ButcherTableau
     coupling: float
+    estimate: bool = False
     plan: StepPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -93,11 +94,19 @@ class Coupled:
         y, z = carry
         plan, lam = self.plan, self.coupling
         s = plan.stages
-        d_p = rk_increment(f, z, h, ts[:s], plan)
+        ks = rk_stages(f, z, h, ts[:s], plan)
+        d_p = combine(None, h, plan.weights, ks)
+        # The base step's error estimate (an embedded pair under error control).
+        error = combine(None, h, plan.errors, ks) if self.estimate else None
         # Plain products, no `alpha=` (the compiled path; see `combine`).
         y = d_p + y if lam == 1.0 else d_p + lam * y + (1.0 - lam) * z
         d_q = rk_increment(f, y, -h, ts[s:], plan)
-        return (y, z - d_q), None, None
+        return (y, z - d_q), error, None
+
+    @property
+    def error_order(self) -> int:
+        """The embedded order of the base tableau (error-controlled steps)."""
+        return int(self.tableau.embedded_order or 1)
 
     def bind(self, func: Any, inputs: Any) -> Any:
         return cast(func)

@@ -44,10 +44,23 @@ class NFECounter:
         Evaluations made by the forward pass (steps x stages).
     backward : int
         Evaluations made by the backward pass (0 for backprop, which reuses the stored graph).
+    accepted, rejected : int
+        Error-controlled steps of the forward pass accepted and rejected (0 with fixed steps).
+    backward_accepted, backward_rejected : int
+        The same for the continuous adjoint's error-controlled backward pass.
     """
 
     forward: int = 0
     backward: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    backward_accepted: int = 0
+    backward_rejected: int = 0
+
+    def reset(self) -> None:
+        """Zero every count (each solve starts from zero)."""
+        self.forward = self.backward = self.accepted = self.rejected = 0
+        self.backward_accepted = self.backward_rejected = 0
 
 
 class Dynamics:

@@ -24,13 +24,22 @@ import torch
 
 from ._compat import BatchNormBase, functorch_transforms_active
 from ._compiled import Compile, CompiledFunction, CompileFallbackWarning
-from ._grid import StageTimes, TimeGrid, Times, step_sizes
+from ._control import ErrorControl, error_ratio, initial_step
+from ._grid import RecordedSteps, StageTimes, TimeGrid, Times, step_sizes
 from ._rng import RngState
 from ._step import DynamicsFn, Method, Step, Stepped
 from ._structure import non_finite_part
 from ._warnings import user_stacklevel
 
-__all__ = ["Executor", "integrate", "StepHook", "locate_non_finite"]
+__all__ = [
+    "Executor",
+    "integrate",
+    "StepHook",
+    "locate_non_finite",
+    "AdaptiveStats",
+    "adaptive_interval",
+    "integrate_adaptive",
+]
 
 StepHook = Callable[[int, int, Any], None]
 """``hook(i, k, carry)``: called with the method's state before step ``k`` of interval ``i``."""
@@ -127,23 +136,25 @@ class Executor:
         self,
         f: Any,
         carry: Any,
-        h: Step,
+        h: Step | Callable[[int], Step],
         times: Times,
         g0: int,
         steps: int,
         before_step: Callable[[int, Any], None] | None = None,
     ) -> Any:
-        """``steps`` steps of size ``h`` from ``carry``, the first being step ``g0`` of
-        ``times``; ``before_step(k, carry)`` before each (then one step per call)."""
+        """``steps`` steps from ``carry``, the first being step ``g0`` of ``times``, all of size
+        ``h`` or of size ``h(g)`` for step ``g`` (recorded steps); ``before_step(k, carry)``
+        before each (then one step per call)."""
         step = self.method.step
-        if self.options is None or before_step is not None:
+        if self.options is None or before_step is not None or callable(h):
             for k in range(steps):
                 if before_step is not None:
                     before_step(k, carry)
+                h_k = h(g0 + k) if callable(h) else h
                 carry = (
-                    step(f, carry, h, times.of(g0 + k))[0]
+                    step(f, carry, h_k, times.of(g0 + k))[0]
                     if self.options is None
-                    else self.step(f, carry, h, times.of(g0 + k))[0]
+                    else self.step(f, carry, h_k, times.of(g0 + k))[0]
                 )
             return carry
         size, k = self.chunk_steps, 0
@@ -218,9 +229,12 @@ def integrate(
     check_finite: bool,
     before_step: StepHook | None = None,
     final: list[Any] | None = None,
+    control: ErrorControl | None = None,
+    stats: Any = None,
 ) -> list[torch.Tensor]:
     """Integrate over the output intervals and return the states at the output times after the
-    first.
+    first: equal steps (``grid``), or error-controlled ones (``control``, see
+    :func:`integrate_adaptive`).
 
     Parameters
     ----------
@@ -247,6 +261,10 @@ def integrate(
     list of Tensor, T - 1 of shape (...)
         The states at ``t[1:]``; the caller stacks them with ``y0`` if it needs to.
     """
+    if control is not None:
+        return integrate_adaptive(
+            f, y0, t, grid.times, executor, control, check_finite=check_finite, stats=stats
+        )
     method = executor.method
     times = StageTimes(t, grid, method.nodes)
     hs: Sequence[Step] = step_sizes(t, grid) if t.requires_grad else grid.h
@@ -326,3 +344,232 @@ def locate_non_finite(
         "reduce `step`, use a more stable solver such as solver='rk4', or check the dynamics "
         "(pass `check_finite=False` to skip this check)."
     )
+
+
+class AdaptiveStats:
+    """Accepted and rejected steps of error-controlled solves."""
+
+    __slots__ = ("accepted", "rejected")
+
+    def __init__(self) -> None:
+        self.accepted = self.rejected = 0
+
+
+PartsFn = Callable[[Any, Any, Any], tuple[Sequence[torch.Tensor], ...]]
+
+
+def adaptive_interval(
+    executor: Executor,
+    f: Any,
+    carry: Any,
+    t_a: float,
+    t_b: float,
+    h: float,
+    control: ErrorControl,
+    parts: PartsFn,
+    stats: AdaptiveStats,
+    *,
+    max_steps: int,
+    t: torch.Tensor | None = None,
+    interval: int = 0,
+    like: torch.Tensor,
+    h_sign: float = 1.0,
+    first: Callable[[Stepped], None] | None = None,
+    before_try: Callable[[], Any] | None = None,
+    on_accept: Callable[[int, float, float, Any, Any], None] | None = None,
+) -> tuple[Any, float]:
+    """Integrate one interval from ``t_a`` to ``t_b`` with error-controlled steps; the last step
+    ends on ``t_b`` exactly. Returns the carry at ``t_b`` and the next step size proposed.
+
+    Parameters
+    ----------
+    executor : Executor
+        Runs the steps of a method whose ``step`` returns an error estimate.
+    h : float
+        The first step's size to try (positive).
+    parts : callable
+        ``parts(carry, new_carry, error) -> (errors, before, after)``: the tensors the error
+        norm is taken over (all of the state; the continuous adjoint's seminorm: the state and
+        the adjoint, not the parameter gradients).
+    t : Tensor, optional
+        Output times that require grad (backprop): stage times and step sizes are then formed
+        from ``t[interval]`` and ``t[interval + 1]`` differentiably; the step-size decisions
+        are not differentiated.
+    like : Tensor
+        The stage times' dtype and device.
+    h_sign : float
+        ``-1`` for a method whose step size counts against the direction of integration (the
+        continuous adjoint's augmented method, integrated backwards).
+    first : callable, optional
+        Called with the first step tried (accepted or not).
+    before_try : callable, optional
+        Called before each step is tried; what it returns is handed to ``on_accept``.
+    on_accept : callable, optional
+        ``on_accept(k, m0, m1, carry, token)`` for the ``k``-th accepted step, from ``m0`` to
+        ``m1`` (fractions of the interval), with the carry it started from.
+
+    Raises
+    ------
+    RuntimeError
+        When the step size falls below what the times' precision resolves (naming the time,
+        the step and the likely causes), or when more than ``max_steps`` steps are tried.
+    """
+    nodes = executor.method.nodes
+    length = abs(t_b - t_a)
+    eps = torch.finfo(like.dtype).eps
+    q = int(getattr(executor.method, "error_order", 1)) + 1
+    previous = 1.0
+    m = 0.0
+    k = 0
+    while True:
+        remaining = (1.0 - m) * length
+        hh = min(h, control.max_step)
+        last = hh >= remaining
+        m1 = 1.0 if last else m + hh / length
+        size = (m1 - m) * length
+        t_now = t_a + m * (t_b - t_a)
+        if size < max(control.min_step, 4.0 * eps * max(abs(t_now), abs(t_b), length)):
+            _step_too_small(t_now, size, control, like.dtype)
+        fr = [m + c * (m1 - m) for c in nodes]
+        if t is not None and t.requires_grad:
+            lo, hi = t[interval], t[interval + 1]
+            ts = tuple(torch.addcmul(lo, t.new_tensor(fr), hi - lo).unbind(0))
+            h_step: Step = (hi - lo) * (m1 - m) * h_sign
+        else:
+            ts = tuple(like.new_tensor([t_a + x * (t_b - t_a) for x in fr]).unbind(0))
+            h_step = (m1 - m) * (t_b - t_a) * h_sign
+        token = before_try() if before_try is not None else None
+        out = executor.step(f, carry, h_step, ts, dense=True)
+        if first is not None:
+            first(out)
+            first = None
+        errors, before, after = parts(carry, out[0], out[1])
+        # The one host read of the step: accept or reject, and the next step size.
+        with torch.no_grad():
+            ratio = float(error_ratio(errors, before, after, control.rtol, control.atol))
+        if stats.accepted + stats.rejected >= max_steps:
+            raise RuntimeError(
+                f"the error-controlled solve took more than `max_steps={max_steps:,}` steps "
+                f"(at t = {t_now:.6g}, step {size:.3g}); loosen `rtol`/`atol`, check the "
+                "dynamics for stiffness, or pass a larger `max_steps`."
+            )
+        if ratio <= 1.0:
+            stats.accepted += 1
+            if on_accept is not None:
+                on_accept(k, m, m1, carry, token)
+            k += 1
+            carry = out[0]
+            # After an accepted step the step does not shrink (as in diffrax and torchdiffeq).
+            h = hh * max(1.0, control.factor(ratio, previous, q))
+            previous = ratio
+            if last:
+                return carry, h
+            m = m1
+        else:
+            stats.rejected += 1
+            h = hh * min(1.0, control.factor(ratio, previous, q))
+
+
+def _step_too_small(t_now: float, size: float, control: ErrorControl, dtype: torch.dtype) -> None:
+    raise RuntimeError(
+        f"the error-controlled step size fell to {size:.3g} at t = {t_now:.6g}, below what "
+        f"{dtype} resolves there (or `min_step`): the error estimate could not be met with "
+        f"rtol={control.rtol:g}, atol={control.atol:g}. Likely causes: a stiff problem (use a "
+        "fixed small step or rescale time), a discontinuity in the dynamics (pass its time as "
+        "an output time), a tolerance below the dtype's reach (float32 resolves about 1e-7: "
+        "loosen `rtol`/`atol` or use float64), or a non-finite value in the dynamics."
+    )
+
+
+def integrate_adaptive(
+    f: Any,
+    y0: torch.Tensor,
+    t: torch.Tensor,
+    host_times: Sequence[float],
+    executor: Executor,
+    control: ErrorControl,
+    *,
+    check_finite: bool,
+    stats: Any = None,
+    record: list[RecordedSteps] | None = None,
+    before_try: Callable[[], Any] | None = None,
+    on_accept: Callable[[int, int, float, float, Any, Any], None] | None = None,
+    final: list[Any] | None = None,
+) -> list[torch.Tensor]:
+    """Integrate with error-controlled steps of an embedded pair, stepping to every output
+    time exactly; the states at ``t[1:]``. The first step is Hairer's (one evaluation more),
+    capped by ``control.max_step``. With ``record``, the accepted steps are appended to it
+    (:class:`~torchode_adjoint._grid.RecordedSteps`); ``on_accept(i, k, m0, m1, carry,
+    token)`` follows each accepted step of interval ``i`` (see :func:`adaptive_interval`)."""
+    method: Any = executor.method
+    carry = method.init(f, y0, t[0])
+    derivative = getattr(method, "derivative", None)
+    f0 = derivative(carry) if derivative is not None else None
+    if f0 is None:
+        f0 = f(t[0], y0)
+    direction = 1.0 if host_times[-1] > host_times[0] else -1.0
+    with torch.no_grad():
+        h = initial_step(
+            f,
+            t[0].detach(),
+            y0.detach(),
+            f0.detach(),
+            method.error_order,
+            control.rtol,
+            control.atol,
+            direction,
+        )
+    h = min(h, control.max_step)
+    counts = AdaptiveStats()
+
+    def parts(before: Any, after: Any, error: Any) -> tuple[Sequence[torch.Tensor], ...]:
+        return [error], [method.output(before)], [method.output(after)]
+
+    states = []
+    accepted: list[list[tuple[float, float]]] = []
+    for i in range(len(host_times) - 1):
+        steps: list[tuple[float, float]] = []
+        accepted.append(steps)
+
+        def keep(
+            k: int, m0: float, m1: float, before: Any, token: Any, i: int = i, steps: Any = steps
+        ) -> None:
+            steps.append((m0, m1))
+            if on_accept is not None:
+                on_accept(i, k, m0, m1, before, token)
+
+        carry, h = adaptive_interval(
+            executor,
+            f,
+            carry,
+            host_times[i],
+            host_times[i + 1],
+            h,
+            control,
+            parts,
+            counts,
+            max_steps=control.max_steps,
+            t=t,
+            interval=i,
+            like=y0,
+            before_try=before_try,
+            on_accept=keep,
+        )
+        states.append(method.output(carry))
+    if record is not None:
+        record.append(
+            RecordedSteps(times=tuple(host_times), steps=tuple(tuple(s) for s in accepted))
+        )
+    if final is not None:
+        final.append(carry)
+    if stats is not None:
+        stats.accepted, stats.rejected = counts.accepted, counts.rejected
+    if check_finite and not functorch_transforms_active() and not bool(_all_finite(states)):
+        bad = next(j for j, s in enumerate(states) if not bool(torch.isfinite(s).all()))
+        raise RuntimeError(
+            f"the ODE state became NaN or infinite by t = {host_times[bad + 1]:.6g}"
+            f"{non_finite_part(f, states[bad])}, integrating with solver={method.name!r} under "
+            f"error control (rtol={control.rtol:g}, atol={control.atol:g}); check the dynamics "
+            "(pass `check_finite=False` to skip this check)."
+        )
+    return states

@@ -7,10 +7,11 @@ the forward loop, the backward passes of every gradient mode and the finite diff
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +21,7 @@ from ._warnings import user_stacklevel
 
 __all__ = [
     "DEFAULT_MAX_STEPS",
+    "DEFAULT_STEP",
     "NEAR_WHOLE",
     "StepRoundingWarning",
     "distinct_stage_times",
@@ -28,6 +30,8 @@ __all__ = [
     "regrid",
     "StageTimes",
     "SegmentTimes",
+    "RecordedSteps",
+    "Steps",
     "Times",
     "step_sizes",
     "segment_times",
@@ -44,6 +48,19 @@ _MAX_TOLERANCE = 1e-5
 # takes one more step, as `step` is never exceeded, with a StepRoundingWarning: the output
 # spacing 0.025025 with `step=0.025` would otherwise double the cost in silence.
 NEAR_WHOLE = 0.01
+
+
+class _DefaultStep(float):
+    """``step``'s default, 0.1, told apart from a ``step=0.1`` the caller passed: with
+    tolerances (error-controlled steps) an explicit ``step`` is the largest step, the default
+    none."""
+
+    def __repr__(self) -> str:
+        return "0.1"
+
+
+DEFAULT_STEP: float = _DefaultStep(0.1)
+"""``step``'s default: 0.1 for fixed steps."""
 
 DEFAULT_MAX_STEPS = 10_000_000
 """The largest number of steps one call may take unless ``max_steps`` says otherwise."""
@@ -93,6 +110,102 @@ class TimeGrid:
         n = self.n_steps[i]
         return k / n, (k + 1) / n, 1.0 / n
 
+    def stage_fraction(self, i: int, k: int, c: float, reverse: bool) -> float:
+        """Where the stage at node ``c`` of step ``k`` of interval ``i`` lies in the interval
+        (``reverse``: counted from the step's end)."""
+        return ((k + 1 - c) if reverse else (k + c)) / self.n_steps[i]
+
+    def sizes(self, i: int) -> float:
+        """The signed step size of interval ``i`` (all its steps are equal)."""
+        return self.h[i]
+
+    def step_size(self, g: int) -> float:
+        """The signed size of global step ``g``."""
+        return self.h[bisect.bisect_right(self.offsets, g) - 1]
+
+    def segment(
+        self, t: torch.Tensor, nodes: Sequence[float], i: int, k0: int, k1: int
+    ) -> tuple[torch.Tensor, SegmentTimes]:
+        """Step size and stage times of steps ``k0..k1`` of interval ``i``, differentiable in
+        ``t`` (see :func:`segment_times`)."""
+        return segment_times(t, self, nodes, i, k0, k1)
+
+
+@dataclass(frozen=True)
+class RecordedSteps:
+    """The accepted steps of an error-controlled solve: the record the exact modes replay.
+
+    Each step is kept as where it starts and ends in its output interval, as fractions ``m0``,
+    ``m1`` of it (two host floats per step, no state): its times are ``t[i] + m (t[i+1] -
+    t[i])``, its stage times ``t[i] + (m0 + c (m1 - m0)) (t[i+1] - t[i])``, as the forward
+    pass computed them, and the time gradients follow the same expressions.
+
+    Attributes
+    ----------
+    times : tuple of float
+        The output times.
+    steps : tuple of tuple of (float, float)
+        Per output interval, the ``(m0, m1)`` of each accepted step.
+    """
+
+    times: tuple[float, ...]
+    steps: tuple[tuple[tuple[float, float], ...], ...]
+    step: float | None = None
+
+    @property
+    def n_steps(self) -> tuple[int, ...]:
+        """Steps in each interval."""
+        return tuple(len(s) for s in self.steps)
+
+    @functools.cached_property
+    def offsets(self) -> tuple[int, ...]:
+        """The global index of each interval's first step (length ``len(steps) + 1``)."""
+        out = [0]
+        for s in self.steps:
+            out.append(out[-1] + len(s))
+        return tuple(out)
+
+    def fractions(self, i: int, k: int) -> tuple[float, float, float]:
+        """Where step ``k`` of interval ``i`` starts and ends, and its size, as fractions."""
+        m0, m1 = self.steps[i][k]
+        return m0, m1, m1 - m0
+
+    def stage_fraction(self, i: int, k: int, c: float, reverse: bool) -> float:
+        """Where the stage at node ``c`` of step ``k`` of interval ``i`` lies in the interval."""
+        m0, m1 = self.steps[i][k]
+        return (m1 - c * (m1 - m0)) if reverse else (m0 + c * (m1 - m0))
+
+    def size(self, i: int, k: int) -> float:
+        """The signed size of step ``k`` of interval ``i``."""
+        m0, m1 = self.steps[i][k]
+        return (m1 - m0) * (self.times[i + 1] - self.times[i])
+
+    def step_size(self, g: int) -> float:
+        """The signed size of global step ``g``."""
+        i = bisect.bisect_right(self.offsets, g) - 1
+        return self.size(i, g - self.offsets[i])
+
+    def sizes(self, i: int) -> Callable[[int], float]:
+        """The signed size of each step of interval ``i``, by global step index."""
+        first = self.offsets[i]
+        return lambda g: self.size(i, g - first)
+
+    def segment(
+        self, t: torch.Tensor, nodes: Sequence[float], i: int, k0: int, k1: int
+    ) -> tuple[Callable[[int], torch.Tensor], SegmentTimes]:
+        """Per-step sizes and stage times of steps ``k0..k1`` of interval ``i``, differentiable
+        in ``t``."""
+        span = t[i + 1] - t[i]
+        frac = t.new_tensor(
+            [self.stage_fraction(i, k, c, False) for k in range(k0, k1) for c in nodes]
+        )
+        values = tuple(torch.addcmul(t[i], frac, span).unbind(0))
+        first = self.offsets[i]
+        return (
+            lambda g: span * (self.fractions(i, g - first)[2]),
+            SegmentTimes(first + k0, len(nodes), values),
+        )
+
 
 def make_grid(
     times: Sequence[float], step: float | None, eps: float, *, max_steps: int = DEFAULT_MAX_STEPS
@@ -137,6 +250,11 @@ def make_grid(
         _warn_near_whole(*near, step)
     h = tuple((t_b - t_a) / n for t_a, t_b, n in zip(times[:-1], times[1:], n_steps))
     return TimeGrid(times=tuple(times), n_steps=tuple(n_steps), h=h, step=step)
+
+
+Steps = TimeGrid | RecordedSteps
+"""A solve's record of steps: equal steps per interval, or the accepted steps of an
+error-controlled solve."""
 
 
 def distinct_stage_times(grid: TimeGrid, nodes: Sequence[float], cap: int) -> tuple[int, bool]:
@@ -190,7 +308,7 @@ def regrid(grid: TimeGrid, times: Sequence[float]) -> TimeGrid:
 
 
 def _fractions(
-    grid: TimeGrid, c: Sequence[float], first: int, count: int, reverse: bool
+    grid: Steps, c: Sequence[float], first: int, count: int, reverse: bool
 ) -> tuple[list[int], list[float]]:
     """Interval index and fraction of the interval of the stage evaluations of steps
     ``first..first+count``.
@@ -209,10 +327,10 @@ def _fractions(
         # The interval of global step g (few intervals: a linear scan is fine).
         while offsets[i + 1] <= g:
             i += 1
-        k, n = g - offsets[i], grid.n_steps[i]
+        k = g - offsets[i]
         for c_j in c:
             index.append(i)
-            frac.append(((k + 1 - c_j) if reverse else (k + c_j)) / n)
+            frac.append(grid.stage_fraction(i, k, c_j, reverse))
     return index, frac
 
 
@@ -246,7 +364,7 @@ class StageTimes:
     __slots__ = ("t", "grid", "c", "reverse", "_start", "_chunk", "_per_chunk")
 
     def __init__(
-        self, t: torch.Tensor, grid: TimeGrid, c: Sequence[float], *, reverse: bool = False
+        self, t: torch.Tensor, grid: Steps, c: Sequence[float], *, reverse: bool = False
     ) -> None:
         self.t, self.grid, self.c, self.reverse = t, grid, tuple(c), reverse
         self._start = -1
@@ -289,7 +407,7 @@ class StageTimes:
 
 @functools.lru_cache(maxsize=16)
 def _small_grid_times(
-    grid: TimeGrid, c: tuple[float, ...], reverse: bool, dtype: torch.dtype, device: torch.device
+    grid: Steps, c: tuple[float, ...], reverse: bool, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
     index, frac = _fractions(grid, c, 0, grid.offsets[-1], reverse)
     ts = grid.times

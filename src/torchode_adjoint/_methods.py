@@ -10,12 +10,19 @@ its round-off).
 from __future__ import annotations
 
 from ._coupled import Coupled
-from ._runge_kutta import RungeKutta
+from ._runge_kutta import EmbeddedRungeKutta, RungeKutta
 from ._solvers import HEUN, Solver
 from ._step import Method
 from ._tableau import ButcherTableau
 
-__all__ = ["as_method", "as_reversible", "tableau_of", "runge_kutta_tableau", "is_heun"]
+__all__ = [
+    "as_method",
+    "as_embedded",
+    "as_reversible",
+    "tableau_of",
+    "runge_kutta_tableau",
+    "is_heun",
+]
 
 
 def as_method(solver: Solver) -> Method:
@@ -26,11 +33,17 @@ def as_method(solver: Solver) -> Method:
     return solver
 
 
-def as_reversible(solver: Solver, coupling: float) -> Method:
+def as_embedded(tableau: ButcherTableau) -> Method:
+    """An embedded pair as the method of error-controlled steps (each step's error estimate
+    returned beside the state)."""
+    return EmbeddedRungeKutta(tableau)
+
+
+def as_reversible(solver: Solver, coupling: float, *, estimate: bool = False) -> Method:
     """``solver`` as a method with an exact inverse: a tableau made reversible by McCallum &
     Foster's coupling ``coupling``, or the reversible Heun method (its own inverse)."""
     if isinstance(solver, ButcherTableau):
-        return Coupled(solver, coupling)
+        return Coupled(solver, coupling, estimate)
     return solver
 
 
@@ -42,7 +55,9 @@ def tableau_of(solver: Solver) -> ButcherTableau | None:
 def runge_kutta_tableau(method: Method) -> ButcherTableau | None:
     """The tableau ``method`` takes plain Runge--Kutta steps of (the continuous adjoint
     integrates its augmented system with it), or None for a method with a state of its own."""
-    return method.tableau if isinstance(method, RungeKutta) else None
+    if isinstance(method, (RungeKutta, EmbeddedRungeKutta)):
+        return method.tableau
+    return None
 
 
 def is_heun(solver: Solver) -> bool:

@@ -32,7 +32,8 @@ import torch
 from ._compat import autocast_state, functorch_transforms_active
 from ._dynamics import Dynamics, frozen_batchnorm, module_tensors
 from ._executor import integrate
-from ._methods import as_method, tableau_of
+from ._grid import RecordedSteps, Steps
+from ._methods import as_embedded, as_method, tableau_of
 from ._reads import Reads
 from ._rng import RngState, SeededDraws
 from ._solvers import Solver
@@ -76,6 +77,9 @@ class ForwardRecord:
     reads : Reads or None
         The tensors the dynamics read besides the state and the time, checked unchanged before
         the backward pass evaluates them again.
+    steps : RecordedSteps or None
+        The accepted steps of an error-controlled forward pass (for the modes that replay
+        them); None with fixed steps.
     """
 
     device: torch.device
@@ -85,6 +89,7 @@ class ForwardRecord:
     draws: SeededDraws | None = None
     n_extra: int = 0
     reads: Reads | None = None
+    steps: RecordedSteps | None = None
 
     @staticmethod
     def start(device: torch.device) -> ForwardRecord:
@@ -144,6 +149,11 @@ class BackwardJob:
     need_p: bool
     _finite: list[tuple[float, torch.Tensor]] = field(default_factory=list)
     # (time, adjoint state) pairs kept by `watch`, in the order the backward pass visits them.
+
+    @property
+    def steps(self) -> Steps:
+        """The steps the forward pass took: recorded ones, or the spec's equal steps."""
+        return self.record.steps if self.record.steps is not None else self.spec.grid
 
     @property
     def vjp_params(self) -> tuple[torch.Tensor, ...]:
@@ -215,8 +225,12 @@ class GradientMode:
                 "pass one of those, or a Runge--Kutta solver such as `solver='heun'`."
             )
 
-    def method_for(self, solver: Solver) -> Method:
-        """The method the mode's solves step with (default: the tableau's Runge--Kutta step)."""
+    def method_for(self, solver: Solver, *, error_control: bool = False) -> Method:
+        """The method the mode's solves step with (default: the tableau's Runge--Kutta step;
+        with ``error_control``, the embedded pair's step with its error estimate)."""
+        tableau = tableau_of(solver)
+        if error_control and tableau is not None:
+            return as_embedded(tableau)
         return as_method(solver)
 
     def solve(
@@ -245,7 +259,16 @@ class GradientMode:
     ) -> list[torch.Tensor]:
         """The states at ``t[1:]`` when no gradient is needed (inference): the mode's method,
         keeping nothing for a backward pass."""
-        return integrate(f, y0, t, spec.grid, spec.executor, check_finite=spec.check_finite)
+        return integrate(
+            f,
+            y0,
+            t,
+            spec.grid,
+            spec.executor,
+            check_finite=spec.check_finite,
+            control=spec.control,
+            stats=spec.counter,
+        )
 
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
@@ -278,14 +301,23 @@ class Backprop(GradientMode):
     def check_solver(self, solver: Solver) -> None:
         """Any solver: autograd records whatever it computes."""
 
-    def method_for(self, solver: Solver) -> Method:
-        return as_method(solver)
+    def method_for(self, solver: Solver, *, error_control: bool = False) -> Method:
+        return GradientMode.method_for(self, solver, error_control=error_control)
 
     def solve(
         self, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         f = Dynamics(spec.func)
-        states = integrate(f, y0, t, spec.grid, spec.executor, check_finite=spec.check_finite)
+        states = integrate(
+            f,
+            y0,
+            t,
+            spec.grid,
+            spec.executor,
+            check_finite=spec.check_finite,
+            control=spec.control,
+            stats=spec.counter,
+        )
         spec.counter.forward, spec.counter.backward = f.nfe, 0
         return states
 

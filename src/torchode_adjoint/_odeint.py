@@ -8,7 +8,7 @@ import torch
 
 from ._compiled import Compile
 from ._dynamics import NFECounter, warn_time_shared_statistics
-from ._grid import DEFAULT_MAX_STEPS
+from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP
 from ._mode import GradientMode
 from ._prepare import ModeName, make_config, reject_foreign_options, solve
 from ._structure import State
@@ -23,7 +23,7 @@ def odeint(
     t: torch.Tensor | Sequence[float],
     *,
     solver: str | ButcherTableau = "euler",
-    step: float | None = 0.1,
+    step: float | None = DEFAULT_STEP,
     adjoint: bool | ModeName | GradientMode = True,
     params: Iterable[torch.Tensor] | None = None,
     check_finite: bool = True,
@@ -31,6 +31,8 @@ def odeint(
     checkpoint_every: int | None = None,
     max_steps: int = DEFAULT_MAX_STEPS,
     compile: bool | Compile = False,
+    rtol: float | None = None,
+    atol: float | None = None,
     **unsupported: object,
 ) -> State:
     """Integrate ``dy/dt = func(t, y)`` with a fixed-step explicit Runge--Kutta method.
@@ -91,7 +93,17 @@ def odeint(
     checkpoint_every : int, optional
         Deprecated: pass ``adjoint=Checkpoint(every=k)``.
     max_steps : int, default 10,000,000
-        The largest total number of steps, checked before anything is allocated.
+        The largest total number of steps, checked before anything is allocated (with
+        error-controlled steps: steps tried, checked as they are taken).
+    rtol, atol : float, optional
+        Error-controlled steps: given (either; the other defaults to torchdiffeq's 1e-7 or
+        1e-9), ``solver`` must be an embedded pair (``"dopri5"``, ``"tsit5"``, ``"bosh3"``,
+        ``"fehlberg2"``, ``"adaptive_heun"``, or a tableau with ``b_embedded``) and each step is
+        accepted when its error estimate's RMS norm, scaled by ``atol + rtol * |y|``, is at most
+        1; a PI controller picks the next step. The solve steps to every output time exactly;
+        an explicit ``step`` is then the largest step. Pairs with ``adjoint="adjoint"`` (its
+        backward pass error-controlled too, on the state and adjoint: the seminorm) and
+        ``"backprop"`` (through the accepted steps). See :doc:`/adaptive`.
     compile : bool or Compile, default False
         Run each solver step and each backward step as one ``torch.compile`` graph
         (:class:`~torchode_adjoint.Compile` sets the backend). Same values and gradients as the
@@ -151,6 +163,8 @@ def odeint(
         checkpoint_every=checkpoint_every,
         max_steps=max_steps,
         compile=compile,
+        rtol=rtol,
+        atol=atol,
     )
     first, states, structure = solve(func, y0, t, config, params=params, nfe=nfe)
     solution = torch.stack([first, *states])

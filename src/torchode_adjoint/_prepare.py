@@ -20,13 +20,14 @@ from torch import nn
 from ._adjoint import ContinuousAdjoint
 from ._checkpoint import Checkpoint
 from ._compiled import Compile
+from ._control import ErrorControl
 from ._dynamics import NFECounter, module_tensors, training_norms
 from ._executor import Executor
-from ._grid import DEFAULT_MAX_STEPS, distinct_stage_times, make_grid
-from ._methods import is_heun
+from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP, distinct_stage_times, make_grid
+from ._methods import is_heun, tableau_of
 from ._mode import Backprop, GradientMode
 from ._reversible import Reversible
-from ._solvers import Solver, get_solver
+from ._solvers import Solver, available_solvers, get_solver
 from ._spec import SolveSpec
 from ._structure import State, StateStructure
 from ._tableau import ButcherTableau
@@ -142,16 +143,16 @@ def check_compile(compile: object) -> Compile | None:
 
 # torchdiffeq's keywords, and what this library does instead.
 _FOREIGN_OPTIONS = {
-    "method": "pass `solver=` (a fixed-step method, e.g. `solver='rk4'`) and `step=`",
-    "options": "pass `step=h` for torchdiffeq's `options={'step_size': h}`",
-    "rtol": "steps are fixed: there are no tolerances; choose `step=` (smaller is more accurate)",
-    "atol": "steps are fixed: there are no tolerances; choose `step=` (smaller is more accurate)",
+    "method": "pass `solver=` (e.g. `solver='dopri5'` with `rtol=`/`atol=`, or a fixed-step "
+    "method such as `solver='rk4'` with `step=`)",
+    "options": "pass `step=h` for torchdiffeq's `options={'step_size': h}`, and `step=` as the "
+    "largest step of an error-controlled solve",
     "event_fn": "events are not supported: integrate to the output times `t` instead",
     "adjoint_params": "pass `params=` (an nn.Module's own parameters are found by themselves)",
-    "adjoint_rtol": "the continuous adjoint uses the forward's tableau and steps: no tolerances",
-    "adjoint_atol": "the continuous adjoint uses the forward's tableau and steps: no tolerances",
+    "adjoint_rtol": "pass `adjoint=ContinuousAdjoint(rtol=..., atol=...)`",
+    "adjoint_atol": "pass `adjoint=ContinuousAdjoint(rtol=..., atol=...)`",
     "adjoint_method": "the continuous adjoint uses the forward's `solver=`",
-    "adjoint_options": "the continuous adjoint uses the forward's `step=`",
+    "adjoint_options": "the continuous adjoint uses the forward's `step=` or tolerances",
 }
 
 
@@ -267,6 +268,7 @@ class SolveConfig:
     check_finite: bool
     max_steps: int
     executor: Executor
+    control: ErrorControl | None = None
 
     @property
     def compile(self) -> Compile | None:
@@ -283,11 +285,15 @@ def make_config(
     checkpoint_every: int | None = None,
     max_steps: int = DEFAULT_MAX_STEPS,
     compile: bool | Compile = False,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> SolveConfig:
-    """Validate the settings: solver, step, mode (and its pairing with the solver), limits."""
+    """Validate the settings: solver, step, mode (and its pairing with the solver), limits,
+    and the tolerances of error-controlled steps."""
     mode = resolve_mode(adjoint, checkpoint_every)
     tableau = get_solver(solver)
     mode.check_solver(tableau)
+    control = _error_control(tableau, mode, step, rtol, atol, check_max_steps(max_steps))
     if mode.name == "reversible" and is_heun(tableau):
         warnings.warn(
             "`solver='heun'` with `adjoint='reversible'` now integrates Heun's method made "
@@ -298,13 +304,38 @@ def make_config(
             stacklevel=user_stacklevel(),
         )
     options = check_compile(compile)
+    method = mode.method_for(tableau, error_control=control is not None)
     return SolveConfig(
         tableau=tableau,
-        step=check_step(step),
+        step=None if control is not None else check_step(step),
         mode=mode,
         check_finite=bool(check_finite),
         max_steps=check_max_steps(max_steps),
-        executor=Executor(mode.method_for(tableau), options),
+        executor=Executor(method, options),
+        control=control,
+    )
+
+
+def _error_control(
+    solver: Solver, mode: GradientMode, step: object, rtol: object, atol: object, max_steps: int
+) -> ErrorControl | None:
+    """The error control asked for with ``rtol``/``atol`` (None: fixed steps)."""
+    if rtol is None and atol is None:
+        return None
+    tableau = tableau_of(solver)
+    if tableau is None or not tableau.adaptive:
+        pairs = [n for n in available_solvers() if getattr(get_solver(n), "adaptive", False)]
+        raise ValueError(
+            f"`rtol`/`atol` ask for error-controlled steps, which need an embedded pair; "
+            f"`solver={solver.name!r}` has no error estimate. Pass one of {pairs} (e.g. "
+            "`solver='dopri5'`), or drop the tolerances and pass `step=` for fixed steps."
+        )
+    largest = math.inf if step is DEFAULT_STEP or step is None else check_step(step)
+    return ErrorControl(
+        rtol=1e-7 if rtol is None else rtol,  # type: ignore[arg-type]
+        atol=1e-9 if atol is None else atol,  # type: ignore[arg-type]
+        max_step=math.inf if largest is None else largest,
+        max_steps=max_steps,
     )
 
 
@@ -349,13 +380,14 @@ def prepare(
     t_cast, host = check_times(t, y0)
     grid = make_grid(host, config.step, torch.finfo(y0.dtype).eps, max_steps=config.max_steps)
     counter = nfe if nfe is not None else NFECounter()
-    counter.forward = counter.backward = 0
+    counter.reset()
     spec = SolveSpec(
         func=func,
         grid=grid,
         check_finite=config.check_finite,
         counter=counter,
         executor=config.executor,
+        control=config.control,
     )
     return Prepared(
         spec=spec, mode=config.mode, y0=y0, t=t_cast, params=param_list, structure=structure
@@ -390,6 +422,13 @@ def _check_temporal_slots(spec: SolveSpec) -> None:
     norms = [m for m in training_norms(spec.func) if isinstance(m, TemporalBatchNormBase)]
     if not norms:
         return
+    if spec.control is not None:
+        raise ValueError(
+            "a TemporalBatchNorm in training mode keeps statistics per evaluation time, and "
+            "error-controlled steps (`rtol`/`atol`) choose their times as they go: its slots "
+            "cannot be laid out. Use fixed steps (`step=`) while training with it, or "
+            "`nn.GroupNorm` in the dynamics."
+        )
     cap = 4 * max(m.max_times for m in norms) + 1
     needed, capped = distinct_stage_times(spec.grid, spec.method.nodes, cap)
     for m in norms:

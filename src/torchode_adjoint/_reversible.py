@@ -34,8 +34,8 @@ import torch
 
 from ._compat import vector_jacobian_product
 from ._dynamics import Dynamics
-from ._executor import Executor, integrate
-from ._grid import StageTimes
+from ._executor import Executor, integrate, integrate_adaptive
+from ._grid import RecordedSteps, StageTimes
 from ._methods import as_reversible
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
 from ._rng import SeededDraws
@@ -112,8 +112,8 @@ class Reversible(GradientMode):
     def check_solver(self, solver: Solver) -> None:
         """Any solver: a tableau is made reversible, the reversible Heun method is already."""
 
-    def method_for(self, solver: Solver) -> Method:
-        return as_reversible(solver, self.coupling)
+    def method_for(self, solver: Solver, *, error_control: bool = False) -> Method:
+        return as_reversible(solver, self.coupling, estimate=error_control)
 
     def integrate_only(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec
@@ -128,16 +128,41 @@ class Reversible(GradientMode):
     ) -> ForwardResult:
         record.draws = f.draws = SeededDraws(y0.device)
         last: list[Any] = []
-        states = integrate(
-            f, y0, t, spec.grid, spec.executor, check_finite=spec.check_finite, final=last
-        )
+        if spec.control is not None:
+            # Error-controlled steps of the reversible scheme, its error estimated on the base
+            # step from z; the accepted steps are kept (two host floats each, no state).
+            recorded: list[RecordedSteps] = []
+            states = integrate_adaptive(
+                f,
+                y0,
+                t,
+                spec.grid.times,
+                spec.executor,
+                spec.control,
+                check_finite=spec.check_finite,
+                stats=spec.counter,
+                record=recorded,
+                final=last,
+            )
+            record.steps = recorded[0]
+        else:
+            states = integrate(
+                f, y0, t, spec.grid, spec.executor, check_finite=spec.check_finite, final=last
+            )
         # The method's last auxiliary tensors beside the outputs: memory flat in the steps.
         return states, tuple(last[0][1:])
 
     def backward(self, job: BackwardJob) -> Gradients:
-        grid = job.spec.grid
+        grid = job.steps
         method: Any = job.spec.method
         draws = job.record.draws
+        if job.record.steps is not None and job.record.random:
+            raise RuntimeError(
+                "the dynamics drew random numbers in an error-controlled forward pass: its "
+                "rejected trials drew numbers that the reversed accepted steps cannot draw "
+                "again, so adjoint='reversible' cannot replay them. Use fixed steps (`step=`) "
+                "with random dynamics, or keep the randomness out of the dynamics."
+            )
         assert draws is not None  # the reversible forward always sets them
         if job.record.random and not draws.active:
             raise RuntimeError(
@@ -161,18 +186,24 @@ class Reversible(GradientMode):
         a_y = last if last is not None else torch.zeros_like(job.states[-1])
         job.watch(grid.times[-1], a_y)
         vjp.at_step(n_int - 1, grid.n_steps[-1] - 1, total - 1)
-        adjoint = method.backward_start(vjp, carry, a_y, grid.h[-1])
+        adjoint = method.backward_start(vjp, carry, a_y, grid.step_size(total - 1))
+        recorded = job.record.steps is not None
         for i in range(n_int - 1, -1, -1):
-            n, h, first = grid.n_steps[i], grid.h[i], grid.offsets[i]
+            n, first = grid.n_steps[i], grid.offsets[i]
             if n > 1:
                 vjp.at_step(i, n - 1, first + n - 1)
+                # Equal steps: one size (compiled in chunks); recorded steps: each its own.
+                sizes: Any = grid.step_size(first + n - 1)
+                if recorded:
+                    sizes = lambda r: grid.step_size(total - 1 - r)  # noqa: E731
                 state = executor.advance(
-                    vjp, (*carry, *adjoint, *vjp.g_p), h, times, total - first - n, n - 1
+                    vjp, (*carry, *adjoint, *vjp.g_p), sizes, times, total - first - n, n - 1
                 )
                 carry, adjoint = state[: len(carry)], state[len(carry) : len(carry) + 2]
                 vjp.g_p = list(state[len(carry) + 2 :])
             vjp.at_step(i, 0, first)
-            h_prev = grid.h[i - 1] if i else None
+            h = grid.step_size(first)
+            h_prev = grid.step_size(first - 1) if i else None
             incoming = job.grads[i - 1] if i else None
             carry, adjoint = method.backward_step(vjp, carry, adjoint, h, h_prev, incoming)
             vjp.end_interval()
@@ -348,7 +379,7 @@ class StepVJP:
         self.need_t = job.need_t
         self.params = job.vjp_params
         self.g_p = [torch.zeros_like(p) for p in self.params]
-        grid = job.spec.grid
+        grid = job.steps
         self.grid = grid
         self.times = StageTimes(job.t, grid, method.nodes)
         self.ends = StageTimes(job.t, grid, (1.0,))

@@ -55,6 +55,11 @@ class ReversibleHeun:
         return (1.0,)
 
     @property
+    def adaptive(self) -> bool:
+        """No embedded error estimate: the method takes fixed steps."""
+        return False
+
+    @property
     def stages(self) -> int:
         """Evaluations per step."""
         return 1

@@ -17,7 +17,16 @@ from ._compiled import cast
 from ._step import DynamicsFn, Step, Stepped
 from ._tableau import ButcherTableau, StepPlan, plan_for
 
-__all__ = ["StepPlan", "plan_for", "combine", "rk_stages", "rk_step", "rk_increment", "RungeKutta"]
+__all__ = [
+    "StepPlan",
+    "plan_for",
+    "combine",
+    "rk_stages",
+    "rk_step",
+    "rk_increment",
+    "RungeKutta",
+    "EmbeddedRungeKutta",
+]
 
 
 def combine(
@@ -130,6 +139,67 @@ class RungeKutta:
     def step(self, f: Any, carry: torch.Tensor, h: Step, ts: tuple[torch.Tensor, ...]) -> Stepped:
         y, ks = rk_step(f, carry, h, ts, self.plan)
         return y, None, ks
+
+    def bind(self, func: Any, inputs: Any) -> Any:
+        return cast(func)
+
+
+@dataclass(frozen=True)
+class EmbeddedRungeKutta:
+    """An embedded pair stepping under error control: each step returns its error estimate
+    ``h * sum_j (b_j - b_embedded_j) k_j``. With a first-same-as-last tableau the carry is
+    ``(y, f(t, y))``, so that an accepted step's last stage is the next step's first and a
+    rejected step's first stage is reused (one evaluation less per step)."""
+
+    tableau: ButcherTableau
+    plan: StepPlan = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plan", plan_for(self.tableau))
+
+    @property
+    def name(self) -> str:
+        return self.tableau.name
+
+    @property
+    def order(self) -> int:
+        return self.tableau.order
+
+    @property
+    def error_order(self) -> int:
+        """The order of the error estimate's leading term less one: the embedded order."""
+        return int(self.tableau.embedded_order or 1)
+
+    @property
+    def nodes(self) -> tuple[float, ...]:
+        return self.tableau.c
+
+    @property
+    def key(self) -> Hashable:
+        return ("embedded", self.tableau)
+
+    def init(self, f: Any, y0: torch.Tensor, t0: torch.Tensor) -> Any:
+        return (y0, f(t0, y0)) if self.tableau.fsal else y0
+
+    def output(self, carry: Any) -> torch.Tensor:
+        return carry[0] if self.tableau.fsal else carry  # type: ignore[no-any-return]
+
+    def derivative(self, carry: Any) -> torch.Tensor | None:
+        """``f(t, y)`` at the carry's time where the carry holds it (first same as last)."""
+        return carry[1] if self.tableau.fsal else None  # type: ignore[no-any-return]
+
+    def step(self, f: Any, carry: Any, h: Step, ts: tuple[torch.Tensor, ...]) -> Stepped:
+        plan = self.plan
+        if not self.tableau.fsal:
+            stages = rk_stages(f, carry, h, ts, plan)
+            y_new = combine(carry, h, plan.weights, stages)
+            return y_new, combine(None, h, plan.errors, stages), stages
+        y, k0 = carry
+        ks: list[Any] = [k0]
+        for j in range(1, plan.stages):
+            ks.append(f(ts[j], combine(y, h, plan.rows[j], ks)))
+        y1 = combine(y, h, plan.weights, ks)
+        return (y1, ks[-1]), combine(None, h, plan.errors, ks), ks
 
     def bind(self, func: Any, inputs: Any) -> Any:
         return cast(func)

@@ -83,13 +83,138 @@ RK38 = ButcherTableau(
 )
 """Kutta's 3/8 rule (torchdiffeq's fixed-grid ``rk4``): order 4, four evaluations per step."""
 
+# Embedded pairs: a method and a lower-order one sharing its stages; the difference of the two
+# solutions estimates the local error for error-controlled steps. Each is also a fixed-step
+# method of its (higher) order.
+
+HEUN_EULER = ButcherTableau(
+    c=[0.0, 1.0],
+    a=[[_Z, _Z], [1.0, _Z]],
+    b=[0.5, 0.5],
+    order=2,
+    name="adaptive_heun",
+    b_embedded=[1.0, 0.0],
+    embedded_order=1,
+)
+"""Heun--Euler 2(1) (torchdiffeq's ``adaptive_heun``): Heun's method with Euler's for the error
+estimate; two evaluations per step."""
+
+FEHLBERG2 = ButcherTableau(
+    c=[0.0, 0.5, 1.0],
+    a=[[_Z, _Z, _Z], [0.5, _Z, _Z], [1.0 / 256.0, 255.0 / 256.0, _Z]],
+    b=[1.0 / 512.0, 255.0 / 256.0, 1.0 / 512.0],
+    order=2,
+    name="fehlberg2",
+    b_embedded=[1.0 / 256.0, 255.0 / 256.0, 0.0],
+    embedded_order=1,
+)
+"""Runge--Kutta--Fehlberg 2(1) (Fehlberg 1969): three evaluations per step."""
+
+BOSH3 = ButcherTableau(
+    c=[0.0, 0.5, 0.75, 1.0],
+    a=[
+        [_Z, _Z, _Z, _Z],
+        [0.5, _Z, _Z, _Z],
+        [_Z, 0.75, _Z, _Z],
+        [2.0 / 9.0, 1.0 / 3.0, 4.0 / 9.0, _Z],
+    ],
+    b=[2.0 / 9.0, 1.0 / 3.0, 4.0 / 9.0, 0.0],
+    order=3,
+    name="bosh3",
+    b_embedded=[7.0 / 24.0, 0.25, 1.0 / 3.0, 0.125],
+    embedded_order=2,
+)
+"""Bogacki--Shampine 3(2) (1989): first same as last, three new evaluations per step."""
+
+DOPRI5 = ButcherTableau(
+    c=[0.0, 0.2, 0.3, 0.8, 8.0 / 9.0, 1.0, 1.0],
+    a=[
+        [_Z] * 7,
+        [0.2, _Z, _Z, _Z, _Z, _Z, _Z],
+        [3.0 / 40.0, 9.0 / 40.0, _Z, _Z, _Z, _Z, _Z],
+        [44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0, _Z, _Z, _Z, _Z],
+        [19372.0 / 6561.0, -25360.0 / 2187.0, 64448.0 / 6561.0, -212.0 / 729.0, _Z, _Z, _Z],
+        [9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0, _Z, _Z],
+        [35.0 / 384.0, _Z, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0, _Z],
+    ],
+    b=[35.0 / 384.0, _Z, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0, _Z],
+    order=5,
+    name="dopri5",
+    b_embedded=[
+        5179.0 / 57600.0,
+        _Z,
+        7571.0 / 16695.0,
+        393.0 / 640.0,
+        -92097.0 / 339200.0,
+        187.0 / 2100.0,
+        1.0 / 40.0,
+    ],
+    embedded_order=4,
+)
+"""Dormand--Prince 5(4) (1980), torchdiffeq's default: first same as last, six new evaluations
+per step."""
+
+
+def _tsit5() -> ButcherTableau:
+    c = [0.0, 0.161, 0.327, 0.9, 0.9800255409045097, 1.0, 1.0]
+    # Tsitouras's coefficients without the first column, which makes each row sum to c.
+    rows = [
+        [],
+        [],
+        [0.335480655492357],
+        [-6.359448489975075, 4.3622954328695815],
+        [-11.748883564062828, 7.4955393428898365, -0.09249506636175525],
+        [-12.92096931784711, 8.159367898576159, -0.071584973281401, -0.028269050394068383],
+    ]
+    b = [
+        0.09646076681806523,
+        0.01,
+        0.4798896504144996,
+        1.379008574103742,
+        -3.290069515436081,
+        2.324710524099774,
+        0.0,
+    ]
+    # Tsitouras's error weights b - b_embedded.
+    e = [
+        0.001780011052226,
+        0.000816434459657,
+        -0.007880878010262,
+        0.144711007173263,
+        -0.582357165452555,
+        0.458082105929187,
+        -1.0 / 66.0,
+    ]
+    a = [[_Z] * 7 for _ in range(7)]
+    a[1][0] = c[1]
+    for i in range(2, 6):
+        a[i][0] = c[i] - sum(rows[i])
+        a[i][1:i] = rows[i]
+    a[6] = [*b[:6], _Z]
+    return ButcherTableau(
+        c=c,
+        a=a,
+        b=b,
+        order=5,
+        name="tsit5",
+        b_embedded=[b_i - e_i for b_i, e_i in zip(b, e)],
+        embedded_order=4,
+    )
+
+
+TSIT5 = _tsit5()
+"""Tsitouras 5(4) (2011): first same as last, six new evaluations per step; smaller error
+constants than Dormand--Prince."""
+
 Solver = ButcherTableau | ReversibleHeun
 """What ``solver=`` resolves to: a tableau, or the reversible Heun method."""
 
 _REGISTRY: dict[str, Solver] = {}
 
 # torchdiffeq's adaptive solvers, named so that their users get the right hint.
-_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "tsit5", "scipy_solver")
+# dopri8 (12 stages, coefficients given to 20 digits in the literature) is not built in: error
+# control at float32 precision gains little from order 8; register one with `b_embedded`.
+_ADAPTIVE = ("dopri8", "scipy_solver")
 
 
 def register_solver(name: str, tableau: ButcherTableau, *, overwrite: bool = False) -> None:
@@ -163,9 +288,10 @@ def get_solver(solver: str | Solver) -> Solver:
     except KeyError:
         if solver in _ADAPTIVE:
             raise ValueError(
-                f"`solver` {solver!r} is an adaptive solver of torchdiffeq; torchode_adjoint "
-                "integrates with fixed steps: pass a fixed-step method and its largest step, e.g. "
-                "`solver='rk4', step=0.05` (see the 'Coming from torchdiffeq' page of the docs). "
+                f"`solver` {solver!r} is a torchdiffeq solver that torchode_adjoint does not "
+                "build in: for error control pass an embedded pair such as `solver='dopri5', "
+                "rtol=1e-5, atol=1e-7` or `solver='tsit5'`, or register your own tableau with "
+                "`b_embedded` (see the 'Coming from torchdiffeq' page of the docs). "
                 f"Registered solvers: {available_solvers()}."
             ) from None
         raise ValueError(
@@ -184,7 +310,21 @@ def available_solvers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-for _tab in (EULER, MIDPOINT, HEUN, RALSTON, RK3, SSPRK3, RK4, RK38):
+for _tab in (
+    EULER,
+    MIDPOINT,
+    HEUN,
+    RALSTON,
+    RK3,
+    SSPRK3,
+    RK4,
+    RK38,
+    HEUN_EULER,
+    FEHLBERG2,
+    BOSH3,
+    DOPRI5,
+    TSIT5,
+):
     register_solver(_tab.name, _tab)
 del _tab
 _REGISTRY[REVERSIBLE_HEUN.name] = REVERSIBLE_HEUN

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ._compiled import Compile
+from ._control import ErrorControl
 from ._dynamics import NFECounter
 from ._executor import Executor
 from ._grid import TimeGrid
@@ -36,6 +37,8 @@ class SolveSpec:
     executor : Executor
         The method the solve steps with (``executor.method``), and how its steps run (eager or
         compiled).
+    control : ErrorControl or None
+        Error-controlled steps (``rtol=``/``atol=``); None for the equal steps of ``grid``.
     """
 
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,6 +46,7 @@ class SolveSpec:
     check_finite: bool
     counter: NFECounter
     executor: Executor
+    control: ErrorControl | None = None
 
     @property
     def method(self) -> Method:

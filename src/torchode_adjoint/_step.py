@@ -28,9 +28,10 @@ Step = float | torch.Tensor
 
 DynamicsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-Stepped = tuple[Any, torch.Tensor | None, Any]
-"""``(carry, error, dense)``: a step's new carry, its error estimate or None, and its dense
-output information (the stage derivatives of a Runge--Kutta step) or None."""
+Stepped = tuple[Any, Any, Any]
+"""``(carry, error, dense)``: a step's new carry, its error estimate (a tensor, a tuple of
+tensors for an augmented method, or None) and its dense output information (the stage
+derivatives of a Runge--Kutta step) or None."""
 
 
 class Method(Protocol):

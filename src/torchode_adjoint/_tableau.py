@@ -79,6 +79,14 @@ class ButcherTableau:
         The method's order of accuracy ``p`` (global error O(h^p)).
     name : str, default "custom"
         A label used in messages and reprs.
+    b_embedded : sequence of float, length s, optional
+        The weights of an embedded method of lower order (an *embedded pair*, such as
+        Dormand--Prince 5(4)): the difference of the two solutions,
+        ``h * sum_i (b_i - b_embedded_i) k_i``, estimates the local error for error-controlled
+        steps (``rtol=``/``atol=``). They must sum to 1 and satisfy the order conditions of
+        ``embedded_order``.
+    embedded_order : int, optional
+        The embedded method's order, below ``order``; required with ``b_embedded``.
 
     Raises
     ------
@@ -86,7 +94,7 @@ class ButcherTableau:
         Naming the field: wrong lengths or shapes, a non-zero entry on or above the diagonal of
         ``a``, weights not summing to 1, ``c[i]`` different from the row sum of ``a[i]``,
         a non-positive order, an order the coefficients do not satisfy (the order conditions
-        are checked up to order 4) or a non-finite coefficient.
+        are checked up to order 4, for the embedded weights too) or a non-finite coefficient.
     TypeError
         If a field is not made of real numbers.
 
@@ -103,6 +111,8 @@ class ButcherTableau:
     b: tuple[float, ...]
     order: int
     name: str = "custom"
+    b_embedded: tuple[float, ...] | None = None
+    embedded_order: int | None = None
 
     def __init__(
         self,
@@ -111,10 +121,21 @@ class ButcherTableau:
         b: Sequence[float],
         order: int,
         name: str = "custom",
+        *,
+        b_embedded: Sequence[float] | None = None,
+        embedded_order: int | None = None,
     ) -> None:
         # Any sequences in, tuples kept (validated and converted below): the dataclass's own
         # __init__ would type the arguments as the stored tuples.
-        for field_name, value in (("c", c), ("a", a), ("b", b), ("order", order), ("name", name)):
+        for field_name, value in (
+            ("c", c),
+            ("a", a),
+            ("b", b),
+            ("order", order),
+            ("name", name),
+            ("b_embedded", b_embedded),
+            ("embedded_order", embedded_order),
+        ):
             object.__setattr__(self, field_name, value)
         self.__post_init__()
 
@@ -169,14 +190,75 @@ class ButcherTableau:
         object.__setattr__(self, "c", c)
         object.__setattr__(self, "a", a)
         object.__setattr__(self, "b", b)
+        self._check_embedded(c, a, s)
+
+    def _check_embedded(
+        self, c: tuple[float, ...], a: tuple[tuple[float, ...], ...], s: int
+    ) -> None:
+        if self.b_embedded is None:
+            if self.embedded_order is not None:
+                raise ValueError(
+                    f"`embedded_order={self.embedded_order!r}` needs `b_embedded`, the embedded "
+                    "method's weights; pass both, or neither for a method without error estimate."
+                )
+            return
+        b_hat = _as_floats(self.b_embedded, "b_embedded")
+        if len(b_hat) != s:
+            raise ValueError(
+                f"`b_embedded` must have one weight per stage ({s}), got {len(b_hat)}."
+            )
+        p = self.embedded_order
+        if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p < self.order:
+            raise ValueError(
+                f"`embedded_order` must be an int from 1 to order - 1 = {self.order - 1} (the "
+                f"embedded method is the lower-order one), got {p!r}."
+            )
+        if b_hat == self.b:
+            raise ValueError(
+                "`b_embedded` equals `b`: the error estimate would always be zero; pass the "
+                "weights of the embedded lower-order method."
+            )
+        for q, name, value, target in _order_conditions(c, a, b_hat):
+            if q <= p and abs(value - target) > _COEFF_TOL:
+                raise ValueError(
+                    f"`embedded_order={p}` is not what `b_embedded` gives: the order-{q} "
+                    f"condition {name} = {target:.6g} fails ({value!r}); pass the order the "
+                    "embedded method has, or fix its weights."
+                )
+        object.__setattr__(self, "b_embedded", b_hat)
 
     @property
     def stages(self) -> int:
         """Number of stages, i.e. evaluations of the dynamics per step."""
         return len(self.b)
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether the tableau is an embedded pair (it has an error estimate)."""
+        return self.b_embedded is not None
+
+    @property
+    def error_weights(self) -> tuple[float, ...] | None:
+        """``b - b_embedded``: the local error estimate is ``h * sum_i e_i k_i``."""
+        if self.b_embedded is None:
+            return None
+        return tuple(x - y for x, y in zip(self.b, self.b_embedded))
+
+    @property
+    def fsal(self) -> bool:
+        """First same as last: the last stage is ``f`` at the new solution (``c = 1`` and the
+        last row of ``a`` equals ``b``), so it is the next step's first stage."""
+        s = self.stages
+        return (
+            s > 1
+            and self.c[-1] == 1.0
+            and self.b[-1] == 0.0
+            and self.a[-1][: s - 1] == self.b[: s - 1]
+        )
+
     def __repr__(self) -> str:
-        return f"ButcherTableau(name={self.name!r}, order={self.order}, stages={self.stages})"
+        pair = f", embedded_order={self.embedded_order}" if self.adaptive else ""
+        return f"ButcherTableau(name={self.name!r}, order={self.order}{pair}, stages={self.stages})"
 
 
 @dataclass(frozen=True)
@@ -194,6 +276,9 @@ class StepPlan:
         All weights, zeros included.
     c : tuple of float
         The nodes.
+    errors : tuple of (int, float)
+        The pairs ``(j, e_j)`` of the error weights ``b - b_embedded`` with ``e_j != 0``
+        (empty for a tableau without an embedded method).
     """
 
     stages: int
@@ -201,6 +286,7 @@ class StepPlan:
     weights: tuple[tuple[int, float], ...]
     b: tuple[float, ...]
     c: tuple[float, ...]
+    errors: tuple[tuple[int, float], ...] = ()
 
 
 @functools.lru_cache(maxsize=64)
@@ -211,4 +297,7 @@ def plan_for(tableau: ButcherTableau) -> StepPlan:
         for j, row in enumerate(tableau.a)
     )
     weights = tuple((j, b_j) for j, b_j in enumerate(tableau.b) if b_j != 0.0)
-    return StepPlan(stages=tableau.stages, rows=rows, weights=weights, b=tableau.b, c=tableau.c)
+    errors = tuple((j, e_j) for j, e_j in enumerate(tableau.error_weights or ()) if e_j != 0.0)
+    return StepPlan(
+        stages=tableau.stages, rows=rows, weights=weights, b=tableau.b, c=tableau.c, errors=errors
+    )

@@ -1,0 +1,296 @@
+"""Error-controlled steps: embedded pairs as data, the controller, and the gradient modes that
+pair with them, against exact solutions, analytic gradients and torchdiffeq."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from torchode_adjoint import (
+    ButcherTableau,
+    ContinuousAdjoint,
+    NFECounter,
+    ODEBlock,
+    available_solvers,
+    get_solver,
+    odeint,
+)
+
+D = torch.float64
+PAIRS = [n for n in available_solvers() if get_solver(n).adaptive]
+_A = torch.tensor([[-0.1, 1.0], [-1.0, -0.1]], dtype=D)
+
+
+def _linear(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return y @ _A
+
+
+def _exact(y0: torch.Tensor, times: list[float]) -> torch.Tensor:
+    return torch.stack([y0 @ torch.linalg.matrix_exp(_A * s) for s in times])
+
+
+def test_the_built_in_pairs_are_registered() -> None:
+    assert set(PAIRS) == {"adaptive_heun", "fehlberg2", "bosh3", "dopri5", "tsit5"}
+    assert get_solver("dopri5").fsal and get_solver("tsit5").fsal and get_solver("bosh3").fsal
+    assert not get_solver("fehlberg2").fsal
+
+
+def test_embedded_weights_are_checked_against_their_order() -> None:
+    heun = dict(c=[0.0, 1.0], a=[[0.0, 0.0], [1.0, 0.0]], b=[0.5, 0.5], order=2)
+    ButcherTableau(**heun, b_embedded=[1.0, 0.0], embedded_order=1)  # Heun--Euler: valid
+    with pytest.raises(ValueError, match="`embedded_order=1` is not what `b_embedded` gives"):
+        ButcherTableau(**heun, b_embedded=[0.9, 0.0], embedded_order=1)
+    with pytest.raises(ValueError, match="`embedded_order` must be an int from 1 to order - 1"):
+        ButcherTableau(**heun, b_embedded=[1.0, 0.0], embedded_order=2)
+    with pytest.raises(ValueError, match="needs `b_embedded`"):
+        ButcherTableau(**heun, embedded_order=1)
+    with pytest.raises(ValueError, match="`b_embedded` equals `b`"):
+        ButcherTableau(**heun, b_embedded=[0.5, 0.5], embedded_order=1)
+    with pytest.raises(ValueError, match="`b_embedded` must have one weight per stage"):
+        ButcherTableau(**heun, b_embedded=[1.0], embedded_order=1)
+
+
+@pytest.mark.parametrize("solver", PAIRS)
+def test_the_error_falls_with_the_tolerance_at_every_output_time(solver: str) -> None:
+    y0 = torch.tensor([[1.0, 0.5]], dtype=D)
+    times = [0.0, 0.7, 2.5, 5.0]
+    exact = _exact(y0, times)
+    errors = []
+    for tol in (1e-4, 1e-6, 1e-8):
+        sol = odeint(
+            _linear, y0, torch.tensor(times, dtype=D), solver=solver, rtol=tol, atol=tol, params=()
+        )
+        err = float((sol - exact).abs().max())
+        # The local error per step is held below tol; the global error stays within a small
+        # multiple of it (the problem neither grows nor is stiff).
+        # (fehlberg2's weights differ by 1/512: its estimate, of the first-order solution's
+        # error, is far below the propagated second-order solution's error.)
+        assert err < (2000 if solver == "fehlberg2" else 50) * tol, (tol, err)
+        errors.append(err)
+    assert errors[2] < errors[1] < errors[0]
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "bosh3", "tsit5"])
+def test_evaluations_are_counted_as_steps_times_new_stages(solver: str) -> None:
+    # First same as last: f(t0, y0) once, one evaluation of Hairer's first step, then
+    # stages - 1 new evaluations per step tried (accepted or not).
+    nfe = NFECounter()
+    odeint(_linear, torch.ones(1, 2, dtype=D), torch.tensor([0.0, 3.0], dtype=D), solver=solver,
+           rtol=1e-6, atol=1e-6, adjoint=False, nfe=nfe)  # fmt: skip
+    stages = get_solver(solver).stages
+    assert nfe.accepted > 5
+    assert nfe.forward == 2 + (stages - 1) * (nfe.accepted + nfe.rejected)
+
+
+def test_steps_end_on_every_output_time() -> None:
+    seen: list[float] = []
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(float(t))
+        return _linear(t, y)
+
+    times = [0.0, 0.3, 1.7, 2.0]
+    odeint(f, torch.ones(1, 2, dtype=D), torch.tensor(times, dtype=D), solver="dopri5",
+           rtol=1e-5, atol=1e-5, adjoint=False)  # fmt: skip
+    for s in times[1:]:  # a step ends there: its last stage (c = 1) is evaluated at it
+        assert s in seen, s
+
+
+def test_a_decreasing_time_grid_integrates_backwards() -> None:
+    y0 = torch.tensor([[1.0, 0.5]], dtype=D)
+    sol = odeint(_linear, y0, torch.tensor([2.0, 1.0, 0.0], dtype=D), solver="tsit5",
+                 rtol=1e-9, atol=1e-9, params=())  # fmt: skip
+    exact = _exact(y0, [0.0, -1.0, -2.0])
+    assert float((sol - exact).abs().max()) < 1e-7
+
+
+def _forced(a: torch.Tensor) -> object:
+    """``dy/dt = y A + sin(2t) y J``: linear in ``A``, and time-dependent, so that stage times
+    matter."""
+    j = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=D)
+    return lambda t, y: y @ a + torch.sin(2 * t) * (y @ j)
+
+
+def _loss_and_grads(mode: object, **solve: object) -> tuple[torch.Tensor, ...]:
+    """dL/dy0, dL/dA and dL/dt of L = sum of w . y at two output times, from one solve."""
+    a = nn.Parameter(_A.clone())
+    y0 = torch.tensor([[1.0, 0.5], [-0.3, 0.8]], dtype=D, requires_grad=True)
+    t = torch.tensor([0.0, 1.5, 3.0], dtype=D, requires_grad=True)
+    sol = odeint(_forced(a), y0, t, adjoint=mode, params=[a], **solve)  # type: ignore[arg-type]
+    w = torch.tensor([[0.3, -1.0], [2.0, 0.5]], dtype=D)
+    loss = (sol[-1] * w).sum() + (sol[1] * w.flip(0)).sum()
+    return torch.autograd.grad(loss, [y0, a, t])
+
+
+@pytest.mark.parametrize("mode", ["backprop", "adjoint", "checkpoint", "reversible"])
+def test_gradients_approach_a_fine_fixed_step_reference_as_the_tolerance_shrinks(mode: str) -> None:
+    # The reference: backprop through 6,000 fixed rk4 steps (another code path; its own error
+    # is below 1e-12 here).
+    reference = _loss_and_grads("backprop", solver="rk4", step=5e-4)
+    errors = []
+    for tol in (1e-4, 1e-6, 1e-8):
+        grads = _loss_and_grads(mode, solver="dopri5", rtol=tol, atol=tol)
+        err = max(float((g - r).abs().max()) for g, r in zip(grads, reference))
+        assert err < 200 * tol, (tol, err)
+        errors.append(err)
+    assert errors[2] < errors[1] < errors[0], errors
+
+
+def test_the_adjoint_controls_its_own_backward_steps_with_its_own_tolerances() -> None:
+    f = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    y0 = torch.randn(8, 3, dtype=D, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.0, 2.0], dtype=D)
+
+    def backward_counts(adjoint: object) -> NFECounter:
+        nfe = NFECounter()
+        odeint(lambda s, y: f(y), y0, t, solver="dopri5", rtol=1e-6, atol=1e-6,
+               adjoint=adjoint, nfe=nfe, params=list(f.parameters())).sum().backward()  # fmt: skip
+        return nfe
+
+    same = backward_counts("adjoint")
+    assert same.backward_accepted > 0 and same.backward > 0
+    looser = backward_counts(ContinuousAdjoint(rtol=1e-3, atol=1e-3))
+    assert looser.backward_accepted < same.backward_accepted
+    assert looser.accepted == same.accepted  # the forward pass is the same
+
+
+def test_the_reversed_gradient_of_the_output_times_matches_the_exact_one() -> None:
+    # dL/dT of L = sum(y(T)) is sum(f(T, y(T))); dL/dt0 = -a(t0) . f(t0, y0).
+    y0 = torch.tensor([[1.0, 0.5]], dtype=D)
+    for mode in ("backprop", "adjoint"):
+        t = torch.tensor([0.0, 2.0], dtype=D, requires_grad=True)
+        sol = odeint(_linear, y0, t, solver="dopri5", rtol=1e-9, atol=1e-9, adjoint=mode, params=())
+        (g_t,) = torch.autograd.grad(sol[-1].sum(), [t])
+        y_end = _exact(y0, [2.0])[0]
+        expected_end = float(_linear(None, y_end).sum())  # type: ignore[arg-type]
+        assert abs(float(g_t[1]) - expected_end) < 1e-6, mode
+        a0 = torch.ones(1, 2, dtype=D) @ torch.linalg.matrix_exp(_A * 2.0).T
+        expected_start = -float((a0 * _linear(None, y0)).sum())  # type: ignore[arg-type]
+        assert abs(float(g_t[0]) - expected_start) < 1e-6, mode
+
+
+def test_a_block_takes_tolerances_and_counts_its_steps() -> None:
+    f = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    class Dyn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = f
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.f(y)
+
+    block = ODEBlock(Dyn(), solver="dopri5", rtol=1e-4, atol=1e-5)
+    out = block(torch.randn(4, 3))
+    out.sum().backward()
+    assert block.nfe_forward > 0 and block.nfe_backward > 0
+    assert all(p.grad is not None for p in f.parameters())
+
+
+def test_a_structured_state_takes_tolerances() -> None:
+    def f(t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        x, v = state
+        return v, -x
+
+    x0, v0 = torch.ones(3, dtype=D), torch.zeros(3, dtype=D)
+    x, v = odeint(f, (x0, v0), torch.tensor([0.0, 1.0], dtype=D), solver="dopri5", rtol=1e-9,
+                  atol=1e-9, params=())  # fmt: skip
+    assert torch.allclose(x[-1], torch.full((3,), math.cos(1.0), dtype=D), atol=1e-7)
+    assert torch.allclose(v[-1], torch.full((3,), -math.sin(1.0), dtype=D), atol=1e-7)
+
+
+# --- errors naming the argument, the time and the cause ---------------------------------------
+
+
+def test_tolerances_with_a_solver_without_an_error_estimate_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"`rtol`/`atol` ask for error-controlled steps.*'rk4'"):
+        odeint(_linear, torch.ones(1, 2, dtype=D), [0.0, 1.0], solver="rk4", rtol=1e-5)
+
+
+@pytest.mark.parametrize("rtol", [0.0, -1e-3, float("nan")])
+def test_a_bad_tolerance_is_named(rtol: float) -> None:
+    with pytest.raises(ValueError, match="`rtol` must be a positive finite number"):
+        odeint(_linear, torch.ones(1, 2, dtype=D), [0.0, 1.0], solver="dopri5", rtol=rtol)
+
+
+def test_a_blow_up_stops_with_the_time_and_the_likely_causes() -> None:
+    # dy/dt = y^2 from y(0) = 1 leaves every bound at t = 1.
+    with pytest.raises(
+        RuntimeError, match=r"step size fell to .* at t = (0\.99|1\b).*stiff.*discontinuity"
+    ):
+        odeint(lambda t, y: y * y, torch.ones(1, dtype=D), [0.0, 2.0], solver="dopri5",
+               rtol=1e-6, atol=1e-6, params=())  # fmt: skip
+
+
+def test_a_stiff_problem_stops_at_max_steps_naming_stiffness() -> None:
+    mu = 1000.0
+
+    def van_der_pol(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, v = y[..., 0], y[..., 1]
+        return torch.stack([v, mu * (1 - x * x) * v - x], dim=-1)
+
+    with pytest.raises(RuntimeError, match=r"more than `max_steps=2,000` steps.*stiffness"):
+        odeint(van_der_pol, torch.tensor([2.0, 0.0], dtype=D), [0.0, 3000.0],
+               solver="dopri5", rtol=1e-6, atol=1e-6, max_steps=2000, params=())  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "reversible"])
+def test_random_dynamics_under_error_control_raise_in_the_replaying_modes(mode: str) -> None:
+    # Rejected trials drew numbers that a replay of the accepted steps cannot draw again.
+    drop = nn.Dropout(0.5)
+    y0 = torch.ones(4, 2, dtype=D, requires_grad=True)
+    sol = odeint(lambda t, y: drop(y) @ _A, y0, [0.0, 1.0], solver="dopri5", rtol=1e-4,
+                 atol=1e-4, adjoint=mode, params=())  # fmt: skip
+    with pytest.raises(RuntimeError, match="error-controlled forward pass.*fixed steps"):
+        sol.sum().backward()
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_checkpoint_replays_the_accepted_steps_to_backprops_gradient(every: int) -> None:
+    from torchode_adjoint import Checkpoint
+
+    backprop = _loss_and_grads("backprop", solver="dopri5", rtol=1e-6, atol=1e-6)
+    replayed = _loss_and_grads(Checkpoint(every=every), solver="dopri5", rtol=1e-6, atol=1e-6)
+    for b, c in zip(backprop, replayed):
+        assert float((b - c).abs().max()) <= 1e-10 * float(b.abs().max())
+
+
+def test_a_training_temporal_batchnorm_refuses_error_control_by_name() -> None:
+    from torchode_adjoint import TemporalBatchNorm1d
+
+    class Dyn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = TemporalBatchNorm1d(2, max_times=8)
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.norm(t, y)
+
+    with pytest.raises(ValueError, match="TemporalBatchNorm in training mode.*`step=`"):
+        odeint(Dyn(), torch.randn(4, 2), [0.0, 1.0], solver="dopri5", rtol=1e-3)
+
+
+# --- against torchdiffeq ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "bosh3"])
+@pytest.mark.parametrize("tol", [1e-4, 1e-6, 1e-8])
+def test_steps_and_errors_match_torchdiffeq_on_one_interval(solver: str, tol: float) -> None:
+    torchdiffeq = pytest.importorskip("torchdiffeq", reason="torchdiffeq is in the bench extra")
+    y0 = torch.tensor([[1.0, 0.5]], dtype=D)
+    t = torch.tensor([0.0, 5.0], dtype=D)
+    exact = _exact(y0, [0.0, 5.0])
+    count = [0]
+
+    def counted(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        count[0] += 1
+        return _linear(s, y)
+
+    theirs = torchdiffeq.odeint(counted, y0, t, method=solver, rtol=tol, atol=tol)
+    nfe = NFECounter()
+    ours = odeint(_linear, y0, t, solver=solver, rtol=tol, atol=tol, adjoint=False, nfe=nfe)
+    assert nfe.forward <= 1.1 * count[0], (nfe.forward, count[0])
+    assert float((ours - exact).abs().max()) <= float((theirs - exact).abs().max())
