@@ -94,9 +94,45 @@ def test_steps_end_on_every_output_time() -> None:
 
     times = [0.0, 0.3, 1.7, 2.0]
     odeint(f, torch.ones(1, 2, dtype=D), torch.tensor(times, dtype=D), solver="dopri5",
-           rtol=1e-5, atol=1e-5, adjoint=False)  # fmt: skip
+           rtol=1e-5, atol=1e-5, adjoint=False, dense_output=False)  # fmt: skip
     for s in times[1:]:  # a step ends there: its last stage (c = 1) is evaluated at it
         assert s in seen, s
+    seen.clear()
+    odeint(f, torch.ones(1, 2, dtype=D), torch.tensor(times, dtype=D), solver="dopri5",
+           rtol=1e-5, atol=1e-5, adjoint=False)  # fmt: skip
+    assert 0.3 not in seen and 1.7 not in seen  # interpolated: no step ends there
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "tsit5"])
+def test_the_interpolant_is_fourth_order_between_steps(solver: str) -> None:
+    # One step of size h from 0, the solution read at theta = 0.37 of it: the interpolant's
+    # error falls like h**5 (local order 5 of a fourth-order interpolant).
+    tab = get_solver(solver)
+    from torchode_adjoint._runge_kutta import EmbeddedRungeKutta
+
+    method = EmbeddedRungeKutta(tab)
+    y0 = torch.tensor([[1.0, 0.5]], dtype=D)
+    errors = []
+    for h in (0.4, 0.2):
+        ts = tuple(torch.tensor([c * h for c in tab.c], dtype=D).unbind(0))
+        carry = method.init(_linear, y0, ts[0])
+        _, _, ks = method.step(_linear, carry, h, ts)
+        y_mid = method.interpolate(carry, h, ks, 0.37)
+        errors.append(float((y_mid - _exact(y0, [0.37 * h])[0]).abs().max()))
+    assert math.log2(errors[0] / errors[1]) > 4.6, errors
+
+
+def test_dense_output_takes_fewer_steps_with_many_output_times() -> None:
+    times = torch.linspace(0.0, 5.0, 51, dtype=D)
+    counts = []
+    for dense in (True, False):
+        nfe = NFECounter()
+        sol = odeint(_linear, torch.ones(1, 2, dtype=D), times, solver="dopri5", rtol=1e-6,
+                     atol=1e-6, adjoint=False, nfe=nfe, dense_output=dense)  # fmt: skip
+        exact = _exact(torch.ones(1, 2, dtype=D), times.tolist())
+        assert float((sol - exact).abs().max()) < 50e-6
+        counts.append(nfe.accepted)
+    assert counts[0] < counts[1] / 2, counts
 
 
 def test_a_decreasing_time_grid_integrates_backwards() -> None:

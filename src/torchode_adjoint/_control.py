@@ -60,6 +60,9 @@ class ErrorControl:
         Steps below ``min_step`` (or below what the times' precision resolves) raise.
     max_steps : int, default 10,000,000
         The most steps one solve may try (``max_steps=``).
+    interpolate : bool, default True
+        Step past output times and interpolate the solution there (dense output) where the
+        pair has an interpolant and the mode allows it; False steps to every output time.
     """
 
     rtol: float
@@ -72,6 +75,7 @@ class ErrorControl:
     max_step: float = math.inf
     min_step: float = 0.0
     max_steps: int = 10_000_000
+    interpolate: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rtol", _positive(self.rtol, "rtol", "`rtol=1e-5`"))

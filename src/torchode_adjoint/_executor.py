@@ -525,6 +525,20 @@ def integrate_adaptive(
     def parts(before: Any, after: Any, error: Any) -> tuple[Sequence[torch.Tensor], ...]:
         return [error], [method.output(before)], [method.output(after)]
 
+    dense = (
+        control.interpolate
+        and getattr(method, "interpolates", False)
+        and record is None
+        and on_accept is None
+        and final is None
+        and not t.requires_grad
+    )
+    if dense:
+        states = _dense_solve(executor, f, carry, host_times, h, control, parts, counts, y0)
+        if stats is not None:
+            stats.accepted, stats.rejected = counts.accepted, counts.rejected
+        _check_states(states, f, method, control, host_times, check_finite)
+        return states
     states = []
     accepted: list[list[tuple[float, float]]] = []
     for i in range(len(host_times) - 1):
@@ -564,6 +578,18 @@ def integrate_adaptive(
         final.append(carry)
     if stats is not None:
         stats.accepted, stats.rejected = counts.accepted, counts.rejected
+    _check_states(states, f, method, control, host_times, check_finite)
+    return states
+
+
+def _check_states(
+    states: list[torch.Tensor],
+    f: Any,
+    method: Any,
+    control: ErrorControl,
+    host_times: Sequence[float],
+    check_finite: bool,
+) -> None:
     if check_finite and not functorch_transforms_active() and not bool(_all_finite(states)):
         bad = next(j for j, s in enumerate(states) if not bool(torch.isfinite(s).all()))
         raise RuntimeError(
@@ -572,4 +598,66 @@ def integrate_adaptive(
             f"error control (rtol={control.rtol:g}, atol={control.atol:g}); check the dynamics "
             "(pass `check_finite=False` to skip this check)."
         )
+
+
+def _dense_solve(
+    executor: Executor,
+    f: Any,
+    carry: Any,
+    host_times: Sequence[float],
+    h: float,
+    control: ErrorControl,
+    parts: PartsFn,
+    stats: AdaptiveStats,
+    like: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Error-controlled steps from the first output time to the last, past the ones between:
+    the solution there is the method's interpolant inside the step that covers it (torchdiffeq's
+    and diffrax's behaviour; fewer steps where output times are dense). A step ending on an
+    output time gives its end state, not an interpolation."""
+    method: Any = executor.method
+    nodes = method.nodes
+    t0, t_end = host_times[0], host_times[-1]
+    direction = 1.0 if t_end > t0 else -1.0
+    eps = torch.finfo(like.dtype).eps
+    q = int(method.error_order) + 1
+    states: list[torch.Tensor] = []
+    nxt = 1
+    t_now, previous = t0, 1.0
+    while nxt < len(host_times):
+        remaining = abs(t_end - t_now)
+        hh = min(h, control.max_step)
+        last = hh >= remaining
+        size = remaining if last else hh
+        if size < max(control.min_step, 4.0 * eps * max(abs(t_now), abs(t_end), remaining)):
+            _step_too_small(t_now, size, control, like.dtype)
+        h_signed = direction * size
+        t_new = t_end if last else t_now + h_signed
+        ts = tuple(like.new_tensor([t_now + c * h_signed for c in nodes]).unbind(0))
+        out = executor.step(f, carry, h_signed, ts, dense=True)
+        errors, before, after = parts(carry, out[0], out[1])
+        with torch.no_grad():
+            ratio = float(error_ratio(errors, before, after, control.rtol, control.atol))
+        if stats.accepted + stats.rejected >= control.max_steps:
+            raise RuntimeError(
+                f"the error-controlled solve took more than `max_steps={control.max_steps:,}` "
+                f"steps (at t = {t_now:.6g}, step {size:.3g}); loosen `rtol`/`atol`, check the "
+                "dynamics for stiffness, or pass a larger `max_steps`."
+            )
+        if ratio <= 1.0:
+            stats.accepted += 1
+            while nxt < len(host_times) and (host_times[nxt] - t_new) * direction <= 0.0:
+                target = host_times[nxt]
+                if target == t_new:
+                    states.append(method.output(out[0]))
+                else:
+                    theta = (target - t_now) / h_signed
+                    states.append(method.interpolate(carry, h_signed, out[2], theta))
+                nxt += 1
+            carry, t_now = out[0], t_new
+            h = hh * max(1.0, control.factor(ratio, previous, q))
+            previous = ratio
+        else:
+            stats.rejected += 1
+            h = hh * min(1.0, control.factor(ratio, previous, q))
     return states

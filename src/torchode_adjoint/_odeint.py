@@ -33,6 +33,7 @@ def odeint(
     compile: bool | Compile = False,
     rtol: float | None = None,
     atol: float | None = None,
+    dense_output: bool = True,
     **unsupported: object,
 ) -> State:
     """Integrate ``dy/dt = func(t, y)`` with a fixed-step explicit Runge--Kutta method.
@@ -101,9 +102,14 @@ def odeint(
         ``"fehlberg2"``, ``"adaptive_heun"``, or a tableau with ``b_embedded``) and each step is
         accepted when its error estimate's RMS norm, scaled by ``atol + rtol * |y|``, is at most
         1; a PI controller picks the next step. The solve steps to every output time exactly;
-        an explicit ``step`` is then the largest step. Pairs with ``adjoint="adjoint"`` (its
-        backward pass error-controlled too, on the state and adjoint: the seminorm) and
-        ``"backprop"`` (through the accepted steps). See :doc:`/adaptive`.
+        an explicit ``step`` is then the largest step. Every gradient mode works on the accepted
+        steps (the adjoint's backward pass error-controlled too, on the state and the adjoint:
+        the seminorm). See :doc:`/adaptive`.
+    dense_output : bool, default True
+        With error control: step past output times and interpolate the solution there with
+        the pair's interpolant (``dopri5``, ``tsit5``), as torchdiffeq and diffrax do, where the
+        mode allows (backprop and the adjoint, output times without a gradient); False ends a
+        step on every output time (what the checkpointed and reversible modes always do).
     compile : bool or Compile, default False
         Run each solver step and each backward step as one ``torch.compile`` graph
         (:class:`~torchode_adjoint.Compile` sets the backend). Same values and gradients as the
@@ -165,6 +171,7 @@ def odeint(
         compile=compile,
         rtol=rtol,
         atol=atol,
+        dense_output=dense_output,
     )
     first, states, structure = solve(func, y0, t, config, params=params, nfe=nfe)
     solution = torch.stack([first, *states])

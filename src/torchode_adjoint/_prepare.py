@@ -7,6 +7,7 @@ validates again.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -287,6 +288,7 @@ def make_config(
     compile: bool | Compile = False,
     rtol: float | None = None,
     atol: float | None = None,
+    dense_output: bool = True,
 ) -> SolveConfig:
     """Validate the settings: solver, step, mode (and its pairing with the solver), limits,
     and the tolerances of error-controlled steps."""
@@ -294,6 +296,8 @@ def make_config(
     tableau = get_solver(solver)
     mode.check_solver(tableau)
     control = _error_control(tableau, mode, step, rtol, atol, check_max_steps(max_steps))
+    if control is not None and not dense_output:
+        control = dataclasses.replace(control, interpolate=False)
     if mode.name == "reversible" and is_heun(tableau):
         warnings.warn(
             "`solver='heun'` with `adjoint='reversible'` now integrates Heun's method made "

@@ -184,6 +184,24 @@ class EmbeddedRungeKutta:
     def output(self, carry: Any) -> torch.Tensor:
         return carry[0] if self.tableau.fsal else carry  # type: ignore[no-any-return]
 
+    @property
+    def interpolates(self) -> bool:
+        """Whether the pair has a continuous extension (dense output)."""
+        return self.tableau.b_dense is not None
+
+    def interpolate(self, carry: Any, h: float, ks: Sequence[Any], theta: float) -> torch.Tensor:
+        """The solution at ``t + theta h`` inside a step from ``carry`` with stages ``ks``."""
+        dense = self.tableau.b_dense
+        assert dense is not None
+        terms = []
+        for i, row in enumerate(dense):
+            w = 0.0
+            for p in range(len(row) - 1, -1, -1):  # Horner: sum_p row[p] theta**(p + 1)
+                w = (w + row[p]) * theta
+            if w != 0.0:
+                terms.append((i, w))
+        return combine(self.output(carry), h, terms, ks)
+
     def derivative(self, carry: Any) -> torch.Tensor | None:
         """``f(t, y)`` at the carry's time where the carry holds it (first same as last)."""
         return carry[1] if self.tableau.fsal else None  # type: ignore[no-any-return]

@@ -150,9 +150,24 @@ DOPRI5 = ButcherTableau(
         1.0 / 40.0,
     ],
     embedded_order=4,
+    # Shampine's (1986) fourth-order continuous extension, as polynomials in theta.
+    b_dense=[
+        [1.0, -8048581381 / 2820520608, 8663915743 / 2820520608, -12715105075 / 11282082432],
+        [_Z, _Z, _Z, _Z],
+        [_Z, 131558114200 / 32700410799, -68118460800 / 10900136933, 87487479700 / 32700410799],
+        [_Z, -1754552775 / 470086768, 14199869525 / 1410260304, -10690763975 / 1880347072],
+        [
+            _Z,
+            127303824393 / 49829197408,
+            -318862633887 / 49829197408,
+            701980252875 / 199316789632,
+        ],
+        [_Z, -282668133 / 205662961, 2019193451 / 616988883, -1453857185 / 822651844],
+        [_Z, 40617522 / 29380423, -110615467 / 29380423, 69997945 / 29380423],
+    ],
 )
 """Dormand--Prince 5(4) (1980), torchdiffeq's default: first same as last, six new evaluations
-per step."""
+per step, a fourth-order interpolant."""
 
 
 def _tsit5() -> ButcherTableau:
@@ -185,6 +200,18 @@ def _tsit5() -> ButcherTableau:
         0.458082105929187,
         -1.0 / 66.0,
     ]
+    # Tsitouras's fourth-order interpolant, coefficients of theta**1..4; the sixth row is what
+    # makes the columns sum to (1, 0, 0, 0), as they must.
+    dense = [
+        [1.0, -2.763706197274826, 2.9132554618219126, -1.0530884977290216],
+        [_Z, 0.13169999999999998, -0.2234, 0.1017],
+        [_Z, 3.930296236894751, -5.941033872131505, 2.490627285651253],
+        [_Z, -12.411077166933676, 30.338188630282318, -16.548102889244902],
+        [_Z, 37.50931341651104, -88.1789048947664, 47.37952196281928],
+        [_Z, _Z, _Z, _Z],
+        [_Z, 1.5, -4.0, 2.5],
+    ]
+    dense[5] = [_Z, *(-sum(row[p] for row in dense) for p in (1, 2, 3))]
     a = [[_Z] * 7 for _ in range(7)]
     a[1][0] = c[1]
     for i in range(2, 6):
@@ -199,6 +226,7 @@ def _tsit5() -> ButcherTableau:
         name="tsit5",
         b_embedded=[b_i - e_i for b_i, e_i in zip(b, e)],
         embedded_order=4,
+        b_dense=dense,
     )
 
 

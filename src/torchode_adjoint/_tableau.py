@@ -87,6 +87,10 @@ class ButcherTableau:
         ``embedded_order``.
     embedded_order : int, optional
         The embedded method's order, below ``order``; required with ``b_embedded``.
+    b_dense : sequence of sequences of float, shape (s, P), optional
+        A continuous extension (dense output): ``y(t + theta h) = y + h sum_i b_i(theta) k_i``
+        with ``b_i(theta) = sum_p b_dense[i][p] theta**(p + 1)``. Checked for consistency
+        (``sum_i b_i(theta) = theta``) and against ``b`` at ``theta = 1``.
 
     Raises
     ------
@@ -113,6 +117,7 @@ class ButcherTableau:
     name: str = "custom"
     b_embedded: tuple[float, ...] | None = None
     embedded_order: int | None = None
+    b_dense: tuple[tuple[float, ...], ...] | None = None
 
     def __init__(
         self,
@@ -124,6 +129,7 @@ class ButcherTableau:
         *,
         b_embedded: Sequence[float] | None = None,
         embedded_order: int | None = None,
+        b_dense: Sequence[Sequence[float]] | None = None,
     ) -> None:
         # Any sequences in, tuples kept (validated and converted below): the dataclass's own
         # __init__ would type the arguments as the stored tuples.
@@ -135,6 +141,7 @@ class ButcherTableau:
             ("name", name),
             ("b_embedded", b_embedded),
             ("embedded_order", embedded_order),
+            ("b_dense", b_dense),
         ):
             object.__setattr__(self, field_name, value)
         self.__post_init__()
@@ -191,6 +198,7 @@ class ButcherTableau:
         object.__setattr__(self, "a", a)
         object.__setattr__(self, "b", b)
         self._check_embedded(c, a, s)
+        self._check_dense(b, s)
 
     def _check_embedded(
         self, c: tuple[float, ...], a: tuple[tuple[float, ...], ...], s: int
@@ -226,6 +234,33 @@ class ButcherTableau:
                     "embedded method has, or fix its weights."
                 )
         object.__setattr__(self, "b_embedded", b_hat)
+
+    def _check_dense(self, b: tuple[float, ...], s: int) -> None:
+        if self.b_dense is None:
+            return
+        rows = tuple(_as_floats(row, "b_dense") for row in self.b_dense)
+        widths = {len(row) for row in rows}
+        if len(rows) != s or len(widths) != 1 or 0 in widths:
+            raise ValueError(
+                f"`b_dense` must have one row per stage ({s}) of equal, non-zero length (the "
+                f"coefficients of theta**1, theta**2, ...), got {len(rows)} rows of lengths "
+                f"{sorted(widths)}."
+            )
+        width = widths.pop()
+        for p in range(width):
+            total = sum(row[p] for row in rows)
+            if abs(total - (1.0 if p == 0 else 0.0)) > _COEFF_TOL:
+                raise ValueError(
+                    f"`b_dense` is inconsistent: the theta**{p + 1} coefficients sum to "
+                    f"{total!r}, not {1.0 if p == 0 else 0.0} (sum_i b_i(theta) must be theta)."
+                )
+        for i, row in enumerate(rows):
+            if abs(sum(row) - b[i]) > _COEFF_TOL:
+                raise ValueError(
+                    f"`b_dense` row {i} gives b_{i}(1) = {sum(row)!r}, not b[{i}] = {b[i]!r}: "
+                    "the interpolant must end on the step's solution."
+                )
+        object.__setattr__(self, "b_dense", rows)
 
     @property
     def stages(self) -> int:
