@@ -54,6 +54,8 @@ from torchode_adjoint.models.cifar10 import (
     ode_blocks,
     parse_model_spec,
 )
+from torchode_adjoint.runs import atomic_save, atomic_write_text
+from torchode_adjoint.runs import progress as _progress
 
 FULL_MODELS = ["resnet1", "odenet@0.5", "hybrid1@0.1"]
 PRESETS = {
@@ -279,29 +281,6 @@ def _check_device(text: str) -> str:
         if device.index is None or device.index < torch.cuda.device_count():
             return text
     raise UsageError(f"--device {text!r} is not available here; available: {', '.join(available)}")
-
-
-def atomic_save(obj: object, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def evaluate(

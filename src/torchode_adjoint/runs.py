@@ -1,0 +1,43 @@
+"""What the example programs share to run: atomic writes and progress bars.
+
+Not imported by ``import torchode_adjoint``; the examples (CIFAR-10, the latent ODE on spirals)
+import it so that a file is never seen half written and a resumed run finds whole checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["atomic_save", "atomic_write_text", "progress"]
+
+T = TypeVar("T")
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then one rename over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write ``text`` to a temporary file in the same folder, then one rename over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def progress(iterable: Iterable[T], total: int, desc: str, enabled: bool) -> Iterable[T] | Any:
+    """``iterable`` with a tqdm progress bar where enabled and tqdm is installed."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)

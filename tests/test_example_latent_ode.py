@@ -1,0 +1,109 @@
+"""The latent ODE example on spirals: the data generator, and the script's quick path."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchode_adjoint.datasets.spirals import make_spirals, observe
+from torchode_adjoint.models.latent_ode import LatentODE, gaussian_elbo
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "latent_ode_spirals.py"
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("latent_ode_spirals", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_spirals_are_seeded_and_turn_both_ways() -> None:
+    a, b = make_spirals(40, 100, seed=3), make_spirals(40, 100, seed=3)
+    assert torch.equal(a.noisy, b.noisy) and a.clean.shape == (40, 100, 2)
+    assert not torch.equal(make_spirals(40, 100, seed=4).clean, a.clean)
+    # The sign of x v_y - y v_x (angular momentum) tells the turning direction.
+    x, y = a.clean[..., 0], a.clean[..., 1]
+    vx, vy = x.diff(dim=1), y.diff(dim=1)
+    turning = (x[:, :-1] * vy - y[:, :-1] * vx).mean(dim=1)
+    assert torch.equal(turning < 0, a.clockwise)
+    assert 5 < int(a.clockwise.sum()) < 35
+    noise = (a.noisy - a.clean).std()
+    assert 0.08 < float(noise) < 0.12  # the default noise level, 0.1
+
+
+def test_observed_times_are_drawn_without_replacement_and_sorted() -> None:
+    idx = observe(50, 100, 30, seed=1)
+    assert idx.shape == (50, 30)
+    assert bool((idx.diff(dim=1) > 0).all())  # sorted, no repeats
+    assert int(idx.min()) >= 0 and int(idx.max()) <= 99
+    assert not torch.equal(idx[0], idx[1])
+    with pytest.raises(ValueError, match="`n_obs` must be in 1..100"):
+        observe(5, 100, 0)
+
+
+def test_the_elbo_is_the_likelihood_plus_the_kl() -> None:
+    pred, target = torch.zeros(2, 3, 2), torch.ones(2, 3, 2)
+    mean, logvar = torch.zeros(2, 4), torch.zeros(2, 4)
+    nll_only = gaussian_elbo(pred, target, None, None, 1.0)
+    expected = 6 * (0.5 + 0.5 * torch.log(torch.tensor(2 * torch.pi)))
+    assert torch.allclose(nll_only, expected)
+    # A standard normal posterior adds no KL; a shifted mean adds |mean|^2 / 2.
+    assert torch.allclose(gaussian_elbo(pred, target, mean, logvar, 1.0), nll_only)
+    shifted = gaussian_elbo(pred, target, mean + 1.0, logvar, 1.0)
+    assert torch.allclose(shifted - nll_only, torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("adjoint", ["adjoint", "checkpoint"])
+def test_the_latent_ode_is_solved_by_odeint_in_each_mode(adjoint: str) -> None:
+    from torchode_adjoint import odeint
+
+    model = LatentODE()
+    data = make_spirals(6, 20, seed=0)
+    idx = observe(6, 20, 5, seed=0)
+    times = data.times.expand(6, -1).gather(1, idx)
+    values = data.noisy.gather(1, idx[..., None].expand(-1, -1, 2))
+
+    def solve(dyn, z0, grid):
+        return odeint(dyn, z0, grid, solver="dopri5", rtol=1e-3, atol=1e-4, adjoint=adjoint)
+
+    pred, mean, logvar = model(times, values, data.times, solve)
+    assert pred.shape == (6, 20, 2) and mean.shape == (6, 4)
+    gaussian_elbo(pred, data.noisy, mean, logvar, 0.1).backward()
+    assert all(p.grad is not None for p in model.dynamics.parameters())
+
+
+def test_the_quick_path_writes_its_tables_and_the_loss_falls(tmp_path: Path) -> None:
+    example = _example()
+    argv = ["--spirals", "30", "--iterations", "12", "--n-obs", "10", "--seeds", "0",
+            "--output-dir", str(tmp_path), "--no-progress", "--no-plot"]  # fmt: skip
+    assert example.main(argv) == 0
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert {r["model"] for r in records} == {"latent_ode", "rnn"}
+    for r in records:
+        # The untrained model's loss is the reference: training must lower it.
+        assert r["loss_last"] < r["loss_first"], r
+        assert 0.0 < r["rmse"] < 5.0
+    ode = next(r for r in records if r["model"] == "latent_ode")
+    assert ode["nfe_forward_per_iter"] > 0 and ode["nfe_backward_per_iter"] > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "0.1642" in report  # the paper's row beside ours
+    assert (tmp_path / "results.csv").read_text().startswith("model,")
+    # A resumed run finds both runs recorded and trains nothing more.
+    assert example.main([*argv, "--resume"]) == 0
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--n-obs", "0"], "--n-obs"), (["--spirals", "3"], "--spirals"), (["--lr", "0"], "--lr")],
+)
+def test_bad_arguments_are_named(args: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        _example().main(args)
+    assert message in capsys.readouterr().err
