@@ -330,3 +330,44 @@ def test_steps_and_errors_match_torchdiffeq_on_one_interval(solver: str, tol: fl
     ours = odeint(_linear, y0, t, solver=solver, rtol=tol, atol=tol, adjoint=False, nfe=nfe)
     assert nfe.forward <= 1.1 * count[0], (nfe.forward, count[0])
     assert float((ours - exact).abs().max()) <= float((theirs - exact).abs().max())
+
+
+def test_error_controlled_steps_run_compiled_to_the_eager_values() -> None:
+    from torchode_adjoint import Compile
+
+    runs = [0]
+
+    def counted(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        compiled = torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+        def run(*args: object) -> object:
+            runs[0] += 1
+            return compiled(*args)
+
+        return run
+
+    f = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+
+    class Dyn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = f
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.f(y)
+
+    dyn = Dyn()
+    y0 = torch.randn(3, 2, dtype=D, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.0, 0.5, 2.0], dtype=D)
+    results = []
+    for compile in (False, Compile(backend=counted)):
+        sol = odeint(dyn, y0, t, solver="dopri5", rtol=1e-7, atol=1e-7, compile=compile)
+        forward_runs = runs[0]
+        grads = torch.autograd.grad(sol.square().sum(), list(f.parameters()))
+        results.append((sol.detach(), grads))
+    # Both passes ran graphs (each pass's first step is eager).
+    assert forward_runs > 0 and runs[0] > forward_runs, (forward_runs, runs[0])
+    (sol_e, g_e), (sol_c, g_c) = results
+    assert torch.allclose(sol_c, sol_e, rtol=0, atol=1e-9)
+    for a, b in zip(g_c, g_e):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
