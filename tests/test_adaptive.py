@@ -223,6 +223,8 @@ def test_a_block_takes_tolerances_and_counts_its_steps() -> None:
     out = block(torch.randn(4, 3))
     out.sum().backward()
     assert block.nfe_forward > 0 and block.nfe_backward > 0
+    assert block.stats.accepted > 0 and block.stats.backward_accepted > 0
+    assert block.stats.forward == block.nfe_forward
     assert all(p.grad is not None for p in f.parameters())
 
 

@@ -72,6 +72,9 @@ class ODEBlock(nn.Module):
         Evaluations of ``dynamics`` in the last forward pass (steps x stages).
     nfe_backward : int
         Evaluations in the last backward pass (0 for backprop).
+    stats : NFECounter
+        The last solve's counts: evaluations, and with error control the accepted and rejected
+        steps of the forward pass and of the adjoint's backward pass.
 
     Raises
     ------
@@ -175,6 +178,11 @@ class ODEBlock(nn.Module):
     def nfe_backward(self) -> int:
         """Evaluations of the dynamics in the last backward pass."""
         return self._nfe.backward
+
+    @property
+    def stats(self) -> NFECounter:
+        """The last solve's counts (evaluations; accepted and rejected error-controlled steps)."""
+        return self._nfe
 
     def forward(self, y0: State) -> State:
         """Integrate from ``t0`` to ``t1``.
