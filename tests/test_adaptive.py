@@ -373,3 +373,17 @@ def test_error_controlled_steps_run_compiled_to_the_eager_values() -> None:
     assert torch.allclose(sol_c, sol_e, rtol=0, atol=1e-9)
     for a, b in zip(g_c, g_e):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_torch_func_grad_runs_and_vmap_is_refused_by_name() -> None:
+    def loss(y0: torch.Tensor) -> torch.Tensor:
+        sol = odeint(_linear, y0, torch.tensor([0.0, 1.0], dtype=D), solver="dopri5",
+                     rtol=1e-8, atol=1e-10, adjoint=False, params=())  # fmt: skip
+        return sol[-1].sum()
+
+    y0 = torch.ones(1, 2, dtype=D)
+    g = torch.func.grad(loss)(y0)
+    expected = torch.ones(1, 2, dtype=D) @ torch.linalg.matrix_exp(_A).T
+    assert torch.allclose(g, expected, atol=1e-6)
+    with pytest.raises(RuntimeError, match=r"which `torch.func.vmap` cannot do.*`step=`"):
+        torch.func.vmap(loss)(torch.ones(3, 1, 2, dtype=D))

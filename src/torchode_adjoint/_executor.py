@@ -445,8 +445,7 @@ def adaptive_interval(
             first = None
         errors, before, after = parts(carry, out[0], out[1])
         # The one host read of the step: accept or reject, and the next step size.
-        with torch.no_grad():
-            ratio = float(error_ratio(errors, before, after, control.rtol, control.atol))
+        ratio = _read_ratio(errors, before, after, control)
         if stats.accepted + stats.rejected >= max_steps:
             raise RuntimeError(
                 f"the error-controlled solve took more than `max_steps={max_steps:,}` steps "
@@ -468,6 +467,32 @@ def adaptive_interval(
         else:
             stats.rejected += 1
             h = hh * min(1.0, control.factor(ratio, previous, q))
+
+
+def _read_ratio(
+    errors: Sequence[torch.Tensor],
+    before: Sequence[torch.Tensor],
+    after: Sequence[torch.Tensor],
+    control: ErrorControl,
+) -> float:
+    """The step's error ratio on the host: the one synchronisation of an error-controlled step."""
+    with torch.no_grad():
+        value = error_ratio(errors, before, after, control.rtol, control.atol)
+    try:
+        return float(value)
+    except RuntimeError as err:
+        _refuse_vmap(err)
+        raise
+
+
+def _refuse_vmap(err: RuntimeError) -> None:
+    """Raise the reason instead of PyTorch's message where a host read failed under vmap."""
+    if functorch_transforms_active():  # vmap: a data-dependent decision is impossible
+        raise RuntimeError(
+            "error-controlled steps (`rtol`/`atol`) read each step's error on the host to "
+            "accept or reject it, which `torch.func.vmap` cannot do; use fixed steps "
+            "(`step=`) under vmap, or solve the batch as one state without vmap."
+        ) from err
 
 
 def _step_too_small(t_now: float, size: float, control: ErrorControl, dtype: torch.dtype) -> None:
@@ -508,17 +533,21 @@ def integrate_adaptive(
     if f0 is None:
         f0 = f(t[0], y0)
     direction = 1.0 if host_times[-1] > host_times[0] else -1.0
-    with torch.no_grad():
-        h = initial_step(
-            f,
-            t[0].detach(),
-            y0.detach(),
-            f0.detach(),
-            method.error_order,
-            control.rtol,
-            control.atol,
-            direction,
-        )
+    try:
+        with torch.no_grad():
+            h = initial_step(
+                f,
+                t[0].detach(),
+                y0.detach(),
+                f0.detach(),
+                method.error_order,
+                control.rtol,
+                control.atol,
+                direction,
+            )
+    except RuntimeError as err:
+        _refuse_vmap(err)
+        raise
     h = min(h, control.max_step)
     counts = AdaptiveStats()
 
@@ -636,8 +665,7 @@ def _dense_solve(
         ts = tuple(like.new_tensor([t_now + c * h_signed for c in nodes]).unbind(0))
         out = executor.step(f, carry, h_signed, ts, dense=True)
         errors, before, after = parts(carry, out[0], out[1])
-        with torch.no_grad():
-            ratio = float(error_ratio(errors, before, after, control.rtol, control.atol))
+        ratio = _read_ratio(errors, before, after, control)
         if stats.accepted + stats.rejected >= control.max_steps:
             raise RuntimeError(
                 f"the error-controlled solve took more than `max_steps={control.max_steps:,}` "
