@@ -387,3 +387,16 @@ def test_torch_func_grad_runs_and_vmap_is_refused_by_name() -> None:
     assert torch.allclose(g, expected, atol=1e-6)
     with pytest.raises(RuntimeError, match=r"which `torch.func.vmap` cannot do.*`step=`"):
         torch.func.vmap(loss)(torch.ones(3, 1, 2, dtype=D))
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "reversible", "adjoint"])
+def test_inference_takes_the_steps_a_training_pass_takes(mode: str) -> None:
+    # Without a gradient a mode integrates as its passes with one do: the replaying modes end
+    # a step on every output time then too, so eval and training outputs agree.
+    times = torch.linspace(0.0, 2.0, 9, dtype=D)
+    y0 = torch.ones(1, 2, dtype=D)
+    kw = dict(solver="dopri5", rtol=1e-5, atol=1e-5, adjoint=mode, params=())
+    with torch.no_grad():
+        inference = odeint(_linear, y0, times, **kw)
+    training = odeint(_linear, y0.clone().requires_grad_(), times, **kw)
+    assert torch.equal(inference, training.detach())

@@ -47,6 +47,7 @@ class Checkpoint(GradientMode):
     """
 
     name: ClassVar[str] = "checkpoint"
+    interpolates: ClassVar[bool] = False  # it replays the recorded steps, each ending on t[i]
     saves_y0: ClassVar[bool] = True
     every: int = 1
 

@@ -23,6 +23,7 @@ and, where it pairs with other solvers than the tableaus, :meth:`GradientMode.ch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -214,6 +215,8 @@ class GradientMode:
     saves_y0: ClassVar[bool] = False
     replays_randomness: ClassVar[bool] = True
     supports_double_backward: ClassVar[bool] = False
+    interpolates: ClassVar[bool] = True
+    """Whether error-controlled solves may step past output times (dense output)."""
 
     def check_solver(self, solver: Solver) -> None:
         """Raise a ValueError if the mode cannot integrate with ``solver`` (default: any
@@ -258,7 +261,11 @@ class GradientMode:
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec
     ) -> list[torch.Tensor]:
         """The states at ``t[1:]`` when no gradient is needed (inference): the mode's method,
-        keeping nothing for a backward pass."""
+        keeping nothing for a backward pass (and the steps its passes with a gradient take: a
+        mode that replays recorded steps ends a step on every output time here too)."""
+        control = spec.control
+        if control is not None and not self.interpolates:
+            control = dataclasses.replace(control, interpolate=False)
         return integrate(
             f,
             y0,
@@ -266,7 +273,7 @@ class GradientMode:
             spec.grid,
             spec.executor,
             check_finite=spec.check_finite,
-            control=spec.control,
+            control=control,
             stats=spec.counter,
         )
 

@@ -88,6 +88,7 @@ class Reversible(GradientMode):
     """
 
     name: ClassVar[str] = "reversible"
+    interpolates: ClassVar[bool] = False  # it replays the recorded steps, each ending on t[i]
     saves_y0: ClassVar[bool] = True
     coupling: float = 0.999
     drift_tol: float | None = None
