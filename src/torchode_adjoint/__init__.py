@@ -1,4 +1,4 @@
-"""torchode_adjoint: neural-ODE layers for PyTorch with fixed-step solvers and exact bookkeeping.
+"""torchode_adjoint: neural-ODE layers for PyTorch with fixed and error-controlled steps.
 
 The public names only; see the documentation for the guides.
 """
