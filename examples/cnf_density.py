@@ -16,8 +16,6 @@ structured state with ``odeint`` and any gradient mode. Results go to ``--output
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import sys
 import time
@@ -34,7 +32,7 @@ from torchode_adjoint.models.cnf import (
     PlanarFlow,
     standard_normal_log_prob,
 )
-from torchode_adjoint.runs import atomic_write_text, progress
+from torchode_adjoint.runs import atomic_write_text, progress, write_records
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -127,13 +125,7 @@ def run_one(args: argparse.Namespace, kind: str, target: str, width: int, seed: 
 
 
 def write_reports(records: list[dict[str, Any]], out: Path, command: str) -> None:
-    atomic_write_text(json.dumps(records, indent=1), out / "results.json")
-    buf = io.StringIO()
-    if records:
-        writer = csv.DictWriter(buf, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
-    atomic_write_text(buf.getvalue(), out / "results.csv")
+    write_records(records, out)
     widths = sorted({r["width"] for r in records})
     targets = sorted({r["target"] for r in records})
     lines = [

@@ -17,8 +17,6 @@ atomically to ``--output-dir``; ``--resume`` skips the runs already recorded the
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import sys
@@ -32,7 +30,7 @@ from torch import nn
 from torchode_adjoint import GRADIENT_MODES, NFECounter, odeint
 from torchode_adjoint.datasets.spirals import Spirals, make_spirals, observe
 from torchode_adjoint.models.latent_ode import LatentODE, RNNBaseline, gaussian_elbo
-from torchode_adjoint.runs import atomic_write_text, progress
+from torchode_adjoint.runs import atomic_write_text, progress, write_records
 
 # Table 2 of Chen et al. (2018): predictive RMSE, 100 new points per spiral.
 PAPER = {
@@ -157,13 +155,7 @@ def run_one(
 
 def write_reports(records: list[dict[str, Any]], out: Path, command: str) -> None:
     """results.json, results.csv and report.md (mean and spread over seeds beside the paper's)."""
-    atomic_write_text(json.dumps(records, indent=1), out / "results.json")
-    buf = io.StringIO()
-    if records:
-        writer = csv.DictWriter(buf, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
-    atomic_write_text(buf.getvalue(), out / "results.csv")
+    write_records(records, out)
     counts = sorted({r["n_obs"] for r in records})
     lines = [
         "# Latent ODE and RNN on irregularly sampled spirals",

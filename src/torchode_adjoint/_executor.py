@@ -146,6 +146,11 @@ class Executor:
         ``h`` or of size ``h(g)`` for step ``g`` (recorded steps); ``before_step(k, carry)``
         before each (then one step per call)."""
         step = self.method.step
+        if self.options is None and before_step is None and not callable(h):
+            # The plain eager loop: nothing to decide per step.
+            for g in range(g0, g0 + steps):
+                carry = step(f, carry, h, times.of(g))[0]
+            return carry
         if self.options is None or before_step is not None or callable(h):
             for k in range(steps):
                 if before_step is not None:

@@ -6,6 +6,9 @@ import it so that a file is never seen half written and a resumed run finds whol
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "progress"]
+__all__ = ["atomic_save", "atomic_write_text", "write_records", "progress"]
 
 T = TypeVar("T")
 
@@ -30,6 +33,17 @@ def atomic_write_text(text: str, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_records(records: list[dict[str, Any]], out: Path) -> None:
+    """``records`` as ``results.json`` and ``results.csv`` in ``out``, each written atomically."""
+    atomic_write_text(json.dumps(records, indent=1), out / "results.json")
+    buf = io.StringIO()
+    if records:
+        writer = csv.DictWriter(buf, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    atomic_write_text(buf.getvalue(), out / "results.csv")
 
 
 def progress(iterable: Iterable[T], total: int, desc: str, enabled: bool) -> Iterable[T] | Any:
