@@ -30,7 +30,7 @@ from torch import nn
 from torchode_adjoint import GRADIENT_MODES, NFECounter, odeint
 from torchode_adjoint.datasets.spirals import Spirals, make_spirals, observe
 from torchode_adjoint.models.latent_ode import LatentODE, RNNBaseline, gaussian_elbo
-from torchode_adjoint.runs import atomic_write_text, progress, write_records
+from torchode_adjoint.runs import atomic_save, atomic_write_text, progress, write_records
 
 # Table 2 of Chen et al. (2018): predictive RMSE, 100 new points per spiral.
 PAPER = {
@@ -104,10 +104,14 @@ def rmse(model: nn.Module, data: Spirals, idx: torch.Tensor, solve: Any) -> floa
     return float(((pred - data.clean) ** 2).mean().sqrt())
 
 
+def _model_path(out: Path, kind: str, n_obs: int, seed: int) -> Path:
+    return out / "models" / f"{kind}_n{n_obs}_seed{seed}.pt"
+
+
 def run_one(
-    args: argparse.Namespace, kind: str, n_obs: int, seed: int, data: Spirals
+    args: argparse.Namespace, kind: str, n_obs: int, seed: int, data: Spirals, out: Path
 ) -> dict[str, Any]:
-    """Train one model on one observed count and seed; its record."""
+    """Train one model on one observed count and seed; save its weights; its record."""
     torch.manual_seed(seed)
     n_train = int(0.8 * len(data))
     train, test = data.subset(torch.arange(n_train)), data.subset(torch.arange(n_train, len(data)))
@@ -138,6 +142,8 @@ def run_one(
     started = time.perf_counter()
     error = rmse(model, test, idx_test, solve)
     infer_s = time.perf_counter() - started
+    (out / "models").mkdir(exist_ok=True)
+    atomic_save(model.state_dict(), _model_path(out, kind, n_obs, seed))
     ode = kind == "latent_ode"
     return {
         "model": kind, "n_obs": n_obs, "seed": seed, "rmse": error,
@@ -198,8 +204,15 @@ def write_reports(records: list[dict[str, Any]], out: Path, command: str) -> Non
     atomic_write_text("\n".join(lines) + "\n", out / "report.md")
 
 
-def plot(args: argparse.Namespace, data: Spirals, out: Path) -> Path | None:
-    """Four spirals of the data set: the noise-free curve and the points a run observes."""
+def plot(
+    args: argparse.Namespace, data: Spirals, out: Path, records: list[dict[str, Any]]
+) -> Path | None:
+    """Reconstructions and extrapolations of held-out spirals by the trained models.
+
+    One row per observed count, one column per spiral (the first seed's models): the noise-free
+    curve, the observed points, each model's prediction over the 100 times (solid) and over
+    half as long again beyond them (dashed: extrapolation, no data there).
+    """
     try:
         import matplotlib
 
@@ -207,18 +220,45 @@ def plot(args: argparse.Namespace, data: Spirals, out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 4, figsize=(12, 3))
-    idx = observe(4, data.times.numel(), min(args.n_obs), seed=0)
-    for k, ax in enumerate(axes):
-        ax.plot(data.clean[k, :, 0], data.clean[k, :, 1], "k-", lw=1, label="noise-free")
-        obs = data.noisy[k, idx[k]]
-        ax.plot(obs[:, 0], obs[:, 1], "o", ms=3, label=f"{min(args.n_obs)} observed")
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[0].legend(fontsize=7)
-    path = out / "spirals.png"
-    tmp = out / "spirals.tmp.png"
+    seed = min(r["seed"] for r in records)
+    counts = sorted({r["n_obs"] for r in records if r["seed"] == seed})
+    test = data.subset(torch.arange(int(0.8 * len(data)), len(data)))
+    cols = min(4, len(test))
+    dt = float(data.times[1] - data.times[0])
+    n_t = data.times.numel()
+    grid = torch.arange(n_t + n_t // 2, dtype=data.times.dtype) * dt
+    solve = _solver(args, NFECounter())
+    fig, axes = plt.subplots(len(counts), cols, figsize=(3 * cols, 3 * len(counts)), squeeze=False)
+    styles = {"latent_ode": ("C1", "latent ODE"), "rnn": ("C2", "RNN")}
+    for row, n_obs in zip(axes, counts):
+        idx = observe(len(test), n_t, n_obs, seed=seed + 10_000)[:cols]
+        sub = test.subset(torch.arange(cols))
+        times = sub.times.expand(cols, -1).gather(1, idx)
+        values = sub.noisy.gather(1, idx[..., None].expand(-1, -1, 2))
+        preds = {}
+        for kind in ("latent_ode", "rnn"):
+            path = _model_path(out, kind, n_obs, seed)
+            if not path.exists():
+                continue
+            model: nn.Module = LatentODE() if kind == "latent_ode" else RNNBaseline()
+            model.load_state_dict(torch.load(path, weights_only=True))
+            with torch.no_grad():
+                preds[kind] = model(times, values, grid, solve, sample=False)[0]
+        for k, ax in enumerate(row):
+            ax.plot(sub.clean[k, :, 0], sub.clean[k, :, 1], "k-", lw=1, label="noise-free")
+            ax.plot(values[k, :, 0], values[k, :, 1], "o", ms=2.5, color="C0",
+                    label=f"{n_obs} observed")  # fmt: skip
+            for kind, pred in preds.items():
+                color, name = styles[kind]
+                ax.plot(pred[k, :n_t, 0], pred[k, :n_t, 1], "-", color=color, lw=1.2, label=name)
+                ax.plot(pred[k, n_t - 1 :, 0], pred[k, n_t - 1 :, 1], "--", color=color, lw=1)
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(f"{n_obs} / 100 observed")
+    axes[0][0].legend(fontsize=7)
+    path = out / "reconstructions.png"
+    tmp = out / "reconstructions.tmp.png"
     fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
@@ -246,14 +286,14 @@ def main(argv: list[str] | None = None) -> int:
             for kind in args.models:
                 if (kind, n_obs, seed) in done:
                     continue
-                records.append(run_one(args, kind, n_obs, seed, data))
+                records.append(run_one(args, kind, n_obs, seed, data, out))
                 write_reports(records, out, command)  # after every run: a resume starts here
                 r = records[-1]
                 loss = f"loss {r['loss_first']:.1f} -> {r['loss_last']:.1f}"
                 print(f"{kind:10s} n_obs={n_obs:3d} seed={seed}: RMSE {r['rmse']:.4f} ({loss})")
     write_reports(records, out, command)
-    if not args.no_plot:
-        plot(args, data, out)
+    if not args.no_plot and records:
+        plot(args, data, out, records)
     print(f"wrote {out / 'report.md'}")
     return 0
 
