@@ -240,6 +240,123 @@ def test_a_structured_state_takes_tolerances() -> None:
     assert torch.allclose(v[-1], torch.full((3,), -math.sin(1.0), dtype=D), atol=1e-7)
 
 
+def test_the_norm_of_a_structured_state_is_the_largest_parts_rms() -> None:
+    from torchode_adjoint._control import ErrorControl, error_ratio
+
+    g = torch.Generator().manual_seed(1)
+    e, y0, y1 = (torch.randn(4, 7, generator=g, dtype=D) for _ in range(3))
+    parts = ((0, 5), (5, 2))
+    control = ErrorControl(rtol=(1e-3, 1e-6), atol=(1e-4, 1e-8), parts=parts)
+    # Written out: per part, sqrt(mean((e / (atol + rtol * max(|y0|, |y1|)))^2)); the largest.
+    expected = 0.0
+    for (o, n), r, a in zip(parts, (1e-3, 1e-6), (1e-4, 1e-8)):
+        big = torch.maximum(y0[:, o : o + n].abs(), y1[:, o : o + n].abs())
+        rms = math.sqrt(float(((e[:, o : o + n] / (a + r * big)) ** 2).mean()))
+        expected = max(expected, rms)
+    assert math.isclose(float(error_ratio([e], [y0], [y1], control)), expected, rel_tol=1e-12)
+
+
+def _fast_corner(t: torch.Tensor, s: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """A slow part of 400 elements beside a fast one of 1: a norm over all 401 elements would
+    let the fast part's error through, diluted 400 to 1."""
+    x, c = s
+    return -0.1 * x, torch.cos(8.0 * t) * 8.0 * torch.ones_like(c)
+
+
+def test_each_part_of_a_structured_state_meets_the_tolerance() -> None:
+    x0, c0 = torch.ones(400, dtype=D), torch.zeros(1, dtype=D)
+    t = torch.tensor([0.0, 3.0], dtype=D)
+    kw = dict(solver="dopri5", rtol=1e-5, atol=1e-5, params=())
+    _, c = odeint(_fast_corner, (x0, c0), t, **kw)  # type: ignore[arg-type]
+    err_parts = abs(float(c[-1, 0]) - math.sin(24.0))
+    # The same system as one tensor: one RMS over all 401 elements.
+    flat = odeint(lambda s, y: torch.cat(_fast_corner(s, (y[:400], y[400:]))),
+                  torch.cat([x0, c0]), t, **kw)  # type: ignore[arg-type]  # fmt: skip
+    err_flat = abs(float(flat[-1, 400]) - math.sin(24.0))
+    assert err_parts < 1e-4, err_parts
+    assert err_parts * 10 < err_flat, (err_parts, err_flat)
+
+
+def test_tolerances_given_per_part_apply_to_their_part() -> None:
+    x0, c0 = torch.ones(400, dtype=D), torch.zeros(1, dtype=D)
+    t = torch.tensor([0.0, 3.0], dtype=D)
+
+    def fast_error(rtol: object, atol: object) -> tuple[float, int]:
+        nfe = NFECounter()
+        x, c = odeint(_fast_corner, (x0, c0), t, solver="dopri5", rtol=rtol, atol=atol,
+                      params=(), nfe=nfe)  # type: ignore[arg-type]  # fmt: skip
+        return abs(float(c[-1, 0]) - math.sin(24.0)), nfe.accepted
+
+    loose, loose_steps = fast_error(1e-3, 1e-3)
+    tight, tight_steps = fast_error((1e-3, 1e-8), [1e-3, 1e-8])
+    assert tight < loose / 100 and tight_steps > loose_steps, (tight, loose)
+    # A dict state takes a dict of tolerances, by key.
+    out = odeint(lambda s, y: dict(zip(("x", "c"), _fast_corner(s, (y["x"], y["c"])))),
+                 {"c": c0, "x": x0}, t, solver="dopri5", rtol={"x": 1e-3, "c": 1e-8},
+                 atol={"c": 1e-8, "x": 1e-3}, params=())  # fmt: skip
+    assert abs(float(out["c"][-1, 0]) - math.sin(24.0)) <= 2 * tight
+
+
+def test_tolerances_per_part_must_match_the_state() -> None:
+    y0 = (torch.ones(2, dtype=D), torch.zeros(1, dtype=D))
+    with pytest.raises(ValueError, match=r"`rtol` must be a tuple of 2 parts.*got length 3"):
+        odeint(_fast_corner, y0, [0.0, 1.0], solver="dopri5", rtol=(1e-3, 1e-3, 1e-3), params=())
+    with pytest.raises(ValueError, match=r"`atol` is given per part .* `y0` is one tensor"):
+        odeint(
+            _linear, torch.ones(1, 2, dtype=D), [0.0, 1.0], solver="dopri5", atol=(1e-3,), params=()
+        )
+    with pytest.raises(ValueError, match=r"`atol\[1\]` must be a positive finite number"):
+        odeint(_fast_corner, y0, [0.0, 1.0], solver="dopri5", atol=(1e-3, -1.0), params=())
+
+
+def test_the_adjoints_full_norm_measures_the_gradients_errors_too() -> None:
+    from torchode_adjoint._adjoint import AugmentedMethod, ContinuousAdjoint as CA
+
+    f = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    params = list(f.parameters())
+    y0 = torch.randn(8, 3, dtype=D, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.0, 2.0], dtype=D)
+
+    def run(adjoint: object) -> tuple[NFECounter, list[torch.Tensor]]:
+        nfe = NFECounter()
+        y = odeint(lambda s, y: f(y), y0, t, solver="dopri5", rtol=1e-6, atol=1e-8,
+                   adjoint=adjoint, nfe=nfe, params=params)  # fmt: skip
+        return nfe, list(torch.autograd.grad(y[-1].square().sum(), params))
+
+    semi, g_semi = run("adjoint")
+    full, g_full = run(CA(norm="full"))
+    assert full.accepted == semi.accepted and full.backward_accepted > semi.backward_accepted
+    ref = odeint(lambda s, y: f(y), y0, t, solver="dopri5", rtol=1e-11, atol=1e-13,
+                 adjoint=False, params=params)  # fmt: skip
+    g_ref = torch.autograd.grad(ref[-1].square().sum(), params)
+    for g in (g_semi, g_full):
+        assert max(float((a - b).abs().max()) for a, b in zip(g, g_ref)) < 1e-5
+    with pytest.raises(ValueError, match=r"`ContinuousAdjoint\(norm=...\)` must be 'seminorm'"):
+        CA(norm="mixed")
+
+    # The gradients' error estimate is the difference of the two weightings of one step: the
+    # parameter increment with `b` less the one with `b_embedded` (each from its own method).
+    from torchode_adjoint._adjoint import AdjointProducts
+    from torchode_adjoint._dynamics import Dynamics
+
+    tab = get_solver("dopri5")
+    low = ButcherTableau(a=tab.a, b=tab.b_embedded, c=tab.c, order=tab.embedded_order,
+                         name="dopri5-embedded")  # fmt: skip
+    products = AdjointProducts(Dynamics(lambda s, y: f(y)), tuple(params), True, None)
+    y, a = y0.clone(), torch.randn(8, 3, dtype=D, generator=torch.Generator().manual_seed(2))
+
+    def carry() -> tuple[torch.Tensor, ...]:  # a fresh one: steps accumulate in place
+        return (y, a, torch.zeros((), dtype=D), *(torch.zeros_like(p) for p in params))
+
+    ts = tuple(torch.tensor(2.0 - 0.3 * c, dtype=D) for c in tab.c)
+    _, error, _ = AugmentedMethod(tab, True, True).step(products, carry(), 0.3, ts)
+    high, _, _ = AugmentedMethod(tab).step(products, carry(), 0.3, ts)
+    lower, _, _ = AugmentedMethod(low).step(products, carry(), 0.3, ts)
+    assert len(error) == 2 + 1 + len(params)
+    for e, hi, lo in zip(error[2:], high[2:], lower[2:]):
+        assert torch.allclose(e, hi - lo, atol=1e-14), (e - (hi - lo)).abs().max()
+
+
 # --- errors naming the argument, the time and the cause ---------------------------------------
 
 

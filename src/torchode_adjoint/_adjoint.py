@@ -63,6 +63,10 @@ class ContinuousAdjoint(GradientMode):
     rtol, atol : float, optional
         The backward pass's tolerances (torchdiffeq's ``adjoint_rtol``/``adjoint_atol``);
         default the forward's.
+    norm : {"seminorm", "full"}, default "seminorm"
+        What the backward steps' error is measured on: the state and the adjoint (the
+        seminorm), or those and the time and parameter gradients too (``"full"``:
+        torchdiffeq's default, more backward steps for no better state or adjoint).
     """
 
     name: ClassVar[str] = "adjoint"
@@ -70,12 +74,23 @@ class ContinuousAdjoint(GradientMode):
     replays_randomness: ClassVar[bool] = False
     rtol: float | None = None
     atol: float | None = None
+    norm: str = "seminorm"
 
     def __post_init__(self) -> None:
         for name in ("rtol", "atol"):
             value = getattr(self, name)
             if value is not None:  # validated the way the forward's are
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise TypeError(
+                        f"`ContinuousAdjoint({name}=...)` must be a number, got {value!r}; "
+                        "tolerances per part of a structured state are given to the forward "
+                        "solve (and the backward pass uses them by default)."
+                    )
                 ErrorControl(rtol=value, atol=1.0) if name == "rtol" else ErrorControl(1.0, value)
+        if self.norm not in ("seminorm", "full"):
+            raise ValueError(
+                f"`ContinuousAdjoint(norm=...)` must be 'seminorm' or 'full', got {self.norm!r}."
+            )
 
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
@@ -140,8 +155,10 @@ class ContinuousAdjoint(GradientMode):
             atol=forward.atol if self.atol is None else self.atol,
             max_step=forward.max_step,
             max_steps=forward.max_steps,
+            parts=forward.parts,
         )
-        executor = Executor(AugmentedMethod(tableau, estimate=True), job.spec.compile)
+        full = self.norm == "full"
+        executor = Executor(AugmentedMethod(tableau, True, full), job.spec.compile)
         times = job.spec.grid.times
         a = torch.zeros_like(job.states[-1])
         g_t = torch.zeros((), dtype=job.t.dtype, device=job.t.device)
@@ -150,7 +167,9 @@ class ContinuousAdjoint(GradientMode):
         stats = AdaptiveStats()
         h: float | None = None
 
-        def seminorm(before: Any, after: Any, error: Any) -> tuple[Any, ...]:
+        def norm(before: Any, after: Any, error: Any) -> tuple[Any, ...]:
+            if full:  # the gradients' groups beside the state's and the adjoint's
+                return error, before, after
             return error, before[:2], after[:2]
 
         for i in range(len(times) - 1, 0, -1):
@@ -169,8 +188,7 @@ class ContinuousAdjoint(GradientMode):
                         y,
                         f0,
                         tableau.embedded_order or 1,
-                        control.rtol,
-                        control.atol,
+                        *control.smallest(),
                         -1.0 if times[-1] > times[0] else 1.0,
                     )
             first: list[torch.Tensor] = []
@@ -182,7 +200,7 @@ class ContinuousAdjoint(GradientMode):
                 times[i - 1],
                 h,
                 control,
-                seminorm,
+                norm,
                 stats,
                 max_steps=control.max_steps,
                 like=y,
@@ -253,6 +271,23 @@ class AdjointProducts:
         return vjp.value, vjp.y, vjp.params, vjp.t
 
 
+def _gradient_errors(
+    products: list[tuple[float, tuple[torch.Tensor | None, ...], Any]],
+    g_t: torch.Tensor,
+    g_p: list[torch.Tensor],
+    h: Step,
+) -> tuple[torch.Tensor, ...]:
+    """The error estimates ``h sum_j e_j (products of stage j)`` of ``g_t`` and each
+    ``g_theta`` (zeros where no stage has a product)."""
+    err_t = torch.zeros_like(g_t)
+    err_p = [torch.zeros_like(g) for g in g_p]
+    for e, params, g_tj in products:
+        if g_tj is not None:
+            err_t = err_t + g_tj * (h * e)
+        err_p = [acc if p is None else acc + p * (h * e) for acc, p in zip(err_p, params)]
+    return (err_t, *err_p)
+
+
 def _traceable_products(
     func: Any, inputs: tuple[ParamNames, tuple[torch.Tensor, ...], bool]
 ) -> Any:
@@ -277,10 +312,13 @@ class AugmentedMethod:
     The evaluator returns ``(f, a.df/dy, a.df/dtheta, a.df/dt)``; ``y`` steps with ``-h``,
     ``a`` with ``h``, and ``g_theta``, ``g_t`` accumulate ``h b_j`` times their products
     (in place on the eager path). The dense information is the stages' ``(f, a.df/dy)``.
+    With ``estimate`` the step returns the error estimate of ``y`` and ``a`` (the seminorm's
+    parts), and with ``full_norm`` those of ``g_t`` and each ``g_theta`` after them.
     """
 
     tableau: ButcherTableau
     estimate: bool = False
+    full_norm: bool = False
     plan: StepPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -305,7 +343,7 @@ class AugmentedMethod:
 
     @property
     def key(self) -> Hashable:
-        return ("adjoint", self.tableau, self.estimate)
+        return ("adjoint", self.tableau, self.estimate, self.full_norm)
 
     def init(self, f: Any, y0: torch.Tensor, t0: torch.Tensor) -> Any:
         raise NotImplementedError("the augmented carry is built by the adjoint's backward pass")
@@ -323,16 +361,25 @@ class AugmentedMethod:
         values: list[torch.Tensor] = []
         g_ys: list[torch.Tensor] = []
         stages = []
+        # The full norm's error of the gradients: (e_j, products of stage j) where e_j != 0.
+        full = dict(plan.errors) if self.estimate and self.full_norm else {}
+        err_products: list[tuple[float, tuple[torch.Tensor | None, ...], Any]] = []
         for j in range(plan.stages):
             row = plan.rows[j]
             weight = plan.b[j]
-            # Stages with zero weight feed later stages only: no parameter or time product.
+            # Stages with zero weight feed later stages only: no parameter or time product
+            # (unless the full norm measures their error).
             value, g_y, params, g_tj = f(
-                ts[j], combine(y, back, row, values), combine(a, h, row, g_ys), weight != 0.0
+                ts[j],
+                combine(y, back, row, values),
+                combine(a, h, row, g_ys),
+                weight != 0.0 or j in full,
             )
             values.append(value)
             g_ys.append(g_y)
             stages.append((value, g_y))
+            if j in full:
+                err_products.append((full[j], params, g_tj))
             if weight == 0.0:
                 continue
             if isinstance(h, float):  # eager: in place, fused
@@ -344,9 +391,11 @@ class AugmentedMethod:
                 g_p = [g if p is None else g + p * (h * weight) for g, p in zip(g_p, params)]
                 if g_tj is not None:
                     g_t = g_t + g_tj * (h * weight)
-        error = None
+        error: tuple[torch.Tensor, ...] | None = None
         if self.estimate:  # the state's and the adjoint's (the seminorm's parts)
             error = (combine(None, back, plan.errors, values), combine(None, h, plan.errors, g_ys))
+            if self.full_norm:
+                error = (*error, *_gradient_errors(err_products, g_t, g_p, h))
         y = combine(y, back, plan.weights, values)
         a = combine(a, h, plan.weights, g_ys)
         return (y, a, g_t, *g_p), error, stages

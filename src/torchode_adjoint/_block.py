@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._compiled import Compile
+from ._control import Tolerance
 from ._dynamics import NFECounter, warn_time_shared_statistics
 from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP
 from ._mode import GradientMode
@@ -62,7 +63,7 @@ class ODEBlock(nn.Module):
     compile : bool or Compile, default False
         Compile each solver step and each backward step with ``torch.compile`` (see
         :func:`~torchode_adjoint.odeint`).
-    rtol, atol : float, optional
+    rtol, atol : float, or one per part of a structured state, optional
         Error-controlled steps with an embedded pair such as ``solver="dopri5"`` (see
         :func:`~torchode_adjoint.odeint`); ``step`` is then the largest step.
 
@@ -115,8 +116,8 @@ class ODEBlock(nn.Module):
         checkpoint_every: int | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         compile: bool | Compile = False,
-        rtol: float | None = None,
-        atol: float | None = None,
+        rtol: Tolerance | None = None,
+        atol: Tolerance | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(dynamics, nn.Module):

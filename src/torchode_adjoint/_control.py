@@ -5,9 +5,11 @@ measures it in the norm
 
     ratio = RMS_i( err_i / (atol + rtol * max(|y0_i|, |y1_i|)) )
 
-(Hairer, Norsett & Wanner, *Solving ODEs I*, II.4), accepts the step when ``ratio <= 1``, and
-proposes the next step size with a PI controller (Hairer & Wanner, *Solving ODEs II*, IV.2;
-Gustafsson 1991)::
+(Hairer, Norsett & Wanner, *Solving ODEs I*, II.4) over each part of the state (one part for a
+state that is one tensor; each tensor of a structured state, with its own tolerances where they
+are given per part; the largest part's value counts, as torchdiffeq's mixed norm), accepts the
+step when ``ratio <= 1``, and proposes the next step size with a PI controller (Hairer &
+Wanner, *Solving ODEs II*, IV.2; Gustafsson 1991)::
 
     h_next = h * clip(safety * ratio**(-beta1/q) * previous**(beta2/q), factor_min, factor_max)
 
@@ -17,14 +19,20 @@ host (one synchronisation per step, for ``ratio``) and are not differentiated.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["ErrorControl", "error_ratio", "initial_step"]
+__all__ = ["ErrorControl", "Tolerance", "error_ratio", "initial_step"]
+
+#: A tolerance: one number, or one per part of a structured state (a tuple, list or dict shaped
+#: like the state, with numbers for its tensors).
+Tolerance = Any
 
 
 def _positive(value: object, name: str, example: str) -> float:
@@ -38,14 +46,29 @@ def _positive(value: object, name: str, example: str) -> float:
     return v
 
 
+def _tolerance(value: object, name: str, example: str) -> Tolerance:
+    """``value`` with its numbers as floats (validated positive), its containers kept."""
+    if isinstance(value, Mapping):
+        return {k: _tolerance(v, f"{name}[{k!r}]", example) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_tolerance(v, f"{name}[{i}]", example) for i, v in enumerate(value))
+    return _positive(value, name, example)
+
+
+def _text(value: Tolerance) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value)
+
+
 @dataclass(frozen=True)
 class ErrorControl:
     """The settings of error-controlled steps (``rtol=``, ``atol=`` on ``odeint``).
 
     Parameters
     ----------
-    rtol, atol : float
-        Relative and absolute tolerance of the local error (see the module docstring).
+    rtol, atol : float, or one per part of a structured state
+        Relative and absolute tolerance of the local error (see the module docstring): a
+        number, or a tuple, list or dict shaped like the state with a number per tensor. Once
+        the state is known (:meth:`for_parts`), a tuple of floats with one per part.
     safety : float, default 0.9
         The controller aims at ``safety`` times the largest step the estimate allows.
     factor_min, factor_max : float, default 0.2 and 10.0
@@ -63,6 +86,9 @@ class ErrorControl:
     interpolate : bool, default True
         Step past output times and interpolate the solution there (dense output) where the
         pair has an interpolant and the mode allows it; False steps to every output time.
+    parts : tuple of (offset, size), default ()
+        The parts of the flat state's last dimension the norm is taken over one by one (set
+        by :meth:`for_parts` for a structured state; empty: the state is one part).
     """
 
     rtol: float
@@ -76,10 +102,32 @@ class ErrorControl:
     min_step: float = 0.0
     max_steps: int = 10_000_000
     interpolate: bool = True
+    parts: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rtol", _positive(self.rtol, "rtol", "`rtol=1e-5`"))
-        object.__setattr__(self, "atol", _positive(self.atol, "atol", "`atol=1e-7`"))
+        object.__setattr__(self, "rtol", _tolerance(self.rtol, "rtol", "`rtol=1e-5`"))
+        object.__setattr__(self, "atol", _tolerance(self.atol, "atol", "`atol=1e-7`"))
+
+    def for_parts(self, parts: Sequence[tuple[int, int]], per_part: Any) -> ErrorControl:
+        """These settings for a state of ``parts`` (offset and size of each tensor in the
+        flat state's last dimension); ``per_part(tolerance, name)`` lists a tolerance given
+        per part in the parts' order (and raises where its shape is not the state's)."""
+        rtol, atol = (
+            v if isinstance(v, float) else tuple(float(x) for x in per_part(v, name))
+            for v, name in ((self.rtol, "rtol"), (self.atol, "atol"))
+        )
+        return dataclasses.replace(self, rtol=rtol, atol=atol, parts=tuple(parts))
+
+    def smallest(self) -> tuple[float, float]:
+        """The smallest ``rtol`` and ``atol`` over the parts (for the first step's size and
+        the parameter gradients of the adjoint's full norm)."""
+        return tuple(  # type: ignore[return-value]
+            v if isinstance(v, float) else min(v) for v in (self.rtol, self.atol)
+        )
+
+    def describe(self) -> str:
+        """``"rtol=1e-05, atol=1e-07"``, for messages."""
+        return f"rtol={_text(self.rtol)}, atol={_text(self.atol)}"
 
     def factor(self, ratio: float, previous: float, q: int) -> float:
         """The next step size over this one's, from this step's and the last accepted step's
@@ -96,20 +144,39 @@ def error_ratio(
     errors: Sequence[torch.Tensor],
     before: Sequence[torch.Tensor],
     after: Sequence[torch.Tensor],
-    rtol: float,
-    atol: float,
+    control: ErrorControl,
+    split: int | None = None,
 ) -> torch.Tensor:
-    """The RMS of ``err / (atol + rtol * max(|y0|, |y1|))`` over every element of the parts
-    given (a 0-dim tensor: the caller reads it on the host once)."""
-    total = None
-    count = 0
-    for e, y0, y1 in zip(errors, before, after):
-        scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
-        s = (e / scale).abs().square().sum()
-        total = s if total is None else total + s
-        count += e.numel()
-    assert total is not None
-    return (total / max(count, 1)).sqrt()
+    """The error ratio: the largest over the groups given (the state; the adjoint's state and
+    adjoint, and with its full norm each gradient) of the RMS of
+    ``err / (atol + rtol * max(|y0|, |y1|))``, the first ``split`` groups (default all) taken
+    part by part (``control.parts``). A 0-dim tensor: the caller reads it on the host once."""
+    split = len(errors) if split is None else split
+    parts, (rtol_min, atol_min) = control.parts, control.smallest()
+    worst: torch.Tensor | None = None
+    for g, (e, y0, y1) in enumerate(zip(errors, before, after)):
+        if g < split and parts:
+            rtols = _per_part(control.rtol, len(parts))
+            atols = _per_part(control.atol, len(parts))
+            pieces = [
+                (e.narrow(-1, o, n), y0.narrow(-1, o, n), y1.narrow(-1, o, n), r, a)
+                for (o, n), r, a in zip(parts, rtols, atols)
+            ]
+        elif g < split:
+            pieces = [(e, y0, y1, control.rtol, control.atol)]
+        else:
+            pieces = [(e, y0, y1, rtol_min, atol_min)]
+        for e_, y0_, y1_, r, a in pieces:
+            if e_.numel() == 0:
+                continue
+            scale = torch.maximum(y0_.abs(), y1_.abs()).mul_(r).add_(a)
+            rms = (e_ / scale).abs().square().mean().sqrt()
+            worst = rms if worst is None else torch.maximum(worst, rms)
+    return worst if worst is not None else errors[0].new_zeros(())
+
+
+def _per_part(value: float | tuple[float, ...], n: int) -> Sequence[float]:
+    return (value,) * n if isinstance(value, float) else value
 
 
 def initial_step(

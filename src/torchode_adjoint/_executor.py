@@ -482,7 +482,9 @@ def _read_ratio(
 ) -> float:
     """The step's error ratio on the host: the one synchronisation of an error-controlled step."""
     with torch.no_grad():
-        value = error_ratio(errors, before, after, control.rtol, control.atol)
+        # The first two groups have the state's layout (the state; the adjoint's state and
+        # adjoint): they are measured part by part. Further groups are the adjoint's gradients.
+        value = error_ratio(errors, before, after, control, split=2)
     try:
         return float(value)
     except RuntimeError as err:
@@ -504,7 +506,7 @@ def _step_too_small(t_now: float, size: float, control: ErrorControl, dtype: tor
     raise RuntimeError(
         f"the error-controlled step size fell to {size:.3g} at t = {t_now:.6g}, below what "
         f"{dtype} resolves there (or `min_step`): the error estimate could not be met with "
-        f"rtol={control.rtol:g}, atol={control.atol:g}. Likely causes: a stiff problem (use a "
+        f"{control.describe()}. Likely causes: a stiff problem (use a "
         "fixed small step or rescale time), a discontinuity in the dynamics (pass its time as "
         "an output time), a tolerance below the dtype's reach (float32 resolves about 1e-7: "
         "loosen `rtol`/`atol` or use float64), or a non-finite value in the dynamics."
@@ -546,8 +548,7 @@ def integrate_adaptive(
                 y0.detach(),
                 f0.detach(),
                 method.error_order,
-                control.rtol,
-                control.atol,
+                *control.smallest(),
                 direction,
             )
     except RuntimeError as err:
@@ -629,7 +630,7 @@ def _check_states(
         raise RuntimeError(
             f"the ODE state became NaN or infinite by t = {host_times[bad + 1]:.6g}"
             f"{non_finite_part(f, states[bad])}, integrating with solver={method.name!r} under "
-            f"error control (rtol={control.rtol:g}, atol={control.atol:g}); check the dynamics "
+            f"error control ({control.describe()}); check the dynamics "
             "(pass `check_finite=False` to skip this check)."
         )
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from ._compiled import Compile
+from ._control import Tolerance
 from ._dynamics import NFECounter, warn_time_shared_statistics
 from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP
 from ._mode import GradientMode
@@ -31,8 +32,8 @@ def odeint(
     checkpoint_every: int | None = None,
     max_steps: int = DEFAULT_MAX_STEPS,
     compile: bool | Compile = False,
-    rtol: float | None = None,
-    atol: float | None = None,
+    rtol: Tolerance | None = None,
+    atol: Tolerance | None = None,
     dense_output: bool = True,
     **unsupported: object,
 ) -> State:
@@ -96,12 +97,14 @@ def odeint(
     max_steps : int, default 10,000,000
         The largest total number of steps, checked before anything is allocated (with
         error-controlled steps: steps tried, checked as they are taken).
-    rtol, atol : float, optional
+    rtol, atol : float, or one per part of a structured state, optional
         Error-controlled steps: given (either; the other defaults to torchdiffeq's 1e-7 or
         1e-9), ``solver`` must be an embedded pair (``"dopri5"``, ``"tsit5"``, ``"bosh3"``,
         ``"fehlberg2"``, ``"adaptive_heun"``, or a tableau with ``b_embedded``) and each step is
         accepted when its error estimate's RMS norm, scaled by ``atol + rtol * |y|``, is at most
-        1; a PI controller picks the next step. The solve steps to every output time exactly;
+        1 (for a tuple, list or dict state: in each part, the largest part's value counting;
+        a tolerance shaped like the state, e.g. ``atol=(1e-6, 1e-3)``, gives each part its
+        own); a PI controller picks the next step. The solve steps to every output time exactly;
         an explicit ``step`` is then the largest step. Every gradient mode works on the accepted
         steps (the adjoint's backward pass error-controlled too, on the state and the adjoint:
         the seminorm). See :doc:`/adaptive`.

@@ -21,7 +21,7 @@ from torch import nn
 from ._adjoint import ContinuousAdjoint
 from ._checkpoint import Checkpoint
 from ._compiled import Compile
-from ._control import ErrorControl
+from ._control import ErrorControl, Tolerance
 from ._dynamics import NFECounter, module_tensors, training_norms
 from ._executor import Executor
 from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP, distinct_stage_times, make_grid
@@ -286,8 +286,8 @@ def make_config(
     checkpoint_every: int | None = None,
     max_steps: int = DEFAULT_MAX_STEPS,
     compile: bool | Compile = False,
-    rtol: float | None = None,
-    atol: float | None = None,
+    rtol: Tolerance | None = None,
+    atol: Tolerance | None = None,
     dense_output: bool = True,
 ) -> SolveConfig:
     """Validate the settings: solver, step, mode (and its pairing with the solver), limits,
@@ -343,6 +343,25 @@ def _error_control(
     )
 
 
+def _control_for(
+    control: ErrorControl | None, structure: StateStructure | None
+) -> ErrorControl | None:
+    """The error control of a state: for a structured one, its norm taken part by part (with
+    the tolerances per part where they are given so)."""
+    if control is None:
+        return None
+    if structure is None:
+        for name in ("rtol", "atol"):
+            if not isinstance(getattr(control, name), float):
+                raise ValueError(
+                    f"`{name}` is given per part ({getattr(control, name)!r}), and `y0` is one "
+                    f"tensor; pass one number, e.g. `{name}=1e-6`, or a tuple or dict of "
+                    "tensors as `y0`."
+                )
+        return control
+    return control.for_parts(structure.parts(), structure.per_part)
+
+
 @dataclass(frozen=True)
 class Prepared:
     """The validated inputs of one solve: the spec and the tensors the mode is applied to."""
@@ -391,7 +410,7 @@ def prepare(
         check_finite=config.check_finite,
         counter=counter,
         executor=config.executor,
-        control=config.control,
+        control=_control_for(config.control, structure),
     )
     return Prepared(
         spec=spec, mode=config.mode, y0=y0, t=t_cast, params=param_list, structure=structure

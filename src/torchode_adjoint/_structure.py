@@ -283,6 +283,16 @@ class StateStructure:
             return tensors[0]
         return _build(self.root, iter(tensors))
 
+    def parts(self) -> tuple[tuple[int, int], ...]:
+        """Each tensor's offset and size in the flat state's last dimension (padding left out)."""
+        return tuple((leaf.offset, leaf.size) for leaf in self.leaves)
+
+    def per_part(self, value: object, what: str) -> list[Any]:
+        """The values of ``value``, a container shaped like the state (numbers where the state
+        has tensors), in the order of :meth:`parts`; raises naming ``what`` where its
+        containers or keys differ from the state's."""
+        return _leaves_of(value, self.root, what)
+
     def describe(self, flat: torch.Tensor) -> str:
         """The first part of the state (``"y['v']"``) where ``flat`` is not finite, or ``""``."""
         for leaf in self.leaves:
