@@ -310,7 +310,7 @@ def test_tolerances_per_part_must_match_the_state() -> None:
 
 
 def test_the_adjoints_full_norm_measures_the_gradients_errors_too() -> None:
-    from torchode_adjoint._adjoint import AugmentedMethod, ContinuousAdjoint as CA
+    from torchode_adjoint._adjoint import AugmentedMethod
 
     f = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
     params = list(f.parameters())
@@ -324,7 +324,7 @@ def test_the_adjoints_full_norm_measures_the_gradients_errors_too() -> None:
         return nfe, list(torch.autograd.grad(y[-1].square().sum(), params))
 
     semi, g_semi = run("adjoint")
-    full, g_full = run(CA(norm="full"))
+    full, g_full = run(ContinuousAdjoint(norm="full"))
     assert full.accepted == semi.accepted and full.backward_accepted > semi.backward_accepted
     ref = odeint(lambda s, y: f(y), y0, t, solver="dopri5", rtol=1e-11, atol=1e-13,
                  adjoint=False, params=params)  # fmt: skip
@@ -332,7 +332,7 @@ def test_the_adjoints_full_norm_measures_the_gradients_errors_too() -> None:
     for g in (g_semi, g_full):
         assert max(float((a - b).abs().max()) for a, b in zip(g, g_ref)) < 1e-5
     with pytest.raises(ValueError, match=r"`ContinuousAdjoint\(norm=...\)` must be 'seminorm'"):
-        CA(norm="mixed")
+        ContinuousAdjoint(norm="mixed")
 
     # The gradients' error estimate is the difference of the two weightings of one step: the
     # parameter increment with `b` less the one with `b_embedded` (each from its own method).
