@@ -342,7 +342,8 @@ def test_the_adjoints_full_norm_measures_the_gradients_errors_too() -> None:
     tab = get_solver("dopri5")
     low = ButcherTableau(a=tab.a, b=tab.b_embedded, c=tab.c, order=tab.embedded_order,
                          name="dopri5-embedded")  # fmt: skip
-    products = AdjointProducts(Dynamics(lambda s, y: f(y)), tuple(params), True, None)
+    timed = Dynamics(lambda s, y: f(y) * torch.cos(s))  # a time product that is not zero
+    products = AdjointProducts(timed, tuple(params), True, None)
     y, a = y0.clone(), torch.randn(8, 3, dtype=D, generator=torch.Generator().manual_seed(2))
 
     def carry() -> tuple[torch.Tensor, ...]:  # a fresh one: steps accumulate in place
