@@ -25,6 +25,7 @@ import platform
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,11 +81,15 @@ class RunConfig:
     seed: int
     train_subset: int | None
     test_subset: int | None
+    rtol: float | None = None  # error-controlled steps (None: fixed steps, or no ODE block)
+    atol: float | None = None
 
     @property
     def run_name(self) -> str:
         parts = [self.model, self.preset, self.norm, self.solver, self.gradient]
         name = "-".join(p for p in parts if p is not None)
+        if self.rtol is not None:
+            name += f"-rtol{self.rtol:g}-atol{self.atol:g}"
         return f"{name}-lr{self.lr:g}-bs{self.batch_size}-seed{self.seed}"
 
 
@@ -144,6 +149,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "dynamics one set of running statistics for all times); group: GroupNorm everywhere",
     )
     p.add_argument("--solver", default="euler", help="the ODE blocks' solver (registry name)")
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=None,
+        help="error-controlled steps with this relative tolerance (--solver an embedded pair "
+        "such as dopri5; a model's @STEP is then its largest step; not with --norm temporal)",
+    )
+    p.add_argument(
+        "--atol", type=float, default=None, help="absolute tolerance (default: --rtol's value)"
+    )
     p.add_argument(
         "--gradient",
         nargs="+",
@@ -246,9 +261,28 @@ def validate_args(args: argparse.Namespace) -> None:
     except ValueError as err:
         raise UsageError(f"--models: {err}") from None
     try:
-        get_solver(args.solver)
+        solver = get_solver(args.solver)
     except ValueError as err:
         raise UsageError(f"--solver: {err}") from None
+    if args.atol is not None and args.rtol is None:
+        raise UsageError("--atol needs --rtol (error-controlled steps); pass both")
+    if args.rtol is not None:
+        args.atol = args.rtol if args.atol is None else args.atol
+        for name in ("rtol", "atol"):
+            value = getattr(args, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise UsageError(f"--{name} must be a positive number, got {value}")
+        if not getattr(solver, "adaptive", False):
+            raise UsageError(
+                f"--rtol needs an embedded pair as --solver (e.g. --solver dopri5); "
+                f"{args.solver!r} has no error estimate"
+            )
+        if args.norm == "temporal":
+            raise UsageError(
+                "--rtol with --norm temporal: a TemporalBatchNorm keeps statistics per "
+                "evaluation time, which error-controlled steps choose as they go; pass "
+                "--norm group (or batch)"
+            )
     args.device = _check_device(args.device)
     try:
         args.threads = parse_threads(args.threads)
@@ -354,6 +388,8 @@ def build_run(
         solver=cfg.solver or "euler",  # unused by a ResNet
         adjoint=cfg.gradient or True,
         compile=compile,
+        rtol=cfg.rtol,
+        atol=cfg.atol,
     ).to(device)
     if cfg.optimizer == "adam":
         return model, torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -416,8 +452,10 @@ def train_epoch(
     data: EpochData,
     gen: torch.Generator,
     bar_label: str | None,
+    after_step: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[float, float, int]:
-    """One pass over the shuffled, augmented training set: mean loss, accuracy %, images seen."""
+    """One pass over the shuffled, augmented training set: mean loss, accuracy %, images seen
+    (``after_step(loss)`` after each optimiser step: a caller's per-iteration log)."""
     n = data.images.shape[0]
     steps = n // data.batch_size
     perm = torch.randperm(n, generator=gen, device=data.images.device)
@@ -438,6 +476,8 @@ def train_epoch(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if after_step is not None:
+            after_step(loss.detach())
         loss_sum += loss.detach() * y.shape[0]
         correct += (logits.argmax(1) == y).sum()
         seen += y.shape[0]
@@ -587,13 +627,20 @@ def describe_device(device: torch.device) -> str:
 
 
 def applicable(fields: dict) -> dict:
-    """The fields without ``solver``/``gradient`` where they do not apply (None: no ODE block)."""
-    return {k: v for k, v in fields.items() if v is not None or k not in ("solver", "gradient")}
+    """The fields without ``solver``/``gradient`` where they do not apply (None: no ODE block),
+    and without ``rtol``/``atol`` for fixed steps."""
+    optional = ("solver", "gradient", "rtol", "atol")
+    return {k: v for k, v in fields.items() if v is not None or k not in optional}
 
 
 def solver_of(record: dict) -> str:
-    """The solver column: '-' for a network without an ODE block."""
-    return "-" if record["step"] is None else record["solver"]
+    """The solver column: '-' for a network without an ODE block; the tolerances with error
+    control."""
+    if record["step"] is None:
+        return "-"
+    if record.get("rtol") is not None:
+        return f"{record['solver']} (rtol {record['rtol']:g}, atol {record['atol']:g})"
+    return record["solver"]
 
 
 def gradient_of(record: dict) -> str:
@@ -717,7 +764,13 @@ def measure_only(args: argparse.Namespace, train: CIFAR10, device: torch.device)
         solver = args.solver
         torch.manual_seed(args.seed)
         model = build_model(
-            spec, preset=args.preset, norm=args.norm, solver=solver, adjoint=gradient
+            spec,
+            preset=args.preset,
+            norm=args.norm,
+            solver=solver,
+            adjoint=gradient,
+            rtol=args.rtol,
+            atol=args.atol,
         ).to(device)
         ode = spec.family != "resnet"
         row = {
@@ -839,6 +892,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             train_subset=args.train_subset,
             test_subset=args.test_subset,
+            rtol=args.rtol if ode else None,
+            atol=args.atol if ode else None,
         )
         record = train_model(
             cfg,

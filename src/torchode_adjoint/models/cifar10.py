@@ -197,6 +197,8 @@ def _ode_stage(
     solver: str,
     adjoint: bool | str,
     compile: bool,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> ODEBlock:
     return ODEBlock(
         ConvDynamics(channels, shared=shared, norm=norm),
@@ -204,6 +206,8 @@ def _ode_stage(
         step=step,
         adjoint=resolve_mode(adjoint),  # a name or a bool checked, as a mode object
         compile=compile,
+        rtol=rtol,
+        atol=atol,
     )
 
 
@@ -215,6 +219,8 @@ def build_model(
     solver: str = "euler",
     adjoint: bool | str = True,
     compile: bool = False,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> nn.Sequential:
     """Build one network of the study.
 
@@ -229,6 +235,9 @@ def build_model(
         The ODE blocks' gradient mode.
     compile : bool, default False
         Compile the ODE blocks' steps (``ODEBlock(compile=True)``).
+    rtol, atol : float, optional
+        Error-controlled steps in the ODE blocks (``solver`` an embedded pair such as
+        ``"dopri5"``); the spec's step is then the largest step.
 
     Returns
     -------
@@ -250,9 +259,10 @@ def build_model(
         stage2: nn.Module = _residual_stage(64, spec.blocks, shared, norm)
     else:
         assert spec.step is not None  # guaranteed by parse_model_spec
-        stage2 = _ode_stage(64, spec.step, shared, norm, solver, adjoint, compile)
+        tol = {"rtol": rtol, "atol": atol}
+        stage2 = _ode_stage(64, spec.step, shared, norm, solver, adjoint, compile, **tol)
         stage1 = (
-            _ode_stage(32, spec.step, shared, norm, solver, adjoint, compile)
+            _ode_stage(32, spec.step, shared, norm, solver, adjoint, compile, **tol)
             if spec.family == "odenet"
             else _residual_stage(32, spec.blocks, shared, norm)
         )
