@@ -381,6 +381,36 @@ def test_a_blow_up_stops_with_the_time_and_the_likely_causes() -> None:
                rtol=1e-6, atol=1e-6, params=())  # fmt: skip
 
 
+def test_a_non_finite_error_estimate_is_named_as_such() -> None:
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(t > 0.5, torch.full_like(y, float("inf")), -y)
+
+    with pytest.raises(
+        RuntimeError, match=r"at t = 0\.5\b.*was not finite.*overflowed or became NaN"
+    ):
+        odeint(f, torch.ones(1, dtype=D), [0.0, 1.0], solver="dopri5", rtol=1e-6, params=())
+
+
+def test_a_failing_adjoint_backward_pass_says_where_and_what_to_use_instead() -> None:
+    class Dyn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor(-1.0, dtype=D))
+            self.broken = False  # turned on between the solve and its backward pass
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return y * (self.w * float("inf") if self.broken else self.w)
+
+    dyn = Dyn()
+    y = odeint(dyn, torch.ones(2, dtype=D), [0.0, 1.0], solver="dopri5", rtol=1e-6, adjoint=True)
+    dyn.broken = True
+    with pytest.raises(
+        RuntimeError,
+        match=r"adjoint.s backward pass.*adjoint=.checkpoint.*derivative at t = 1,.*not finite",
+    ):
+        y.sum().backward()
+
+
 def test_a_stiff_problem_stops_at_max_steps_naming_stiffness() -> None:
     mu = 1000.0
 

@@ -43,6 +43,13 @@ from ._vjp import ParamNames, accumulate_, dynamics_vjp, traceable_vjp, vjp_name
 
 __all__ = ["ContinuousAdjoint", "AugmentedMethod"]
 
+_BACKWARD_FAILED = (
+    "in the continuous adjoint's backward pass, which integrates the state backwards from the "
+    "last output time (dynamics that contract forwards in time grow backwards, and may "
+    "overflow or turn stiff there; `adjoint='checkpoint'` replays the forward's own steps "
+    "instead, with backprop's gradient and memory for one state per step)"
+)
+
 
 @dataclass(frozen=True)
 class ContinuousAdjoint(GradientMode):
@@ -146,6 +153,15 @@ class ContinuousAdjoint(GradientMode):
         return Gradients(y0=a, t=grad_t, params=g_p)
 
     def _adaptive_backward(
+        self, job: BackwardJob, tableau: ButcherTableau, f: AdjointProducts, forward: ErrorControl
+    ) -> Gradients:
+        """The backward pass with error-controlled steps (a failure says it happened here)."""
+        try:
+            return self._adaptive_steps(job, tableau, f, forward)
+        except RuntimeError as err:
+            raise RuntimeError(f"{_BACKWARD_FAILED}: {err}") from err
+
+    def _adaptive_steps(
         self, job: BackwardJob, tableau: ButcherTableau, f: AdjointProducts, forward: ErrorControl
     ) -> Gradients:
         """The backward pass with error-controlled steps, interval by interval from the last

@@ -194,6 +194,12 @@ def initial_step(
     scale = atol + y0.abs() * rtol
     d0 = float(torch.linalg.vector_norm(y0 / scale) / math.sqrt(max(y0.numel(), 1)))
     d1 = float(torch.linalg.vector_norm(f0 / scale) / math.sqrt(max(y0.numel(), 1)))
+    if not (math.isfinite(d0) and math.isfinite(d1)):
+        raise RuntimeError(
+            f"the {'state' if not math.isfinite(d0) else 'derivative'} at t = {float(t0):.6g}, "
+            "where the error-controlled solve starts, was not finite (NaN or infinite): the "
+            "first step cannot be sized; check the initial state and the dynamics there."
+        )
     h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
     y1 = y0 + (direction * h0) * f0
     f1 = f(t0 + direction * h0, y1)  # type: ignore[operator]

@@ -16,6 +16,7 @@ and the stage times as tensors.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -423,7 +424,7 @@ def adaptive_interval(
     length = abs(t_b - t_a)
     eps = torch.finfo(like.dtype).eps
     q = int(getattr(executor.method, "error_order", 1)) + 1
-    previous = 1.0
+    previous = ratio = 1.0
     m = 0.0
     k = 0
     while True:
@@ -434,7 +435,7 @@ def adaptive_interval(
         size = (m1 - m) * length
         t_now = t_a + m * (t_b - t_a)
         if size < max(control.min_step, 4.0 * eps * max(abs(t_now), abs(t_b), length)):
-            _step_too_small(t_now, size, control, like.dtype)
+            _step_too_small(t_now, size, control, like.dtype, ratio)
         fr = [m + c * (m1 - m) for c in nodes]
         if t is not None and t.requires_grad:
             lo, hi = t[interval], t[interval + 1]
@@ -502,7 +503,16 @@ def _refuse_vmap(err: RuntimeError) -> None:
         ) from err
 
 
-def _step_too_small(t_now: float, size: float, control: ErrorControl, dtype: torch.dtype) -> None:
+def _step_too_small(
+    t_now: float, size: float, control: ErrorControl, dtype: torch.dtype, ratio: float
+) -> None:
+    if not math.isfinite(ratio):
+        raise RuntimeError(
+            f"the error-controlled step size fell to {size:.3g} at t = {t_now:.6g}: the error "
+            f"estimate of the steps tried there was not finite ({ratio}), so the state or the "
+            "dynamics overflowed or became NaN at that time (in float32 above about 3e38); "
+            "check the dynamics for values that grow without bound there."
+        )
     raise RuntimeError(
         f"the error-controlled step size fell to {size:.3g} at t = {t_now:.6g}, below what "
         f"{dtype} resolves there (or `min_step`): the error estimate could not be met with "
@@ -659,13 +669,14 @@ def _dense_solve(
     states: list[torch.Tensor] = []
     nxt = 1
     t_now, previous = t0, 1.0
+    ratio = 1.0
     while nxt < len(host_times):
         remaining = abs(t_end - t_now)
         hh = min(h, control.max_step)
         last = hh >= remaining
         size = remaining if last else hh
         if size < max(control.min_step, 4.0 * eps * max(abs(t_now), abs(t_end), remaining)):
-            _step_too_small(t_now, size, control, like.dtype)
+            _step_too_small(t_now, size, control, like.dtype, ratio)
         h_signed = direction * size
         t_new = t_end if last else t_now + h_signed
         ts = tuple(like.new_tensor([t_now + c * h_signed for c in nodes]).unbind(0))
