@@ -381,6 +381,20 @@ def test_a_blow_up_stops_with_the_time_and_the_likely_causes() -> None:
                rtol=1e-6, atol=1e-6, params=())  # fmt: skip
 
 
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_step_just_short_of_an_end_takes_the_sliver_with_it(dense: bool) -> None:
+    # The largest step 0.9999 leaves 1e-4 of each unit interval: in float32 at t = 1000 that is
+    # below what the times resolve (about 5e-4), so it cannot be a step of its own.
+    nfe = NFECounter()
+    y = odeint(lambda t, y: torch.ones_like(y), torch.ones(1), [1000.0, 1001.0, 1002.0],
+               solver="dopri5", rtol=1e-3, atol=1e-3, step=0.9999, params=(), nfe=nfe,
+               dense_output=dense)  # fmt: skip
+    assert torch.allclose(y[:, 0], torch.tensor([1.0, 2.0, 3.0]))
+    # Hairer's first step (0.115 here), then one step to 1001; one step (0.9999 and the
+    # sliver) to 1002.
+    assert nfe.accepted == 3 and nfe.rejected == 0
+
+
 def test_a_non_finite_error_estimate_is_named_as_such() -> None:
     def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.where(t > 0.5, torch.full_like(y, float("inf")), -y)

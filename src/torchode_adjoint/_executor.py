@@ -430,7 +430,9 @@ def adaptive_interval(
     while True:
         remaining = (1.0 - m) * length
         hh = min(h, control.max_step)
-        last = hh >= remaining
+        # A step that would leave a sliver of under 1 % of itself takes the sliver too (a
+        # sliver may be below what the times resolve, and would cost a step of its own).
+        last = hh * _STRETCH >= remaining
         m1 = 1.0 if last else m + hh / length
         size = (m1 - m) * length
         t_now = t_a + m * (t_b - t_a)
@@ -501,6 +503,10 @@ def _refuse_vmap(err: RuntimeError) -> None:
             "accept or reject it, which `torch.func.vmap` cannot do; use fixed steps "
             "(`step=`) under vmap, or solve the batch as one state without vmap."
         ) from err
+
+
+#: How much longer than proposed the step before an end may be, to end there.
+_STRETCH = 1.01
 
 
 def _step_too_small(
@@ -673,7 +679,9 @@ def _dense_solve(
     while nxt < len(host_times):
         remaining = abs(t_end - t_now)
         hh = min(h, control.max_step)
-        last = hh >= remaining
+        # A step that would leave a sliver of under 1 % of itself takes the sliver too (a
+        # sliver may be below what the times resolve, and would cost a step of its own).
+        last = hh * _STRETCH >= remaining
         size = remaining if last else hh
         if size < max(control.min_step, 4.0 * eps * max(abs(t_now), abs(t_end), remaining)):
             _step_too_small(t_now, size, control, like.dtype, ratio)
