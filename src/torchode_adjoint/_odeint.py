@@ -110,7 +110,7 @@ def odeint(
         the seminorm). See :doc:`/adaptive`.
     dense_output : bool, default True
         With error control: step past output times and interpolate the solution there with
-        the pair's interpolant (``dopri5``, ``tsit5``), as torchdiffeq and diffrax do, where the
+        the pair's interpolant (every built-in pair has one), as torchdiffeq and diffrax do, where the
         mode allows (backprop and the adjoint, output times without a gradient); False ends a
         step on every output time (what the checkpointed and reversible modes always do).
     compile : bool or Compile, default False

@@ -95,9 +95,11 @@ HEUN_EULER = ButcherTableau(
     name="adaptive_heun",
     b_embedded=[1.0, 0.0],
     embedded_order=1,
+    # The quadratic through y0 with slope f(y0) and through y1 (second order, as the method).
+    b_dense=[[1.0, -0.5], [0.0, 0.5]],
 )
 """Heun--Euler 2(1) (torchdiffeq's ``adaptive_heun``): Heun's method with Euler's for the error
-estimate; two evaluations per step."""
+estimate; two evaluations per step; a quadratic interpolant."""
 
 FEHLBERG2 = ButcherTableau(
     c=[0.0, 0.5, 1.0],
@@ -107,8 +109,11 @@ FEHLBERG2 = ButcherTableau(
     name="fehlberg2",
     b_embedded=[1.0 / 256.0, 255.0 / 256.0, 0.0],
     embedded_order=1,
+    # The quadratic through y0 with slope f(y0) and through y1 (second order, as the method).
+    b_dense=[[1.0, 1.0 / 512.0 - 1.0], [0.0, 255.0 / 256.0], [0.0, 1.0 / 512.0]],
 )
-"""Runge--Kutta--Fehlberg 2(1) (Fehlberg 1969): three evaluations per step."""
+"""Runge--Kutta--Fehlberg 2(1) (Fehlberg 1969): three evaluations per step; a quadratic
+interpolant."""
 
 BOSH3 = ButcherTableau(
     c=[0.0, 0.5, 0.75, 1.0],
@@ -123,8 +128,17 @@ BOSH3 = ButcherTableau(
     name="bosh3",
     b_embedded=[7.0 / 24.0, 0.25, 1.0 / 3.0, 0.125],
     embedded_order=2,
+    # Cubic Hermite interpolation between (y0, f(y0)) and (y1, f(y1)), f(y1) being the last
+    # stage (third order, as the method).
+    b_dense=[
+        [1.0, -4.0 / 3.0, 5.0 / 9.0],
+        [0.0, 1.0, -2.0 / 3.0],
+        [0.0, 4.0 / 3.0, -8.0 / 9.0],
+        [0.0, -1.0, 1.0],
+    ],
 )
-"""Bogacki--Shampine 3(2) (1989): first same as last, three new evaluations per step."""
+"""Bogacki--Shampine 3(2) (1989): first same as last, three new evaluations per step; cubic
+Hermite interpolation."""
 
 DOPRI5 = ButcherTableau(
     c=[0.0, 0.2, 0.3, 0.8, 8.0 / 9.0, 1.0, 1.0],
