@@ -110,9 +110,10 @@ def odeint(
         the seminorm). See :doc:`/adaptive`.
     dense_output : bool, default True
         With error control: step past output times and interpolate the solution there with
-        the pair's interpolant (every built-in pair has one), as torchdiffeq and diffrax do, where the
-        mode allows (backprop and the adjoint, output times without a gradient); False ends a
-        step on every output time (what the checkpointed and reversible modes always do).
+        the pair's interpolant (every built-in pair has one), as torchdiffeq and diffrax do,
+        where the mode allows (backprop and the adjoint, output times without a gradient);
+        False ends a step on every output time (what the checkpointed and reversible modes
+        always do).
     compile : bool or Compile, default False
         Run each solver step and each backward step as one ``torch.compile`` graph
         (:class:`~torchode_adjoint.Compile` sets the backend). Same values and gradients as the
