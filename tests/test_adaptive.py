@@ -361,6 +361,89 @@ def test_the_adjoints_full_norm_measures_the_gradients_errors_too() -> None:
         assert torch.allclose(e, hi - lo, atol=1e-14), (e - (hi - lo)).abs().max()
 
 
+def _kink_at_one(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """dy/dt = max(t - 1, 0): y(2) = y(0) + 1/2, a polynomial on each side of t = 1."""
+    return torch.clamp(t - 1.0, min=0.0) * torch.ones_like(y)
+
+
+def _jump_at_one(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """dy/dt = 1 after t = 1, 0 before and at it: y(2) = y(0) + 1."""
+    return torch.where(t > 1.0, torch.ones_like(y), torch.zeros_like(y))
+
+
+def _solve_counting(
+    func: object, exact: float, dense: bool, **extra: object
+) -> tuple[float, int, list[float]]:
+    """The end error, the steps tried, and the times the dynamics were evaluated at."""
+    seen: list[float] = []
+
+    def wrapped(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(float(t))
+        return func(t, y)  # type: ignore[operator]
+
+    nfe = NFECounter()
+    y = odeint(wrapped, torch.zeros(1, dtype=D), torch.tensor([0.0, 0.7, 2.0], dtype=D),
+               solver="dopri5", rtol=1e-8, atol=1e-8, adjoint=False, dense_output=dense,
+               nfe=nfe, params=(), **extra)  # type: ignore[arg-type]  # fmt: skip
+    assert y.shape == (3, 1)  # a stop time is not an output
+    return abs(float(y[-1, 0]) - exact), nfe.accepted + nfe.rejected, seen
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_steps_end_on_step_t(dense: bool) -> None:
+    err_none, tried_none, seen_none = _solve_counting(_kink_at_one, 0.5, dense)
+    err, tried, seen = _solve_counting(_kink_at_one, 0.5, dense, step_t=[1.0])
+    assert 1.0 in seen and 1.0 not in seen_none  # a step ended there: its last stage is at 1.0
+    # dopri5 integrates each polynomial piece exactly: stepping to the kink leaves round-off.
+    assert err < 1e-13 and tried < tried_none, (err, tried, err_none, tried_none)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_jump_t_restarts_the_derivative_just_after_the_jump(dense: bool) -> None:
+    err_step, tried_step, seen_step = _solve_counting(_jump_at_one, 1.0, dense, step_t=[1.0])
+    err, tried, seen = _solve_counting(_jump_at_one, 1.0, dense, jump_t=[1.0])
+    after = float(torch.nextafter(torch.tensor(1.0, dtype=D), torch.tensor(2.0, dtype=D)))
+    assert after in seen and after not in seen_step
+    # With step_t alone the derivative carried over from t = 1 (the left side's, 0) is the
+    # first stage of the next step: an error the controller must shrink steps to contain.
+    assert err < 1e-13 and tried < tried_step and err < err_step, (err, tried, err_step, tried_step)
+
+
+@pytest.mark.parametrize("mode", ["backprop", "adjoint", "checkpoint", "reversible"])
+def test_gradients_with_step_t_match_a_fine_reference(mode: str) -> None:
+    reference = _loss_and_grads("backprop", solver="rk4", step=5e-4)
+    grads = _loss_and_grads(mode, solver="dopri5", rtol=1e-8, atol=1e-8, step_t=[0.4, 2.2])
+    assert grads[2].shape == (3,)  # dL/dt of the output times only
+    err = max(float((g - r).abs().max()) for g, r in zip(grads, reference))
+    assert err < 1e-5, err
+
+
+def test_a_block_takes_step_t() -> None:
+    class Dyn(nn.Module):
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return _kink_at_one(t * 2.0, y)
+
+    block = ODEBlock(Dyn(), solver="bosh3", rtol=1e-6, step_t=[0.5])
+    out = block(torch.ones(3, 2, dtype=D))
+    assert out.shape == (3, 2) and block.stats.accepted > 0
+
+
+def test_stop_times_are_refused_where_they_cannot_be_kept() -> None:
+    y0 = torch.ones(1, dtype=D)
+    with pytest.raises(ValueError, match=r"`step_t`/`jump_t` are times error-controlled steps"):
+        odeint(_linear, y0, [0.0, 1.0], solver="rk4", step_t=[0.5], params=())
+    with pytest.raises(
+        ValueError, match=r"`jump_t` .* `adjoint='checkpoint'` cannot replay.*step_t"
+    ):
+        odeint(_linear, y0, [0.0, 1.0], solver="dopri5", rtol=1e-6, jump_t=[0.5],
+               adjoint="checkpoint", params=())  # fmt: skip
+    with pytest.raises(ValueError, match=r"`step_t` must hold finite real times"):
+        odeint(_linear, y0, [0.0, 1.0], solver="dopri5", rtol=1e-6, step_t=[float("nan")],
+               params=())  # fmt: skip
+    with pytest.raises(TypeError, match=r"`jump_t` must be a list or 1-D tensor"):
+        odeint(_linear, y0, [0.0, 1.0], solver="dopri5", rtol=1e-6, jump_t=0.5, params=())
+
+
 # --- errors naming the argument, the time and the cause ---------------------------------------
 
 

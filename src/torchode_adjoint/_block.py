@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import typing
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -66,6 +67,9 @@ class ODEBlock(nn.Module):
     rtol, atol : float, or one per part of a structured state, optional
         Error-controlled steps with an embedded pair such as ``solver="dopri5"`` (see
         :func:`~torchode_adjoint.odeint`); ``step`` is then the largest step.
+    step_t, jump_t : sequence of float, optional
+        With error control: times between ``t0`` and ``t1`` the steps end on, and times where
+        the dynamics jump (see :func:`~torchode_adjoint.odeint`).
 
     Attributes
     ----------
@@ -118,6 +122,8 @@ class ODEBlock(nn.Module):
         compile: bool | Compile = False,
         rtol: Tolerance | None = None,
         atol: Tolerance | None = None,
+        step_t: Sequence[float] | None = None,
+        jump_t: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(dynamics, nn.Module):
@@ -137,6 +143,8 @@ class ODEBlock(nn.Module):
             compile=compile,
             rtol=rtol,
             atol=atol,
+            step_t=step_t,
+            jump_t=jump_t,
         )
         values = {"t0": _time_value(t0, "t0"), "t1": _time_value(t1, "t1")}
         if values["t0"] == values["t1"]:

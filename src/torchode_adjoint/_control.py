@@ -89,6 +89,11 @@ class ErrorControl:
     parts : tuple of (offset, size), default ()
         The parts of the flat state's last dimension the norm is taken over one by one (set
         by :meth:`for_parts` for a structured state; empty: the state is one part).
+    step_times : tuple of float, default ()
+        Times a step must end on (torchdiffeq's ``step_t``), besides the output times.
+    jump_times : tuple of float, default ()
+        Times where the dynamics jump (torchdiffeq's ``jump_t``): a step ends there, and the
+        derivative a first-same-as-last pair carries over is evaluated anew just after it.
     """
 
     rtol: float
@@ -103,6 +108,8 @@ class ErrorControl:
     max_steps: int = 10_000_000
     interpolate: bool = True
     parts: tuple[tuple[int, int], ...] = ()
+    step_times: tuple[float, ...] = ()
+    jump_times: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rtol", _tolerance(self.rtol, "rtol", "`rtol=1e-5`"))

@@ -603,6 +603,8 @@ def integrate_adaptive(
             if on_accept is not None:
                 on_accept(i, k, m0, m1, before, token)
 
+        if i > 0 and host_times[i] in control.jump_times:
+            carry = _after_jump(method, f, carry, host_times[i], host_times[i + 1], y0)
         carry, h = adaptive_interval(
             executor,
             f,
@@ -631,6 +633,18 @@ def integrate_adaptive(
         stats.accepted, stats.rejected = counts.accepted, counts.rejected
     _check_states(states, f, method, control, host_times, check_finite)
     return states
+
+
+def _after_jump(method: Any, f: Any, carry: Any, t_jump: float, toward: float, like: Any) -> Any:
+    """The carry after a jump of the dynamics at ``t_jump``: a first-same-as-last pair's
+    derivative evaluated anew at the next time ``like``'s dtype resolves towards ``toward``
+    (torchdiffeq's ``jump_t``); other methods carry no derivative."""
+    derivative = getattr(method, "derivative", None)
+    if derivative is None or derivative(carry) is None:
+        return carry
+    t_j = like.new_tensor(t_jump)
+    after = torch.nextafter(t_j, like.new_tensor(toward))
+    return method.init(f, method.output(carry), after)
 
 
 def _check_states(
@@ -676,17 +690,26 @@ def _dense_solve(
     nxt = 1
     t_now, previous = t0, 1.0
     ratio = 1.0
+    # The times a step must end on (step_t, jump_t), then the last output time.
+    stops = sorted(
+        {s for s in (*control.step_times, *control.jump_times)
+         if (s - t0) * direction > 0 and (t_end - s) * direction > 0},
+        reverse=direction < 0,
+    ) + [t_end]  # fmt: skip
     while nxt < len(host_times):
-        remaining = abs(t_end - t_now)
+        if stops[0] != t_end and (stops[0] - t_now) * direction <= 0.0:
+            stops.pop(0)
+        target = stops[0]
+        remaining = abs(target - t_now)
         hh = min(h, control.max_step)
-        # A step that would leave a sliver of under 1 % of itself takes the sliver too (a
-        # sliver may be below what the times resolve, and would cost a step of its own).
+        # A step that would leave a sliver of under 1 % of itself before an end takes the
+        # sliver too (a sliver may be below what the times resolve, and would cost a step).
         last = hh * _STRETCH >= remaining
         size = remaining if last else hh
-        if size < max(control.min_step, 4.0 * eps * max(abs(t_now), abs(t_end), remaining)):
+        if size < max(control.min_step, 4.0 * eps * max(abs(t_now), abs(target), remaining)):
             _step_too_small(t_now, size, control, like.dtype, ratio)
         h_signed = direction * size
-        t_new = t_end if last else t_now + h_signed
+        t_new = target if last else t_now + h_signed
         ts = tuple(like.new_tensor([t_now + c * h_signed for c in nodes]).unbind(0))
         out = executor.step(f, carry, h_signed, ts, dense=True)
         errors, before, after = parts(carry, out[0], out[1])
@@ -700,14 +723,16 @@ def _dense_solve(
         if ratio <= 1.0:
             stats.accepted += 1
             while nxt < len(host_times) and (host_times[nxt] - t_new) * direction <= 0.0:
-                target = host_times[nxt]
-                if target == t_new:
+                target_out = host_times[nxt]
+                if target_out == t_new:
                     states.append(method.output(out[0]))
                 else:
-                    theta = (target - t_now) / h_signed
+                    theta = (target_out - t_now) / h_signed
                     states.append(method.interpolate(carry, h_signed, out[2], theta))
                 nxt += 1
             carry, t_now = out[0], t_new
+            if last and t_new in control.jump_times:
+                carry = _after_jump(method, f, carry, t_new, t_end, like)
             h = hh * max(1.0, control.factor(ratio, previous, q))
             previous = ratio
         else:

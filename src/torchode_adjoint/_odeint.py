@@ -35,6 +35,8 @@ def odeint(
     rtol: Tolerance | None = None,
     atol: Tolerance | None = None,
     dense_output: bool = True,
+    step_t: Sequence[float] | torch.Tensor | None = None,
+    jump_t: Sequence[float] | torch.Tensor | None = None,
     **unsupported: object,
 ) -> State:
     """Integrate ``dy/dt = func(t, y)`` with a fixed-step explicit Runge--Kutta method.
@@ -114,6 +116,14 @@ def odeint(
         where the mode allows (backprop and the adjoint, output times without a gradient);
         False ends a step on every output time (what the checkpointed and reversible modes
         always do).
+    step_t : sequence of float or 1-D Tensor, optional
+        With error control: times the steps must end on besides the output times
+        (torchdiffeq's ``options={"step_t": ...}``), e.g. where the dynamics have a kink.
+    jump_t : sequence of float or 1-D Tensor, optional
+        With error control: times where the dynamics jump (torchdiffeq's ``jump_t``): a step
+        ends there, and a first-same-as-last pair evaluates the derivative anew just after it
+        (at the next representable time). Backprop and the continuous adjoint only; with the
+        replaying modes pass ``step_t``.
     compile : bool or Compile, default False
         Run each solver step and each backward step as one ``torch.compile`` graph
         (:class:`~torchode_adjoint.Compile` sets the backend). Same values and gradients as the
@@ -176,6 +186,8 @@ def odeint(
         rtol=rtol,
         atol=atol,
         dense_output=dense_output,
+        step_t=step_t,
+        jump_t=jump_t,
     )
     first, states, structure = solve(func, y0, t, config, params=params, nfe=nfe)
     solution = torch.stack([first, *states])

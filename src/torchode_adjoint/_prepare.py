@@ -147,13 +147,15 @@ _FOREIGN_OPTIONS = {
     "method": "pass `solver=` (e.g. `solver='dopri5'` with `rtol=`/`atol=`, or a fixed-step "
     "method such as `solver='rk4'` with `step=`)",
     "options": "pass `step=h` for torchdiffeq's `options={'step_size': h}`, and `step=` as the "
-    "largest step of an error-controlled solve",
+    "largest step of an error-controlled solve; `step_t=`, `jump_t=` for its 'step_t', 'jump_t'",
     "event_fn": "events are not supported: integrate to the output times `t` instead",
     "adjoint_params": "pass `params=` (an nn.Module's own parameters are found by themselves)",
     "adjoint_rtol": "pass `adjoint=ContinuousAdjoint(rtol=..., atol=...)`",
     "adjoint_atol": "pass `adjoint=ContinuousAdjoint(rtol=..., atol=...)`",
     "adjoint_method": "the continuous adjoint uses the forward's `solver=`",
-    "adjoint_options": "the continuous adjoint uses the forward's `step=` or tolerances",
+    "adjoint_options": "the continuous adjoint's backward steps follow the forward's `step=` or "
+    "tolerances; its norm is `adjoint=ContinuousAdjoint(norm='seminorm')` (the default) or "
+    "`norm='full'`",
 }
 
 
@@ -289,6 +291,8 @@ def make_config(
     rtol: Tolerance | None = None,
     atol: Tolerance | None = None,
     dense_output: bool = True,
+    step_t: Sequence[float] | torch.Tensor | None = None,
+    jump_t: Sequence[float] | torch.Tensor | None = None,
 ) -> SolveConfig:
     """Validate the settings: solver, step, mode (and its pairing with the solver), limits,
     and the tolerances of error-controlled steps."""
@@ -298,6 +302,7 @@ def make_config(
     control = _error_control(tableau, mode, step, rtol, atol, check_max_steps(max_steps))
     if control is not None and not dense_output:
         control = dataclasses.replace(control, interpolate=False)
+    control = _stop_times(control, mode, step_t, jump_t)
     if mode.name == "reversible" and is_heun(tableau):
         warnings.warn(
             "`solver='heun'` with `adjoint='reversible'` now integrates Heun's method made "
@@ -362,6 +367,71 @@ def _control_for(
     return control.for_parts(structure.parts(), structure.per_part)
 
 
+def _times_list(value: object, name: str) -> tuple[float, ...]:
+    """``step_t``/``jump_t`` as host floats (a 1-D tensor or a sequence of real numbers)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1 or value.is_complex():
+            raise ValueError(f"`{name}` must be a 1-D tensor or a list of times, got shape "
+                             f"{tuple(value.shape)} of {value.dtype}.")  # fmt: skip
+        values = value.detach().reshape(-1).cpu().tolist()
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        values = list(value)
+    else:
+        raise TypeError(f"`{name}` must be a list or 1-D tensor of times, got "
+                        f"{type(value).__name__}; pass e.g. `{name}=[1.0]`.")  # fmt: skip
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"`{name}` must hold finite real times, got {v!r}.")
+    return tuple(sorted({float(v) for v in values}))
+
+
+def _stop_times(
+    control: ErrorControl | None, mode: GradientMode, step_t: object, jump_t: object
+) -> ErrorControl | None:
+    """The error control with the times its steps must end on (torchdiffeq's options)."""
+    if step_t is None and jump_t is None:
+        return control
+    if control is None:
+        raise ValueError(
+            "`step_t`/`jump_t` are times error-controlled steps must end on, and this solve "
+            "takes fixed steps: pass `rtol`/`atol` with an embedded pair (e.g. "
+            "`solver='dopri5'`), or, with fixed steps, add the times to `t`."
+        )
+    jumps = () if jump_t is None else _times_list(jump_t, "jump_t")
+    if jumps and not mode.interpolates:
+        raise ValueError(
+            f"`jump_t` evaluates the dynamics anew just after each jump, which "
+            f"`adjoint={mode.name!r}` cannot replay; pass the times as `step_t` (steps end "
+            "there) and let the dynamics give the value of the later side at the jump time "
+            "itself, or use `adjoint=False` or `adjoint=True`."
+        )
+    steps = () if step_t is None else _times_list(step_t, "step_t")
+    return dataclasses.replace(control, step_times=steps, jump_times=jumps)
+
+
+def _with_stops(
+    t: torch.Tensor, host: list[float], control: ErrorControl | None
+) -> tuple[torch.Tensor, list[float], list[int] | None]:
+    """The output times with the stop times (``step_t``, ``jump_t``) inside them merged in
+    (differentiable in ``t``), and the positions of the output times among them (None: no
+    stop time falls strictly inside and off the output times)."""
+    if control is None or not (control.step_times or control.jump_times):
+        return t, host, None
+    lo, hi = min(host[0], host[-1]), max(host[0], host[-1])
+    given = set(host)
+    inner = sorted({s for s in (*control.step_times, *control.jump_times)
+                    if lo < s < hi and s not in given})  # fmt: skip
+    if not inner:
+        return t, host, None
+    union = sorted(given | set(inner), reverse=host[-1] < host[0])
+    where = {v: i for i, v in enumerate(host)}
+    where.update({v: len(host) + j for j, v in enumerate(inner)})
+    pool = torch.cat([t, t.new_tensor(inner)])
+    merged = pool[torch.tensor([where[v] for v in union], device=t.device)]
+    position = {v: i for i, v in enumerate(union)}
+    return merged, union, [position[v] for v in host]
+
+
 @dataclass(frozen=True)
 class Prepared:
     """The validated inputs of one solve: the spec and the tensors the mode is applied to."""
@@ -372,10 +442,15 @@ class Prepared:
     t: torch.Tensor
     params: list[torch.Tensor]
     structure: StateStructure | None = None
+    keep: list[int] | None = None  # the output times' positions among ``t`` (with stop times)
 
     def solve(self) -> list[torch.Tensor]:
-        """The states at ``t[1:]``, differentiable as the mode promises."""
-        return self.mode.solve(self.spec, self.y0, self.t, self.params)
+        """The states at the output times after the first, differentiable as the mode
+        promises."""
+        states = self.mode.solve(self.spec, self.y0, self.t, self.params)
+        if self.keep is None:
+            return states
+        return [states[k - 1] for k in self.keep[1:]]
 
 
 def prepare(
@@ -401,6 +476,7 @@ def prepare(
         func, y0 = structure.wrap(func), structure.flatten(y0)
     y0 = _check_y0(y0)
     t_cast, host = check_times(t, y0)
+    t_cast, host, keep = _with_stops(t_cast, host, config.control)
     grid = make_grid(host, config.step, torch.finfo(y0.dtype).eps, max_steps=config.max_steps)
     counter = nfe if nfe is not None else NFECounter()
     counter.reset()
@@ -413,7 +489,13 @@ def prepare(
         control=_control_for(config.control, structure),
     )
     return Prepared(
-        spec=spec, mode=config.mode, y0=y0, t=t_cast, params=param_list, structure=structure
+        spec=spec,
+        mode=config.mode,
+        y0=y0,
+        t=t_cast,
+        params=param_list,
+        structure=structure,
+        keep=keep,
     )
 
 
