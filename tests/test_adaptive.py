@@ -3,6 +3,7 @@ pair with them, against exact solutions, analytic gradients and torchdiffeq."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -164,11 +165,18 @@ def _loss_and_grads(mode: object, **solve: object) -> tuple[torch.Tensor, ...]:
     return torch.autograd.grad(loss, [y0, a, t])
 
 
+@functools.lru_cache(maxsize=1)
+def _reference_grads() -> tuple[torch.Tensor, ...]:
+    """Backprop through 6,000 fixed rk4 steps (another code path; its own error is below 1e-12
+    here); computed once."""
+    return _loss_and_grads("backprop", solver="rk4", step=5e-4)
+
+
 @pytest.mark.parametrize("mode", ["backprop", "adjoint", "checkpoint", "reversible"])
 def test_gradients_approach_a_fine_fixed_step_reference_as_the_tolerance_shrinks(mode: str) -> None:
     # The reference: backprop through 6,000 fixed rk4 steps (another code path; its own error
     # is below 1e-12 here).
-    reference = _loss_and_grads("backprop", solver="rk4", step=5e-4)
+    reference = _reference_grads()
     errors = []
     for tol in (1e-4, 1e-6, 1e-8):
         grads = _loss_and_grads(mode, solver="dopri5", rtol=tol, atol=tol)
@@ -411,7 +419,7 @@ def test_a_jump_t_restarts_the_derivative_just_after_the_jump(dense: bool) -> No
 
 @pytest.mark.parametrize("mode", ["backprop", "adjoint", "checkpoint", "reversible"])
 def test_gradients_with_step_t_match_a_fine_reference(mode: str) -> None:
-    reference = _loss_and_grads("backprop", solver="rk4", step=5e-4)
+    reference = _reference_grads()
     grads = _loss_and_grads(mode, solver="dopri5", rtol=1e-8, atol=1e-8, step_t=[0.4, 2.2])
     assert grads[2].shape == (3,)  # dL/dt of the output times only
     err = max(float((g - r).abs().max()) for g, r in zip(grads, reference))
