@@ -346,3 +346,25 @@ def test_the_verdict_bands_edges_with_exactly_representable_numbers() -> None:
     assert check_module._verdict(25.0, 0.25, 0.0, True) == "suspicious"  # exactly 100x
     assert check_module._verdict(25.0000001, 0.25, 0.0, True) == "fail"
     assert check_module._verdict(0.25, 0.25, 0.0, True) == "pass"  # exactly the tolerance
+
+
+# --- dynamics that depend on neither the state nor a parameter ------------------------------
+
+
+@pytest.mark.parametrize("mode", ["backprop", "adjoint", "checkpoint", "reversible"])
+@pytest.mark.parametrize(
+    "solve", [dict(solver="dopri5", step=0.25), dict(solver="dopri5", rtol=1e-8)]
+)
+def test_dynamics_of_time_alone_have_the_exact_gradients(mode: str, solve: dict) -> None:
+    # y(T) = y0 + int_t0^T g(t) dt with g(t) = cos(t): dL/dy0 = 1, dL/dT = g(T), dL/dt0 = -g(t0)
+    # for L = sum y(T).
+    y0 = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.5, 1.5], dtype=torch.float64, requires_grad=True)
+    sol = odeint(lambda s, y: torch.cos(s) * torch.ones(2, dtype=torch.float64), y0, t,
+                 adjoint=mode, params=(), **solve)  # fmt: skip
+    g_y0, g_t = torch.autograd.grad(sol[-1].sum(), [y0, t])
+    assert torch.allclose(g_y0, torch.ones(2, dtype=torch.float64))
+    expected_t = torch.tensor(
+        [-2 * torch.cos(torch.tensor(0.5)), 2 * torch.cos(torch.tensor(1.5))], dtype=torch.float64
+    )
+    assert torch.allclose(g_t, expected_t, atol=1e-6), g_t

@@ -82,6 +82,8 @@ def dynamics_vjp(
     tau = t.detach().requires_grad_(True) if want_t else t
     out = f(tau, y_leaf)
     inputs = [y_leaf, *params, *((tau,) if want_t else ())]
+    if not out.requires_grad:  # depends on none of them (e.g. on t alone, t not differentiated)
+        return VJP(value=out, y=torch.zeros_like(y), params=(None,) * len(params), t=None)
     grads = vector_jacobian_product(out, inputs, v)
     g_y = grads[0] if grads[0] is not None else torch.zeros_like(y)
     return VJP(
