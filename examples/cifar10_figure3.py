@@ -4,7 +4,7 @@
     python examples/cifar10_figure3.py --data-dir ../shared/data   # 10,000 images, 5 epochs
 
 Chen et al. (2018), Figure 3, measured a continuous-depth network trained with an adaptive
-solver: (a) the error against the number of forward evaluations across tolerances, (b) the
+solver: (a) the numerical error against the forward evaluations across tolerances, (b) the
 forward evaluations against the time they take, (c) backward against forward evaluations
 (about half), (d) forward evaluations over training (growing). Here: the ODENet of
 ``examples/cifar10_compare.py`` (same stem, ODE stages and head, built by
@@ -94,22 +94,26 @@ def nfe(model: nn.Module) -> tuple[int, int]:
     return sum(b.nfe_forward for b in blocks), sum(b.nfe_backward for b in blocks)
 
 
-def test_at(model: nn.Module, test: CIFAR10, batch: int) -> dict[str, float]:
-    """Error %, forward evaluations per batch and seconds per batch over the test set."""
+def test_at(model: nn.Module, test: CIFAR10, batch: int) -> tuple[dict[str, float], torch.Tensor]:
+    """Error %, forward evaluations per batch and seconds per batch over the test set, and the
+    logits."""
     model.eval()
     wrong, evals, seconds, batches = 0, 0, 0.0, 0
+    logits = []
     with torch.no_grad():
         for i in range(0, len(test), batch):
             x = normalize(test.images[i : i + batch])
             start = time.perf_counter()
-            pred = model(x).argmax(1)
+            out = model(x)
             seconds += time.perf_counter() - start
-            wrong += int((pred != test.labels[i : i + batch]).sum())
+            logits.append(out)
+            wrong += int((out.argmax(1) != test.labels[i : i + batch]).sum())
             evals += nfe(model)[0]
             batches += 1
     model.train()
-    return {"test_error": 100.0 * wrong / len(test), "nfe_forward": evals / batches,
-            "seconds_per_batch": seconds / batches}  # fmt: skip
+    row = {"test_error": 100.0 * wrong / len(test), "nfe_forward": evals / batches,
+           "seconds_per_batch": seconds / batches}  # fmt: skip
+    return row, torch.cat(logits)
 
 
 def train(args: argparse.Namespace, data: CIFAR10, test: CIFAR10, out: Path) -> nn.Module:
@@ -187,16 +191,17 @@ def write_reports(args: argparse.Namespace, log: list[dict[str, Any]],
         f, b = _mean(rows, "nfe_forward"), _mean(rows, "nfe_backward")
         lines.append(f"| {e} | {f:.1f} | {b:.1f} | {b / f:.2f} | {_mean(rows, 'seconds'):.2f} |")
     lines += ["", "Tested at other tolerances (rtol = atol) than in training:", "",
-              "| test rtol | test error % | NFE forward per batch | ms per batch |",
-              "|---|---|---|---|"]  # fmt: skip
+              "| test rtol | test error % | NFE forward per batch | ms per batch | logit error "
+              "(max, against the tightest) |",
+              "|---|---|---|---|---|"]  # fmt: skip
     for r in tests:
         lines.append(f"| {r['rtol']:g} | {r['test_error']:.2f} | {r['nfe_forward']:.1f} | "
-                     f"{1e3 * r['seconds_per_batch']:.0f} |")  # fmt: skip
+                     f"{1e3 * r['seconds_per_batch']:.0f} | {r['logit_error']:.2e} |")  # fmt: skip
     atomic_write_text("\n".join(lines) + "\n", out / "figure3.md")
 
 
 def plot(log: list[dict[str, Any]], tests: list[dict[str, Any]], out: Path) -> Path | None:
-    """The four panels of the paper's Figure 3, from this run."""
+    """The four panels of the paper's Figure 3 from this run, and the test error."""
     try:
         import matplotlib
 
@@ -204,16 +209,15 @@ def plot(log: list[dict[str, Any]], tests: list[dict[str, Any]], out: Path) -> P
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig, ax = plt.subplots(1, 5, figsize=(20, 3.6))
     f = [r["nfe_forward"] for r in log]
     b = [r["nfe_backward"] for r in log]
-    ax[0].plot([r["nfe_forward"] for r in tests], [r["test_error"] for r in tests], "o-")
-    for r in tests:
-        ax[0].annotate(f"{r['rtol']:g}", (r["nfe_forward"], r["test_error"]), fontsize=7)
-    ax[0].set(xlabel="NFE forward (test batch)", ylabel="test error %",
-              title="(a) error vs evaluations")  # fmt: skip
-    ax[1].plot([r["nfe_forward"] for r in tests], [1e3 * r["seconds_per_batch"] for r in tests],
-               "o-")  # fmt: skip
+    nfe_test = [r["nfe_forward"] for r in tests]
+    others = [r for r in tests if r["logit_error"] > 0]
+    ax[0].semilogy([r["nfe_forward"] for r in others], [r["logit_error"] for r in others], "o-")
+    ax[0].set(xlabel="NFE forward (test batch)", ylabel="logit error vs tightest",
+              title="(a) numerical error")  # fmt: skip
+    ax[1].plot(nfe_test, [1e3 * r["seconds_per_batch"] for r in tests], "o-")
     ax[1].set(xlabel="NFE forward (test batch)", ylabel="ms per batch", title="(b) time")
     ax[2].plot(f, b, ".", alpha=0.3)
     top = max(f + b) if f else 1
@@ -222,6 +226,11 @@ def plot(log: list[dict[str, Any]], tests: list[dict[str, Any]], out: Path) -> P
     ax[2].legend(fontsize=7)
     ax[3].plot(range(1, len(f) + 1), f, lw=0.8)
     ax[3].set(xlabel="training iteration", ylabel="NFE forward", title="(d) during training")
+    ax[4].plot(nfe_test, [r["test_error"] for r in tests], "o-")
+    for r in tests:
+        ax[4].annotate(f"{r['rtol']:g}", (r["nfe_forward"], r["test_error"]), fontsize=7)
+    ax[4].set(xlabel="NFE forward (test batch)", ylabel="test error %",
+              title="test error across test tolerances")  # fmt: skip
     fig.tight_layout()
     path, tmp = out / "figure3.png", out / "figure3.tmp.png"
     fig.savefig(tmp, dpi=100)
@@ -251,14 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = train(args, train_set, test_set, out)
     log = torch.load(out / "checkpoint.pt", weights_only=False)["log"]
-    tests = []
+    tests, logits = [], []
     for rtol in args.test_rtol:
         tested = network(args, rtol, rtol)
         tested.load_state_dict(model.state_dict())
-        tests.append({"rtol": rtol, **test_at(tested, test_set, args.batch_size)})
-        r = tests[-1]
-        print(f"test rtol {rtol:g}: error {r['test_error']:.2f} %, NFE {r['nfe_forward']:.1f}, "
-              f"{1e3 * r['seconds_per_batch']:.0f} ms per batch", flush=True)  # fmt: skip
+        row, out_logits = test_at(tested, test_set, args.batch_size)
+        tests.append({"rtol": rtol, **row})
+        logits.append(out_logits)
+        print(f"test rtol {rtol:g}: error {row['test_error']:.2f} %, NFE {row['nfe_forward']:.1f}, "
+              f"{1e3 * row['seconds_per_batch']:.0f} ms per batch", flush=True)  # fmt: skip
+    # The numerical error of each solve: its logits against those of the tightest tolerance.
+    tightest = logits[min(range(len(tests)), key=lambda k: tests[k]["rtol"])]
+    for row, out_logits in zip(tests, logits):
+        row["logit_error"] = float((out_logits - tightest).abs().max())
     write_reports(args, log, tests, out, command)
     plot(log, tests, out)
     print(f"wrote {out / 'figure3.md'}")

@@ -1,0 +1,127 @@
+"""torchdiffeq's ``odeint`` and ``odeint_adjoint`` on top of this library.
+
+A script written for torchdiffeq runs on ``torchode_adjoint`` by importing this module in its
+place (``benchmarks/torchdiffeq_suite.py`` runs torchdiffeq's own test files this way). Each
+argument maps to this library's name (see the docs' page "Coming from torchdiffeq"):
+
+- ``method`` -> ``solver`` (``None``: ``"dopri5"``; ``"heun2"`` -> ``"heun"``; ``"rk4"``, which
+  is the 3/8 rule in torchdiffeq, -> ``"rk38"``);
+- ``rtol``/``atol`` (defaults 1e-7/1e-9) -> ``rtol``/``atol`` for an embedded pair; a
+  fixed-step method takes ``options["step_size"]`` as ``step`` (none: one step per interval
+  of ``t``, as torchdiffeq);
+- ``options["step_t"]``/``["jump_t"]`` -> ``step_t``/``jump_t``;
+- ``odeint``: backprop (``adjoint=False``); ``odeint_adjoint``: the continuous adjoint with
+  ``adjoint_rtol``/``adjoint_atol`` and ``adjoint_options["norm"]`` (``"seminorm"``, else the
+  full norm: torchdiffeq's default), ``adjoint_params`` -> ``params``.
+
+What this library does not have raises ``NotImplementedError`` naming it: other solvers
+(implicit, Adams, ``dopri8``, ``scipy_solver``), callable norms, events, other options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from torchode_adjoint import ContinuousAdjoint, available_solvers, get_solver
+from torchode_adjoint import odeint as _odeint
+
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "SOLVER_NAMES"]
+
+#: torchdiffeq's method names that differ from this library's solver names.
+SOLVER_NAMES = {"heun2": "heun", "rk4": "rk38"}
+_OPTIONS = {"step_size", "step_t", "jump_t", "norm", "perturb"}
+
+
+def _solver(method: str | None) -> str:
+    name = SOLVER_NAMES.get(method or "dopri5", method or "dopri5")
+    if name not in available_solvers():
+        raise NotImplementedError(f"torchdiffeq's method {method!r} has no counterpart here")
+    return name
+
+
+def _settings(
+    method: str | None, rtol: float, atol: float, options: dict[str, Any] | None
+) -> dict[str, Any]:
+    options = dict(options or {})
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise NotImplementedError(f"options {sorted(unknown)} have no counterpart here")
+    if options.get("norm") is not None:
+        raise NotImplementedError("a callable `norm` has no counterpart here (the RMS norm)")
+    if options.get("perturb"):
+        raise NotImplementedError("`perturb` has no counterpart here")
+    solver = _solver(method)
+    settings: dict[str, Any] = {"solver": solver}
+    if getattr(get_solver(solver), "adaptive", False):
+        settings.update(rtol=rtol, atol=atol)
+        for name in ("step_t", "jump_t"):
+            if options.get(name) is not None:
+                settings[name] = options[name]
+    else:
+        settings["step"] = options.get("step_size")
+    return settings
+
+
+def odeint(
+    func: Callable[..., Any],
+    y0: Any,
+    t: torch.Tensor,
+    *,
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    method: str | None = None,
+    options: dict[str, Any] | None = None,
+    event_fn: Any = None,
+) -> Any:
+    """torchdiffeq's ``odeint``: backprop through the solver's steps."""
+    if event_fn is not None:
+        raise NotImplementedError("events (`event_fn`) have no counterpart here")
+    params = list(func.parameters()) if isinstance(func, torch.nn.Module) else ()
+    return _odeint(func, y0, t, adjoint=False, params=params,
+                   **_settings(method, rtol, atol, options))  # fmt: skip
+
+
+def odeint_adjoint(
+    func: Callable[..., Any],
+    y0: Any,
+    t: torch.Tensor,
+    *,
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    method: str | None = None,
+    options: dict[str, Any] | None = None,
+    event_fn: Any = None,
+    adjoint_rtol: float | None = None,
+    adjoint_atol: float | None = None,
+    adjoint_method: str | None = None,
+    adjoint_options: dict[str, Any] | None = None,
+    adjoint_params: Iterable[torch.Tensor] | None = None,
+) -> Any:
+    """torchdiffeq's ``odeint_adjoint``: the continuous adjoint."""
+    if event_fn is not None:
+        raise NotImplementedError("events (`event_fn`) have no counterpart here")
+    if adjoint_method is not None and _solver(adjoint_method) != _solver(method):
+        raise NotImplementedError("an `adjoint_method` other than the forward's")
+    adjoint_options = dict(adjoint_options or {})
+    norm = adjoint_options.pop("norm", None)
+    if adjoint_options:
+        raise NotImplementedError(f"adjoint_options {sorted(adjoint_options)}")
+    if norm not in (None, "seminorm"):
+        raise NotImplementedError("a callable adjoint `norm` has no counterpart here")
+    settings = _settings(method, rtol, atol, options)
+    mode = ContinuousAdjoint(
+        rtol=adjoint_rtol if "rtol" in settings else None,
+        atol=adjoint_atol if "atol" in settings else None,
+        norm="seminorm" if norm == "seminorm" else "full",
+    )
+    if adjoint_params is None:
+        adjoint_params = func.parameters() if isinstance(func, torch.nn.Module) else ()
+    return _odeint(func, y0, t, adjoint=mode, params=list(adjoint_params), **settings)
+
+
+def odeint_event(*args: Any, **kwargs: Any) -> Any:
+    """torchdiffeq's ``odeint_event``: no counterpart here."""
+    raise NotImplementedError("events (`odeint_event`) have no counterpart here")
