@@ -436,7 +436,7 @@ def adaptive_interval(
         m1 = 1.0 if last else m + hh / length
         size = (m1 - m) * length
         t_now = t_a + m * (t_b - t_a)
-        if size < max(control.min_step, 4.0 * eps * max(abs(t_now), abs(t_b), length)):
+        if size < max(control.min_step, _FLOOR * eps * max(abs(t_now), abs(t_b), length)):
             _step_too_small(t_now, size, control, like.dtype, ratio)
         fr = [m + c * (m1 - m) for c in nodes]
         if t is not None and t.requires_grad:
@@ -507,6 +507,10 @@ def _refuse_vmap(err: RuntimeError) -> None:
 
 #: How much longer than proposed the step before an end may be, to end there.
 _STRETCH = 1.01
+
+#: The smallest step, in units of the dtype's resolution at the current time: a step shorter
+#: than one unit would not move the time.
+_FLOOR = 1.0
 
 
 def _step_too_small(
@@ -706,7 +710,7 @@ def _dense_solve(
         # sliver too (a sliver may be below what the times resolve, and would cost a step).
         last = hh * _STRETCH >= remaining
         size = remaining if last else hh
-        if size < max(control.min_step, 4.0 * eps * max(abs(t_now), abs(target), remaining)):
+        if size < max(control.min_step, _FLOOR * eps * max(abs(t_now), abs(target), remaining)):
             _step_too_small(t_now, size, control, like.dtype, ratio)
         h_signed = direction * size
         t_new = target if last else t_now + h_signed
