@@ -39,8 +39,8 @@ def test_bad_options_name_the_argument(kwargs: dict, exc: type, arg: str) -> Non
 @pytest.mark.parametrize(
     ("t", "exc"),
     [
-        (torch.tensor([0.0]), ValueError),
         (torch.tensor(1.0), ValueError),
+        (torch.tensor([float("nan")]), ValueError),
         (torch.tensor([[0.0, 1.0]]), ValueError),
         (torch.tensor([0.0, 0.5, 0.5, 1.0]), ValueError),
         (torch.tensor([0.0, 1.0, 0.5]), ValueError),
@@ -52,6 +52,20 @@ def test_bad_options_name_the_argument(kwargs: dict, exc: type, arg: str) -> Non
 def test_bad_times_name_t(t: object, exc: type) -> None:
     with pytest.raises(exc, match="`t`"):
         odeint(F, Y0, t)
+
+
+@pytest.mark.parametrize("t", [torch.tensor([0.3]), [0.3]])
+def test_one_output_time_gives_y0_there_as_torchdiffeq(t: object) -> None:
+    from torchode_adjoint import NFECounter
+
+    y0 = torch.randn(3, 2, requires_grad=True)
+    nfe = NFECounter()
+    y = odeint(F, y0, t, solver="dopri5", rtol=1e-6, nfe=nfe, params=())
+    assert y.shape == (1, 3, 2) and torch.equal(y[0], y0) and nfe.forward == 0
+    (g,) = torch.autograd.grad(y.sum(), [y0])
+    assert torch.equal(g, torch.ones_like(y0))
+    a, b = odeint(lambda s, s_: s_, (y0, y0 * 2), t, params=())
+    assert a.shape == (1, 3, 2) and torch.equal(b[0], y0 * 2)
 
 
 def test_times_that_collapse_in_the_state_dtype_are_rejected() -> None:

@@ -188,8 +188,9 @@ def _check_y0(y0: object) -> torch.Tensor:
     return y0
 
 
-def check_times(t: object, y0: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-    """Return ``t`` in ``y0``'s dtype (differentiably) and its host values."""
+def check_times(t: object, y0: torch.Tensor, minimum: int = 2) -> tuple[torch.Tensor, list[float]]:
+    """Return ``t`` in ``y0``'s dtype (differentiably) and its host values (at least
+    ``minimum`` times)."""
     if not isinstance(t, torch.Tensor):
         if isinstance(t, Sequence) and not isinstance(t, str):
             if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in t):
@@ -212,7 +213,7 @@ def check_times(t: object, y0: torch.Tensor) -> tuple[torch.Tensor, list[float]]
             f"`t` must be a 1-D tensor of output times, got shape {tuple(t.shape)}; pass e.g. "
             "`t=torch.tensor([0.0, 1.0])`."
         )
-    if t.numel() < 2:
+    if t.numel() < minimum:
         raise ValueError(
             f"`t` must hold at least two times (start and end), got {t.numel()}; pass e.g. "
             "`t=torch.tensor([t0, t1])`."
@@ -516,9 +517,22 @@ def solve(
     the validation, the host-side grid and the Python stepping loop, which would only break the
     graph inside them; the solve is one graph break, its own steps compile with ``compile=True``.
     """
+    if _one_time(t):  # the solution at the one time asked for is y0: nothing to integrate
+        structure = StateStructure.of(y0)
+        flat = _check_y0(structure.flatten(y0) if structure is not None else y0)
+        check_times(t, flat, minimum=1)
+        if nfe is not None:
+            nfe.reset()
+        return flat, [], structure
     prepared = prepare(func, y0, t, config, params=params, nfe=nfe)
     _check_temporal_slots(prepared.spec)
     return prepared.y0, prepared.solve(), prepared.structure
+
+
+def _one_time(t: object) -> bool:
+    if isinstance(t, torch.Tensor):
+        return t.dim() == 1 and t.numel() == 1
+    return isinstance(t, Sequence) and not isinstance(t, str) and len(t) == 1
 
 
 def _check_temporal_slots(spec: SolveSpec) -> None:
