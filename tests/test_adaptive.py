@@ -406,15 +406,41 @@ def test_steps_end_on_step_t(dense: bool) -> None:
     assert err < 1e-13 and tried < tried_none, (err, tried, err_none, tried_none)
 
 
+def _jump_at_one_from_the_right(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """dy/dt = 1 at and after t = 1, 0 before: y(2) = y(0) + 1."""
+    return torch.where(t >= 1.0, torch.ones_like(y), torch.zeros_like(y))
+
+
 @pytest.mark.parametrize("dense", [True, False])
-def test_a_jump_t_restarts_the_derivative_just_after_the_jump(dense: bool) -> None:
-    err_step, tried_step, seen_step = _solve_counting(_jump_at_one, 1.0, dense, step_t=[1.0])
-    err, tried, seen = _solve_counting(_jump_at_one, 1.0, dense, jump_t=[1.0])
-    after = float(torch.nextafter(torch.tensor(1.0, dtype=D), torch.tensor(2.0, dtype=D)))
-    assert after in seen and after not in seen_step
-    # With step_t alone the derivative carried over from t = 1 (the left side's, 0) is the
-    # first stage of the next step: an error the controller must shrink steps to contain.
+@pytest.mark.parametrize("func", [_jump_at_one, _jump_at_one_from_the_right])
+def test_jump_t_evaluates_each_side_of_a_jump_on_its_own_side(dense: bool, func: object) -> None:
+    err_step, tried_step, seen_step = _solve_counting(func, 1.0, dense, step_t=[1.0])
+    err, tried, seen = _solve_counting(func, 1.0, dense, jump_t=[1.0])
+    one, two, zero = (torch.tensor(v, dtype=D) for v in (1.0, 2.0, 0.0))
+    after, before = float(torch.nextafter(one, two)), float(torch.nextafter(one, zero))
+    # The step ending on the jump evaluates its last stage just before it, the next step
+    # (and a first-same-as-last pair's carried derivative) just after it; never at 1.0.
+    assert after in seen and before in seen and 1.0 not in seen
+    assert 1.0 in seen_step
+    # With step_t alone one stage of a step sees the other side's dynamics: an error the
+    # controller must shrink steps to contain.
     assert err < 1e-13 and tried < tried_step and err < err_step, (err, tried, err_step, tried_step)
+
+
+def test_the_adjoints_backward_pass_takes_the_jumps_too() -> None:
+    y0 = torch.tensor([1.0, 2.0], dtype=D, requires_grad=True)
+    counts = []
+    for extra in ({"step_t": [0.5]}, {"jump_t": [0.5]}):
+        nfe = NFECounter()
+        ys = odeint(lambda t, x: -0.5 * x if t < 0.5 else x**2, y0, [0.0, 1.0], solver="dopri5",
+                    rtol=1e-8, atol=1e-8, nfe=nfe, params=(), **extra)  # type: ignore[arg-type]  # fmt: skip
+        (g,) = torch.autograd.grad(ys[-1].sum(), [y0])
+        counts.append((nfe.forward, nfe.backward, g))
+    assert counts[1][0] < counts[0][0] and counts[1][1] < counts[0][1], counts
+    # dL/dy0 exactly: y(1) = 1 / (1/y(0.5) - 0.5), y(0.5) = y0 exp(-1/4).
+    y_half = y0.detach() * math.exp(-0.25)
+    exact = math.exp(-0.25) / (1 - 0.5 * y_half) ** 2
+    assert torch.allclose(counts[1][2], exact, rtol=1e-6), (counts[1][2], exact)
 
 
 @pytest.mark.parametrize("mode", ["backprop", "adjoint", "checkpoint", "reversible"])
@@ -656,3 +682,44 @@ def test_inference_takes_the_steps_a_training_pass_takes(mode: str) -> None:
         inference = odeint(_linear, y0, times, **kw)
     training = odeint(_linear, y0.clone().requires_grad_(), times, **kw)
     assert torch.equal(inference, training.detach())
+
+
+# --- the controller after a step cut short to end on a time ---------------------------------
+
+
+class _PowerErrorMethod:
+    """A method whose error estimate is (h / 0.01)**5 (a fifth-order local error): steps above
+    0.01 are rejected. Records the sizes it is asked to take."""
+
+    nodes = (0.0, 1.0)
+    error_order = 4
+
+    def __init__(self) -> None:
+        self.sizes: list[float] = []
+
+    def step(self, f: object, carry: torch.Tensor, h: float, ts: object) -> tuple[object, ...]:
+        self.sizes.append(round(abs(h), 12))
+        return carry, (torch.ones(1, dtype=D) * (abs(h) / 0.01) ** 5,), None
+
+    def output(self, carry: torch.Tensor) -> torch.Tensor:
+        return carry
+
+
+def test_a_rejected_step_cut_short_to_an_end_shrinks_from_its_own_size() -> None:
+    from torchode_adjoint._control import ErrorControl
+    from torchode_adjoint._executor import AdaptiveStats, Executor, adaptive_interval
+
+    method = _PowerErrorMethod()
+    control = ErrorControl(rtol=1.0, atol=1.0)
+    y = torch.zeros(1, dtype=D)
+
+    def parts(before: object, after: object, error: object) -> tuple[object, ...]:
+        return error, [y], [y]
+
+    adaptive_interval(Executor(method, None), None, y, 0.0, 0.1, 0.5, control, parts,  # type: ignore[arg-type]
+                      AdaptiveStats(), max_steps=100, like=y)  # fmt: skip
+    # The proposal 0.5 is cut to the interval's 0.1 and rejected (ratio 1e5): the next try is
+    # 0.1 * 0.2 (the smallest factor), not 0.5 * 0.2 = 0.1 again.
+    assert method.sizes[:2] == [0.1, 0.02], method.sizes
+    rejected = [(a, b) for a, b in zip(method.sizes, method.sizes[1:]) if a > 0.01]
+    assert all(b < a for a, b in rejected), method.sizes

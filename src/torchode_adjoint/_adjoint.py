@@ -172,6 +172,7 @@ class ContinuousAdjoint(GradientMode):
             max_step=forward.max_step,
             max_steps=forward.max_steps,
             parts=forward.parts,
+            jump_times=forward.jump_times,
         )
         full = self.norm == "full"
         executor = Executor(AugmentedMethod(tableau, True, full), job.spec.compile)

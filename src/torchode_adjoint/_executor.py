@@ -446,6 +446,8 @@ def adaptive_interval(
         else:
             ts = tuple(like.new_tensor([t_a + x * (t_b - t_a) for x in fr]).unbind(0))
             h_step = (m1 - m) * (t_b - t_a) * h_sign
+        if control.jump_times:
+            ts = _inside_jumps(ts, fr, t_a, t_b, control.jump_times)
         token = before_try() if before_try is not None else None
         out = executor.step(f, carry, h_step, ts, dense=True)
         if first is not None:
@@ -466,15 +468,17 @@ def adaptive_interval(
                 on_accept(k, m, m1, carry, token)
             k += 1
             carry = out[0]
-            # After an accepted step the step does not shrink (as in diffrax and torchdiffeq).
-            h = hh * max(1.0, control.factor(ratio, previous, q))
+            # After an accepted step the step does not shrink (as in diffrax and torchdiffeq),
+            # nor for having been cut short to end on a time.
+            h = max(hh, size * control.factor(ratio, previous, q))
             previous = ratio
             if last:
                 return carry, h
             m = m1
         else:
             stats.rejected += 1
-            h = hh * min(1.0, control.factor(ratio, previous, q))
+            # From the step tried: one cut short to end on a time shrinks from its own size.
+            h = size * min(1.0, control.factor(ratio, previous, q))
 
 
 def _read_ratio(
@@ -639,6 +643,25 @@ def integrate_adaptive(
     return states
 
 
+def _inside_jumps(
+    ts: tuple[torch.Tensor, ...],
+    fractions: Sequence[float],
+    t_a: float,
+    t_b: float,
+    jumps: Sequence[float],
+) -> tuple[torch.Tensor, ...]:
+    """The stage times of a step in ``[t_a, t_b]`` (``fractions`` of it) with those on a jump
+    time at either end moved to the next time the dtype resolves inside the step: the
+    dynamics are evaluated on the step's side of the jump (torchdiffeq's ``jump_t``)."""
+    out = list(ts)
+    for j, x in enumerate(fractions):
+        end, toward = (t_a, t_b) if x == 0.0 else (t_b, t_a) if x == 1.0 else (None, None)
+        if end is not None and end in jumps:
+            moved = torch.nextafter(out[j].detach(), out[j].detach().new_tensor(toward))
+            out[j] = out[j] + (moved - out[j].detach())  # differentiable where t is
+    return tuple(out)
+
+
 def _after_jump(method: Any, f: Any, carry: Any, t_jump: float, toward: float, like: Any) -> Any:
     """The carry after a jump of the dynamics at ``t_jump``: a first-same-as-last pair's
     derivative evaluated anew at the next time ``like``'s dtype resolves towards ``toward``
@@ -715,6 +738,8 @@ def _dense_solve(
         h_signed = direction * size
         t_new = target if last else t_now + h_signed
         ts = tuple(like.new_tensor([t_now + c * h_signed for c in nodes]).unbind(0))
+        if control.jump_times:
+            ts = _inside_jumps(ts, nodes, t_now, t_new, control.jump_times)
         out = executor.step(f, carry, h_signed, ts, dense=True)
         errors, before, after = parts(carry, out[0], out[1])
         ratio = _read_ratio(errors, before, after, control)
@@ -737,9 +762,9 @@ def _dense_solve(
             carry, t_now = out[0], t_new
             if last and t_new in control.jump_times:
                 carry = _after_jump(method, f, carry, t_new, t_end, like)
-            h = hh * max(1.0, control.factor(ratio, previous, q))
+            h = max(hh, size * control.factor(ratio, previous, q))  # as in adaptive_interval
             previous = ratio
         else:
             stats.rejected += 1
-            h = hh * min(1.0, control.factor(ratio, previous, q))
+            h = size * min(1.0, control.factor(ratio, previous, q))  # as in adaptive_interval
     return states
