@@ -270,6 +270,10 @@ def test_bn_statistics_diagnostic_reads_a_trained_run(tmp_path: Path) -> None:
         (["--device", "nonsense"], "--device"),
         (["--epochs", "0"], "--epochs"),
         (["--threads", "0"], "--threads"),
+        (["--rtol", "1e-3"], "--rtol"),  # euler has no error estimate
+        (["--solver", "dopri5", "--rtol", "1e-3", "--norm", "temporal"], "--rtol"),
+        (["--solver", "dopri5", "--rtol", "-1"], "--rtol"),
+        (["--solver", "dopri5", "--atol", "1e-3"], "--atol"),
     ],
 )
 def test_a_bad_argument_exits_2_with_one_line_before_reading_any_data(tmp_path, args, names):

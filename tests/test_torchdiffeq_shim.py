@@ -1,0 +1,64 @@
+"""The torchdiffeq shim (benchmarks/torchdiffeq_shim.py): each argument maps to this library's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import torchdiffeq_shim as tdq
+from torchode_adjoint import odeint
+
+D = torch.float64
+
+
+class _Linear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([[-0.1, 1.0], [-1.0, -0.1]], dtype=D))
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y @ self.a
+
+
+def test_odeint_is_dopri5_at_torchdiffeqs_tolerances_by_default() -> None:
+    f, y0, t = _Linear(), torch.ones(2, dtype=D), torch.linspace(0, 2, 5, dtype=D)
+    ours = odeint(f, y0, t, solver="dopri5", rtol=1e-7, atol=1e-9, adjoint=False)
+    assert torch.equal(tdq.odeint(f, y0, t), ours)
+
+
+def test_a_fixed_step_method_takes_step_size_and_rk4_is_the_three_eighths_rule() -> None:
+    f, y0, t = _Linear(), torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D)
+    ours = odeint(f, y0, t, solver="rk38", step=0.25, adjoint=False)
+    assert torch.equal(tdq.odeint(f, y0, t, method="rk4", options={"step_size": 0.25}), ours)
+    assert tdq.SOLVER_NAMES["heun2"] == "heun"
+
+
+def test_odeint_adjoint_maps_its_options_to_the_continuous_adjoint(monkeypatch) -> None:
+    seen: dict = {}
+    monkeypatch.setattr(tdq, "_odeint", lambda *args, **kwargs: seen.update(kwargs))
+    f, y0, t = _Linear(), torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D)
+    tdq.odeint_adjoint(f, y0, t, rtol=1e-5, atol=1e-6, adjoint_rtol=1e-3)
+    mode = seen["adjoint"]
+    assert (mode.name, mode.norm, mode.rtol, mode.atol) == ("adjoint", "full", 1e-3, None)
+    assert (seen["solver"], seen["rtol"], seen["atol"]) == ("dopri5", 1e-5, 1e-6)
+    assert seen["params"] == list(f.parameters())
+    tdq.odeint_adjoint(f, y0, t, adjoint_options={"norm": "seminorm"}, adjoint_params=())
+    assert seen["adjoint"].norm == "seminorm" and seen["params"] == []
+    tdq.odeint(f, y0, t, options={"jump_t": [0.5], "step_t": [0.2]})
+    assert seen["adjoint"] is False and seen["jump_t"] == [0.5] and seen["step_t"] == [0.2]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda f, y, t: tdq.odeint(f, y, t, method="dopri8"), "'dopri8' has no counterpart"),
+        (lambda f, y, t: tdq.odeint(f, y, t, options={"norm": abs}), "callable `norm`"),
+        (lambda f, y, t: tdq.odeint(f, y, t, event_fn=abs), "events"),
+        (lambda f, y, t: tdq.odeint(f, y, t, options={"grid_constructor": 1}), "grid_constructor"),
+        (lambda f, y, t: tdq.odeint_adjoint(f, y, t, adjoint_options={"norm": abs}), "adjoint"),
+    ],
+)
+def test_what_has_no_counterpart_raises_naming_it(call: object, message: str) -> None:
+    with pytest.raises(NotImplementedError, match=message):
+        call(_Linear(), torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D))  # type: ignore[operator]
