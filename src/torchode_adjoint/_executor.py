@@ -436,7 +436,7 @@ def adaptive_interval(
         m1 = 1.0 if last else m + hh / length
         size = (m1 - m) * length
         t_now = t_a + m * (t_b - t_a)
-        if size < max(control.min_step, _FLOOR * eps * max(abs(t_now), abs(t_b), length)):
+        if size < max(control.min_step, _FLOOR * eps * max(abs(t_now), abs(t_b))):
             _step_too_small(t_now, size, control, like.dtype, ratio)
         fr = [m + c * (m1 - m) for c in nodes]
         if t is not None and t.requires_grad:
@@ -733,7 +733,7 @@ def _dense_solve(
         # sliver too (a sliver may be below what the times resolve, and would cost a step).
         last = hh * _STRETCH >= remaining
         size = remaining if last else hh
-        if size < max(control.min_step, _FLOOR * eps * max(abs(t_now), abs(target), remaining)):
+        if size < max(control.min_step, _FLOOR * eps * max(abs(t_now), abs(target))):
             _step_too_small(t_now, size, control, like.dtype, ratio)
         h_signed = direction * size
         t_new = target if last else t_now + h_signed
