@@ -35,11 +35,19 @@ class CNFDynamics(nn.Module):
         ``M``, the number of units (the paper's width, compared with ``K`` planar layers).
     dim : int, default 2
     hidden : int, default 32
+    trace : {"exact", "hutchinson"}, default "exact"
+        The exact trace above, or FFJORD's (Grathwohl et al. 2019) unbiased estimate
+        ``e . (df/dz) e`` by one vector--Jacobian product, with the noise ``e`` set by
+        :meth:`draw_noise` before each solve and held fixed during it (the estimator of
+        dynamics whose trace has no closed form).
     """
 
-    def __init__(self, terms: int, dim: int = 2, hidden: int = 32) -> None:
+    def __init__(self, terms: int, dim: int = 2, hidden: int = 32, trace: str = "exact") -> None:
         super().__init__()
-        self.terms, self.dim = terms, dim
+        if trace not in ("exact", "hutchinson"):
+            raise ValueError(f"`trace` must be 'exact' or 'hutchinson', got {trace!r}.")
+        self.terms, self.dim, self.trace = terms, dim, trace
+        self.noise: torch.Tensor | None = None
         self.hyper = nn.Sequential(
             nn.Linear(1, hidden), nn.Tanh(), nn.Linear(hidden, terms * (2 * dim + 1))
         )
@@ -49,15 +57,36 @@ class CNFDynamics(nn.Module):
         p = self.hyper(t.reshape(1, 1)).reshape(self.terms, 2 * self.dim + 1)
         return p[:, : self.dim], p[:, self.dim : 2 * self.dim], p[:, -1]
 
+    def draw_noise(self, like: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Draw the Hutchinson estimator's Rademacher noise for a solve of states ``like``."""
+        signs = torch.randint(0, 2, like.shape, generator=generator, dtype=like.dtype)
+        self.noise = (2 * signs - 1).to(like.device)
+
     def forward(
         self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         z, _ = state
         w, u, b = self.weights(t)
+        if self.trace == "hutchinson":
+            return self._hutchinson(z, w, u, b)
         h = torch.tanh(z @ w.T + b)  # (B, M)
         dz = h @ u
         trace = ((1 - h**2) * (u * w).sum(dim=1)).sum(dim=1)
         return dz, -trace
+
+    def _hutchinson(
+        self, z: torch.Tensor, w: torch.Tensor, u: torch.Tensor, b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.noise is None or self.noise.shape != z.shape:
+            raise RuntimeError(
+                "the Hutchinson trace needs its noise for this batch: call "
+                "`dynamics.draw_noise(z0)` before each solve."
+            )
+        with torch.enable_grad():
+            x = z if z.requires_grad else z.detach().requires_grad_(True)
+            dz = torch.tanh(x @ w.T + b) @ u
+            (e_jac,) = torch.autograd.grad(dz, x, self.noise, create_graph=True)
+        return dz, -(e_jac * self.noise).sum(dim=1)
 
 
 class PlanarFlow(nn.Module):
