@@ -107,3 +107,17 @@ def test_bad_arguments_are_named(args: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit):
         _example().main(args)
     assert message in capsys.readouterr().err
+
+
+def test_every_gradient_mode_trains_the_same_latent_ode(tmp_path: Path) -> None:
+    example = _example()
+    argv = ["--compare-modes", "--spirals", "20", "--iterations", "2", "--n-obs", "10",
+            "--seeds", "0", "--output-dir", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert example.main(argv) == 0
+    rows = {r["adjoint"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    assert set(rows) == {"adjoint", "backprop", "checkpoint", "reversible"}
+    firsts = [r["loss_first"] for r in rows.values()]
+    assert max(firsts) - min(firsts) < 1e-3, firsts  # one model, one first batch
+    assert rows["backprop"]["saved_bytes"] > rows["adjoint"]["saved_bytes"] > 0
+    assert rows["backprop"]["nfe_backward_per_iter"] == 0 < rows["adjoint"]["nfe_backward_per_iter"]
+    assert "| checkpoint |" in (tmp_path / "modes.md").read_text()
