@@ -117,7 +117,9 @@ def test_every_gradient_mode_trains_the_same_latent_ode(tmp_path: Path) -> None:
     rows = {r["adjoint"]: r for r in json.loads((tmp_path / "results.json").read_text())}
     assert set(rows) == {"adjoint", "backprop", "checkpoint", "reversible"}
     firsts = [r["loss_first"] for r in rows.values()]
-    assert max(firsts) - min(firsts) < 1e-3, firsts  # one model, one first batch
+    # One model, one first batch; the replaying modes step to every output time instead of
+    # interpolating (dense output), a difference within the tolerance (rtol 1e-3).
+    assert max(firsts) - min(firsts) < 1e-4 * abs(firsts[0]), firsts
     assert rows["backprop"]["saved_bytes"] > rows["adjoint"]["saved_bytes"] > 0
     assert rows["backprop"]["nfe_backward_per_iter"] == 0 < rows["adjoint"]["nfe_backward_per_iter"]
     assert "| checkpoint |" in (tmp_path / "modes.md").read_text()
