@@ -117,14 +117,20 @@ def rk_psi(f, tableau, t, x, h):
 def reversible_rk_reference(f, tableau, y0, t, n_per_interval, coupling):
     """McCallum & Foster's reversible scheme written as in their paper, with plain autograd
     through every step (differentiable in y0, the parameters and t): an independent reference."""
+    steps = [[(m / n, (m + 1) / n) for m in range(n)] for n in n_per_interval]
+    return reversible_rk_on_steps(f, tableau, y0, t, steps, coupling)
+
+
+def reversible_rk_on_steps(f, tableau, y0, t, steps, coupling):
+    """The same scheme on given steps: per output interval ``i``, the ``(m0, m1)`` of each step
+    as fractions of ``[t[i], t[i+1]]`` (error-controlled steps, as the forward recorded them)."""
     lam = coupling
     y, z = y0, y0
     out = [y0]
-    for i, n in enumerate(n_per_interval):
-        h = (t[i + 1] - t[i]) / n
-        for m in range(n):
-            t_n = t[i] + m * h
-            t_next = t[i] + (m + 1) * h
+    for i, interval in enumerate(steps):
+        span = t[i + 1] - t[i]
+        for m0, m1 in interval:
+            t_n, t_next, h = t[i] + m0 * span, t[i] + m1 * span, (m1 - m0) * span
             y_new = lam * y + (1 - lam) * z + rk_psi(f, tableau, t_n, z, h) - z
             z = z + y_new - rk_psi(f, tableau, t_next, y_new, -h)
             y = y_new

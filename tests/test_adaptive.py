@@ -578,6 +578,38 @@ def test_checkpoint_replays_the_accepted_steps_to_backprops_gradient(every: int)
         assert float((b - c).abs().max()) <= 1e-10 * float(b.abs().max())
 
 
+@pytest.mark.parametrize("solver", ["dopri5", "bosh3"])
+def test_reversible_is_exact_for_its_scheme_on_the_steps_the_forward_chose(
+    solver: str, monkeypatch
+) -> None:
+    from problems import reversible_rk_on_steps
+
+    import torchode_adjoint._reversible as reversible_module
+
+    recorded: list = []
+    inner = reversible_module.integrate_adaptive
+
+    def spy(*args: object, **kwargs: object) -> object:
+        out = inner(*args, **kwargs)
+        recorded.extend(kwargs["record"])  # type: ignore[arg-type]
+        return out
+
+    monkeypatch.setattr(reversible_module, "integrate_adaptive", spy)
+    a = nn.Parameter(_A.clone())
+    y0 = torch.tensor([[1.0, 0.5], [-0.3, 0.8]], dtype=D, requires_grad=True)
+    t = torch.tensor([0.0, 0.7, 2.0], dtype=D, requires_grad=True)
+    f = _forced(a)
+    sol = odeint(f, y0, t, solver=solver, rtol=1e-5, atol=1e-5, adjoint="reversible", params=[a])
+    grads = torch.autograd.grad((sol * sol).sum(), [y0, a, t])
+    (steps,) = recorded
+    assert sum(steps.n_steps) > 4  # several error-controlled steps per interval
+    ref = reversible_rk_on_steps(f, get_solver(solver), y0, t, steps.steps, 0.999)
+    assert torch.allclose(sol, ref, atol=1e-12)
+    expected = torch.autograd.grad((ref * ref).sum(), [y0, a, t])
+    for g, e in zip(grads, expected):
+        assert torch.allclose(g, e, atol=1e-10), (g - e).abs().max()
+
+
 def test_a_training_temporal_batchnorm_refuses_error_control_by_name() -> None:
     from torchode_adjoint import TemporalBatchNorm1d
 
