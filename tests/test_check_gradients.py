@@ -147,6 +147,23 @@ def test_the_adjoint_verdict_says_what_it_measured() -> None:
     assert exact.discretisation_error is None and "exact mode" in str(exact)
 
 
+def test_under_error_control_the_yardstick_is_tighter_tolerances() -> None:
+    # The change of the exact gradient when rtol and atol are 1,000 times tighter: larger at a
+    # loose tolerance than at a tight one, and named with the knob that shrinks it.
+    torch.manual_seed(0)
+    y0, f = torch.randn(4, 3), MLPDynamics()
+    loose = check_gradients(f, y0, solver="bosh3", rtol=1e-3, atol=1e-3)
+    tight = check_gradients(f, y0, solver="bosh3", rtol=1e-7, atol=1e-7)
+    assert loose.discretisation_error is not None and tight.discretisation_error is not None
+    # (18 times here: the time gradient's part does not fall with the tolerance's power)
+    assert loose.discretisation_error > 5 * tight.discretisation_error > 0
+    text = str(loose)
+    assert "rtol=0.001, atol=0.001 (float64)" in text and "step=None" not in text
+    assert "tolerances 1,000 times tighter change the exact gradient" in text
+    assert loose.verdict == tight.verdict == "pass", (str(loose), str(tight))
+    assert "tighten `rtol`/`atol`" in text and "reduce `step`" not in text
+
+
 def test_the_adjoint_table_marks_the_finite_differences_as_not_counting() -> None:
     # A fine rk4 adjoint: its error against the discrete gradient is far below 0.01 %, which
     # must still read as a number, not "0.00%"; its finite-difference column is marked.

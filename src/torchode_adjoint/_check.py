@@ -10,7 +10,7 @@ import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -92,7 +92,10 @@ class GradientReport:
     checks : tuple of GradientCheck
     discretisation_error : float or None
         For the continuous adjoint: the largest relative change of the exact gradient when the
-        step is halved, the yardstick of its tolerance (None for the exact modes).
+        step is halved (under error control: when the tolerances are divided by 1,000), the
+        yardstick of its tolerance (None for the exact modes).
+    tolerances : str or None
+        ``"rtol=..., atol=..."`` of an error-controlled solve (None: fixed steps).
     """
 
     mode: str
@@ -101,6 +104,7 @@ class GradientReport:
     reference: str
     checks: tuple[GradientCheck, ...]
     discretisation_error: float | None = None
+    tolerances: str | None = None
 
     @property
     def summary(self) -> str:
@@ -112,11 +116,15 @@ class GradientReport:
                 f"round-off, {_EXACT_TOL:.0e}) and {self.max_rel_err_fd:.2e} against finite "
                 "differences"
             )
+        if self.tolerances is not None:
+            finer, knob = "tolerances 1,000 times tighter change", "tighten `rtol`/`atol`"
+        else:
+            finer, knob = "halving the step changes", "reduce `step`"
         return (
             f"continuous adjoint: its gradient differs from the exact discrete one by up to "
-            f"{_percent(worst)}; halving the step changes the exact gradient by "
+            f"{_percent(worst)}; {finer} the exact gradient by "
             f"{_percent(self.discretisation_error)}, and 'pass' allows 10 times that. A large "
-            "discretisation error means a large adjoint error: reduce `step`, or use an exact "
+            f"discretisation error means a large adjoint error: {knob}, or use an exact "
             "mode ('checkpoint', 'reversible')"
         )
 
@@ -138,7 +146,9 @@ class GradientReport:
     def __str__(self) -> str:
         width = max(len(c.name) for c in self.checks)
         lines = [
-            f"gradient check: mode={self.mode}, solver={self.solver}, step={self.step} (float64)",
+            f"gradient check: mode={self.mode}, solver={self.solver}, "
+            + (self.tolerances if self.tolerances is not None else f"step={self.step}")
+            + " (float64)",
             f"reference: {self.reference}",
             f"{'input':<{width}}  {'shape':<16}  {'vs reference':>12}  {'vs finite diff':>14}  "
             f"{'tolerance':>9}  verdict",
@@ -291,6 +301,7 @@ def check_gradients(
         reference=reference,
         checks=tuple(checks),
         discretisation_error=discretisation,
+        tolerances=None if setup.config.control is None else setup.config.control.describe(),
     )
 
 
@@ -427,13 +438,31 @@ def _tolerances(
     if config.mode.exact:
         return [_EXACT_TOL] * len(g_ref), None
     # The continuous adjoint is as far from the discrete gradient as the discretisation error:
-    # measure that as the change of the exact gradient when the step is halved.
-    grid = setup.prepared(config).spec.grid
-    half = max(abs(h) for h in grid.h) / 2
-    fine = dataclasses.replace(config, mode=Backprop(), step=half)
+    # measure that as the change of the exact gradient when the step is halved (under error
+    # control: against tolerances 1,000 times tighter; one notch tighter can change the steps
+    # little or much, while far tighter gives the error of the user's own tolerance).
+    if config.control is not None:
+        tighter = dataclasses.replace(
+            config.control, rtol=_scaled(config.control.rtol), atol=_scaled(config.control.atol)
+        )
+        fine = dataclasses.replace(config, mode=Backprop(), control=tighter)
+    else:
+        grid = setup.prepared(config).spec.grid
+        half = max(abs(h) for h in grid.h) / 2
+        fine = dataclasses.replace(config, mode=Backprop(), step=half)
     g_fine = setup.gradients(setup.solution(fine), w)
     errors = [rel(a, b) for a, b in zip(g_ref, g_fine)]
     return [max(10 * e, _EXACT_TOL) for e in errors], max(errors)
+
+
+def _scaled(tolerance: Any) -> Any:
+    """A tolerance (a number, or one per part) divided by 1,000 (not below 1e-13, float64's
+    reach)."""
+    if isinstance(tolerance, dict):
+        return {k: _scaled(v) for k, v in tolerance.items()}
+    if isinstance(tolerance, (tuple, list)):
+        return type(tolerance)(_scaled(v) for v in tolerance)
+    return max(tolerance / 1000.0, 1e-13)
 
 
 def _finite_differences(
