@@ -755,3 +755,75 @@ def test_a_rejected_step_cut_short_to_an_end_shrinks_from_its_own_size() -> None
     assert method.sizes[:2] == [0.1, 0.02], method.sizes
     rejected = [(a, b) for a, b in zip(method.sizes, method.sizes[1:]) if a > 0.01]
     assert all(b < a for a, b in rejected), method.sizes
+
+
+# --- the step-size controller's options --------------------------------------------------
+
+
+def test_the_controller_takes_a_first_step_and_pi_coefficients() -> None:
+    from torchode_adjoint import PIController
+
+    y0 = torch.tensor([[1.0, 0.5]], dtype=D)
+    t = torch.tensor([0.0, 10.0], dtype=D)
+
+    def solve(controller: object) -> tuple[NFECounter, list[float], torch.Tensor]:
+        seen: list[float] = []
+
+        def f(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            seen.append(float(s))
+            return _linear(s, y)
+
+        nfe = NFECounter()
+        y = odeint(f, y0, t, solver="dopri5", rtol=1e-8, atol=1e-8, params=(), nfe=nfe,
+                   controller=controller, dense_output=False)  # type: ignore[arg-type]  # fmt: skip
+        return nfe, seen, y[-1]
+
+    plain, seen_plain, y_plain = solve(None)
+    _, seen_first, y_first = solve(PIController(first_step=0.01))
+    # No evaluation for Hairer's guess: f(0, y0), then the first step's second stage at 0.2 h.
+    assert seen_first[:2] == [0.0, pytest.approx(0.002)]
+    assert seen_plain[1] != pytest.approx(0.002)
+    pi, _, y_pi = solve(PIController(beta1=0.7, beta2=0.4))
+    assert pi.accepted != plain.accepted  # the coefficients act
+    exact = _exact(y0, [10.0])[0]
+    for y in (y_plain, y_first, y_pi):
+        assert float((y - exact).abs().max()) < 1e-6
+
+
+def test_the_controllers_smallest_step_stops_a_stiff_solve_by_name() -> None:
+    from torchode_adjoint import PIController
+
+    def stiff(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -1e4 * (y - torch.cos(t))
+
+    with pytest.raises(RuntimeError, match=r"step size fell to .*`min_step`"):
+        odeint(stiff, torch.zeros(1, dtype=D), [0.0, 1.0], solver="dopri5", rtol=1e-6,
+               controller=PIController(min_step=1e-3), params=())  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"factor_min": 1.5}, "factor_min < 1 < factor_max"),
+        ({"beta1": 0.0}, r"PIController\(beta1=...\)"),
+        ({"beta2": -0.1}, r"PIController\(beta2=...\)"),
+        ({"first_step": -1.0}, r"PIController\(first_step=...\)"),
+        ({"min_step": float("nan")}, r"PIController\(min_step=...\)"),
+    ],
+)
+def test_a_bad_controller_setting_is_named(kwargs: dict, message: str) -> None:
+    from torchode_adjoint import PIController
+
+    with pytest.raises(ValueError, match=message):
+        PIController(**kwargs)
+
+
+def test_a_controller_needs_error_control() -> None:
+    from torchode_adjoint import PIController
+
+    with pytest.raises(ValueError, match=r"`controller` sets how error-controlled steps"):
+        odeint(_linear, torch.ones(1, 2, dtype=D), [0.0, 1.0], solver="rk4",
+               controller=PIController(), params=())  # fmt: skip
+    with pytest.raises(TypeError, match=r"`controller` must be a `torchode_adjoint.PIController`"):
+        odeint(_linear, torch.ones(1, 2, dtype=D), [0.0, 1.0], solver="dopri5", rtol=1e-3,
+               controller={"beta1": 0.7}, params=())  # type: ignore[arg-type]  # fmt: skip

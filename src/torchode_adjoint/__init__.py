@@ -8,6 +8,7 @@ from ._block import ODEBlock
 from ._check import GradientCheck, GradientReport, check_gradients
 from ._checkpoint import Checkpoint
 from ._compiled import Compile, CompileFallbackWarning
+from ._control import PIController
 from ._dynamics import NFECounter, TimeSharedStatisticsWarning
 from ._grid import StepRoundingWarning
 from ._layers import ConcatConv2d
@@ -38,6 +39,7 @@ __all__ = [
     "GradientReport",
     "NFECounter",
     "ODEBlock",
+    "PIController",
     "__version__",
     "available_solvers",
     "check_gradients",

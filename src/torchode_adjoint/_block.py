@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ._compiled import Compile
-from ._control import Tolerance
+from ._control import PIController, Tolerance
 from ._dynamics import NFECounter, warn_time_shared_statistics
 from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP
 from ._mode import GradientMode
@@ -70,6 +70,8 @@ class ODEBlock(nn.Module):
     step_t, jump_t : sequence of float, optional
         With error control: times between ``t0`` and ``t1`` the steps end on, and times where
         the dynamics jump (see :func:`~torchode_adjoint.odeint`).
+    controller : PIController, optional
+        With error control: the step-size controller (see :func:`~torchode_adjoint.odeint`).
 
     Attributes
     ----------
@@ -124,6 +126,7 @@ class ODEBlock(nn.Module):
         atol: Tolerance | None = None,
         step_t: Sequence[float] | None = None,
         jump_t: Sequence[float] | None = None,
+        controller: PIController | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(dynamics, nn.Module):
@@ -145,6 +148,7 @@ class ODEBlock(nn.Module):
             atol=atol,
             step_t=step_t,
             jump_t=jump_t,
+            controller=controller,
         )
         values = {"t0": _time_value(t0, "t0"), "t1": _time_value(t1, "t1")}
         if values["t0"] == values["t1"]:

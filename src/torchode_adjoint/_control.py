@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ErrorControl", "Tolerance", "error_ratio", "initial_step"]
+__all__ = ["ErrorControl", "PIController", "Tolerance", "error_ratio", "initial_step"]
 
 #: A tolerance: one number, or one per part of a structured state (a tuple, list or dict shaped
 #: like the state, with numbers for its tensors).
@@ -57,6 +57,58 @@ def _tolerance(value: object, name: str, example: str) -> Tolerance:
 
 def _text(value: Tolerance) -> str:
     return f"{value:g}" if isinstance(value, float) else repr(value)
+
+
+@dataclass(frozen=True)
+class PIController:
+    """The step-size controller of error-controlled steps (``controller=`` on ``odeint`` and
+    ``ODEBlock``); the tolerances are ``rtol=``/``atol=`` beside it.
+
+    The next step is ``h * clip(safety * ratio**(-beta1/q) * previous**(beta2/q),
+    factor_min, factor_max)``, with ``ratio`` this step's error ratio, ``previous`` the last
+    accepted step's, and ``q`` the embedded order plus one; an accepted step never shrinks the
+    next.
+
+    Parameters
+    ----------
+    beta1, beta2 : float, default 1.0 and 0.0
+        The exponents. The default is the I controller (diffrax's ``PIDController`` default,
+        and torchdiffeq's); ``beta1=0.7, beta2=0.4`` is Hairer & Wanner's PI controller
+        (*Solving ODEs II*, IV.2), smoother on problems whose step size oscillates.
+    safety : float, default 0.9
+    factor_min, factor_max : float, default 0.2 and 10.0
+        The range of one step-size change (``0 < factor_min < 1 < factor_max``).
+    first_step : float, optional
+        The first step's size; default Hairer's algorithm (*Solving ODEs I*, II.4; one
+        evaluation more).
+    min_step : float, default 0.0
+        A step size below which the solve raises (besides the times' resolution).
+    """
+
+    beta1: float = 1.0
+    beta2: float = 0.0
+    safety: float = 0.9
+    factor_min: float = 0.2
+    factor_max: float = 10.0
+    first_step: float | None = None
+    min_step: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("beta1", "safety", "factor_min", "factor_max"):
+            _positive(getattr(self, name), f"PIController({name}=...)", "the default")
+        b2 = self.beta2
+        if isinstance(b2, bool) or not isinstance(b2, numbers.Real) or not 0.0 <= b2 < 10.0:
+            raise ValueError(f"`PIController(beta2=...)` must be a number in [0, 10), got {b2!r}.")
+        if not self.factor_min < 1.0 < self.factor_max:
+            raise ValueError(
+                "`PIController` needs factor_min < 1 < factor_max (a rejected step must shrink, "
+                f"an accepted one may grow), got {self.factor_min!r} and {self.factor_max!r}."
+            )
+        if self.first_step is not None:
+            _positive(self.first_step, "PIController(first_step=...)", "`first_step=1e-3`")
+        ms = self.min_step
+        if isinstance(ms, bool) or not isinstance(ms, numbers.Real) or not 0.0 <= ms < math.inf:
+            raise ValueError(f"`PIController(min_step=...)` must be 0 or positive, got {ms!r}.")
 
 
 @dataclass(frozen=True)
@@ -94,6 +146,8 @@ class ErrorControl:
     jump_times : tuple of float, default ()
         Times where the dynamics jump (torchdiffeq's ``jump_t``): a step ends there, and the
         derivative a first-same-as-last pair carries over is evaluated anew just after it.
+    first_step : float, optional
+        The first step's size (None: Hairer's algorithm).
     """
 
     rtol: float
@@ -110,6 +164,7 @@ class ErrorControl:
     parts: tuple[tuple[int, int], ...] = ()
     step_times: tuple[float, ...] = ()
     jump_times: tuple[float, ...] = ()
+    first_step: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rtol", _tolerance(self.rtol, "rtol", "`rtol=1e-5`"))

@@ -566,7 +566,7 @@ def integrate_adaptive(
     direction = 1.0 if host_times[-1] > host_times[0] else -1.0
     try:
         with torch.no_grad():
-            h = initial_step(
+            h = control.first_step or initial_step(
                 f,
                 t[0].detach(),
                 y0.detach(),

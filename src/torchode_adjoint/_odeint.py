@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from ._compiled import Compile
-from ._control import Tolerance
+from ._control import PIController, Tolerance
 from ._dynamics import NFECounter, warn_time_shared_statistics
 from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP
 from ._mode import GradientMode
@@ -37,6 +37,7 @@ def odeint(
     dense_output: bool = True,
     step_t: Sequence[float] | torch.Tensor | None = None,
     jump_t: Sequence[float] | torch.Tensor | None = None,
+    controller: PIController | None = None,
     **unsupported: object,
 ) -> State:
     """Integrate ``dy/dt = func(t, y)`` with a fixed-step explicit Runge--Kutta method.
@@ -124,6 +125,9 @@ def odeint(
         ends there, and a first-same-as-last pair evaluates the derivative anew just after it
         (at the next representable time). Backprop and the continuous adjoint only; with the
         replaying modes pass ``step_t``.
+    controller : PIController, optional
+        With error control: the step-size controller's coefficients, the first step and the
+        smallest step (default ``PIController()``: the I controller, Hairer's first step).
     compile : bool or Compile, default False
         Run each solver step and each backward step as one ``torch.compile`` graph
         (:class:`~torchode_adjoint.Compile` sets the backend). Same values and gradients as the
@@ -188,6 +192,7 @@ def odeint(
         dense_output=dense_output,
         step_t=step_t,
         jump_t=jump_t,
+        controller=controller,
     )
     first, states, structure = solve(func, y0, t, config, params=params, nfe=nfe)
     solution = torch.stack([first, *states])

@@ -21,7 +21,7 @@ from torch import nn
 from ._adjoint import ContinuousAdjoint
 from ._checkpoint import Checkpoint
 from ._compiled import Compile
-from ._control import ErrorControl, Tolerance
+from ._control import ErrorControl, PIController, Tolerance
 from ._dynamics import NFECounter, module_tensors, training_norms
 from ._executor import Executor
 from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP, distinct_stage_times, make_grid
@@ -294,6 +294,7 @@ def make_config(
     dense_output: bool = True,
     step_t: Sequence[float] | torch.Tensor | None = None,
     jump_t: Sequence[float] | torch.Tensor | None = None,
+    controller: PIController | None = None,
 ) -> SolveConfig:
     """Validate the settings: solver, step, mode (and its pairing with the solver), limits,
     and the tolerances of error-controlled steps."""
@@ -304,6 +305,7 @@ def make_config(
     if control is not None and not dense_output:
         control = dataclasses.replace(control, interpolate=False)
     control = _stop_times(control, mode, step_t, jump_t)
+    control = _with_controller(control, controller)
     if mode.name == "reversible" and is_heun(tableau):
         warnings.warn(
             "`solver='heun'` with `adjoint='reversible'` now integrates Heun's method made "
@@ -366,6 +368,27 @@ def _control_for(
                 )
         return control
     return control.for_parts(structure.parts(), structure.per_part)
+
+
+def _with_controller(
+    control: ErrorControl | None, controller: PIController | None
+) -> ErrorControl | None:
+    """The error control with the step-size controller's settings."""
+    if controller is None:
+        return control
+    if not isinstance(controller, PIController):
+        raise TypeError(
+            f"`controller` must be a `torchode_adjoint.PIController`, got "
+            f"{type(controller).__name__}; pass e.g. `controller=PIController(beta1=0.7, "
+            "beta2=0.4)`."
+        )
+    if control is None:
+        raise ValueError(
+            "`controller` sets how error-controlled steps are sized, and this solve takes fixed "
+            "steps: pass `rtol`/`atol` with an embedded pair (e.g. `solver='dopri5'`)."
+        )
+    fields = ("beta1", "beta2", "safety", "factor_min", "factor_max", "first_step", "min_step")
+    return dataclasses.replace(control, **{k: getattr(controller, k) for k in fields})
 
 
 def _times_list(value: object, name: str) -> tuple[float, ...]:
