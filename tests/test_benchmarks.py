@@ -217,3 +217,16 @@ def test_the_bare_loop_is_the_same_scheme_as_the_library():
     for solver in ("euler", "rk4"):
         ours = odeint(f, y0, [0.0, 1.0], solver=solver, step=1.0 / STEPS, adjoint=False)[-1]
         torch.testing.assert_close(_bare_loop(f, y0, solver), ours, rtol=1e-12, atol=1e-12)
+
+
+def test_the_adaptive_workloads_benchmark_reports_every_mode(tmp_path):
+    from benchmarks import adaptive_workloads
+
+    assert adaptive_workloads.main(["--workloads", "cnf", "--repeats", "1",
+                                    "--output-dir", str(tmp_path)]) == 0  # fmt: skip
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = result["results"]["cnf"]["rows"]
+    for mode in ("backprop", "adjoint", "checkpoint", "reversible"):
+        assert rows[f"ours {mode}"]["median_s"] > 0 and rows[f"ours {mode}"]["nfe_forward"] > 0
+    assert rows["ours backprop"]["nfe_backward"] == 0 < rows["ours adjoint"]["nfe_backward"]
+    assert "## CNF, 32 units" in (tmp_path / "report.md").read_text()
