@@ -51,8 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-obs", type=int, nargs="+", default=[30, 50, 100])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--iterations", type=int, default=2000, help="Adam steps per run")
-    p.add_argument("--lr", type=float, default=0.01,
-                   help="Adam's rate, decayed to 1 %% of it over the run (cosine)")  # fmt: skip
+    p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--models", nargs="+", default=["latent_ode", "rnn"],
                    choices=["latent_ode", "rnn"])  # fmt: skip
     p.add_argument("--solver", default="dopri5")
@@ -124,11 +123,6 @@ def run_one(
     idx_test = observe(len(test), data.times.numel(), n_obs, seed=seed + 10_000)
     model: nn.Module = LatentODE() if kind == "latent_ode" else RNNBaseline()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    # The reported model is the last iterate: the rate falls to 1 % of itself by the last step
-    # rather than ending on a full-size step.
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt, T_max=args.iterations, eta_min=args.lr / 100
-    )
     nfe = NFECounter()
     solve = _solver(args, nfe)
     times = train.times.expand(len(train), -1).gather(1, idx_train)
@@ -148,7 +142,6 @@ def run_one(
         saved = counted.bytes
         loss.backward()
         opt.step()
-        schedule.step()
         losses.append(loss.item())
         nfe_f.append(nfe.forward)
         nfe_b.append(nfe.backward)
