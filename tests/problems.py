@@ -123,13 +123,18 @@ def reversible_rk_reference(f, tableau, y0, t, n_per_interval, coupling):
 
 def reversible_rk_on_steps(f, tableau, y0, t, steps, coupling):
     """The same scheme on given steps: per output interval ``i``, the ``(m0, m1)`` of each step
-    as fractions of ``[t[i], t[i+1]]`` (error-controlled steps, as the forward recorded them)."""
-    lam = coupling
+    as fractions of ``[t[i], t[i+1]]`` (error-controlled steps, as the forward recorded them).
+    ``coupling`` is one number, or one per step (as a chosen coupling recorded them)."""
+    n_total = sum(len(interval) for interval in steps)
+    lams = list(coupling) if isinstance(coupling, (list, tuple)) else [coupling] * n_total
+    assert len(lams) == n_total, (len(lams), n_total)
     y, z = y0, y0
     out = [y0]
+    g = 0
     for i, interval in enumerate(steps):
         span = t[i + 1] - t[i]
         for m0, m1 in interval:
+            lam, g = lams[g], g + 1
             t_n, t_next, h = t[i] + m0 * span, t[i] + m1 * span, (m1 - m0) * span
             y_new = lam * y + (1 - lam) * z + rk_psi(f, tableau, t_n, z, h) - z
             z = z + y_new - rk_psi(f, tableau, t_next, y_new, -h)

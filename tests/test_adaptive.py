@@ -599,11 +599,16 @@ def test_reversible_is_exact_for_its_scheme_on_the_steps_the_forward_chose(
     y0 = torch.tensor([[1.0, 0.5], [-0.3, 0.8]], dtype=D, requires_grad=True)
     t = torch.tensor([0.0, 0.7, 2.0], dtype=D, requires_grad=True)
     f = _forced(a)
-    sol = odeint(f, y0, t, solver=solver, rtol=1e-5, atol=1e-5, adjoint="reversible", params=[a])
+    nfe = NFECounter()
+    sol = odeint(
+        f, y0, t, solver=solver, rtol=1e-5, atol=1e-5, adjoint="reversible", params=[a], nfe=nfe
+    )
     grads = torch.autograd.grad((sol * sol).sum(), [y0, a, t])
     (steps,) = recorded
     assert sum(steps.n_steps) > 4  # several error-controlled steps per interval
-    ref = reversible_rk_on_steps(f, get_solver(solver), y0, t, steps.steps, 0.999)
+    # The couplings the forward chose, one per accepted step.
+    assert len(nfe.couplings) == sum(steps.n_steps)
+    ref = reversible_rk_on_steps(f, get_solver(solver), y0, t, steps.steps, nfe.couplings)
     assert torch.allclose(sol, ref, atol=1e-12)
     expected = torch.autograd.grad((ref * ref).sum(), [y0, a, t])
     for g, e in zip(grads, expected):

@@ -8,7 +8,7 @@ from ._block import ODEBlock
 from ._check import GradientCheck, GradientReport, check_gradients
 from ._checkpoint import Checkpoint
 from ._compiled import Compile, CompileFallbackWarning
-from ._control import PIController
+from ._control import PIController, ToleranceWarning
 from ._dynamics import NFECounter, TimeSharedStatisticsWarning
 from ._grid import StepRoundingWarning
 from ._layers import ConcatConv2d
@@ -52,4 +52,5 @@ __all__ = [
     "TemporalBatchNorm3d",
     "TimeSharedStatisticsWarning",
     "StepRoundingWarning",
+    "ToleranceWarning",
 ]

@@ -23,6 +23,7 @@ incoming gradient is added to ``a``, the state is reset to the stored forward st
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -166,13 +167,13 @@ class ContinuousAdjoint(GradientMode):
     ) -> Gradients:
         """The backward pass with error-controlled steps, interval by interval from the last
         output time, each interval's steps ending on its output time."""
-        control = ErrorControl(
+        # The forward's controller (a user's PIController included), with the adjoint's own
+        # tolerances where given; the first step is the backward pass's own.
+        control = dataclasses.replace(
+            forward,
             rtol=forward.rtol if self.rtol is None else self.rtol,
             atol=forward.atol if self.atol is None else self.atol,
-            max_step=forward.max_step,
-            max_steps=forward.max_steps,
-            parts=forward.parts,
-            jump_times=forward.jump_times,
+            first_step=None,
         )
         full = self.norm == "full"
         executor = Executor(AugmentedMethod(tableau, True, full), job.spec.compile)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ._compiled import cast
-from ._runge_kutta import StepPlan, combine, plan_for, rk_increment, rk_stages
+from ._runge_kutta import StepPlan, combine, plan_for, rk_stages
 from ._step import Step, Stepped, StepProducts
 from ._tableau import ButcherTableau
 
@@ -55,12 +55,23 @@ class Coupled:
     tableau : ButcherTableau
         The base method.
     coupling : float
-        ``lam`` in (0, 1].
+        ``lam`` in (0, 1]; with ``choose``, the largest coupling a step may take.
+    estimate : bool
+        Error-controlled steps: each step returns an error estimate.
+    choose : bool
+        Choose each step's coupling from the contraction the step shows (see
+        :meth:`coupling_for`); the carry then holds ``f(t_n, y_n)`` and the coupling the step
+        that made it took (a host float, which the reversible mode records).
+    min_coupling : float
+        With ``choose``: the smallest coupling a step may take. A step that contracts by more
+        raises (fixed steps) or takes it and lets the error control see the gap grow.
     """
 
     tableau: ButcherTableau
     coupling: float
     estimate: bool = False
+    choose: bool = False
+    min_coupling: float = 0.5
     plan: StepPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +80,8 @@ class Coupled:
 
     @property
     def name(self) -> str:
+        if self.choose:
+            return f"{self.tableau.name} made reversible (coupling chosen per step)"
         return f"{self.tableau.name} made reversible (coupling {self.coupling:g})"
 
     @property
@@ -82,26 +95,92 @@ class Coupled:
 
     @property
     def key(self) -> Hashable:
-        return ("coupled", self.tableau, self.coupling)
+        return ("coupled", self.tableau, self.coupling, self.choose, self.min_coupling)
 
-    def init(self, f: Any, y0: torch.Tensor, t0: torch.Tensor) -> Carry:
-        return (y0, y0)
+    @property
+    def compilable(self) -> bool:
+        """Whether the steps may run as compiled graphs: not with a coupling chosen per step,
+        which is read on the host at every step."""
+        return not self.choose
 
-    def output(self, carry: Carry) -> torch.Tensor:
-        return carry[0]
+    def init(self, f: Any, y0: torch.Tensor, t0: torch.Tensor) -> Any:
+        # (y, z), and with a chosen coupling f(t_n, y_n) and the last step's coupling: none
+        # yet (y_0 = z_0, so the first step has no gap to measure).
+        return (y0, y0, None, None) if self.choose else (y0, y0)
 
-    def step(self, f: Any, carry: Carry, h: Step, ts: tuple[torch.Tensor, ...]) -> Stepped:
-        y, z = carry
-        plan, lam = self.plan, self.coupling
+    def output(self, carry: Any) -> torch.Tensor:
+        return carry[0]  # type: ignore[no-any-return]
+
+    def auxiliary(self, carry: Any) -> tuple[torch.Tensor, ...]:
+        """What the backward pass starts from besides the output: ``z_N``."""
+        return (carry[1],)
+
+    @staticmethod
+    def coupling_of(carry: Any) -> float | None:
+        """The coupling the step that made ``carry`` took (None before the first step, or for
+        a fixed coupling)."""
+        return carry[3] if len(carry) > 2 else None  # type: ignore[no-any-return]
+
+    def step(self, f: Any, carry: Any, h: Step, ts: tuple[torch.Tensor, ...]) -> Stepped:
+        y, z = carry[0], carry[1]
+        plan = self.plan
         s = plan.stages
         ks = rk_stages(f, z, h, ts[:s], plan)
         d_p = combine(None, h, plan.weights, ks)
         # The base step's error estimate (an embedded pair under error control).
         error = combine(None, h, plan.errors, ks) if self.estimate else None
+        lam = self.coupling_for(carry, ks[0], h, ts[0]) if self.choose else self.coupling
         # Plain products, no `alpha=` (the compiled path; see `combine`).
-        y = d_p + y if lam == 1.0 else d_p + lam * y + (1.0 - lam) * z
-        d_q = rk_increment(f, y, -h, ts[s:], plan)
-        return (y, z - d_q), error, None
+        y1 = d_p + y if lam == 1.0 else d_p + lam * y + (1.0 - lam) * z
+        ks_q = rk_stages(f, y1, -h, ts[s:], plan)
+        z1 = z - combine(None, -h, plan.weights, ks_q)
+        if error is not None:
+            # The coupled state's own error: the change of the gap between y and z, which the
+            # scheme's second (parasitic) mode grows where the coupling exceeds a step's
+            # contraction. Zero-order in a healthy step (the gap is the round trip's defect).
+            error = error + ((y1 - z1) - (y - z))
+        if self.choose:
+            return (y1, z1, ks_q[0], lam), error, None
+        return (y1, z1), error, None
+
+    def coupling_for(self, carry: Any, f_z: torch.Tensor, h: Step, t: torch.Tensor) -> float:
+        """The coupling of the step from ``carry``: the step's contraction along the gap.
+
+        For ``y' = J y`` a coupled step with coupling ``lam`` has the eigenvalues ``R`` (the
+        solution) and about ``lam / R`` (the parasitic mode), ``R = R(h mu)`` the base
+        tableau's stability function at an eigenvalue ``mu`` of ``J``: with ``lam = R`` the
+        parasitic mode neither grows forwards nor backwards. The gap ``g = y_n - z_n`` is that
+        mode's amplitude, and grows fastest along the most contracting direction, so the
+        Rayleigh quotient ``mu = <g, f(t_n, y_n) - f(t_n, z_n)> / <g, g>`` (both evaluations
+        the scheme makes anyway: the last reverse step's first stage and this step's) measures
+        the rate that matters. The coupling is ``min(coupling, R(h mu))``.
+        """
+        f_y = carry[2]
+        if f_y is None:
+            return self.coupling
+        y, z = carry[0], carry[1]
+        with torch.no_grad():
+            g = (y - z).reshape(-1)
+            d = (f_y - f_z).reshape(-1)
+            yv = y.reshape(-1)
+            parts = torch.stack(
+                [torch.vdot(g, g).real, torch.vdot(g, d).real, torch.vdot(yv, yv).real]
+            )
+            gg, gd, yy = parts.tolist()  # the one host read of the step
+        eps = torch.finfo(y.dtype).eps
+        # A gap at round-off has no direction to measure (and nothing to grow yet).
+        if not gg > (100.0 * eps) ** 2 * max(yy, 1.0):
+            return self.coupling
+        mu = gd / gg
+        h_f = float(h.detach()) if isinstance(h, torch.Tensor) else float(h)
+        r = self.tableau.stability(h_f * mu)
+        lam = min(self.coupling, r)
+        if lam >= self.min_coupling:
+            return lam
+        if self.estimate:
+            # Error control: the gap's growth enters the error estimate and shortens the step.
+            return self.min_coupling
+        raise RuntimeError(_too_contracting(self, float(t.detach()), h_f, mu, r))
 
     @property
     def error_order(self) -> int:
@@ -122,7 +201,7 @@ class Coupled:
 
     def backward_step(
         self,
-        vjp: StepProducts,
+        vjp: Any,
         carry: Carry,
         adjoint: Carry,
         h: Step,
@@ -134,7 +213,8 @@ class Coupled:
         no evaluation)."""
         y1, z1 = carry
         a_y, a_z = adjoint
-        plan, lam = self.plan, self.coupling
+        plan = self.plan
+        lam = vjp.coupling if self.choose else self.coupling
         # z_{n+1} = z_n - d_{-h}(y_{n+1}): the product with -A_z.
         d_q, g_q = vjp.increment(plan, y1, torch.neg(a_z), -h, first=plan.stages, offset=1)
         z0 = z1 + d_q
@@ -148,3 +228,24 @@ class Coupled:
         if incoming is not None:
             a_y0 = a_y0 + incoming
         return (y0, z0), (a_y0, a_z0)
+
+
+def _too_contracting(method: Coupled, t: float, h: float, mu: float, r: float) -> str:
+    """The message for a fixed step that contracts by more than the smallest coupling."""
+    # The largest step (a fraction of this one) whose contraction the coupling can follow.
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if method.tableau.stability(mid * h * mu) >= method.min_coupling:
+            lo = mid
+        else:
+            hi = mid
+    return (
+        f"adjoint='reversible' with solver={method.tableau.name!r}: at t = {t:.6g} a step of "
+        f"{abs(h):.3g} contracts the state by a factor of {r:.3g} (the dynamics' rate along the "
+        f"gap between the scheme's two states is about {mu:.3g}), more than the smallest "
+        f"coupling {method.min_coupling:g} can follow, so the coupling's parasitic mode would "
+        f"grow at every step and the solution and gradient would be wrong. Use a smaller "
+        f"`step` (at most about {lo * abs(h):.3g} there), error control (`rtol=`/`atol=`), "
+        "or adjoint='checkpoint' (exact, stores one state per segment)."
+    )

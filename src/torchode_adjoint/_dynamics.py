@@ -48,6 +48,9 @@ class NFECounter:
         Error-controlled steps of the forward pass accepted and rejected (0 with fixed steps).
     backward_accepted, backward_rejected : int
         The same for the continuous adjoint's error-controlled backward pass.
+    couplings : tuple of float
+        The reversible mode's coupling of each step of the forward pass, where it is chosen per
+        step (``Reversible()``, the default); empty otherwise.
     """
 
     forward: int = 0
@@ -56,11 +59,13 @@ class NFECounter:
     rejected: int = 0
     backward_accepted: int = 0
     backward_rejected: int = 0
+    couplings: tuple[float, ...] = ()
 
     def reset(self) -> None:
         """Zero every count (each solve starts from zero)."""
         self.forward = self.backward = self.accepted = self.rejected = 0
         self.backward_accepted = self.backward_rejected = 0
+        self.couplings = ()
 
 
 class Dynamics:

@@ -84,6 +84,9 @@ class Executor:
     __slots__ = ("method", "options", "evaluations", "_fns", "chunk_steps", "_h")
 
     def __init__(self, method: Method, options: Compile | None) -> None:
+        # A method that reads the host at every step (a coupling chosen per step) runs eagerly.
+        if not getattr(method, "compilable", True):
+            options = None
         self.method, self.options = method, options
         self.evaluations = len(method.nodes)
         self.chunk_steps = options.steps if options is not None else 1

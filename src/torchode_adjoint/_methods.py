@@ -39,11 +39,19 @@ def as_embedded(tableau: ButcherTableau) -> Method:
     return EmbeddedRungeKutta(tableau)
 
 
-def as_reversible(solver: Solver, coupling: float, *, estimate: bool = False) -> Method:
+def as_reversible(
+    solver: Solver,
+    coupling: float,
+    *,
+    estimate: bool = False,
+    choose: bool = False,
+    min_coupling: float = 0.5,
+) -> Method:
     """``solver`` as a method with an exact inverse: a tableau made reversible by McCallum &
-    Foster's coupling ``coupling``, or the reversible Heun method (its own inverse)."""
+    Foster's coupling ``coupling`` (with ``choose``, chosen per step up to ``coupling``), or
+    the reversible Heun method (its own inverse)."""
     if isinstance(solver, ButcherTableau):
-        return Coupled(solver, coupling, estimate)
+        return Coupled(solver, coupling, estimate, choose, min_coupling)
     return solver
 
 

@@ -81,6 +81,8 @@ class ForwardRecord:
     steps : RecordedSteps or None
         The accepted steps of an error-controlled forward pass (for the modes that replay
         them); None with fixed steps.
+    couplings : tuple of float or None
+        The reversible mode's coupling of each step, where it is chosen per step.
     """
 
     device: torch.device
@@ -91,6 +93,7 @@ class ForwardRecord:
     n_extra: int = 0
     reads: Reads | None = None
     steps: RecordedSteps | None = None
+    couplings: tuple[float, ...] | None = None
 
     @staticmethod
     def start(device: torch.device) -> ForwardRecord:
@@ -174,15 +177,25 @@ class BackwardJob:
         """
         if not self._finite or bool(torch.isfinite(self._finite[-1][1]).all()):
             return
-        time, bad = next((tm, a) for tm, a in self._finite if not bool(torch.isfinite(a).all()))
+        j = next(k for k, (_, a) in enumerate(self._finite) if not bool(torch.isfinite(a).all()))
+        time, bad = self._finite[j]
+        # The adjoint is checked at the output times, going backwards: it turned non-finite
+        # after the last time it was seen finite.
+        where = f"at t = {time:.6g}" if j == 0 else (
+            f"between t = {self._finite[j - 1][0]:.6g} and t = {time:.6g}"
+        )
         incoming = [g for g in self.grads if g is not None]
+        control = self.spec.control
+        fix = "reduce `step`" if control is None else (
+            f"tighten `rtol`/`atol` ({control.describe()} now)"
+        )
         source = (
             "the incoming gradient dL/dy is itself NaN or infinite (check the loss)"
             if any(not bool(torch.isfinite(g).all()) for g in incoming)
-            else "the dynamics' Jacobian overflowed; reduce `step` or check the dynamics"
+            else f"the dynamics' Jacobian overflowed; {fix} or check the dynamics"
         )
         raise RuntimeError(
-            f"the adjoint state dL/dy became NaN or infinite at t = {time:.6g}"
+            f"the adjoint state dL/dy became NaN or infinite {where}"
             f"{non_finite_part(self.spec.func, bad).replace('`y', '`dL/dy')} during the "
             f"backward pass of adjoint={mode!r}: {source} (pass `check_finite=False` to return "
             "it unchecked)."

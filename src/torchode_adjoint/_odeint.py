@@ -58,8 +58,9 @@ def odeint(
         complex. A (nested) tuple, list or dict of tensors is a state made of parts: ``func``
         receives and returns that structure. The parts share one device and one precision
         (float32 with complex64, float64 with complex128); see :doc:`/structured_states`.
-    t : Tensor, shape (T,), T >= 2
-        Output times, strictly increasing or strictly decreasing, on ``y0``'s device. They are
+    t : Tensor, shape (T,), T >= 1
+        Output times, strictly increasing or strictly decreasing, on ``y0``'s device; a single
+        time returns ``y0`` there (shape ``(1, *y0.shape)``, no step, as torchdiffeq). They are
         used in ``y0``'s real dtype (float64 for complex128); their gradient flows back in their
         own dtype.
     solver : str, ButcherTableau or ReversibleHeun, default "euler"
@@ -151,7 +152,7 @@ def odeint(
         ``func`` not callable, ``y0`` not a floating tensor, ``t`` or ``params`` of a wrong type,
         ``func`` returning another dtype.
     ValueError
-        Bad ``step`` or ``t`` (fewer than two points, not 1-D, not strictly monotonic, another
+        Bad ``step`` or ``t`` (empty, not 1-D, not strictly monotonic, another
         device), unknown ``solver`` or ``adjoint``, missing ``params``, ``func`` returning another
         shape.
     RuntimeError
@@ -165,8 +166,7 @@ def odeint(
     -----
     torchdiffeq's fixed-grid solvers build one global grid with ``step_size`` and interpolate the
     outputs, shortening the last step; here every interval gets its own equal steps, so each
-    output time is hit exactly. torchdiffeq returns ``y0`` for a single time; here that is an
-    error.
+    output time is hit exactly. A single time returns ``y0``, as torchdiffeq.
 
     Examples
     --------

@@ -21,7 +21,7 @@ from torch import nn
 from ._adjoint import ContinuousAdjoint
 from ._checkpoint import Checkpoint
 from ._compiled import Compile
-from ._control import ErrorControl, PIController, Tolerance
+from ._control import ErrorControl, PIController, Tolerance, warn_unreachable_rtol
 from ._dynamics import NFECounter, module_tensors, training_norms
 from ._executor import Executor
 from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP, distinct_stage_times, make_grid
@@ -306,7 +306,9 @@ def make_config(
         control = dataclasses.replace(control, interpolate=False)
     control = _stop_times(control, mode, step_t, jump_t)
     control = _with_controller(control, controller)
-    if mode.name == "reversible" and is_heun(tableau):
+    # Only Heun's own tableau: an embedded pair with Heun's weights (adaptive_heun) never had
+    # the old meaning.
+    if mode.name == "reversible" and is_heun(tableau) and not getattr(tableau, "adaptive", False):
         warnings.warn(
             "`solver='heun'` with `adjoint='reversible'` now integrates Heun's method made "
             "reversible by McCallum & Foster's coupling (two evaluations per step, order 2); "
@@ -502,6 +504,8 @@ def prepare(
     t_cast, host = check_times(t, y0)
     t_cast, host, keep = _with_stops(t_cast, host, config.control)
     grid = make_grid(host, config.step, torch.finfo(y0.dtype).eps, max_steps=config.max_steps)
+    if config.control is not None:
+        warn_unreachable_rtol(config.control, y0.dtype)
     counter = nfe if nfe is not None else NFECounter()
     counter.reset()
     spec = SolveSpec(

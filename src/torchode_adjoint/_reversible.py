@@ -28,7 +28,7 @@ import math
 import numbers
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -56,51 +56,85 @@ class Reversible(GradientMode):
     With a Butcher tableau (any registered solver, or your own), the solve integrates McCallum
     & Foster's reversible coupling of that method::
 
-        y_{n+1} = lam y_n + (1 - lam) z_n + Psi_h(t_n, z_n) - z_n
+        y_{n+1} = lam_n y_n + (1 - lam_n) z_n + Psi_h(t_n, z_n) - z_n
         z_{n+1} = z_n + y_{n+1} - Psi_{-h}(t_{n+1}, y_{n+1})
 
     (``Psi_h`` one step of the tableau, ``z`` an auxiliary state with ``z_0 = y_0``), which has
     the tableau's order. With ``solver="reversible_heun"`` it integrates the reversible Heun
-    method. Gradient: exact for the discretisation integrated (to the round-off of the
-    reconstruction). Memory: the outputs and one auxiliary state, independent of the number of
-    steps. Cost per step, for an ``s``-stage tableau: ``2 s`` evaluations forward; ``2 s``
-    evaluations with their vector--Jacobian products backward (the reconstruction and the
-    products share them). Reversible Heun: one evaluation forward, one evaluation with its
-    product backward.
+    method. Gradient: exact for the discretisation integrated, the couplings ``lam_n`` taken as
+    constants like the step sizes (to the round-off of the reconstruction). Memory: the outputs
+    and one auxiliary state, independent of the number of steps (plus one host float per step
+    with a chosen coupling). Cost per step, for an ``s``-stage tableau: ``2 s`` evaluations
+    forward; ``2 s`` evaluations with their vector--Jacobian products backward (the
+    reconstruction and the products share them). Reversible Heun: one evaluation forward, one
+    evaluation with its product backward.
+
+    The coupling: a step that contracts the state by a factor ``R`` (``R = R(h mu)``, the
+    tableau's stability function at the dynamics' rate ``mu``) grows the scheme's second,
+    parasitic mode by ``lam / R``. A fixed ``lam`` near 1 therefore fails on contracting
+    dynamics (``dy/dt = -y + tanh(W y + b)`` and most neural ODEs): the solution drifts
+    without bound. By default (``coupling="auto"``) each step takes ``lam_n = min(0.999,
+    R(h mu_n))``, ``mu_n`` the dynamics' rate measured along the gap ``y_n - z_n`` from two
+    evaluations the scheme makes anyway (one host read per step; such steps run eagerly), so
+    the parasitic mode grows neither forwards nor backwards. A step contracting by more than
+    ``min_coupling`` raises with fixed steps and is shortened under error control, whose error
+    estimate includes the gap's growth. See the gradient-modes page for the derivation.
 
     Parameters
     ----------
-    coupling : float, default 0.999
-        ``lam`` in (0, 1]. The reconstruction divides by it once per step, so round-off grows
-        like ``lam**-n`` over ``n`` steps where the dynamics do not damp it: values near 1 are
-        the stable choice; McCallum & Foster note that ``lam = 1`` loses the scheme's linear
-        stability. Not used by the reversible Heun method.
+    coupling : float or "auto", default "auto"
+        ``"auto"``: chosen per step as above (at most 0.999). A number in (0, 1]: that coupling
+        at every step (McCallum & Foster's scheme as published): you then promise that no step
+        contracts the state by more than it; nothing checks that with fixed steps. The
+        reconstruction divides by the coupling once per step, so round-off grows like
+        ``lam**-n`` over ``n`` steps where the dynamics do not damp it. Not used by the
+        reversible Heun method.
+    min_coupling : float, default 0.5
+        With ``coupling="auto"``: the smallest coupling a step may take (the backward
+        reconstruction divides by it).
     drift_tol : float, optional
         The largest relative difference allowed between the reconstructed and the stored
         ``y0``; default ``sqrt(eps)`` of the state's dtype (1.5e-8 in float64, 3.5e-4 in
         float32). Beyond it the backward pass raises rather than return the gradient of another
-        trajectory.
+        trajectory, saying whether the parasitic mode or the dynamics' own contraction
+        amplified the round-off.
 
     Raises
     ------
     ValueError
-        For a ``coupling`` outside (0, 1] or a non-positive ``drift_tol``.
+        For a ``coupling`` outside (0, 1] (or not "auto"), a ``min_coupling`` outside (0, 1),
+        or a non-positive ``drift_tol``.
     """
 
     name: ClassVar[str] = "reversible"
     interpolates: ClassVar[bool] = False  # it replays the recorded steps, each ending on t[i]
     saves_y0: ClassVar[bool] = True
-    coupling: float = 0.999
+    coupling: float | Literal["auto"] = "auto"
+    min_coupling: float = 0.5
     drift_tol: float | None = None
+
+    #: The largest coupling a step takes with ``coupling="auto"``.
+    MAX_COUPLING: ClassVar[float] = 0.999
 
     def __post_init__(self) -> None:
         c = self.coupling
-        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0.0 < float(c) <= 1.0:
+        if not (isinstance(c, str) and c == "auto") and (
+            isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0.0 < float(c) <= 1.0
+        ):
             raise ValueError(
-                f"`coupling` must be a number in (0, 1], got {c!r}; pass e.g. "
-                "`Reversible(coupling=0.999)` (values near 1 reconstruct most stably)."
+                f"`coupling` must be \"auto\" or a number in (0, 1], got {c!r}; pass "
+                "`Reversible()` (chosen per step from the dynamics' contraction) or e.g. "
+                "`Reversible(coupling=0.999)`."
             )
-        object.__setattr__(self, "coupling", float(c))
+        if c != "auto":
+            object.__setattr__(self, "coupling", float(c))
+        m = self.min_coupling
+        if isinstance(m, bool) or not isinstance(m, numbers.Real) or not 0.0 < float(m) < 1.0:
+            raise ValueError(
+                f"`min_coupling` must be a number in (0, 1), got {m!r}; pass e.g. "
+                "`Reversible(min_coupling=0.5)`."
+            )
+        object.__setattr__(self, "min_coupling", float(m))
         tol = self.drift_tol
         if tol is not None and (
             isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not float(tol) > 0.0
@@ -114,7 +148,14 @@ class Reversible(GradientMode):
         """Any solver: a tableau is made reversible, the reversible Heun method is already."""
 
     def method_for(self, solver: Solver, *, error_control: bool = False) -> Method:
-        return as_reversible(solver, self.coupling, estimate=error_control)
+        choose = self.coupling == "auto"
+        return as_reversible(
+            solver,
+            self.MAX_COUPLING if choose else float(self.coupling),
+            estimate=error_control,
+            choose=choose,
+            min_coupling=self.min_coupling,
+        )
 
     def integrate_only(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec
@@ -128,10 +169,22 @@ class Reversible(GradientMode):
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
     ) -> ForwardResult:
         record.draws = f.draws = SeededDraws(y0.device)
+        method: Any = spec.method
         last: list[Any] = []
+        # A coupling chosen per step is kept as a host float per step, like the steps of error
+        # control: the carry before each step holds the coupling of the step before it.
+        couplings: list[float] | None = [] if getattr(method, "choose", False) else None
+
+        def keep(carry: Any) -> None:
+            if couplings is not None:
+                lam = method.coupling_of(carry)
+                if lam is not None:
+                    couplings.append(lam)
+
         if spec.control is not None:
             # Error-controlled steps of the reversible scheme, its error estimated on the base
-            # step from z; the accepted steps are kept (two host floats each, no state).
+            # step from z and on the gap between y and z; the accepted steps are kept (two
+            # host floats each, no state).
             recorded: list[RecordedSteps] = []
             states = integrate_adaptive(
                 f,
@@ -144,14 +197,26 @@ class Reversible(GradientMode):
                 stats=spec.counter,
                 record=recorded,
                 final=last,
+                on_accept=None if couplings is None else lambda i, k, m0, m1, c, tok: keep(c),
             )
             record.steps = recorded[0]
         else:
             states = integrate(
-                f, y0, t, spec.grid, spec.executor, check_finite=spec.check_finite, final=last
+                f,
+                y0,
+                t,
+                spec.grid,
+                spec.executor,
+                check_finite=spec.check_finite,
+                final=last,
+                before_step=None if couplings is None else lambda i, k, c: keep(c),
             )
+        if couplings is not None:
+            keep(last[0])
+            record.couplings = tuple(couplings)
+            spec.counter.couplings = record.couplings
         # The method's last auxiliary tensors beside the outputs: memory flat in the steps.
-        return states, tuple(last[0][1:])
+        return states, tuple(method.auxiliary(last[0]))
 
     def backward(self, job: BackwardJob) -> Gradients:
         grid = job.steps
@@ -218,31 +283,67 @@ class Reversible(GradientMode):
     ) -> None:
         """Raise if the reconstructed ``(y_0, z_0)`` is not the stored ``y0`` to the tolerance,
         relative to the trajectory's scale (a zero ``y0`` is reconstructed to round-off of the
-        states the reconstruction passed through, not to zero)."""
+        states the reconstruction passed through, not to zero), naming which mode grew."""
         y0 = y0.detach()
+        if y0.numel() == 0:  # an empty batch: nothing to reconstruct
+            return
         scale = torch.maximum(y0.abs().max(), y_end.detach().abs().max())
-        drift = torch.maximum((carry[0] - y0).abs().max(), (carry[1] - y0).abs().max())
+        tiny = torch.finfo(y0.dtype).tiny
+        y_rec, z_rec = carry[0], carry[1]
+        # The solution mode has y = z: their mean's drift is the solution's own round-off
+        # amplified by undoing the dynamics' contraction; their gap is the parasitic mode.
+        parts = torch.stack(
+            [
+                torch.maximum((y_rec - y0).abs().max(), (z_rec - y0).abs().max()),
+                (y_rec - z_rec).abs().max(),
+                (0.5 * (y_rec + z_rec) - y0).abs().max(),
+            ]
+        ) / scale.clamp_min(tiny)
+        rel, gap, mean = parts.tolist()
         eps = torch.finfo(y0.dtype).eps
         tol = self.drift_tol if self.drift_tol is not None else math.sqrt(eps)
-        rel = float(drift / scale.clamp_min(torch.finfo(y0.dtype).tiny))
         if rel <= tol:
             return
-        if getattr(method, "coupling", None) is not None:  # a coupled scheme
-            # Round-off in the reconstruction grows like coupling**-steps: suggest a coupling
-            # that keeps that factor near e (it damps the scheme's second mode by as much).
-            fixes = (
-                f"a `coupling` closer to 1 (over {steps:,} steps {self.coupling:g}**-{steps} = "
-                f"{_power(self.coupling, -steps)}; e.g. `Reversible(coupling="
-                f"{1.0 - 1.0 / steps:.6g})`), a smaller `step`, or float64"
+        coupled = getattr(method, "coupling", None) is not None
+        chosen = coupled and method.choose
+        if coupled and gap > mean:
+            cause = (
+                f"the gap between the scheme's two states ({gap:.3g}, against {mean:.3g} in "
+                "their mean): the coupling's parasitic mode grew through the reversed steps, "
+                "where the coupling is below a step's own factor along some direction"
             )
+            if chosen:
+                fixes = (
+                    f"a larger `min_coupling` than {self.min_coupling:g} "
+                    "(`Reversible(min_coupling=0.8)`), a smaller `step`, or float64"
+                )
+            else:
+                fixes = (
+                    f"a `coupling` closer to 1 (over {steps:,} steps {self.coupling:g}**-"
+                    f"{steps} = {_power(float(self.coupling), -steps)}; e.g. `Reversible("
+                    f"coupling={1.0 - 1.0 / steps:.6g})`), a smaller `step`, or float64"
+                )
         else:
-            fixes = "a smaller `step`, or float64"
+            cause = (
+                f"the mean of the scheme's states ({mean:.3g}, gap {gap:.3g}): undoing the "
+                "dynamics' contraction amplifies the round-off of the reconstruction"
+                if coupled
+                else "round-off grew through the reversed steps"
+            )
+            if coupled and not chosen:
+                # Round-off in the reconstruction also grows like coupling**-steps.
+                fixes = (
+                    f"a `coupling` closer to 1 (over {steps:,} steps {self.coupling:g}**-"
+                    f"{steps} = {_power(float(self.coupling), -steps)}; e.g. `Reversible("
+                    f"coupling={1.0 - 1.0 / steps:.6g})`), a smaller `step`, or float64"
+                )
+            else:
+                fixes = "a shorter time span, a smaller `step`, or float64"
         raise RuntimeError(
             f"adjoint='reversible' reconstructed the initial state with a relative error of "
             f"{rel:.3g} (allowed: {tol:.3g}, sqrt(eps) of {y0.dtype} unless `drift_tol` says "
-            f"otherwise): round-off grew through the reversed steps, so the gradient would be "
-            f"that of another trajectory. Use {fixes}; or adjoint='checkpoint' (exact, stores "
-            "states)."
+            f"otherwise), mostly in {cause}; the gradient would be that of another trajectory. "
+            f"Use {fixes}; or adjoint='checkpoint' (exact, stores states)."
         )
 
 
@@ -371,6 +472,8 @@ class StepVJP:
         self.job, self.f = job, job.f
         self.compile_ok: bool | None = None
         self.graph_inputs: tuple[ParamNames, tuple[torch.Tensor, ...]] | None = None
+        # The couplings chosen per step, read by the coupled method's backward step.
+        self.couplings = job.record.couplings
         options = job.spec.compile
         if options is not None and not job.need_t and job.f.draws is None:
             names = vjp_names(options, job.f.func, job.vjp_params)
@@ -396,6 +499,12 @@ class StepVJP:
     @property
     def func(self) -> Any:
         return self.f.func
+
+    @property
+    def coupling(self) -> float:
+        """The coupling the forward pass chose for the current step."""
+        assert self.couplings is not None
+        return self.couplings[self.step]
 
     @property
     def checked(self) -> bool:

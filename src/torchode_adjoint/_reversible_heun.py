@@ -74,6 +74,10 @@ class ReversibleHeun:
     def output(self, carry: Carry) -> torch.Tensor:
         return carry[0]
 
+    def auxiliary(self, carry: Carry) -> tuple[torch.Tensor, ...]:
+        """What the backward pass starts from besides the output: ``z_N`` and ``f(z_N)``."""
+        return carry[1:]
+
     def step(self, f: Any, carry: Carry, h: Step, ts: tuple[torch.Tensor, ...]) -> Stepped:
         y, z, f_n = carry
         if isinstance(h, torch.Tensor):

@@ -291,6 +291,21 @@ class ButcherTableau:
             and self.a[-1][: s - 1] == self.b[: s - 1]
         )
 
+    def stability(self, z: float) -> float:
+        """The stability function ``R(z)``: one step of size ``h`` of ``y' = lam y`` multiplies
+        ``y`` by ``R(h lam)`` (for real ``z = h lam``; a polynomial of degree at most ``s``).
+
+        Examples
+        --------
+        >>> from torchode_adjoint import get_solver
+        >>> get_solver("euler").stability(-0.5)
+        0.5
+        """
+        ks: list[float] = []
+        for row in self.a:
+            ks.append(1.0 + z * sum(a_ij * k for a_ij, k in zip(row, ks)))
+        return 1.0 + z * sum(b_i * k for b_i, k in zip(self.b, ks))
+
     def __repr__(self) -> str:
         pair = f", embedded_order={self.embedded_order}" if self.adaptive else ""
         return f"ButcherTableau(name={self.name!r}, order={self.order}{pair}, stages={self.stages})"
