@@ -162,8 +162,9 @@ class Reversible(GradientMode):
     ) -> list[torch.Tensor]:
         # The same draws as a pass with a gradient (a re-run by torch.utils.checkpoint must
         # see what the first, gradient-free run saw).
-        f.draws = SeededDraws(y0.device)
-        return super().integrate_only(f, y0, t, spec)
+        # The forward pass itself, its record dropped: the same steps and couplings (and the
+        # couplings it chose in the counter).
+        return self.forward(f, y0, t, spec, ForwardRecord.start(y0.device))[0]
 
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
@@ -338,7 +339,10 @@ class Reversible(GradientMode):
                     f"coupling={1.0 - 1.0 / steps:.6g})`), a smaller `step`, or float64"
                 )
             else:
-                fixes = "a shorter time span, a smaller `step`, or float64"
+                # The state's own contraction cannot be undone past the dtype's resolution.
+                fixes = "a shorter time span" + (
+                    "" if y0.dtype == torch.float64 else ", or float64"
+                )
         raise RuntimeError(
             f"adjoint='reversible' reconstructed the initial state with a relative error of "
             f"{rel:.3g} (allowed: {tol:.3g}, sqrt(eps) of {y0.dtype} unless `drift_tol` says "
