@@ -238,7 +238,8 @@ def test_memory_stays_flat_with_the_chosen_coupling_at_ten_thousand_steps():
         nfe = NFECounter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
             sol = odeint(lambda t, y: -y + torch.tanh(lin(y)), y0, [0.0, 5.0], solver="euler",
-                         step=5.0 / n, adjoint="reversible", params=lin.parameters(), nfe=nfe)  # fmt: skip
+                         step=5.0 / n, adjoint="reversible", params=lin.parameters(),
+                         nfe=nfe)  # fmt: skip
         assert len(nfe.couplings) == n  # one host float per step: the record the mode keeps
         sol[-1].sum().backward()
         assert torch.isfinite(y0.grad).all()
@@ -267,7 +268,8 @@ def test_the_adjoints_backward_pass_keeps_the_users_controller():
         y0 = torch.tensor([[1.0, 0.0]], dtype=D, requires_grad=True)
         nfe = NFECounter()
         sol = odeint(lambda t, y: torch.tanh(y @ w), y0, [0.0, 3.0], solver="dopri5", rtol=1e-6,
-                     atol=1e-8, adjoint="adjoint", params=[w], controller=controller, nfe=nfe)  # fmt: skip
+                     atol=1e-8, adjoint="adjoint", params=[w], controller=controller,
+                     nfe=nfe)  # fmt: skip
         sol[-1].sum().backward()
         return nfe.backward_accepted + nfe.backward_rejected
 
