@@ -58,7 +58,10 @@ def test_the_checked_module_is_left_untouched() -> None:
 
 @pytest.mark.parametrize(
     ("solver", "method"),
-    [("rk4", "rk4 made reversible (coupling 0.999)"), ("reversible_heun", "reversible_heun")],
+    [
+        ("rk4", "rk4 made reversible (coupling chosen per step)"),
+        ("reversible_heun", "reversible_heun"),
+    ],
 )
 def test_reversible_mode_is_checked_against_finite_differences_of_its_own_forward_pass(
     solver: str, method: str

@@ -21,6 +21,7 @@ from torchode_adjoint import (
     CompileFallbackWarning,
     NFECounter,
     ODEBlock,
+    Reversible,
     TemporalBatchNorm1d,
     odeint,
 )
@@ -46,6 +47,13 @@ def _counted_aot_eager(gm: torch.fx.GraphModule, example_inputs: list) -> Callab
 
 # Two steps per graph: every solve below uses graphs of two steps and of one (the rest).
 FAST = Compile(backend=_counted_aot_eager, steps=2)
+
+
+def _compiled_mode(mode):
+    """The reversible mode's compiled path is that of a fixed coupling (a coupling chosen per
+    step is read on the host at every step, so those steps run eagerly: see
+    test_the_chosen_coupling_runs_eagerly_under_compile_with_the_eager_values)."""
+    return Reversible(coupling=0.999) if mode == "reversible" else mode
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +101,7 @@ def test_values_gradients_and_counts_equal_the_eager_path(solver: str, mode: str
     f = MLPDynamics().double()
     y0 = torch.randn(4, 3, dtype=D, generator=gen)
     # step 0.1: 4 and 7 steps, so the graphs of two steps and of one both run.
-    kw = dict(solver=solver, step=0.1, adjoint=mode)
+    kw = dict(solver=solver, step=0.1, adjoint=_compiled_mode(mode))
     eager = _solve(f, y0, T, False, **kw)
     compiled = _solve(f, y0, T, FAST, **kw)
     assert _rel(compiled[0], eager[0]) < 1e-10
@@ -115,7 +123,14 @@ def test_the_reversible_backward_pass_runs_compiled_graphs_with_the_eager_gradie
     def grads(compile: object) -> tuple[list[torch.Tensor], tuple[int, int], int]:
         nfe = NFECounter()
         sol = odeint(
-            f, y0, T, solver=solver, step=0.1, adjoint="reversible", compile=compile, nfe=nfe
+            f,
+            y0,
+            T,
+            solver=solver,
+            step=0.1,
+            adjoint=_compiled_mode("reversible"),
+            compile=compile,
+            nfe=nfe,
         )
         w = torch.linspace(-1.0, 1.0, sol.numel(), dtype=D).reshape(sol.shape)
         loss = (w * sol).sum()
@@ -436,8 +451,8 @@ def test_layers_used_twice_and_tied_weights_compile_with_their_full_gradient(
     f = _SharedLayers().double()
     params = dict(f.named_parameters())
     y0 = torch.randn(4, 3, dtype=D, generator=gen)
-    compiled = _solve(f, y0, T, FAST, solver=solver, step=0.1, adjoint=mode)
-    eager = _solve(f, y0, T, False, solver=solver, step=0.1, adjoint=mode)
+    compiled = _solve(f, y0, T, FAST, solver=solver, step=0.1, adjoint=_compiled_mode(mode))
+    eager = _solve(f, y0, T, False, solver=solver, step=0.1, adjoint=_compiled_mode(mode))
     assert _rel(compiled[0], eager[0]) < 1e-10
     for a, b in zip(compiled[1], eager[1]):
         assert _rel(a, b) < 1e-10
@@ -571,7 +586,9 @@ def test_a_network_compiled_whole_around_a_block_keeps_values_and_gradients(
     # `torch.compile(model)` of a network with an ODE block: the solve (an autograd Function with
     # host-side bookkeeping) is a graph break, the layers around it compile.
     def block(compile: object) -> ODEBlock:
-        return ODEBlock(MLPDynamics(), solver=solver, step=0.25, adjoint=mode, compile=compile)
+        return ODEBlock(
+            MLPDynamics(), solver=solver, step=0.25, adjoint=_compiled_mode(mode), compile=compile
+        )
 
     def network(compile: object) -> nn.Module:
         torch.manual_seed(3)
@@ -618,7 +635,11 @@ def test_each_step_compiles_once_for_repeated_training_steps(
         return gm.forward
 
     block = ODEBlock(
-        MLPDynamics(), solver=solver, step=0.1, adjoint=mode, compile=Compile(backend=backend)
+        MLPDynamics(),
+        solver=solver,
+        step=0.1,
+        adjoint=_compiled_mode(mode),
+        compile=Compile(backend=backend),
     ).double()
     y0 = torch.randn(5, 3, dtype=D, generator=gen, requires_grad=True)
     for _ in range(3):
@@ -646,7 +667,8 @@ def test_a_tuple_state_compiles_to_the_eager_values_and_gradients_once(mode, gen
 
     def solve(compile):
         y0 = tuple(p.clone().requires_grad_() for p in parts)
-        out = odeint(f, y0, T, solver="rk4", step=0.1, adjoint=mode, compile=compile)
+        mode_ = _compiled_mode(mode)
+        out = odeint(f, y0, T, solver="rk4", step=0.1, adjoint=mode_, compile=compile)
         loss = sum((wi * o).sum() for wi, o in zip(w, out))
         return [o.detach() for o in out], torch.autograd.grad(loss, [*y0, *f.parameters()])
 
@@ -660,3 +682,24 @@ def test_a_tuple_state_compiles_to_the_eager_values_and_gradients_once(mode, gen
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     solve(FAST)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+
+
+def test_the_chosen_coupling_runs_eagerly_under_compile_with_the_eager_values(gen) -> None:
+    # The default reversible mode reads each step's coupling on the host: with compile=True its
+    # steps run eagerly (no graph), with the eager values, gradients and couplings.
+    f = MLPDynamics().double()
+    y0 = torch.randn(4, 3, dtype=torch.float64, generator=gen)
+    out = []
+    runs = _RUNS[0]
+    for compile in (FAST, False):
+        nfe = NFECounter()
+        y = y0.clone().requires_grad_()
+        sol = odeint(f, y, T, solver="rk4", step=0.1, adjoint="reversible", compile=compile,
+                     nfe=nfe)  # fmt: skip
+        grads = torch.autograd.grad(sol.square().sum(), [y, *f.parameters()])
+        out.append((sol.detach(), grads, nfe.couplings))
+    assert _RUNS[0] == runs  # no compiled graph ran
+    (s1, g1, c1), (s2, g2, c2) = out
+    assert torch.equal(s1, s2) and c1 == c2 and len(c1) == 11
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)

@@ -18,7 +18,7 @@ import torch
 from problems import reversible_heun_reference, reversible_rk_reference
 from torch import nn
 
-from torchode_adjoint import Compile, ODEBlock, get_solver, odeint
+from torchode_adjoint import Compile, NFECounter, ODEBlock, get_solver, odeint
 
 D = torch.float64
 # (solver, mode): every mode that evaluates the dynamics again, and the reversible Heun method.
@@ -206,11 +206,13 @@ def test_a_changed_tensor_at_no_known_place_is_named_by_shape_and_dtype():
 def _solve_with_reference(f, x, solver, mode, step=0.25, params=None):
     """The mode's solution at t1 and backprop's through the same scheme."""
     t = torch.tensor([0.0, 1.0], dtype=D)
-    got = odeint(f, x, t, solver=solver, step=step, adjoint=mode, params=params)[-1]
+    nfe = NFECounter()
+    got = odeint(f, x, t, solver=solver, step=step, adjoint=mode, params=params, nfe=nfe)[-1]
     if solver == "reversible_heun":
         ref = reversible_heun_reference(f, x, t, [round(1.0 / step)])[-1]
     elif mode == "reversible":
-        ref = reversible_rk_reference(f, get_solver(solver), x, t, [round(1.0 / step)], 0.999)[-1]
+        n = [round(1.0 / step)]
+        ref = reversible_rk_reference(f, get_solver(solver), x, t, n, nfe.couplings)[-1]
     else:
         ref = odeint(f, x, t, solver=solver, step=step, adjoint="backprop")[-1]
     return got, ref

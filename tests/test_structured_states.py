@@ -123,7 +123,9 @@ def test_a_two_part_state_has_the_gradients_of_the_hand_made_concatenation(solve
     x0, v0, wx, wv = _pair_case(gen)
     t = T.clone().requires_grad_()
     kw = dict(solver=solver, step=0.1, adjoint=mode)
-    x, v = odeint(f, (x0, v0), t, **kw)
+    nfe = NFECounter()
+    x, v = odeint(f, (x0, v0), t, nfe=nfe, **kw)
+    lams = nfe.couplings  # the reversible mode's couplings, chosen per step
     inputs = (x0, v0, t, *f.parameters())
     got = _grads((wx * x).sum() + (wv * v).sum(), inputs)
     # The reference: the concatenation by hand, in the same mode (one real tensor) ...
@@ -139,7 +141,7 @@ def test_a_two_part_state_has_the_gradients_of_the_hand_made_concatenation(solve
     if solver == "reversible_heun":
         y = reversible_heun_reference(ConcatPair(f), y0, t, [4, 6])
     elif mode == "reversible":
-        y = reversible_rk_reference(ConcatPair(f), get_solver(solver), y0, t, [4, 6], 0.999)
+        y = reversible_rk_reference(ConcatPair(f), get_solver(solver), y0, t, [4, 6], lams)
     else:
         y = odeint(ConcatPair(f), y0, t, solver=solver, step=0.1, adjoint="backprop")
     ref = _grads((wx * y[..., :3]).sum() + (wv * y[..., 3:]).sum(), inputs)
@@ -251,7 +253,10 @@ def test_a_scalar_part_beside_a_vector_has_the_gradients_of_the_concatenation(
     z0 = torch.randn(3, dtype=D, generator=gen).requires_grad_()
     w = torch.randn(3, 4, dtype=D, generator=gen)
     options = Compile(backend="aot_eager", steps=2) if compile else False
-    logp, z = odeint(f, (logp0, z0), T, solver=solver, step=0.1, adjoint=mode, compile=options)
+    nfe = NFECounter()
+    logp, z = odeint(
+        f, (logp0, z0), T, solver=solver, step=0.1, adjoint=mode, compile=options, nfe=nfe
+    )
     assert logp.shape == (3, *scalar_shape) and z.shape == (3, 3)
     inputs = (logp0, z0, *f.parameters())
     got = _grads((logp.reshape(3, 1) * w[:, :1]).sum() + (z * w[:, 1:]).sum(), inputs)
@@ -264,7 +269,8 @@ def test_a_scalar_part_beside_a_vector_has_the_gradients_of_the_concatenation(
     if solver == "reversible_heun":
         y = reversible_heun_reference(concatenated, y0, T, [4, 6])
     elif mode == "reversible":
-        y = reversible_rk_reference(concatenated, get_solver(solver), y0, T, [4, 6], 0.999)
+        y = reversible_rk_reference(concatenated, get_solver(solver), y0, T, [4, 6],
+                                    nfe.couplings)  # fmt: skip
     else:
         y = odeint(concatenated, y0, T, solver=solver, step=0.1, adjoint="backprop", params=())
     ref = _grads((y * w).sum(), inputs)
@@ -305,20 +311,22 @@ def _complex_loss(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("solver", "mode"), MODES)
 def test_a_complex_state_has_backprops_gradient_and_the_finite_differences(solver, mode, gen):
     f, z0, w, omega = _complex_problem(gen)
-    kw = dict(solver=solver, step=0.05, adjoint=mode, params=[omega])
+    nfe = NFECounter()
+    kw = dict(solver=solver, step=0.05, adjoint=mode, params=[omega], nfe=nfe)
 
     def loss(z_init: torch.Tensor, om=None) -> torch.Tensor:
         return _complex_loss(odeint(f, z_init, [0.0, 0.6], **kw)[-1], w)
 
     z = z0.clone().requires_grad_()
     g_z, g_om = _grads(loss(z), (z, omega))
+    lams = nfe.couplings
     assert g_z.dtype == torch.complex128
     z = z0.clone().requires_grad_()
     if solver == "reversible_heun":
         out = reversible_heun_reference(f, z, torch.tensor([0.0, 0.6], dtype=D), [12])[-1]
     elif mode == "reversible":
         out = reversible_rk_reference(
-            f, get_solver(solver), z, torch.tensor([0.0, 0.6], dtype=D), [12], 0.999
+            f, get_solver(solver), z, torch.tensor([0.0, 0.6], dtype=D), [12], lams
         )[-1]
     else:
         out = odeint(f, z, [0.0, 0.6], **{**kw, "adjoint": "backprop"})[-1]

@@ -115,6 +115,16 @@ class Coupled:
         """What the backward pass starts from besides the output: ``z_N``."""
         return (carry[1],)
 
+    def draw_alias(self, index: int) -> int:
+        """The evaluation whose random draws evaluation ``index`` repeats: with a chosen
+        coupling, each step's first evaluation (``f(t_n, z_n)``) draws what the previous step's
+        backward base step drew at the same time (``f(t_n, y_n)``), so that their difference is
+        the dynamics' change along the gap, not between two dropout masks."""
+        period = 2 * self.plan.stages
+        if self.choose and index > 0 and index % period == 0:
+            return index - self.plan.stages
+        return index
+
     @staticmethod
     def coupling_of(carry: Any) -> float | None:
         """The coupling the step that made ``carry`` took (None before the first step, or for
@@ -160,13 +170,10 @@ class Coupled:
             return self.coupling
         y, z = carry[0], carry[1]
         with torch.no_grad():
-            g = (y - z).reshape(-1)
-            d = (f_y - f_z).reshape(-1)
-            yv = y.reshape(-1)
-            parts = torch.stack(
-                [torch.vdot(g, g).real, torch.vdot(g, d).real, torch.vdot(yv, yv).real]
-            )
-            gg, gd, yy = parts.tolist()  # the one host read of the step
+            # <g, g>, <g, d> and <y, y> from one Gram matrix: few kernels, one host read.
+            rows = torch.stack([y - z, f_y - f_z, y]).reshape(3, -1)
+            gram = rows.conj() @ rows.transpose(0, 1) if rows.is_complex() else rows @ rows.T
+            (gg, gd, _), _, (_, _, yy) = gram.real.tolist()
         eps = torch.finfo(y.dtype).eps
         # A gap at round-off has no direction to measure (and nothing to grow yet).
         if not gg > (100.0 * eps) ** 2 * max(yy, 1.0):

@@ -181,10 +181,15 @@ class BackwardJob:
         time, bad = self._finite[j]
         # The adjoint is checked at the output times, going backwards: it turned non-finite
         # after the last time it was seen finite.
-        where = f"at t = {time:.6g}" if j == 0 else (
+        incoming = [g for g in self.grads if g is not None]
+        # dL/dy(t[k]) enters at t[k]: a non-finite one made the adjoint so right there.
+        times = list(self.spec.grid.times)
+        k = times.index(time) if time in times else 0
+        here = self.grads[k - 1] if k >= 1 else None
+        entered = here is not None and not bool(torch.isfinite(here).all())
+        where = f"at t = {time:.6g}" if j == 0 or entered else (
             f"between t = {self._finite[j - 1][0]:.6g} and t = {time:.6g}"
         )
-        incoming = [g for g in self.grads if g is not None]
         control = self.spec.control
         fix = "reduce `step`" if control is None else (
             f"tighten `rtol`/`atol` ({control.describe()} now)"

@@ -81,8 +81,9 @@ def odeint(
         - ``"checkpoint"`` / ``Checkpoint(every=k)``: the checkpointed discrete adjoint. Exact
           (backprop's gradient to round-off); memory one state per ``k`` steps plus one
           segment's activations; backward re-runs every step once.
-        - ``"reversible"`` / ``Reversible(coupling=0.999)``: the solver made reversible by
-          McCallum & Foster's coupling (same order, two steps of the tableau per step), or the
+        - ``"reversible"`` / ``Reversible()``: the solver made reversible by McCallum &
+          Foster's coupling, chosen per step from the step's contraction (same order, two
+          steps of the tableau per step), or the
           reversible Heun method with ``solver="reversible_heun"``. Exact for the scheme
           integrated; memory independent of the number of steps; backward reconstructs each
           state algebraically, with one VJP per evaluation.

@@ -504,8 +504,6 @@ def prepare(
     t_cast, host = check_times(t, y0)
     t_cast, host, keep = _with_stops(t_cast, host, config.control)
     grid = make_grid(host, config.step, torch.finfo(y0.dtype).eps, max_steps=config.max_steps)
-    if config.control is not None:
-        warn_unreachable_rtol(config.control, y0.dtype)
     counter = nfe if nfe is not None else NFECounter()
     counter.reset()
     spec = SolveSpec(
@@ -516,6 +514,8 @@ def prepare(
         executor=config.executor,
         control=_control_for(config.control, structure),
     )
+    if spec.control is not None:
+        warn_unreachable_rtol(spec.control, y0.dtype)
     return Prepared(
         spec=spec,
         mode=config.mode,

@@ -171,6 +171,8 @@ class Reversible(GradientMode):
     ) -> ForwardResult:
         record.draws = f.draws = SeededDraws(y0.device)
         method: Any = spec.method
+        if getattr(method, "choose", False):
+            f.draws.alias = method.draw_alias
         last: list[Any] = []
         # A coupling chosen per step is kept as a host float per step, like the steps of error
         # control: the carry before each step holds the coupling of the step before it.

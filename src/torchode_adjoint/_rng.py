@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +56,12 @@ class SeededDraws:
         The index of the next evaluation (advanced by each).
     active : bool or None
         None before the first evaluation, then whether the dynamics draw.
+    alias : callable or None
+        ``alias(e)``: the evaluation whose draws evaluation ``e`` repeats (a method whose two
+        evaluations at one time must see the same draws); None: each its own.
     """
 
-    __slots__ = ("device", "index", "active", "first", "base")
+    __slots__ = ("device", "index", "active", "first", "base", "alias")
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -66,11 +69,14 @@ class SeededDraws:
         self.active: bool | None = None
         self.first: RngState | None = None
         self.base = 0
+        self.alias: Callable[[int], int] | None = None
 
     @contextlib.contextmanager
     def evaluation(self) -> Iterator[None]:
         """Run one evaluation of the dynamics under its replayable random state."""
         index, self.index = self.index, self.index + 1
+        if self.alias is not None:
+            index = self.alias(index)
         if self.active is None:
             before = RngState.capture(self.device)
             yield
