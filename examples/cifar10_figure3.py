@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import math
 import sys
 import time
@@ -116,6 +117,18 @@ def test_at(model: nn.Module, test: CIFAR10, batch: int) -> tuple[dict[str, floa
     return row, torch.cat(logits)
 
 
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint of tensors and plain data, loaded without running code from the file (a
+    resumed run may read a checkpoint from a shared folder)."""
+    try:
+        return torch.load(path, weights_only=True)  # type: ignore[no-any-return]
+    except pickle.UnpicklingError as err:
+        raise SystemExit(
+            f"error: {path} holds objects other than tensors and plain data, so it is not "
+            f"loaded (it could run code): {str(err).splitlines()[0]}"
+        ) from None
+
+
 def train(args: argparse.Namespace, data: CIFAR10, test: CIFAR10, out: Path) -> nn.Module:
     """Train (or resume) the ODENet, logging every iteration; returns the trained network."""
     torch.manual_seed(args.seed)
@@ -127,7 +140,7 @@ def train(args: argparse.Namespace, data: CIFAR10, test: CIFAR10, out: Path) -> 
     config = {k: getattr(args, k) for k in ("train_subset", "batch_size", "lr", "rtol", "atol",
                                             "gradient", "seed")}  # fmt: skip
     if args.resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = _load_checkpoint(ckpt)
         if state["config"] != config:
             raise SystemExit(f"{ckpt} was written with another configuration; use another "
                              "--output-dir or drop --resume")  # fmt: skip
@@ -259,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     model = train(args, train_set, test_set, out)
-    log = torch.load(out / "checkpoint.pt", weights_only=False)["log"]
+    log = _load_checkpoint(out / "checkpoint.pt")["log"]
     tests, logits = [], []
     for rtol in args.test_rtol:
         tested = network(args, rtol, rtol)

@@ -68,3 +68,29 @@ def test_the_comparison_trains_error_controlled_blocks(tmp_path: Path) -> None:
     assert record["rtol"] == record["atol"] == 1e-2 and record["solver"] == "dopri5"
     assert record["nfe_forward"] > 0 and record["nfe_backward"] > 0
     assert "dopri5 (rtol 0.01, atol 0.01)" in (tmp_path / "out" / "results.md").read_text()
+
+
+class _Payload:
+    """Unpickling this writes a file: what a tampered checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_a_checkpoint_with_a_pickled_payload_is_refused_without_running_it(tmp_path: Path):
+    import torch
+
+    write_bin(tmp_path / "data", per_file=20, n_test=30)
+    out = tmp_path / "out"
+    out.mkdir()
+    marker = tmp_path / "marker.txt"
+    torch.save({"config": {}, "log": [], "payload": _Payload(marker)}, out / "checkpoint.pt")
+    argv = ["--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--train-subset",
+            "20", "--test-subset", "30", "--epochs", "1", "--batch-size", "20", "--rtol", "1e-2",
+            "--no-progress", "--threads", "1", "--resume"]  # fmt: skip
+    with pytest.raises(SystemExit, match="checkpoint.pt holds objects other than tensors"):
+        _load("cifar10_figure3").main(argv)
+    assert not marker.exists()

@@ -45,7 +45,9 @@ class ODEBlock(nn.Module):
     solver : str or ButcherTableau, default "euler"
         See :func:`~torchode_adjoint.available_solvers`.
     step : float or None, default 0.1
-        The largest step size; ``None`` takes one step from ``t0`` to ``t1``.
+        The largest step size; ``None`` takes one step from ``t0`` to ``t1``. An embedded pair
+        named without ``step``, ``rtol`` or ``atol`` controls its error at the default
+        tolerances (see :func:`~torchode_adjoint.odeint`).
     adjoint : bool, str or GradientMode, default True
         The gradient mode, as in :func:`~torchode_adjoint.odeint`: what each costs and whether
         its gradient is exact is documented there. Its pairing with the solver is checked here
@@ -259,7 +261,13 @@ class ODEBlock(nn.Module):
 
     def extra_repr(self) -> str:
         t0, t1 = (float(self._time(name)) for name in ("t0", "t1"))
+        control = self.config.control
+        tolerances = ""
+        if control is not None:
+            tolerances = f", {control.describe()}" + (
+                " (defaults, fitted to the state's dtype)" if control.default_tolerances else ""
+            )
         return (
-            f"solver={self.solver.name!r}, step={self.step}, adjoint={self.adjoint.name!r}, "
-            f"t0={t0:g}, t1={t1:g}"
+            f"solver={self.solver.name!r}, step={self.step}{tolerances}, "
+            f"adjoint={self.adjoint.name!r}, t0={t0:g}, t1={t1:g}"
         )

@@ -32,6 +32,8 @@ import torch
 from ._warnings import user_stacklevel
 
 __all__ = [
+    "DEFAULT_ATOL",
+    "DEFAULT_RTOL",
     "ErrorControl",
     "PIController",
     "Tolerance",
@@ -40,6 +42,15 @@ __all__ = [
     "initial_step",
     "warn_unreachable_rtol",
 ]
+
+#: The tolerances of an embedded pair named without ``step``, ``rtol`` or ``atol``:
+#: torchdiffeq's, raised where the state's dtype cannot reach them (:meth:`ErrorControl.for_dtype`).
+DEFAULT_RTOL = 1e-7
+DEFAULT_ATOL = 1e-9
+
+#: The smallest ``rtol`` a dtype can meet, in units of its machine epsilon (measured: float32
+#: dopri5 met rtol 1e-6 = 8 eps and missed 1e-7 by 10x, 1e-9 by 900x).
+RTOL_FLOOR_EPS = 4.0
 
 #: A tolerance: one number, or one per part of a structured state (a tuple, list or dict shaped
 #: like the state, with numbers for its tensors).
@@ -159,6 +170,9 @@ class ErrorControl:
         derivative a first-same-as-last pair carries over is evaluated anew just after it.
     first_step : float, optional
         The first step's size (None: Hairer's algorithm).
+    default_tolerances : bool, default False
+        The tolerances are the defaults of a pair named without ``step``, ``rtol`` or ``atol``
+        (fitted to the state's dtype by :meth:`for_dtype`).
     """
 
     rtol: float
@@ -176,6 +190,7 @@ class ErrorControl:
     step_times: tuple[float, ...] = ()
     jump_times: tuple[float, ...] = ()
     first_step: float | None = None
+    default_tolerances: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rtol", _tolerance(self.rtol, "rtol", "`rtol=1e-5`"))
@@ -190,6 +205,17 @@ class ErrorControl:
             for v, name in ((self.rtol, "rtol"), (self.atol, "atol"))
         )
         return dataclasses.replace(self, rtol=rtol, atol=atol, parts=tuple(parts))
+
+    def for_dtype(self, dtype: torch.dtype) -> ErrorControl:
+        """The default tolerances fitted to ``dtype``: torchdiffeq's ``rtol=1e-7, atol=1e-9``
+        where the dtype reaches them (float64), else the smallest power of ten at least
+        :data:`RTOL_FLOOR_EPS` machine epsilons, with ``atol`` 100 times smaller (float32:
+        1e-6 and 1e-8)."""
+        floor = RTOL_FLOOR_EPS * torch.finfo(dtype).eps
+        rtol = max(DEFAULT_RTOL, 10.0 ** math.ceil(math.log10(floor)))
+        if rtol == self.rtol:
+            return self
+        return dataclasses.replace(self, rtol=rtol, atol=rtol * (DEFAULT_ATOL / DEFAULT_RTOL))
 
     def smallest(self) -> tuple[float, float]:
         """The smallest ``rtol`` and ``atol`` over the parts (for the first step's size and
@@ -291,9 +317,6 @@ class ToleranceWarning(UserWarning):
     """
 
 
-#: The smallest ``rtol`` a dtype can meet, in units of its machine epsilon (measured: float32
-#: dopri5 met rtol 1e-6 = 8 eps and missed 1e-7 by 10x, 1e-9 by 900x).
-RTOL_FLOOR_EPS = 4.0
 
 
 def warn_unreachable_rtol(control: ErrorControl, dtype: torch.dtype) -> None:

@@ -169,11 +169,12 @@ class Coupled:
         if f_y is None:
             return self.coupling
         y, z = carry[0], carry[1]
-        with torch.no_grad():
-            # <g, g>, <g, d> and <y, y> from one Gram matrix: few kernels, one host read.
-            rows = torch.stack([y - z, f_y - f_z, y]).reshape(3, -1)
-            gram = rows.conj() @ rows.transpose(0, 1) if rows.is_complex() else rows @ rows.T
-            (gg, gd, _), _, (_, _, yy) = gram.real.tolist()
+        # Three inner products and one host read (the forward pass records no graph, and the
+        # numbers leave as host floats).
+        g, d, yv = (y - z).reshape(-1), (f_y - f_z).reshape(-1), y.reshape(-1)
+        if g.is_complex():
+            g, d, yv = (torch.view_as_real(x).reshape(-1) for x in (g, d, yv))
+        gg, gd, yy = torch.stack([g @ g, g @ d, yv @ yv]).tolist()
         eps = torch.finfo(y.dtype).eps
         # A gap at round-off has no direction to measure (and nothing to grow yet).
         if not gg > (100.0 * eps) ** 2 * max(yy, 1.0):

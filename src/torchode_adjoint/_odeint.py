@@ -67,7 +67,10 @@ def odeint(
         A name from :func:`~torchode_adjoint.available_solvers` or a tableau;
         ``"reversible_heun"`` pairs with ``adjoint="reversible"`` or ``"backprop"`` only.
     step : float or None, default 0.1
-        The largest step size. ``None`` takes exactly one step per interval of ``t``.
+        The largest step size. ``None`` takes exactly one step per interval of ``t``. An
+        embedded pair (``solver="dopri5"``, ...) named without ``step``, ``rtol`` or ``atol``
+        controls its error at the default tolerances (see ``rtol``); pass ``step=`` for fixed
+        steps of a pair.
     adjoint : bool, str or GradientMode, default True
         The gradient mode: a mode object (:class:`~torchode_adjoint.Backprop`,
         :class:`~torchode_adjoint.ContinuousAdjoint`, :class:`~torchode_adjoint.Checkpoint`,
@@ -104,7 +107,10 @@ def odeint(
         error-controlled steps: steps tried, checked as they are taken).
     rtol, atol : float, or one per part of a structured state, optional
         Error-controlled steps: given (either; the other defaults to torchdiffeq's 1e-7 or
-        1e-9), ``solver`` must be an embedded pair (``"dopri5"``, ``"tsit5"``, ``"bosh3"``,
+        1e-9), or neither with an embedded pair and no ``step`` (then torchdiffeq's
+        ``rtol=1e-7, atol=1e-9`` in float64, and in a dtype that cannot reach them the smallest
+        power of ten of at least 4 machine epsilons with ``atol`` 100 times smaller: float32
+        ``1e-6, 1e-8``), ``solver`` must be an embedded pair (``"dopri5"``, ``"tsit5"``, ``"bosh3"``,
         ``"fehlberg2"``, ``"adaptive_heun"``, or a tableau with ``b_embedded``) and each step is
         accepted when its error estimate's RMS norm, scaled by ``atol + rtol * |y|``, is at most
         1 (for a tuple, list or dict state: in each part, the largest part's value counting;

@@ -21,7 +21,14 @@ from torch import nn
 from ._adjoint import ContinuousAdjoint
 from ._checkpoint import Checkpoint
 from ._compiled import Compile
-from ._control import ErrorControl, PIController, Tolerance, warn_unreachable_rtol
+from ._control import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    ErrorControl,
+    PIController,
+    Tolerance,
+    warn_unreachable_rtol,
+)
 from ._dynamics import NFECounter, module_tensors, training_norms
 from ._executor import Executor
 from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP, distinct_stage_times, make_grid
@@ -333,10 +340,16 @@ def make_config(
 def _error_control(
     solver: Solver, mode: GradientMode, step: object, rtol: object, atol: object, max_steps: int
 ) -> ErrorControl | None:
-    """The error control asked for with ``rtol``/``atol`` (None: fixed steps)."""
-    if rtol is None and atol is None:
-        return None
+    """The error control asked for with ``rtol``/``atol`` (None: fixed steps), or implied by
+    naming an embedded pair without ``step``, ``rtol`` or ``atol`` (default tolerances, fitted
+    to the state's dtype in :func:`prepare`)."""
     tableau = tableau_of(solver)
+    if rtol is None and atol is None:
+        if step is DEFAULT_STEP and tableau is not None and tableau.adaptive:
+            return ErrorControl(
+                rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL, max_steps=max_steps, default_tolerances=True
+            )
+        return None
     if tableau is None or not tableau.adaptive:
         pairs = [n for n in available_solvers() if getattr(get_solver(n), "adaptive", False)]
         raise ValueError(
@@ -514,7 +527,9 @@ def prepare(
         executor=config.executor,
         control=_control_for(config.control, structure),
     )
-    if spec.control is not None:
+    if spec.control is not None and spec.control.default_tolerances:
+        spec = dataclasses.replace(spec, control=spec.control.for_dtype(y0.dtype))
+    elif spec.control is not None:
         warn_unreachable_rtol(spec.control, y0.dtype)
     return Prepared(
         spec=spec,
