@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import math
+import pickle
 import sys
 import time
 from pathlib import Path
