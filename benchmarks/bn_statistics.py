@@ -1,6 +1,6 @@
 """Test accuracy of trained CIFAR-10 checkpoints with BatchNorm running vs batch statistics.
 
-    python -m benchmarks.bn_statistics --data-dir ../shared/data RUN_DIR [RUN_DIR ...]
+    python -m benchmarks.bn_statistics [--data-dir DIR] RUN_DIR [RUN_DIR ...]
 
 Each RUN_DIR is a folder written by ``examples/cifar10_compare.py`` (it holds ``checkpoint.pt``;
 the model spec is the first part of the folder name). A BatchNorm inside ODE dynamics is applied at
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from torchode_adjoint.datasets.cifar10 import load_cifar10, normalize
+from torchode_adjoint.datasets.cifar10 import data_dir_for, load_cifar10, normalize
 from torchode_adjoint.models.cifar10 import build_model, parse_model_spec
 
 
@@ -42,10 +42,16 @@ def accuracy(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run folders holding checkpoint.pt")
-    p.add_argument("--data-dir", default="./data")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding cifar-10-batches-bin/ (or -py/), or that folder itself; default: "
+        "$TORCHODE_ADJOINT_DATA, else ~/.cache/torchode_adjoint (downloaded there when the "
+        "network allows)",
+    )
     p.add_argument("--output", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
-    test = load_cifar10(args.data_dir, train=False)
+    test = load_cifar10(data_dir_for(args.data_dir)[0], train=False)
     rows = []
     for run in map(Path, args.runs):
         state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)

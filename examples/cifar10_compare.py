@@ -5,9 +5,12 @@ final test accuracy, training and test time, parameters, the reference study's "
 dict bytes) beside measured memory of a training step (bytes saved for backward; peak bytes of
 live tensors on CPU via the profiler, or peak CUDA allocation), and forward/backward NFE.
 
-    python examples/cifar10_compare.py --quick --data-dir ../shared/data
-    python examples/cifar10_compare.py --data-dir ../shared/data            # the full study
+    python examples/cifar10_compare.py --quick            # minutes on a CPU
+    python examples/cifar10_compare.py                    # the full study
     torchrun --nproc_per_node=2 examples/cifar10_compare.py --quick ...     # DDP, 2 processes
+
+CIFAR-10 is read from --data-dir, else from the folder in $TORCHODE_ADJOINT_DATA, else from
+~/.cache/torchode_adjoint (downloaded there when the network allows).
 
 Checkpoints are written atomically after every epoch; ``--resume`` continues from the last
 finished epoch and gives the same results as an uninterrupted run with the same seed.
@@ -38,6 +41,7 @@ from torchode_adjoint.datasets.cifar10 import (
     CIFAR10,
     CIFAR10Error,
     augment,
+    data_dir_for,
     load_cifar10,
     normalize,
 )
@@ -118,8 +122,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--data-dir",
-        default="./data",
-        help="folder holding cifar-10-batches-bin/ (or -py/), or that folder itself",
+        default=None,
+        help="folder holding cifar-10-batches-bin/ (or -py/), or that folder itself; default: "
+        "$TORCHODE_ADJOINT_DATA, else ~/.cache/torchode_adjoint (downloaded there when the "
+        "network allows)",
     )
     p.add_argument(
         "--output-dir",
@@ -840,8 +846,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     ddp = Distributed(device)
     try:
-        train = load_cifar10(args.data_dir, train=True, download=not args.no_download)
-        test = load_cifar10(args.data_dir, train=False, download=not args.no_download)
+        data_dir, rule = data_dir_for(args.data_dir)
+        train = load_cifar10(data_dir, train=True, download=not args.no_download)
+        test = load_cifar10(data_dir, train=False, download=not args.no_download)
     except CIFAR10Error as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -857,7 +864,8 @@ def main(argv: list[str] | None = None) -> int:
     if ddp.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         print(
-            f"CIFAR-10 from {train.source}: {len(train):,} train / {len(test):,} test images; "
+            f"CIFAR-10 from {train.source} ({rule}): {len(train):,} train / {len(test):,} test "
+            "images; "
             f"preset {args.preset!r} ({PRESETS[args.preset]}), "
             f"device {describe_device(device)}, world size {ddp.world}"
         )

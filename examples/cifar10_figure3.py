@@ -1,7 +1,9 @@
 """The Neural ODE paper's Figure 3 on the CIFAR-10 ODENet: evaluations under error control.
 
-    python examples/cifar10_figure3.py --quick --data-dir ../shared/data     # minutes on a CPU
-    python examples/cifar10_figure3.py --data-dir ../shared/data   # 10,000 images, 5 epochs
+    python examples/cifar10_figure3.py --quick     # minutes on a CPU
+    python examples/cifar10_figure3.py             # 10,000 images, 5 epochs
+
+CIFAR-10 is read from --data-dir, else $TORCHODE_ADJOINT_DATA, else ~/.cache/torchode_adjoint.
 
 Chen et al. (2018), Figure 3, measured a continuous-depth network trained with an adaptive
 solver: (a) the numerical error against the forward evaluations across tolerances, (b) the
@@ -32,7 +34,13 @@ import torch
 from torch import nn
 
 from torchode_adjoint import GRADIENT_MODES
-from torchode_adjoint.datasets.cifar10 import CIFAR10, CIFAR10Error, load_cifar10, normalize
+from torchode_adjoint.datasets.cifar10 import (
+    CIFAR10,
+    CIFAR10Error,
+    data_dir_for,
+    load_cifar10,
+    normalize,
+)
 from torchode_adjoint.models.cifar10 import build_model, ode_blocks, parse_model_spec
 from torchode_adjoint.runs import atomic_save, atomic_write_text, write_records
 
@@ -49,7 +57,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-bin/")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding cifar-10-batches-bin/ (or -py/), or that folder itself; default: "
+        "$TORCHODE_ADJOINT_DATA, else ~/.cache/torchode_adjoint (downloaded there when the "
+        "network allows)",
+    )
     p.add_argument("--output-dir", type=Path, default=Path("runs/cifar10_figure3"))
     p.add_argument("--quick", action="store_true", help="2,000 images, 1 epoch, 1,000 test")
     p.add_argument("--train-subset", type=int, default=10_000, help="train on the first N")
@@ -261,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv
     )
     try:
-        train_set = load_cifar10(args.data_dir, train=True)
-        test_set = load_cifar10(args.data_dir, train=False)
+        data_dir, _ = data_dir_for(args.data_dir)
+        train_set = load_cifar10(data_dir, train=True, download=True)
+        test_set = load_cifar10(data_dir, train=False, download=True)
     except CIFAR10Error as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

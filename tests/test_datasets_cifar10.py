@@ -87,7 +87,7 @@ def test_missing_training_file_is_named(tmp_path: Path) -> None:
 
 
 def test_download_failure_stops_with_a_message_naming_the_folder(tmp_path: Path) -> None:
-    with pytest.raises(CIFAR10Error, match="extract it into"):
+    with pytest.raises(CIFAR10Error, match=f"not in {tmp_path}/ and could not be downloaded"):
         from torchode_adjoint.datasets.cifar10 import download_cifar10
 
         download_cifar10(tmp_path, url="file:///nonexistent/cifar-10-binary.tar.gz")
@@ -116,3 +116,25 @@ def test_normalize_maps_0_and_255_to_minus_one_and_one() -> None:
     assert y.dtype == torch.float32
     torch.testing.assert_close(y[0, :, 0, 0], -torch.ones(3))
     torch.testing.assert_close(y[0, :, 0, 1], torch.ones(3))
+
+
+def test_the_data_folder_is_the_argument_then_the_variable_then_the_cache(tmp_path, monkeypatch):
+    from torchode_adjoint.datasets.cifar10 import DATA_ENV, data_dir_for
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    cache = tmp_path / "cache" / "torchode_adjoint"
+    assert data_dir_for(None) == (cache, "the default cache folder")
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "env"))
+    assert data_dir_for(None) == (tmp_path / "env", f"${DATA_ENV}")
+    assert data_dir_for(tmp_path / "given") == (tmp_path / "given", "--data-dir")
+
+
+def test_missing_data_names_the_three_ways_to_give_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(CIFAR10Error) as info:
+        load_cifar10(tmp_path / "empty", train=False)
+    message = str(info.value)
+    assert "\n" not in message
+    for way in ("--data-dir DIR", "TORCHODE_ADJOINT_DATA=DIR", str(tmp_path / "cache")):
+        assert way in message, message

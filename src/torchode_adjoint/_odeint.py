@@ -110,8 +110,9 @@ def odeint(
         1e-9), or neither with an embedded pair and no ``step`` (then torchdiffeq's
         ``rtol=1e-7, atol=1e-9`` in float64, and in a dtype that cannot reach them the smallest
         power of ten of at least 4 machine epsilons with ``atol`` 100 times smaller: float32
-        ``1e-6, 1e-8``), ``solver`` must be an embedded pair (``"dopri5"``, ``"tsit5"``, ``"bosh3"``,
-        ``"fehlberg2"``, ``"adaptive_heun"``, or a tableau with ``b_embedded``) and each step is
+        ``1e-6, 1e-8``), ``solver`` must be an embedded pair (``"dopri5"``, ``"tsit5"``,
+        ``"bosh3"``, ``"fehlberg2"``, ``"adaptive_heun"``, or a tableau with ``b_embedded``) and
+        each step is
         accepted when its error estimate's RMS norm, scaled by ``atol + rtol * |y|``, is at most
         1 (for a tuple, list or dict state: in each part, the largest part's value counting;
         a tolerance shaped like the state, e.g. ``atol=(1e-6, 1e-3)``, gives each part its

@@ -5,6 +5,11 @@ Two official layouts are read: the binary version (``cifar-10-batches-bin/*.bin`
 version (``cifar-10-batches-py/``: pickled dicts, read with an unpickler that accepts only plain
 data and numpy arrays, never arbitrary objects). When neither is present the official binary
 archive can be downloaded, checked against its MD5 and extracted.
+
+Where the data lives (:func:`data_dir_for`): the folder given (``--data-dir``), else the folder
+in the environment variable ``TORCHODE_ADJOINT_DATA``, else the user's cache folder
+(``$XDG_CACHE_HOME/torchode_adjoint``, by default ``~/.cache/torchode_adjoint``), where the
+archive is downloaded if it is not there yet.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ __all__ = [
     "load_cifar10",
     "find_cifar10",
     "download_cifar10",
+    "data_dir_for",
+    "DATA_ENV",
     "augment",
     "normalize",
 ]
@@ -49,12 +56,41 @@ TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
 ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 ARCHIVE_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+DATA_ENV = "TORCHODE_ADJOINT_DATA"
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 
 
 class CIFAR10Error(RuntimeError):
     """The data set is missing, truncated or corrupt; the message names the file and the fix."""
+
+
+def data_dir_for(given: str | os.PathLike[str] | None) -> tuple[Path, str]:
+    """The folder the data set is read from, and which rule chose it.
+
+    ``given`` (a ``--data-dir``) if not None; else the environment variable
+    ``TORCHODE_ADJOINT_DATA`` if set; else the user's cache folder,
+    ``$XDG_CACHE_HOME/torchode_adjoint`` (``~/.cache/torchode_adjoint`` by default).
+    """
+    if given is not None:
+        return Path(given), "--data-dir"
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env), f"${DATA_ENV}"
+    return _cache_dir(), "the default cache folder"
+
+
+def _cache_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "torchode_adjoint"
+
+
+def _how_to_provide() -> str:
+    return (
+        f"give it in one of three ways: pass --data-dir DIR, set {DATA_ENV}=DIR, or put "
+        f"{BIN_DIR}/ into {_cache_dir()}/ (the default cache folder, where it is downloaded "
+        f"when the network allows); DIR holds {BIN_DIR}/ or {PY_DIR}/"
+    )
 
 
 @dataclass(frozen=True)
@@ -177,9 +213,8 @@ def load_cifar10(
         found = find_cifar10(data_dir)
     if found is None:
         raise CIFAR10Error(
-            f"CIFAR-10 was not found under {os.fspath(data_dir)!r}: put the official binary "
-            f"version there as {BIN_DIR}/ (data_batch_1.bin ... test_batch.bin) or the python "
-            f"version as {PY_DIR}/, or pass --data-dir pointing at it."
+            f"CIFAR-10 was not found under {os.fspath(data_dir)!r} (neither {BIN_DIR}/ nor "
+            f"{PY_DIR}/); {_how_to_provide()}."
         )
     kind, folder = found
     names = TRAIN_FILES if train else TEST_FILES
@@ -211,9 +246,8 @@ def download_cifar10(
                 shutil.copyfileobj(response, out)
         except OSError as err:
             raise CIFAR10Error(
-                f"could not download CIFAR-10 from {url} ({err}); download "
-                f"cifar-10-binary.tar.gz yourself and extract it into {root}/ so that "
-                f"{root / BIN_DIR}/ exists."
+                f"CIFAR-10 is not in {root}/ and could not be downloaded from {url} ({err}); "
+                f"{_how_to_provide()}."
             ) from err
         digest = hashlib.md5(Path(tmp).read_bytes()).hexdigest()
         if digest != ARCHIVE_MD5:
