@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from torchode_adjoint import ContinuousAdjoint, NFECounter, odeint
+from torchode_adjoint.measure import add_threads_argument, use_threads
 
 from .files import write_atomic
 from .run import machine
@@ -212,9 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=Path("runs/adaptive"))
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per candidate")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
+    try:
+        use_threads(args.threads)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     f = MLP()
     y0 = torch.randn(512, 16)

@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from torchode_adjoint import NFECounter, odeint
+from torchode_adjoint.measure import add_threads_argument, use_threads
 from torchode_adjoint.models.cifar10 import ConvDynamics
 from torchode_adjoint.models.cnf import CNFDynamics
 
@@ -160,9 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/adaptive_workloads"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workloads", nargs="+", default=["conv", "cnf"])
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
+    try:
+        use_threads(args.threads)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     results: dict[str, Any] = {}
     for name, (title, inner, y0) in workloads().items():

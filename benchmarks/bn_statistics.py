@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from torchode_adjoint.datasets.cifar10 import data_dir_for, load_cifar10, normalize
+from torchode_adjoint.measure import add_threads_argument, use_threads
 from torchode_adjoint.models.cifar10 import build_model, parse_model_spec
 
 
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         "network allows)",
     )
     p.add_argument("--output", default=None, help="write the rows as JSON here")
+    add_threads_argument(p)
     args = p.parse_args(argv)
+    use_threads(args.threads)
     test = load_cifar10(data_dir_for(args.data_dir)[0], train=False)
     rows = []
     for run in map(Path, args.runs):

@@ -24,7 +24,7 @@ import torch
 
 from torchode_adjoint import Compile, TimeSharedStatisticsWarning, _mode
 from torchode_adjoint._reads import ReadRecorder, Reads
-from torchode_adjoint.measure import parse_threads
+from torchode_adjoint.measure import add_threads_argument, use_threads
 
 from .files import write_atomic
 from .run import machine, ours_loss
@@ -170,7 +170,7 @@ def write_report(results: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output-dir", default="runs/bookkeeping", help="where the report goes")
-    p.add_argument("--threads", default="1", help="torch CPU threads (a number or auto)")
+    add_threads_argument(p)
     p.add_argument("--repeats", type=int, default=11, help="alternating repeats per row")
     p.add_argument("--compiled", action="store_true", help="add the compiled path's rows")
     args = p.parse_args(argv)
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --repeats must be at least 1", file=sys.stderr)
         return 2
     try:
-        torch.set_num_threads(parse_threads(args.threads))
+        use_threads(args.threads)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

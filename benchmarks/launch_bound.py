@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from torchode_adjoint import odeint
+from torchode_adjoint.measure import add_threads_argument, use_threads
 
 from .files import write_atomic
 from .run import heun_meant, machine
@@ -176,11 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output-dir", default="runs/launch_bound", help="where the report goes")
     p.add_argument("--repeats", type=int, default=7, help="alternating repeats per candidate")
+    add_threads_argument(p)
     args = p.parse_args(argv)
     if args.repeats < 1:
         print("error: --repeats must be at least 1", file=sys.stderr)
         return 2
-    torch.set_num_threads(1)
+    try:
+        use_threads(args.threads)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()

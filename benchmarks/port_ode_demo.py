@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from torchode_adjoint import odeint
+from torchode_adjoint.measure import add_threads_argument, use_threads
 
 
 class ODEFunc(nn.Module):
@@ -37,6 +38,7 @@ class ODEFunc(nn.Module):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iterations", type=int, default=50, help="timed iterations per variant")
+    add_threads_argument(p)
     args = p.parse_args(argv)
     if args.iterations < 1:
         print("error: --iterations must be at least 1", file=sys.stderr)
@@ -46,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("error: torchdiffeq is not installed (pip install '.[bench]')", file=sys.stderr)
         return 2
-    torch.set_num_threads(1)
+    try:
+        use_threads(args.threads)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     a = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]])
     t = torch.linspace(0.0, 25.0, 1000)

@@ -23,7 +23,12 @@ from pathlib import Path
 import torch
 
 from torchode_adjoint import TimeSharedStatisticsWarning, check_gradients
-from torchode_adjoint.measure import parse_threads, peak_memory_bytes, saved_tensor_bytes
+from torchode_adjoint.measure import (
+    add_threads_argument,
+    peak_memory_bytes,
+    saved_tensor_bytes,
+    use_threads,
+)
 
 from .files import write_atomic
 from .run import machine, ours_loss, train_step
@@ -192,14 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the machinery only")
     p.add_argument("--output-dir", default="runs/reversible", help="where the report goes")
-    p.add_argument("--threads", default="1", help="torch CPU threads (or auto)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
     try:
-        threads = parse_threads(args.threads)
+        use_threads(args.threads)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", category=TimeSharedStatisticsWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     out = Path(args.output_dir)

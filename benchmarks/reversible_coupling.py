@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from torchode_adjoint import Reversible, get_solver
-from torchode_adjoint.measure import parse_threads
+from torchode_adjoint.measure import add_threads_argument, use_threads
 
 from .files import write_atomic
 from .run import machine, ours_loss, train_step
@@ -141,15 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the machinery only")
     p.add_argument("--output-dir", default="runs/reversible_coupling", help="report folder")
-    p.add_argument("--threads", default="1", help="torch CPU threads (or auto)")
+    add_threads_argument(p)
     p.add_argument("--repeats", type=int, default=15, help="alternating timing rounds")
     args = p.parse_args(argv)
     try:
-        threads = parse_threads(args.threads)
+        use_threads(args.threads)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    torch.set_num_threads(threads)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()

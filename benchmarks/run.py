@@ -39,6 +39,7 @@ from torchode_adjoint.measure import (
     parse_threads,
     peak_memory_bytes,
     saved_tensor_bytes,
+    use_threads,
 )
 
 from .files import write_atomic
@@ -536,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
+    use_threads(str(args.threads))
     # The conv workload is the reference study's dynamics, BatchNorm included on purpose.
     warnings.filterwarnings("ignore", category=TimeSharedStatisticsWarning)
     print(f"results, report and plots go to {out.resolve()}/", flush=True)

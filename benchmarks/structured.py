@@ -28,7 +28,7 @@ from torch import nn
 
 from torchode_adjoint import odeint
 from torchode_adjoint._structure import StateStructure, first_leaf
-from torchode_adjoint.measure import parse_threads
+from torchode_adjoint.measure import add_threads_argument, use_threads
 
 from .files import write_atomic
 from .run import machine, train_step
@@ -143,11 +143,15 @@ def write_report(results: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output-dir", default="runs/structured")
-    p.add_argument("--threads", default="auto")
+    add_threads_argument(p)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--steps", type=int, nargs="+", default=[10, 100])
     args = p.parse_args(argv)
-    torch.set_num_threads(parse_threads(args.threads))
+    try:
+        use_threads(args.threads)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()

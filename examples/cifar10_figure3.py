@@ -41,6 +41,7 @@ from torchode_adjoint.datasets.cifar10 import (
     load_cifar10,
     normalize,
 )
+from torchode_adjoint.measure import add_threads_argument, use_threads
 from torchode_adjoint.models.cifar10 import build_model, ode_blocks, parse_model_spec
 from torchode_adjoint.runs import atomic_save, atomic_write_text, write_records
 
@@ -77,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tolerances (rtol = atol) the trained network is tested at")  # fmt: skip
     p.add_argument("--gradient", default="adjoint", choices=sorted(GRADIENT_MODES))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's choice)")
+    add_threads_argument(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -269,8 +270,11 @@ def plot(log: list[dict[str, Any]], tests: list[dict[str, Any]], out: Path) -> P
 def main(argv: list[str] | None = None) -> int:
     """Train, log, test at each tolerance, and write the tables and the figure."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        use_threads(args.threads)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     command = "python examples/cifar10_figure3.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )

@@ -38,7 +38,7 @@ from torch import nn
 
 from torchode_adjoint import GRADIENT_MODES, NFECounter, odeint
 from torchode_adjoint.datasets.toy2d import DATASETS
-from torchode_adjoint.measure import saved_tensor_bytes
+from torchode_adjoint.measure import add_threads_argument, saved_tensor_bytes, use_threads
 from torchode_adjoint.models.cnf import (
     TARGETS,
     CNFDynamics,
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--adjoint", default="adjoint", choices=sorted(GRADIENT_MODES))
     p.add_argument("--output-dir", type=Path, default=Path("runs/cnf"))
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--threads", type=int, default=0)
+    add_threads_argument(p)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
@@ -327,8 +327,11 @@ def write_reports(records: list[dict[str, Any]], out: Path, command: str) -> Non
 def main(argv: list[str] | None = None) -> int:
     """Fit both models at every width, target and seed; write the reports."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        use_threads(args.threads)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out: Path = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     given = sys.argv[1:] if argv is None else argv

@@ -29,7 +29,7 @@ from torch import nn
 
 from torchode_adjoint import GRADIENT_MODES, NFECounter, odeint
 from torchode_adjoint.datasets.spirals import Spirals, make_spirals, observe
-from torchode_adjoint.measure import saved_tensor_bytes
+from torchode_adjoint.measure import add_threads_argument, saved_tensor_bytes, use_threads
 from torchode_adjoint.models.latent_ode import LatentODE, RNNBaseline, gaussian_elbo
 from torchode_adjoint.runs import atomic_save, atomic_write_text, progress, write_records
 
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--adjoint", default="adjoint", choices=sorted(GRADIENT_MODES))
     p.add_argument("--output-dir", type=Path, default=Path("runs/latent_ode"))
     p.add_argument("--resume", action="store_true", help="skip the runs already recorded")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's choice)")
+    add_threads_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plot", action="store_true", help="skip the reconstruction plot")
     p.add_argument("--compare-modes", action="store_true",
@@ -306,8 +306,11 @@ def compare_modes(args: argparse.Namespace, data: Spirals, out: Path, command: s
 def main(argv: list[str] | None = None) -> int:
     """Train every (model, observed count, seed) and write the reports."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        use_threads(args.threads)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out: Path = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     command = "python examples/latent_ode_spirals.py " + " ".join(

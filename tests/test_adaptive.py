@@ -832,3 +832,49 @@ def test_a_controller_needs_error_control() -> None:
     with pytest.raises(TypeError, match=r"`controller` must be a `torchode_adjoint.PIController`"):
         odeint(_linear, torch.ones(1, 2, dtype=D), [0.0, 1.0], solver="dopri5", rtol=1e-3,
                controller={"beta1": 0.7}, params=())  # type: ignore[arg-type]  # fmt: skip
+
+
+# --- an embedded pair named without step, rtol or atol ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol", "atol"), [(torch.float64, 1e-7, 1e-9), (torch.float32, 1e-6, 1e-8)]
+)
+def test_a_pair_named_alone_controls_its_error_at_the_stated_defaults(dtype, rtol, atol) -> None:
+    # torchdiffeq's 1e-7 / 1e-9 in float64; float32 cannot reach 1e-7, so 1e-6 / 1e-8 (and no
+    # ToleranceWarning, which the suite turns into an error).
+    y0 = torch.tensor([[1.0, 0.5]], dtype=dtype)
+    t = torch.tensor([0.0, 5.0], dtype=dtype)
+    named, explicit = NFECounter(), NFECounter()
+    a = _A.to(dtype)
+    sol = odeint(lambda s, y: y @ a, y0, t, solver="dopri5", adjoint=False, nfe=named)
+    ref = odeint(lambda s, y: y @ a, y0, t, solver="dopri5", rtol=rtol, atol=atol,
+                 adjoint=False, nfe=explicit)  # fmt: skip
+    assert named.accepted > 0 and named.accepted == explicit.accepted
+    assert torch.equal(sol, ref)
+
+
+def test_fixed_steps_of_a_pair_need_step_and_other_solvers_keep_their_fixed_default() -> None:
+    y0 = torch.tensor([[1.0, 0.5]], dtype=D)
+    nfe = NFECounter()
+    odeint(_linear, y0, [0.0, 1.0], solver="dopri5", step=0.1, adjoint=False, nfe=nfe)
+    assert nfe.accepted == 0 and nfe.forward == 7 * 10
+    odeint(_linear, y0, [0.0, 1.0], solver="rk4", adjoint=False, nfe=nfe)
+    assert nfe.accepted == 0 and nfe.forward == 4 * 10  # step=0.1, the mission's default
+
+
+def test_an_ode_block_with_a_pair_alone_is_error_controlled_and_says_so() -> None:
+    from torchode_adjoint import ODEBlock
+
+    class Linear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2).double()
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.lin(y)
+
+    block = ODEBlock(Linear(), solver="dopri5")
+    assert "rtol=1e-07, atol=1e-09 (defaults, fitted to the state's dtype)" in repr(block)
+    block(torch.ones(3, 2, dtype=D))
+    assert block.stats.accepted > 0

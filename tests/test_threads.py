@@ -57,3 +57,44 @@ def test_busy_cores_reads_the_machine_now() -> None:
     if busy is None:
         pytest.skip("no /proc/stat on this platform")
     assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9
+
+
+def test_use_threads_sets_and_prints_the_choice_once(monkeypatch, capsys) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(measure, "idle_cpu_threads", lambda: 1)
+    try:
+        assert measure.use_threads("auto") == 1
+        assert torch.get_num_threads() == 1
+        assert capsys.readouterr().out == "torch CPU threads: 1 (auto: one per idle core)\n"
+        with pytest.raises(ValueError, match="--threads must be 'auto' or a positive int"):
+            measure.use_threads("0")
+    finally:
+        torch.set_num_threads(before)
+
+
+def _scripts() -> list:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for folder in ("examples", "benchmarks"):
+        for path in sorted((root / folder).glob("*.py")):
+            text = path.read_text()
+            if "def main(" in text and "argparse" in text:
+                found.append(path)
+    return found
+
+
+@pytest.mark.parametrize("path", _scripts(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_example_and_benchmark_takes_threads_auto_by_default(path) -> None:
+    # One policy: the shared option (default auto), or THREADS_HELP's parser with "auto".
+    text = path.read_text()
+    shared = "add_threads_argument(" in text
+    own = '"--threads",\n        default="auto",\n        help=THREADS_HELP' in text
+    # bitwise.py compares results bit for bit across runs (a thread count changes reductions);
+    # torchdiffeq_suite.py runs torchdiffeq's tests in pytest.
+    exempt = path.name in {"bitwise.py", "torchdiffeq_suite.py"}
+    assert shared or own or exempt, f"{path.name} has no --threads auto"
+    assert "set_num_threads(1)" not in text or path.name == "reversible.py"  # its RSS probe

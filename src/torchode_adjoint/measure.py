@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +27,8 @@ __all__ = [
     "idle_cpu_threads",
     "parse_threads",
     "THREADS_HELP",
+    "add_threads_argument",
+    "use_threads",
 ]
 
 THREADS_HELP = (
@@ -35,6 +38,27 @@ THREADS_HELP = (
     "small ops down many times over"
 )
 """The ``--threads`` help of the example and the benchmarks (what :func:`parse_threads` does)."""
+
+
+def add_threads_argument(parser: Any) -> None:
+    """The one ``--threads`` option of every example and benchmark: default ``auto``."""
+    parser.add_argument("--threads", default="auto", help=THREADS_HELP)
+
+
+def use_threads(value: str, *, quiet: bool = False) -> int:
+    """Set torch's CPU threads from a ``--threads`` value and print the choice once.
+
+    Raises
+    ------
+    ValueError
+        Naming ``--threads`` and what to pass (see :func:`parse_threads`).
+    """
+    threads = parse_threads(value)
+    torch.set_num_threads(threads)
+    if not quiet:
+        how = " (auto: one per idle core)" if value == "auto" else ""
+        print(f"torch CPU threads: {threads}{how}", flush=True)
+    return threads
 
 
 def idle_cpu_threads() -> int:
