@@ -866,7 +866,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"CIFAR-10 from {train.source} ({rule}): {len(train):,} train / {len(test):,} test "
             "images; "
-            f"preset {args.preset!r} ({PRESETS[args.preset]}), "
+            f"block preset {args.preset!r} ({PRESETS[args.preset]}), norm {args.norm!r}, "
+            f"gradient {' '.join(args.gradient)}, "
             f"device {describe_device(device)}, world size {ddp.world}"
         )
         if args.norm == "batch" and any(sp.family != "resnet" for sp in args.specs):

@@ -187,12 +187,11 @@ def write_reports(records: list[dict[str, Any]], out: Path, command: str) -> Non
                 cells.append("-")
                 continue
             m = sum(vals) / len(vals)
-            sd = (
-                math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-                if len(vals) > 1
-                else 0.0
-            )
-            cells.append(f"{m:.4f} ({sd:.4f}; n={len(vals)})")
+            if len(vals) > 1:  # a spread needs two seeds
+                sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+                cells.append(f"{m:.4f} (sd {sd:.4f}; n={len(vals)})")
+            else:
+                cells.append(f"{m:.4f} (n=1)")
         paper = ", ".join(f"{n}: {v:.4f}" for n, v in PAPER[kind].items())
         lines.append(f"| {kind} | " + " | ".join(cells) + f" | {paper} |")
     lines += [

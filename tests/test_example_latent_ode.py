@@ -123,3 +123,18 @@ def test_every_gradient_mode_trains_the_same_latent_ode(tmp_path: Path) -> None:
     assert rows["backprop"]["saved_bytes"] > rows["adjoint"]["saved_bytes"] > 0
     assert rows["backprop"]["nfe_backward_per_iter"] == 0 < rows["adjoint"]["nfe_backward_per_iter"]
     assert "| checkpoint |" in (tmp_path / "modes.md").read_text()
+
+
+def test_the_report_gives_a_spread_only_for_two_seeds_or_more(tmp_path: Path) -> None:
+    def record(model: str, seed: int, rmse: float) -> dict:
+        return {"model": model, "n_obs": 30, "seed": seed, "rmse": rmse,
+                "train_s_per_iter": 0.01, "inference_s": 0.1, "nfe_forward_per_iter": None,
+                "nfe_backward_per_iter": None}  # fmt: skip
+
+    records = [record("rnn", 0, 0.2), record("latent_ode", 0, 0.15), record("latent_ode", 1, 0.16)]
+    _example().write_reports(records, tmp_path, "test")
+    report = (tmp_path / "report.md").read_text()
+    rnn = next(line for line in report.splitlines() if line.startswith("| rnn | 0."))
+    ode = next(line for line in report.splitlines() if line.startswith("| latent_ode | 0."))
+    assert "0.2000 (n=1)" in rnn and "sd" not in rnn.split("|")[2]
+    assert "0.1550 (sd 0.0071; n=2)" in ode

@@ -122,10 +122,11 @@ class GradientReport:
             finer, knob = "halving the step changes", "reduce `step`"
         return (
             f"continuous adjoint: its gradient differs from the exact discrete one by up to "
-            f"{_percent(worst)}; {finer} the exact gradient by "
-            f"{_percent(self.discretisation_error)}, and 'pass' allows 10 times that. A large "
-            f"discretisation error means a large adjoint error: {knob}, or use an exact "
-            "mode ('checkpoint', 'reversible')"
+            f"{_percent(worst)}, which is this mode's expected approximation (it differentiates "
+            f"the ODE, not the solver's steps; the difference shrinks with the step), not a "
+            f"fault; {finer} the exact gradient by {_percent(self.discretisation_error)}, and "
+            f"'pass' allows 10 times that. A large discretisation error means a large adjoint "
+            f"error: {knob}, or use an exact mode ('checkpoint', 'reversible')"
         )
 
     @property
