@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         _dump_with(_export(args.reference, folder), folder / "reference.pt")
         _dump_with(ROOT / "src", folder / "current.pt")
-        reference = torch.load(folder / "reference.pt")
-        rows = compare(reference, torch.load(folder / "current.pt"))
+        reference = torch.load(folder / "reference.pt", weights_only=True)
+        rows = compare(reference, torch.load(folder / "current.pt", weights_only=True))
         for r in rows:
             r["passes"] = _passes(r, reference)
     head = subprocess.run(
