@@ -12,6 +12,7 @@ from torch import nn
 
 from torchode_adjoint import (
     ButcherTableau,
+    Checkpoint,
     ContinuousAdjoint,
     NFECounter,
     ODEBlock,
@@ -878,3 +879,66 @@ def test_an_ode_block_with_a_pair_alone_is_error_controlled_and_says_so() -> Non
     assert "rtol=1e-07, atol=1e-09 (defaults, fitted to the state's dtype)" in repr(block)
     block(torch.ones(3, 2, dtype=D))
     assert block.stats.accepted > 0
+
+
+# --- the checkpointed mode steps past output times, as backprop --------------------------------
+
+
+def _pairs_with_interpolants() -> list[str]:
+    from torchode_adjoint import available_solvers, get_solver
+
+    return [n for n in available_solvers()
+            if getattr(get_solver(n), "adaptive", False) and get_solver(n).b_dense is not None]  # fmt: skip
+
+
+@pytest.mark.parametrize("solver", _pairs_with_interpolants())
+@pytest.mark.parametrize("every", [1, 3])
+def test_checkpoint_takes_backprops_steps_and_interpolates_its_outputs(solver, every) -> None:
+    # Many output times between few steps: the checkpointed mode used to end a step on each.
+    # Now the same accepted steps, the same values, and backprop's gradient to round-off
+    # (through the interpolant of each re-run step).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+    def f(t, y):
+        return net(y) * torch.cos(t)
+
+    y0 = torch.randn(5, 3, dtype=D)
+    t = torch.linspace(0.0, 3.0, 17, dtype=D)
+    w = torch.randn(17, 5, 3, dtype=D)
+    out = []
+    for mode in ("backprop", Checkpoint(every=every)):
+        y = y0.clone().requires_grad_()
+        nfe = NFECounter()
+        sol = odeint(f, y, t, solver=solver, rtol=1e-6, atol=1e-8, adjoint=mode,
+                     params=net.parameters(), nfe=nfe)  # fmt: skip
+        grads = torch.autograd.grad((w * sol).sum(), [y, *net.parameters()])
+        out.append((sol.detach(), grads, nfe.forward, nfe.accepted))
+    (s_bp, g_bp, f_bp, n_bp), (s_ck, g_ck, f_ck, n_ck) = out
+    ended = NFECounter()
+    odeint(f, y0, t, solver=solver, rtol=1e-6, atol=1e-8, adjoint=False, dense_output=False,
+           params=net.parameters(), nfe=ended)  # fmt: skip
+    assert n_ck == n_bp < ended.accepted and f_ck == f_bp  # dense: fewer steps than ending
+    assert torch.equal(s_ck, s_bp)
+    for a, b in zip(g_ck, g_bp):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # Without a gradient the solve takes the same steps and gives the same values.
+    with torch.no_grad():
+        again = odeint(f, y0, t, solver=solver, rtol=1e-6, atol=1e-8,
+                       adjoint=Checkpoint(every=every), params=net.parameters())  # fmt: skip
+    assert torch.equal(again, s_bp)
+
+
+def test_checkpoint_with_learnable_times_ends_a_step_on_each_and_equals_backprop() -> None:
+    a = nn.Parameter(_A.clone())
+    y0 = torch.tensor([[1.0, 0.5]], dtype=D, requires_grad=True)
+    grads = []
+    for mode in ("backprop", "checkpoint"):
+        t = torch.linspace(0.0, 2.0, 9, dtype=D).requires_grad_()
+        nfe = NFECounter()
+        sol = odeint(_forced(a), y0, t, solver="dopri5", rtol=1e-7, atol=1e-9, adjoint=mode,
+                     params=[a], nfe=nfe)  # fmt: skip
+        assert nfe.accepted >= 8  # a step ends on each of the 8 output times
+        grads.append(torch.autograd.grad(sol.square().sum(), [y0, a, t]))
+    for x, y in zip(*grads):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)

@@ -5,6 +5,11 @@ step. The backward pass walks the segments between kept states in reverse, re-ru
 with autograd on (replaying the forward's random draws and autocast state) and back-propagates
 through it: the gradient is backprop's to round-off, and memory is one state per ``every`` steps
 plus one segment's activations.
+
+Under error control with a pair that has an interpolant, the forward pass steps past output
+times and interpolates there, as backprop does (dense output: the same accepted steps and the
+same values), and the backward pass differentiates the interpolant of each re-run step at the
+output times inside it (the interpolant is linear in the stages the re-run computes anyway).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 
 from ._compat import vector_jacobian_product
 from ._dynamics import Dynamics
-from ._executor import Executor, integrate, integrate_adaptive
+from ._executor import DenseStep, Executor, integrate, integrate_adaptive
 from ._grid import RecordedSteps, StageTimes, Times
 from ._methods import as_method, runge_kutta_tableau
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients, RngState
@@ -28,6 +33,33 @@ __all__ = ["Checkpoint"]
 
 def _segments(n: int, every: int) -> list[tuple[int, int]]:
     return [(k, min(k + every, n)) for k in range(0, n, every)]
+
+
+_RANDOM_UNDER_ERROR_CONTROL = (
+    "the dynamics drew random numbers in an error-controlled forward pass: its rejected trials "
+    "and its first-same-as-last stages drew numbers that a replay of the accepted steps cannot "
+    "draw again, so adjoint='checkpoint' cannot reproduce them. Use fixed steps (`step=`) with "
+    "random dynamics, or keep the randomness out of the dynamics (e.g. `model.eval()`)."
+)
+
+
+def _outputs_of(
+    steps: tuple[tuple[float, float, float], ...], host: tuple[float, ...] | list[float]
+) -> tuple[dict[int, list[tuple[int, float]]], dict[int, list[int]]]:
+    """Which output times each accepted step of a dense solve gave, as the forward pass
+    assigned them: ``(j, theta)`` interpolated inside step ``k``, or ``j`` at its end."""
+    direction = 1.0 if host[-1] > host[0] else -1.0
+    inside: dict[int, list[tuple[int, float]]] = {}
+    at_end: dict[int, list[int]] = {}
+    nxt = 1
+    for k, (t0, h, t1) in enumerate(steps):
+        while nxt < len(host) and (host[nxt] - t1) * direction <= 0.0:
+            if host[nxt] == t1:
+                at_end.setdefault(k, []).append(nxt)
+            else:
+                inside.setdefault(k, []).append((nxt, (host[nxt] - t0) / h))
+            nxt += 1
+    return inside, at_end
 
 
 @dataclass(frozen=True)
@@ -47,7 +79,10 @@ class Checkpoint(GradientMode):
     """
 
     name: ClassVar[str] = "checkpoint"
-    interpolates: ClassVar[bool] = False  # it replays the recorded steps, each ending on t[i]
+    # Dense output under error control, as backprop (the backward differentiates the
+    # interpolant); the recorded steps cannot replay jump_t's evaluation after a jump.
+    interpolates: ClassVar[bool] = True
+    replays_steps: ClassVar[bool] = True
     saves_y0: ClassVar[bool] = True
     every: int = 1
 
@@ -98,6 +133,10 @@ class Checkpoint(GradientMode):
                     kept.append(method.output(before))
                 record.rng.append(token)
 
+        # Dense output where the pair has an interpolant (the steps recorded flat); else, and
+        # with learnable output times (as backprop), the steps of each output interval, ending
+        # on its output time.
+        dense: list[DenseStep] = []
         recorded: list[RecordedSteps] = []
         states = integrate_adaptive(
             f,
@@ -111,23 +150,23 @@ class Checkpoint(GradientMode):
             record=recorded,
             before_try=lambda: RngState.capture(y0.device),
             on_accept=keep,
+            dense_steps=None if record.times_grad else dense,
         )
-        record.steps = recorded[0]
+        if dense:
+            record.dense_steps = tuple(dense)
+        else:
+            record.steps = recorded[0]
         return states, tuple(kept)
 
     def backward(self, job: BackwardJob) -> Gradients:
+        if job.record.dense_steps is not None:
+            return self._dense_backward(job, job.record.dense_steps)
         spec, grid = job.spec, job.steps
         nodes = spec.method.nodes
         executor = spec.executor
         if job.record.steps is not None:
             if job.record.random:
-                raise RuntimeError(
-                    "the dynamics drew random numbers in an error-controlled forward pass: its "
-                    "rejected trials and its first-same-as-last stages drew numbers that a "
-                    "replay of the accepted steps cannot draw again, so adjoint='checkpoint' "
-                    "cannot reproduce them. Use fixed steps (`step=`) with random dynamics, or "
-                    "keep the randomness out of the dynamics (e.g. `model.eval()`)."
-                )
+                raise RuntimeError(_RANDOM_UNDER_ERROR_CONTROL)
             # The accepted steps again, as plain steps of the pair's higher-order method.
             tableau = runge_kutta_tableau(spec.method)
             assert tableau is not None
@@ -165,6 +204,56 @@ class Checkpoint(GradientMode):
                     g_t += grads[-1]
         job.watch(grid.times[0], a)
         return Gradients(y0=a, t=g_t, params=g_p)
+
+    def _dense_backward(
+        self, job: BackwardJob, steps: tuple[tuple[float, float, float], ...]
+    ) -> Gradients:
+        """The backward pass of a dense forward: segments of ``every`` accepted steps in
+        reverse, each re-run with a graph from its kept state, its end state and the
+        interpolated outputs inside its steps differentiated together."""
+        if job.record.random:
+            raise RuntimeError(_RANDOM_UNDER_ERROR_CONTROL)
+        pair: Any = job.spec.method
+        tableau = runge_kutta_tableau(pair)
+        assert tableau is not None and job.y0 is not None
+        plain = as_method(tableau)
+        nodes = tableau.c
+        host = job.spec.grid.times
+        inside, at_end = _outputs_of(steps, host)
+        kept = list(job.extra)
+        params = job.vjp_params
+        a = torch.zeros_like(job.states[-1])
+        g_p = [torch.zeros_like(p) for p in params]
+        for k0, k1 in reversed(_segments(len(steps), self.every)):
+            start = kept.pop() if k0 else job.y0
+            y_s = start.detach().requires_grad_(True)
+            outs: list[torch.Tensor] = []
+            cots: list[torch.Tensor] = []
+            y = y_s
+            with torch.enable_grad():
+                for k in range(k0, k1):
+                    t0, h, _ = steps[k]
+                    ts = tuple(y.new_tensor([t0 + c * h for c in nodes]).unbind(0))
+                    y_new, _, ks = plain.step(job.f, y, h, ts)
+                    for j, theta in inside.get(k, ()):
+                        g = job.grads[j - 1]
+                        if g is not None:
+                            carry = (y, ks[0]) if tableau.fsal else y
+                            outs.append(pair.interpolate(carry, h, ks, theta))
+                            cots.append(g)
+                    for j in at_end.get(k, ()):
+                        g = job.grads[j - 1]
+                        if g is not None:
+                            outs.append(y_new)
+                            cots.append(g)
+                    y = y_new
+            outs.append(y)
+            cots.append(a)
+            grads = torch.autograd.grad(outs, [y_s, *params], cots, allow_unused=True)
+            a = grads[0] if grads[0] is not None else torch.zeros_like(a)
+            accumulate_(g_p, grads[1:])
+            job.watch(steps[k0][0], a)
+        return Gradients(y0=a, t=None, params=g_p)
 
     @staticmethod
     def _rerun(

@@ -40,6 +40,7 @@ __all__ = [
     "AdaptiveStats",
     "adaptive_interval",
     "integrate_adaptive",
+    "DenseStep",
 ]
 
 StepHook = Callable[[int, int, Any], None]
@@ -554,12 +555,19 @@ def integrate_adaptive(
     before_try: Callable[[], Any] | None = None,
     on_accept: Callable[[int, int, float, float, Any, Any], None] | None = None,
     final: list[Any] | None = None,
+    dense_steps: list[DenseStep] | None = None,
 ) -> list[torch.Tensor]:
     """Integrate with error-controlled steps of an embedded pair, stepping to every output
     time exactly; the states at ``t[1:]``. The first step is Hairer's (one evaluation more),
     capped by ``control.max_step``. With ``record``, the accepted steps are appended to it
     (:class:`~torchode_adjoint._grid.RecordedSteps`); ``on_accept(i, k, m0, m1, carry,
-    token)`` follows each accepted step of interval ``i`` (see :func:`adaptive_interval`)."""
+    token)`` follows each accepted step of interval ``i`` (see :func:`adaptive_interval`).
+
+    With ``dense_steps`` (a list), a pair with an interpolant steps past output times as
+    without a record (dense output), appends each accepted step's ``(t0, h, t1)`` to it and
+    calls ``on_accept(-1, k, t0, t1, carry, token)`` after it (a replaying mode's record);
+    where dense output is not possible (no interpolant, ``interpolate`` off, learnable times)
+    the list stays empty and the steps end on every output time."""
     method: Any = executor.method
     carry = method.init(f, y0, t[0])
     derivative = getattr(method, "derivative", None)
@@ -590,13 +598,15 @@ def integrate_adaptive(
     dense = (
         control.interpolate
         and getattr(method, "interpolates", False)
-        and record is None
-        and on_accept is None
         and final is None
         and not t.requires_grad
+        and (dense_steps is not None or (record is None and on_accept is None))
     )
     if dense:
-        states = _dense_solve(executor, f, carry, host_times, h, control, parts, counts, y0)
+        states = _dense_solve(
+            executor, f, carry, host_times, h, control, parts, counts, y0,
+            steps=dense_steps, before_try=before_try, on_accept=on_accept,
+        )  # fmt: skip
         if stats is not None:
             stats.accepted, stats.rejected = counts.accepted, counts.rejected
         _check_states(states, f, method, control, host_times, check_finite)
@@ -695,6 +705,10 @@ def _check_states(
         )
 
 
+#: One accepted step of a dense solve: its start, its signed size, its end (host floats).
+DenseStep = tuple[float, float, float]
+
+
 def _dense_solve(
     executor: Executor,
     f: Any,
@@ -705,6 +719,10 @@ def _dense_solve(
     parts: PartsFn,
     stats: AdaptiveStats,
     like: torch.Tensor,
+    *,
+    steps: list[DenseStep] | None = None,
+    before_try: Callable[[], Any] | None = None,
+    on_accept: Callable[[int, int, float, float, Any, Any], None] | None = None,
 ) -> list[torch.Tensor]:
     """Error-controlled steps from the first output time to the last, past the ones between:
     the solution there is the method's interpolant inside the step that covers it (torchdiffeq's
@@ -743,6 +761,7 @@ def _dense_solve(
         ts = tuple(like.new_tensor([t_now + c * h_signed for c in nodes]).unbind(0))
         if control.jump_times:
             ts = _inside_jumps(ts, nodes, t_now, t_new, control.jump_times)
+        token = before_try() if before_try is not None else None
         out = executor.step(f, carry, h_signed, ts, dense=True)
         errors, before, after = parts(carry, out[0], out[1])
         ratio = _read_ratio(errors, before, after, control)
@@ -753,6 +772,10 @@ def _dense_solve(
                 "dynamics for stiffness, or pass a larger `max_steps`."
             )
         if ratio <= 1.0:
+            if steps is not None:
+                steps.append((t_now, h_signed, t_new))
+            if on_accept is not None:
+                on_accept(-1, stats.accepted, t_now, t_new, carry, token)
             stats.accepted += 1
             while nxt < len(host_times) and (host_times[nxt] - t_new) * direction <= 0.0:
                 target_out = host_times[nxt]

@@ -83,6 +83,11 @@ class ForwardRecord:
         them); None with fixed steps.
     couplings : tuple of float or None
         The reversible mode's coupling of each step, where it is chosen per step.
+    dense_steps : tuple of (float, float, float) or None
+        The accepted steps ``(t0, h, t1)`` of an error-controlled forward pass that stepped
+        past output times and interpolated there (dense output).
+    times_grad : bool
+        Whether the output times need a gradient (the forward pass sees them detached).
     """
 
     device: torch.device
@@ -94,6 +99,8 @@ class ForwardRecord:
     reads: Reads | None = None
     steps: RecordedSteps | None = None
     couplings: tuple[float, ...] | None = None
+    dense_steps: tuple[tuple[float, float, float], ...] | None = None
+    times_grad: bool = False
 
     @staticmethod
     def start(device: torch.device) -> ForwardRecord:
@@ -234,6 +241,9 @@ class GradientMode:
     replays_randomness: ClassVar[bool] = True
     supports_double_backward: ClassVar[bool] = False
     interpolates: ClassVar[bool] = True
+    #: Whether the backward pass replays the forward's steps (it cannot replay ``jump_t``'s
+    #: evaluation just after a jump).
+    replays_steps: ClassVar[bool] = False
     """Whether error-controlled solves may step past output times (dense output)."""
 
     def check_solver(self, solver: Solver) -> None:
@@ -363,6 +373,7 @@ class _Solve(torch.autograd.Function):
         # clear message anyway, and `setup_context` would add a signature binding per call.
         f = Dynamics(spec.func, record_reads=True)
         record = ForwardRecord.start(y0.device)
+        record.times_grad = t.requires_grad
         before = RngState.capture(y0.device)
         states, extra = mode.forward(f, y0, t.detach(), spec, record)
         # Paths are named from the user's dynamics, not from the structured-state wrapper.

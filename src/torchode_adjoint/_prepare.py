@@ -437,7 +437,7 @@ def _stop_times(
             "`solver='dopri5'`), or, with fixed steps, add the times to `t`."
         )
     jumps = () if jump_t is None else _times_list(jump_t, "jump_t")
-    if jumps and not mode.interpolates:
+    if jumps and mode.replays_steps:
         raise ValueError(
             f"`jump_t` evaluates the dynamics anew just after each jump, which "
             f"`adjoint={mode.name!r}` cannot replay; pass the times as `step_t` (steps end "

@@ -108,6 +108,7 @@ class Reversible(GradientMode):
 
     name: ClassVar[str] = "reversible"
     interpolates: ClassVar[bool] = False  # it replays the recorded steps, each ending on t[i]
+    replays_steps: ClassVar[bool] = True
     saves_y0: ClassVar[bool] = True
     coupling: float | Literal["auto"] = "auto"
     min_coupling: float = 0.5
