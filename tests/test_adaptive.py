@@ -887,8 +887,8 @@ def test_an_ode_block_with_a_pair_alone_is_error_controlled_and_says_so() -> Non
 def _pairs_with_interpolants() -> list[str]:
     from torchode_adjoint import available_solvers, get_solver
 
-    return [n for n in available_solvers()
-            if getattr(get_solver(n), "adaptive", False) and get_solver(n).b_dense is not None]  # fmt: skip
+    pairs = [get_solver(n) for n in available_solvers()]
+    return [p.name for p in pairs if getattr(p, "adaptive", False) and p.b_dense is not None]
 
 
 @pytest.mark.parametrize("solver", _pairs_with_interpolants())
