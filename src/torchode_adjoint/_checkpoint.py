@@ -224,6 +224,8 @@ class Checkpoint(GradientMode):
         params = job.vjp_params
         a = torch.zeros_like(job.states[-1])
         g_p = [torch.zeros_like(p) for p in params]
+        last = job.grads[-1]
+        job.watch(host[-1], last if last is not None else a)  # the incoming gradient there
         for k0, k1 in reversed(_segments(len(steps), self.every)):
             start = kept.pop() if k0 else job.y0
             y_s = start.detach().requires_grad_(True)
