@@ -694,8 +694,14 @@ def test_the_chosen_coupling_runs_eagerly_under_compile_with_the_eager_values(ge
     for compile in (FAST, False):
         nfe = NFECounter()
         y = y0.clone().requires_grad_()
-        sol = odeint(f, y, T, solver="rk4", step=0.1, adjoint="reversible", compile=compile,
-                     nfe=nfe)  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CompileFallbackWarning)
+            sol = odeint(f, y, T, solver="rk4", step=0.1, adjoint="reversible", compile=compile,
+                         nfe=nfe)  # fmt: skip
+        said = [str(w.message) for w in caught if w.category is CompileFallbackWarning]
+        # Said once where compiling was asked for, naming the fix; nothing without it.
+        assert len(said) == (1 if compile else 0)
+        assert all("pass a fixed `Reversible(coupling=0.999)`" in m for m in said)
         grads = torch.autograd.grad(sol.square().sum(), [y, *f.parameters()])
         out.append((sol.detach(), grads, nfe.couplings))
     assert _RUNS[0] == runs  # no compiled graph ran

@@ -41,7 +41,8 @@ __all__ = ["Compile", "CompiledFunction", "CompileFallbackWarning", "cast"]
 
 
 class CompileFallbackWarning(UserWarning):
-    """``torch.compile`` failed for a step; the eager step is used instead (same results)."""
+    """``torch.compile`` failed for a step, or cannot run it (a coupling read on the host at
+    every step); the eager step is used instead (same results)."""
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from torch import nn
 
 from ._adjoint import ContinuousAdjoint
 from ._checkpoint import Checkpoint
-from ._compiled import Compile
+from ._compiled import Compile, CompileFallbackWarning
 from ._control import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
@@ -326,6 +326,14 @@ def make_config(
         )
     options = check_compile(compile)
     method = mode.method_for(tableau, error_control=control is not None)
+    if options is not None and not getattr(method, "compilable", True):
+        warnings.warn(
+            "compile=True with `Reversible()`: each step's coupling is chosen from the step's "
+            "contraction and read on the host, so these steps run eagerly (same results); "
+            "pass a fixed `Reversible(coupling=0.999)` to compile them.",
+            CompileFallbackWarning,
+            stacklevel=user_stacklevel(),
+        )
     return SolveConfig(
         tableau=tableau,
         step=None if control is not None else check_step(step),
