@@ -21,7 +21,7 @@ import torch
 
 from ._compat import vector_jacobian_product
 from ._dynamics import Dynamics
-from ._executor import DenseStep, Executor, integrate, integrate_adaptive
+from ._executor import DenseStep, Executor, dense_stage_times, integrate, integrate_adaptive
 from ._grid import RecordedSteps, StageTimes, Times
 from ._methods import as_method, runge_kutta_tableau
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients, RngState
@@ -235,7 +235,7 @@ class Checkpoint(GradientMode):
             with torch.enable_grad():
                 for k in range(k0, k1):
                     t0, h, _ = steps[k]
-                    ts = tuple(y.new_tensor([t0 + c * h for c in nodes]).unbind(0))
+                    ts = dense_stage_times(y, t0, h, nodes)
                     y_new, _, ks = plain.step(job.f, y, h, ts)
                     for j, theta in inside.get(k, ()):
                         g = job.grads[j - 1]

@@ -41,6 +41,7 @@ __all__ = [
     "adaptive_interval",
     "integrate_adaptive",
     "DenseStep",
+    "dense_stage_times",
 ]
 
 StepHook = Callable[[int, int, Any], None]
@@ -709,6 +710,14 @@ def _check_states(
 DenseStep = tuple[float, float, float]
 
 
+def dense_stage_times(
+    like: torch.Tensor, t0: float, h: float, nodes: Sequence[float]
+) -> tuple[torch.Tensor, ...]:
+    """The stage times ``t0 + c h`` of a dense solve's step, formed on the host the same way
+    wherever the step is taken again (a replay must evaluate at bit-identical times)."""
+    return tuple(like.new_tensor([t0 + c * h for c in nodes]).unbind(0))
+
+
 def _dense_solve(
     executor: Executor,
     f: Any,
@@ -758,7 +767,7 @@ def _dense_solve(
             _step_too_small(t_now, size, control, like.dtype, ratio)
         h_signed = direction * size
         t_new = target if last else t_now + h_signed
-        ts = tuple(like.new_tensor([t_now + c * h_signed for c in nodes]).unbind(0))
+        ts = dense_stage_times(like, t_now, h_signed, nodes)
         if control.jump_times:
             ts = _inside_jumps(ts, nodes, t_now, t_new, control.jump_times)
         token = before_try() if before_try is not None else None

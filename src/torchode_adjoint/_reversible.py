@@ -310,23 +310,22 @@ class Reversible(GradientMode):
             return
         coupled = getattr(method, "coupling", None) is not None
         chosen = coupled and method.choose
+        # A fixed coupling: the reconstruction's round-off also grows like coupling**-steps.
+        closer = "" if not coupled or chosen else (
+            f"a `coupling` closer to 1 (over {steps:,} steps {self.coupling:g}**-{steps} = "
+            f"{_power(float(self.coupling), -steps)}; e.g. `Reversible(coupling="
+            f"{1.0 - 1.0 / steps:.6g})`), a smaller `step`, or float64"
+        )
         if coupled and gap > mean:
             cause = (
                 f"the gap between the scheme's two states ({gap:.3g}, against {mean:.3g} in "
                 "their mean): the coupling's parasitic mode grew through the reversed steps, "
                 "where the coupling is below a step's own factor along some direction"
             )
-            if chosen:
-                fixes = (
-                    f"a larger `min_coupling` than {self.min_coupling:g} "
-                    "(`Reversible(min_coupling=0.8)`), a smaller `step`, or float64"
-                )
-            else:
-                fixes = (
-                    f"a `coupling` closer to 1 (over {steps:,} steps {self.coupling:g}**-"
-                    f"{steps} = {_power(float(self.coupling), -steps)}; e.g. `Reversible("
-                    f"coupling={1.0 - 1.0 / steps:.6g})`), a smaller `step`, or float64"
-                )
+            fixes = closer or (
+                f"a larger `min_coupling` than {self.min_coupling:g} "
+                "(`Reversible(min_coupling=0.8)`), a smaller `step`, or float64"
+            )
         else:
             cause = (
                 f"the mean of the scheme's states ({mean:.3g}, gap {gap:.3g}): undoing the "
@@ -334,18 +333,10 @@ class Reversible(GradientMode):
                 if coupled
                 else "round-off grew through the reversed steps"
             )
-            if coupled and not chosen:
-                # Round-off in the reconstruction also grows like coupling**-steps.
-                fixes = (
-                    f"a `coupling` closer to 1 (over {steps:,} steps {self.coupling:g}**-"
-                    f"{steps} = {_power(float(self.coupling), -steps)}; e.g. `Reversible("
-                    f"coupling={1.0 - 1.0 / steps:.6g})`), a smaller `step`, or float64"
-                )
-            else:
-                # The state's own contraction cannot be undone past the dtype's resolution.
-                fixes = "a shorter time span" + (
-                    "" if y0.dtype == torch.float64 else ", or float64"
-                )
+            # The state's own contraction cannot be undone past the dtype's resolution.
+            fixes = closer or "a shorter time span" + (
+                "" if y0.dtype == torch.float64 else ", or float64"
+            )
         raise RuntimeError(
             f"adjoint='reversible' reconstructed the initial state with a relative error of "
             f"{rel:.3g} (allowed: {tol:.3g}, sqrt(eps) of {y0.dtype} unless `drift_tol` says "
