@@ -10,6 +10,10 @@ argument maps to this library's name (see the docs' page "Coming from torchdiffe
   fixed-step method takes ``options["step_size"]`` as ``step`` (none: one step per interval
   of ``t``, as torchdiffeq);
 - ``options["step_t"]``/``["jump_t"]`` -> ``step_t``/``jump_t``;
+- ``options["grid_constructor"]`` (a fixed-step method) -> ``controller=StepTo(grid)`` with
+  the grid it returns for ``(func, y0, t)``, called once: the continuous adjoint's backward
+  pass takes the same steps in reverse. Output times off the grid are step ends here, where
+  torchdiffeq interpolates linearly between grid points;
 - ``odeint``: backprop (``adjoint=False``); ``odeint_adjoint``: the continuous adjoint with
   ``adjoint_rtol``/``adjoint_atol`` and ``adjoint_options["norm"]`` (``"seminorm"``, else the
   full norm: torchdiffeq's default), ``adjoint_params`` -> ``params``.
@@ -25,14 +29,14 @@ from typing import Any
 
 import torch
 
-from torchode_adjoint import ContinuousAdjoint, available_solvers, get_solver
+from torchode_adjoint import ContinuousAdjoint, StepTo, available_solvers, get_solver
 from torchode_adjoint import odeint as _odeint
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_event", "SOLVER_NAMES"]
 
 #: torchdiffeq's method names that differ from this library's solver names.
 SOLVER_NAMES = {"heun2": "heun", "rk4": "rk38"}
-_OPTIONS = {"step_size", "step_t", "jump_t", "norm", "perturb"}
+_OPTIONS = {"step_size", "step_t", "jump_t", "norm", "perturb", "grid_constructor"}
 
 
 def _solver(method: str | None) -> str:
@@ -43,7 +47,11 @@ def _solver(method: str | None) -> str:
 
 
 def _settings(
-    method: str | None, rtol: float, atol: float, options: dict[str, Any] | None
+    method: str | None,
+    rtol: float,
+    atol: float,
+    options: dict[str, Any] | None,
+    problem: tuple[Any, Any, torch.Tensor],
 ) -> dict[str, Any]:
     options = dict(options or {})
     unknown = set(options) - _OPTIONS
@@ -60,6 +68,11 @@ def _settings(
         for name in ("step_t", "jump_t"):
             if options.get(name) is not None:
                 settings[name] = options[name]
+    elif options.get("grid_constructor") is not None:
+        if options.get("step_size") is not None:
+            raise ValueError("`step_size` and `grid_constructor` are mutually exclusive")
+        grid = options["grid_constructor"](*problem)
+        settings["controller"] = StepTo(grid)
     else:
         settings["step"] = options.get("step_size")
     return settings
@@ -81,7 +94,7 @@ def odeint(
         raise NotImplementedError("events (`event_fn`) have no counterpart here")
     params = list(func.parameters()) if isinstance(func, torch.nn.Module) else ()
     return _odeint(func, y0, t, adjoint=False, params=params,
-                   **_settings(method, rtol, atol, options))  # fmt: skip
+                   **_settings(method, rtol, atol, options, (func, y0, t)))  # fmt: skip
 
 
 def odeint_adjoint(
@@ -111,7 +124,7 @@ def odeint_adjoint(
         raise NotImplementedError(f"adjoint_options {sorted(adjoint_options)}")
     if norm not in (None, "seminorm"):
         raise NotImplementedError("a callable adjoint `norm` has no counterpart here")
-    settings = _settings(method, rtol, atol, options)
+    settings = _settings(method, rtol, atol, options, (func, y0, t))
     mode = ContinuousAdjoint(
         rtol=adjoint_rtol if "rtol" in settings else None,
         atol=adjoint_atol if "atol" in settings else None,

@@ -18,6 +18,7 @@ PAGES = sorted((ROOT / "docs").glob("*.rst"))
 MODULES = [
     "torchode_adjoint._tableau",
     "torchode_adjoint._solvers",
+    "torchode_adjoint._grid",
     "torchode_adjoint._odeint",
     "torchode_adjoint._block",
     "torchode_adjoint._layers",

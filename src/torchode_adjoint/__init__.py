@@ -10,7 +10,7 @@ from ._checkpoint import Checkpoint
 from ._compiled import Compile, CompileFallbackWarning
 from ._control import PIController, ToleranceWarning
 from ._dynamics import NFECounter, TimeSharedStatisticsWarning
-from ._grid import StepRoundingWarning
+from ._grid import StepRoundingWarning, StepTo
 from ._layers import ConcatConv2d
 from ._mode import Backprop, GradientMode
 from ._odeint import odeint
@@ -52,5 +52,6 @@ __all__ = [
     "TemporalBatchNorm3d",
     "TimeSharedStatisticsWarning",
     "StepRoundingWarning",
+    "StepTo",
     "ToleranceWarning",
 ]

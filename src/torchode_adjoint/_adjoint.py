@@ -129,6 +129,7 @@ class ContinuousAdjoint(GradientMode):
         g_t = torch.zeros((), dtype=job.t.dtype, device=job.t.device)
         g_p = tuple(torch.zeros_like(p) for p in job.vjp_params)
         dl_dt: list[torch.Tensor] = []
+        total = grid.offsets[-1]
         r = 0  # steps taken backwards so far
         for i in range(len(grid.times) - 1, 0, -1):
             grad_i = job.grads[i - 1]
@@ -137,9 +138,15 @@ class ContinuousAdjoint(GradientMode):
             job.watch(grid.times[i], a)
             # Detached: the saved output carries the Function's graph, and each backward step
             # would otherwise record one more node on it (memory growing with the steps).
-            y, h, n = job.states[i - 1].detach(), grid.h[i - 1], grid.n_steps[i - 1]
+            y, n = job.states[i - 1].detach(), grid.n_steps[i - 1]
+            # The forward's step sizes, the steps taken in reverse (step r backwards is
+            # forward step total - 1 - r).
+            h: Any = grid.step_size(total - 1 - r)
+            if not grid.uniform:
+                h = lambda g: grid.step_size(total - 1 - g)  # noqa: E731
             carry: Any = (y, a, g_t, *g_p)
-            carry, _, stages = executor.step(f, carry, h, times.of(r), dense=job.need_t)
+            h_first = h(r) if callable(h) else h
+            carry, _, stages = executor.step(f, carry, h_first, times.of(r), dense=job.need_t)
             if job.need_t:
                 # The step's first stage is f(t_i, y_i): reuse it for dL/dt_i.
                 d = g_t.new_zeros(()) if grad_i is None else torch.sum(grad_i * stages[0][0])

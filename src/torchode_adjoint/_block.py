@@ -12,7 +12,7 @@ from torch import nn
 from ._compiled import Compile
 from ._control import PIController, Tolerance
 from ._dynamics import NFECounter, warn_time_shared_statistics
-from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP
+from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP, StepTo
 from ._mode import GradientMode
 from ._prepare import ModeName, make_config, solve
 from ._reversible_heun import ReversibleHeun
@@ -72,8 +72,10 @@ class ODEBlock(nn.Module):
     step_t, jump_t : sequence of float, optional
         With error control: times between ``t0`` and ``t1`` the steps end on, and times where
         the dynamics jump (see :func:`~torchode_adjoint.odeint`).
-    controller : PIController, optional
-        With error control: the step-size controller (see :func:`~torchode_adjoint.odeint`).
+    controller : PIController or StepTo, optional
+        With error control: the step-size controller; without, ``StepTo(times)``: fixed steps
+        ending on the given times between ``t0`` and ``t1`` (see
+        :func:`~torchode_adjoint.odeint`).
 
     Attributes
     ----------
@@ -128,7 +130,7 @@ class ODEBlock(nn.Module):
         atol: Tolerance | None = None,
         step_t: Sequence[float] | None = None,
         jump_t: Sequence[float] | None = None,
-        controller: PIController | None = None,
+        controller: PIController | StepTo | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(dynamics, nn.Module):
@@ -267,7 +269,8 @@ class ODEBlock(nn.Module):
             tolerances = f", {control.describe()}" + (
                 " (defaults, fitted to the state's dtype)" if control.default_tolerances else ""
             )
+        steps = f"step={self.step}" if self.config.layout is None else repr(self.config.layout)
         return (
-            f"solver={self.solver.name!r}, step={self.step}{tolerances}, "
+            f"solver={self.solver.name!r}, {steps}{tolerances}, "
             f"adjoint={self.adjoint.name!r}, t0={t0:g}, t1={t1:g}"
         )

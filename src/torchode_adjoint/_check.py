@@ -17,7 +17,7 @@ from torch import nn
 
 from ._block import ODEBlock
 from ._checkpoint import Checkpoint
-from ._grid import StepRoundingWarning, make_grid, regrid
+from ._grid import StepRoundingWarning, Steps, StepTo, TimeGrid, make_grid, regrid
 from ._mode import Backprop
 from ._prepare import Prepared, SolveConfig, make_config, prepare
 from ._reversible import Reversible
@@ -96,6 +96,8 @@ class GradientReport:
         yardstick of its tolerance (None for the exact modes).
     tolerances : str or None
         ``"rtol=..., atol=..."`` of an error-controlled solve (None: fixed steps).
+    layout : str or None
+        The user's step times (``"StepTo([...])"``) where they laid out the steps.
     """
 
     mode: str
@@ -105,6 +107,7 @@ class GradientReport:
     checks: tuple[GradientCheck, ...]
     discretisation_error: float | None = None
     tolerances: str | None = None
+    layout: str | None = None
 
     @property
     def summary(self) -> str:
@@ -118,6 +121,8 @@ class GradientReport:
             )
         if self.tolerances is not None:
             finer, knob = "tolerances 1,000 times tighter change", "tighten `rtol`/`atol`"
+        elif self.layout is not None:
+            finer, knob = "halving every step changes", "give more step times"
         else:
             finer, knob = "halving the step changes", "reduce `step`"
         return (
@@ -148,7 +153,7 @@ class GradientReport:
         width = max(len(c.name) for c in self.checks)
         lines = [
             f"gradient check: mode={self.mode}, solver={self.solver}, "
-            + (self.tolerances if self.tolerances is not None else f"step={self.step}")
+            + (self.tolerances or self.layout or f"step={self.step}")
             + " (float64)",
             f"reference: {self.reference}",
             f"{'input':<{width}}  {'shape':<16}  {'vs reference':>12}  {'vs finite diff':>14}  "
@@ -303,6 +308,7 @@ def check_gradients(
         checks=tuple(checks),
         discretisation_error=discretisation,
         tolerances=None if setup.config.control is None else setup.config.control.describe(),
+        layout=None if setup.config.layout is None else repr(setup.config.layout),
     )
 
 
@@ -331,9 +337,11 @@ class _Setup:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", StepRoundingWarning)  # counts: the user's, below
             prepared = prepare(self.func, self.y, self.t, cfg, params=self.params)
-        if cfg.step != self.config.step:  # another discretisation (the halved step)
+        grid = prepared.spec.grid
+        if cfg.step != self.config.step or not isinstance(grid, TimeGrid):
+            # Another discretisation (the halved step), or the user's own step times.
             return prepared
-        user = dataclasses.replace(prepared.spec.grid, n_steps=self.counts)
+        user = dataclasses.replace(grid, n_steps=self.counts)
         grid = regrid(user, prepared.spec.grid.times)
         return dataclasses.replace(prepared, spec=dataclasses.replace(prepared.spec, grid=grid))
 
@@ -447,13 +455,30 @@ def _tolerances(
             config.control, rtol=_scaled(config.control.rtol), atol=_scaled(config.control.atol)
         )
         fine = dataclasses.replace(config, mode=Backprop(), control=tighter)
+    elif config.layout is not None:  # the user's step times with each step halved
+        fine = dataclasses.replace(
+            config, mode=Backprop(), layout=_halved(setup.prepared(config).spec.grid)
+        )
     else:
         grid = setup.prepared(config).spec.grid
+        assert isinstance(grid, TimeGrid)
         half = max(abs(h) for h in grid.h) / 2
         fine = dataclasses.replace(config, mode=Backprop(), step=half)
     g_fine = setup.gradients(setup.solution(fine), w)
     errors = [rel(a, b) for a, b in zip(g_ref, g_fine)]
     return [max(10 * e, _EXACT_TOL) for e in errors], max(errors)
+
+
+def _halved(grid: Steps) -> StepTo:
+    """Step times that split every step of ``grid`` in two."""
+    ts = grid.times
+    ends = [
+        ts[i] + m * (ts[i + 1] - ts[i])
+        for i in range(len(ts) - 1)
+        for k in range(grid.n_steps[i])
+        for m in (grid.fractions(i, k)[0], sum(grid.fractions(i, k)[:2]) / 2)
+    ]
+    return StepTo(ends)
 
 
 def _scaled(tolerance: Any) -> Any:

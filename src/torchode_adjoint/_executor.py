@@ -26,7 +26,7 @@ import torch
 from ._compat import BatchNormBase, functorch_transforms_active
 from ._compiled import Compile, CompiledFunction, CompileFallbackWarning
 from ._control import ErrorControl, error_ratio, initial_step
-from ._grid import RecordedSteps, StageTimes, TimeGrid, Times, step_sizes
+from ._grid import RecordedSteps, StageTimes, Steps, Times, interval_sizes
 from ._rng import RngState
 from ._step import DynamicsFn, Method, Step, Stepped
 from ._structure import non_finite_part
@@ -234,7 +234,7 @@ def integrate(
     f: Any,
     y0: torch.Tensor,
     t: torch.Tensor,
-    grid: TimeGrid,
+    grid: Steps,
     executor: Executor,
     *,
     check_finite: bool,
@@ -255,8 +255,8 @@ def integrate(
     t : Tensor, shape (T,)
         Output times in ``y0``'s dtype and device. When it requires grad (backprop through the
         solver with learnable times), stage times and step sizes are differentiable tensors.
-    grid : TimeGrid
-        The steps of each interval.
+    grid : TimeGrid or RecordedSteps
+        The steps of each interval: equal ones, or laid out by the user (``StepTo``).
     executor : Executor
         The method and how its steps run (compiled or eager).
     check_finite : bool
@@ -278,7 +278,7 @@ def integrate(
         )
     method = executor.method
     times = StageTimes(t, grid, method.nodes)
-    hs: Sequence[Step] = step_sizes(t, grid) if t.requires_grad else grid.h
+    hs = interval_sizes(grid, t)
     states = []
     carry = method.init(f, y0, t[0])
     offsets = grid.offsets
@@ -310,7 +310,7 @@ def locate_non_finite(
     y0: torch.Tensor,
     states: list[torch.Tensor],
     t: torch.Tensor,
-    grid: TimeGrid,
+    grid: Steps,
     method: Method,
 ) -> None:
     """Raise a RuntimeError naming the first time at which the state became non-finite.
@@ -326,33 +326,37 @@ def locate_non_finite(
         raise ValueError(
             f"`y0` contains NaN or infinite values{part}; pass a finite initial state."
         )
-    t_a, n, h = grid.times[i - 1], grid.n_steps[i - 1], grid.h[i - 1]
+    t_a, n = grid.times[i - 1], grid.n_steps[i - 1]
     times = StageTimes(t.detach(), grid, method.nodes)
     where = f"t = {grid.times[i]:.6g}"
     bad = sol[i]
     offsets = grid.offsets
+    span = grid.times[i] - t_a
+    h = grid.step_size(offsets[i - 1])
     with torch.no_grad():
         carry = method.init(f, y0.detach(), t.detach()[0])
         if isinstance(carry, torch.Tensor):
             carry = sol[i - 1]  # the carry is the state: start at the interval's stored one
         else:  # an auxiliary state, not stored: from y0
-            for interval in range(i - 1):
-                for k in range(grid.n_steps[interval]):
-                    g = offsets[interval] + k
-                    carry = method.step(f, carry, grid.h[interval], times.of(g))[0]
+            for g in range(offsets[i - 1]):
+                carry = method.step(f, carry, grid.step_size(g), times.of(g))[0]
         for k in range(n):
-            carry = method.step(f, carry, h, times.of(offsets[i - 1] + k))[0]
+            g = offsets[i - 1] + k
+            h = grid.step_size(g)
+            carry = method.step(f, carry, h, times.of(g))[0]
             if not bool(torch.isfinite(method.output(carry)).all()):
                 bad = method.output(carry)
                 interval_text = f"[{t_a:.6g}, {grid.times[i]:.6g}]"
-                where = f"t = {t_a + (k + 1) * h:.6g} (step {k + 1} of {n} in {interval_text})"
+                end = t_a + grid.fractions(i - 1, k)[1] * span
+                where = f"t = {end:.6g} (step {k + 1} of {n} in {interval_text})"
                 break
-    step = "None (one step per interval)" if grid.step is None else f"{grid.step!r}"
+    sizes, here = ("steps of", "in this interval") if grid.uniform else ("a step of", "there")
+    smaller = "reduce `step`" if grid.uniform else "add step times where it fails"
     raise RuntimeError(
         f"the ODE state became NaN or infinite at {where}{non_finite_part(f, bad)}, integrating "
-        f"with solver={method.name!r}, step={step} (steps of {abs(h):.6g} in this interval; "
+        f"with solver={method.name!r}, {grid.describe()} ({sizes} {abs(h):.6g} {here}; "
         "`odeint` and `ODEBlock` default to solver='euler', step=0.1 when they are not given); "
-        "reduce `step`, use a more stable solver such as solver='rk4', or check the dynamics "
+        f"{smaller}, use a more stable solver such as solver='rk4', or check the dynamics "
         "(pass `check_finite=False` to skip this check)."
     )
 

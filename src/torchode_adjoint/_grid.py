@@ -8,12 +8,13 @@ the forward loop, the backward passes of every gradient mode and the finite diff
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -22,6 +23,7 @@ from ._warnings import user_stacklevel
 __all__ = [
     "DEFAULT_MAX_STEPS",
     "DEFAULT_STEP",
+    "StepTo",
     "NEAR_WHOLE",
     "StepRoundingWarning",
     "distinct_stage_times",
@@ -34,6 +36,7 @@ __all__ = [
     "Steps",
     "Times",
     "step_sizes",
+    "interval_sizes",
     "segment_times",
 ]
 
@@ -95,6 +98,13 @@ class TimeGrid:
     h: tuple[float, ...]
     step: float | None = None
 
+    #: Every step of an interval has the same size (one size per interval, compiled in chunks).
+    uniform: ClassVar[bool] = True
+
+    def describe(self) -> str:
+        """The steps as the user asked for them, for messages."""
+        return "step=None (one step per interval)" if self.step is None else f"step={self.step!r}"
+
     @functools.cached_property
     def offsets(self) -> tuple[int, ...]:
         """The global index of each interval's first step (length ``len(n_steps) + 1``)."""
@@ -151,6 +161,14 @@ class RecordedSteps:
     times: tuple[float, ...]
     steps: tuple[tuple[tuple[float, float], ...], ...]
     step: float | None = None
+    #: How the steps were asked for, for messages (a user-given layout: ``StepTo(...)``).
+    origin: str = "error control"
+
+    uniform: ClassVar[bool] = False
+
+    def describe(self) -> str:
+        """The steps as the user asked for them, for messages."""
+        return self.origin
 
     @property
     def n_steps(self) -> tuple[int, ...]:
@@ -252,20 +270,124 @@ def make_grid(
     return TimeGrid(times=tuple(times), n_steps=tuple(n_steps), h=h, step=step)
 
 
+@dataclass(frozen=True, init=False)
+class StepTo:
+    """Fixed steps that end on given times (``controller=StepTo(times)`` on ``odeint`` and
+    ``ODEBlock``): torchdiffeq's ``grid_constructor``, diffrax's ``StepTo``.
+
+    A step ends on every given time inside the span of ``t`` and on every output time, so the
+    output times are step ends, never interpolated: the interval between two consecutive output
+    times is split at the given times inside it. Any explicit method, any gradient mode; the
+    steps are laid out on the host before the solve (no error estimate, nothing read per step).
+
+    Parameters
+    ----------
+    times : 1-D Tensor or sequence of float
+        The step times, in any order (sorted, repeats dropped). Every one must lie within the
+        span of the output times ``t`` (its ends included); they are rounded to the state's
+        dtype like ``t``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torchode_adjoint import StepTo, odeint
+    >>> steps = StepTo(torch.linspace(0.0, 1.0, 11) ** 2)  # fine steps near t = 0
+    >>> y = odeint(lambda t, y: -y, torch.ones(1), torch.tensor([0.0, 1.0]),
+    ...            solver="rk4", controller=steps, params=())
+    >>> abs(float(y[-1, 0]) - math.exp(-1.0)) < 1e-5
+    True
+    """
+
+    times: tuple[float, ...]
+
+    def __init__(self, times: Sequence[float] | torch.Tensor) -> None:
+        if isinstance(times, torch.Tensor):
+            if times.dim() != 1 or times.is_complex() or not times.dtype.is_floating_point:
+                raise ValueError(
+                    f"`StepTo(times=...)` must be a 1-D real floating tensor or a list of "
+                    f"times, got shape {tuple(times.shape)} of {times.dtype}; pass e.g. "
+                    "`StepTo(torch.linspace(0.0, 1.0, 11))`."
+                )
+            values = times.detach().cpu().tolist()
+        elif isinstance(times, Sequence) and not isinstance(times, str):
+            values = list(times)
+        else:
+            raise TypeError(
+                f"`StepTo(times=...)` must be a list or 1-D tensor of times, got "
+                f"{type(times).__name__}; pass e.g. `StepTo([0.0, 0.1, 0.3, 1.0])`."
+            )
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(
+                    f"`StepTo(times=...)` must hold finite real times, got {v!r}; pass e.g. "
+                    "`StepTo([0.0, 0.1, 0.3, 1.0])`."
+                )
+        if not values:
+            raise ValueError(
+                "`StepTo(times=...)` is empty; pass the times the steps end on, e.g. "
+                "`StepTo([0.0, 0.1, 0.3, 1.0])`, or `step=` for equal steps."
+            )
+        object.__setattr__(self, "times", tuple(sorted({float(v) for v in values})))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{v:g}" for v in self.times[:4])
+        more = f", ... ({len(self.times)} times)" if len(self.times) > 4 else ""
+        return f"StepTo([{shown}{more}])"
+
+    def layout(
+        self, times: Sequence[float], dtype: torch.dtype, *, max_steps: int = DEFAULT_MAX_STEPS
+    ) -> RecordedSteps:
+        """The steps over the output ``times`` (host floats, strictly monotonic): each interval
+        split at the given times strictly inside it, as fractions of the interval.
+
+        Raises
+        ------
+        ValueError
+            When a given time lies outside the span of ``times``, or the steps number more
+            than ``max_steps``.
+        """
+        given = torch.tensor(self.times, dtype=dtype).tolist()  # the dtype's precision, as t
+        lo, hi = min(times[0], times[-1]), max(times[0], times[-1])
+        outside = [v for v in given if not lo <= v <= hi]
+        if outside:
+            raise ValueError(
+                f"`{self!r}` holds {outside[0]:g}, outside the span [{lo:g}, {hi:g}] of the "
+                "output times `t`; pass step times within it (a step always ends on every "
+                "output time, so the span's ends need not be given)."
+            )
+        steps: list[tuple[tuple[float, float], ...]] = []
+        for t_a, t_b in zip(times[:-1], times[1:]):
+            a, b = min(t_a, t_b), max(t_a, t_b)
+            inner = [v for v in given if a < v < b]
+            if t_b < t_a:
+                inner.reverse()
+            ends = [0.0, *((v - t_a) / (t_b - t_a) for v in inner), 1.0]
+            steps.append(tuple(zip(ends[:-1], ends[1:])))
+        total = sum(len(s) for s in steps)
+        if total > max_steps:
+            raise ValueError(
+                f"`{self!r}` over `t` takes {total:,} steps, more than `max_steps="
+                f"{max_steps:,}`; pass fewer step times, or a larger `max_steps` if you mean it."
+            )
+        return RecordedSteps(times=tuple(times), steps=tuple(steps), origin=repr(self))
+
+
 Steps = TimeGrid | RecordedSteps
 """A solve's record of steps: equal steps per interval, or the accepted steps of an
 error-controlled solve."""
 
 
-def distinct_stage_times(grid: TimeGrid, nodes: Sequence[float], cap: int) -> tuple[int, bool]:
+def distinct_stage_times(grid: Steps, nodes: Sequence[float], cap: int) -> tuple[int, bool]:
     """How many distinct times a solve on ``grid`` evaluates at (stage times ``t + c_j h``,
     rounded to 12 significant digits so that a stage at ``t + h`` meets the next step's first),
     counting up to ``cap``; and whether counting stopped there."""
     seen: set[float] = set()
-    for t_a, n, h in zip(grid.times[:-1], grid.n_steps, grid.h):
+    ts = grid.times
+    for i, n in enumerate(grid.n_steps):
         for k in range(n):
             for c in nodes:
-                seen.add(float(f"{t_a + (k + c) * h:.12g}"))
+                m = grid.stage_fraction(i, k, c, False)
+                seen.add(float(f"{ts[i] + m * (ts[i + 1] - ts[i]):.12g}"))
             if len(seen) >= cap:
                 return len(seen), True
     return len(seen), False
@@ -301,8 +423,11 @@ def _too_many(times: Sequence[float], step: float | None, count: float, max_step
     )
 
 
-def regrid(grid: TimeGrid, times: Sequence[float]) -> TimeGrid:
-    """The same step counts over new output times (for finite differences in the times)."""
+def regrid(grid: Steps, times: Sequence[float]) -> Steps:
+    """The same steps, as fractions of each interval, over new output times (for finite
+    differences in the times)."""
+    if isinstance(grid, RecordedSteps):
+        return dataclasses.replace(grid, times=tuple(times))
     h = tuple((t_b - t_a) / n for t_a, t_b, n in zip(times[:-1], times[1:], grid.n_steps))
     return TimeGrid(times=tuple(times), n_steps=grid.n_steps, h=h, step=grid.step)
 
@@ -429,10 +554,33 @@ class SegmentTimes:
         return self.values[offset : offset + self.s]
 
 
-def step_sizes(t: torch.Tensor, grid: TimeGrid) -> list[torch.Tensor]:
-    """Each interval's step size as a 0-dim tensor, differentiable with respect to ``t``."""
+def step_sizes(t: torch.Tensor, grid: Steps) -> list[torch.Tensor | Callable[[int], torch.Tensor]]:
+    """Each interval's step size as a 0-dim tensor differentiable with respect to ``t`` (equal
+    steps), or a function of the global step index giving one (steps of their own sizes)."""
+    if isinstance(grid, RecordedSteps):
+        spans = (t[1:] - t[:-1]).unbind(0)
+        return [_recorded_sizes(grid, i, span) for i, span in enumerate(spans)]
     n = t.new_tensor(grid.n_steps)
     return list(((t[1:] - t[:-1]) / n).unbind(0))
+
+
+def _recorded_sizes(
+    grid: RecordedSteps, i: int, span: torch.Tensor
+) -> Callable[[int], torch.Tensor]:
+    first = grid.offsets[i]
+    return lambda g: span * grid.fractions(i, g - first)[2]
+
+
+def interval_sizes(
+    grid: Steps, t: torch.Tensor
+) -> Sequence[float | torch.Tensor | Callable[[int], float | torch.Tensor]]:
+    """The step size of each interval (a function of the global step index where its steps
+    differ), as host floats, or differentiable in ``t`` where it requires grad."""
+    if t.requires_grad:
+        return step_sizes(t, grid)
+    if isinstance(grid, TimeGrid):
+        return grid.h
+    return [grid.sizes(i) for i in range(len(grid.steps))]
 
 
 def segment_times(

@@ -9,7 +9,7 @@ import torch
 from ._compiled import Compile
 from ._control import PIController, Tolerance
 from ._dynamics import NFECounter, warn_time_shared_statistics
-from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP
+from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP, StepTo
 from ._mode import GradientMode
 from ._prepare import ModeName, make_config, reject_foreign_options, solve
 from ._structure import State
@@ -37,7 +37,7 @@ def odeint(
     dense_output: bool = True,
     step_t: Sequence[float] | torch.Tensor | None = None,
     jump_t: Sequence[float] | torch.Tensor | None = None,
-    controller: PIController | None = None,
+    controller: PIController | StepTo | None = None,
     **unsupported: object,
 ) -> State:
     """Integrate ``dy/dt = func(t, y)`` with a fixed-step explicit Runge--Kutta method.
@@ -134,9 +134,13 @@ def odeint(
         ends there, and a first-same-as-last pair evaluates the derivative anew just after it
         (at the next representable time). Backprop and the continuous adjoint only; with the
         replaying modes pass ``step_t``.
-    controller : PIController, optional
-        With error control: the step-size controller's coefficients, the first step and the
-        smallest step (default ``PIController()``: the I controller, Hairer's first step).
+    controller : PIController or StepTo, optional
+        How the steps are sized besides ``step``/``rtol``/``atol``. With error control, a
+        :class:`~torchode_adjoint.PIController`: the step-size controller's coefficients, the
+        first step and the smallest step (default ``PIController()``: the I controller,
+        Hairer's first step). Without, :class:`~torchode_adjoint.StepTo`: fixed steps that end
+        on the given times and on every output time (torchdiffeq's ``grid_constructor``,
+        diffrax's ``StepTo``), in every gradient mode; not with ``step`` or ``rtol``/``atol``.
     compile : bool or Compile, default False
         Run each solver step and each backward step as one ``torch.compile`` graph
         (:class:`~torchode_adjoint.Compile` sets the backend). Same values and gradients as the

@@ -13,7 +13,7 @@ import numbers
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -31,7 +31,14 @@ from ._control import (
 )
 from ._dynamics import NFECounter, module_tensors, training_norms
 from ._executor import Executor
-from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP, distinct_stage_times, make_grid
+from ._grid import (
+    DEFAULT_MAX_STEPS,
+    DEFAULT_STEP,
+    Steps,
+    StepTo,
+    distinct_stage_times,
+    make_grid,
+)
 from ._methods import is_heun, tableau_of
 from ._mode import Backprop, GradientMode
 from ._reversible import Reversible
@@ -280,17 +287,25 @@ class SolveConfig:
     max_steps: int
     executor: Executor
     control: ErrorControl | None = None
+    layout: StepTo | None = None
 
     @property
     def compile(self) -> Compile | None:
         """The compiled path's options (None: eager)."""
         return self.executor.options
 
+    def grid(self, times: Sequence[float], dtype: torch.dtype) -> Steps:
+        """The fixed steps over the output ``times``: the user's layout, else equal steps of
+        at most ``step`` (for error control, one record per interval the solve refines)."""
+        if self.layout is not None:
+            return self.layout.layout(times, dtype, max_steps=self.max_steps)
+        return make_grid(times, self.step, torch.finfo(dtype).eps, max_steps=self.max_steps)
+
 
 def make_config(
     *,
     solver: str | ButcherTableau = "euler",
-    step: float | None = 0.1,
+    step: float | None = DEFAULT_STEP,
     adjoint: bool | str | GradientMode = True,
     check_finite: bool = True,
     checkpoint_every: int | None = None,
@@ -301,18 +316,22 @@ def make_config(
     dense_output: bool = True,
     step_t: Sequence[float] | torch.Tensor | None = None,
     jump_t: Sequence[float] | torch.Tensor | None = None,
-    controller: PIController | None = None,
+    controller: PIController | StepTo | None = None,
 ) -> SolveConfig:
     """Validate the settings: solver, step, mode (and its pairing with the solver), limits,
     and the tolerances of error-controlled steps."""
     mode = resolve_mode(adjoint, checkpoint_every)
     tableau = get_solver(solver)
     mode.check_solver(tableau)
-    control = _error_control(tableau, mode, step, rtol, atol, check_max_steps(max_steps))
+    layout = _step_layout(controller, step, rtol, atol)
+    control = None
+    if layout is None:
+        control = _error_control(tableau, mode, step, rtol, atol, check_max_steps(max_steps))
     if control is not None and not dense_output:
         control = dataclasses.replace(control, interpolate=False)
     control = _stop_times(control, mode, step_t, jump_t)
-    control = _with_controller(control, controller)
+    if layout is None:
+        control = _with_controller(control, cast(PIController | None, controller))
     # Only Heun's own tableau: an embedded pair with Heun's weights (adaptive_heun) never had
     # the old meaning.
     if mode.name == "reversible" and is_heun(tableau) and not getattr(tableau, "adaptive", False):
@@ -336,13 +355,33 @@ def make_config(
         )
     return SolveConfig(
         tableau=tableau,
-        step=None if control is not None else check_step(step),
+        step=None if control is not None or layout is not None else check_step(step),
         mode=mode,
         check_finite=bool(check_finite),
         max_steps=check_max_steps(max_steps),
         executor=Executor(method, options),
         control=control,
+        layout=layout,
     )
+
+
+def _step_layout(controller: object, step: object, rtol: object, atol: object) -> StepTo | None:
+    """The user's step times (``controller=StepTo(...)``), checked against the settings that
+    would also size the steps; None for any other controller."""
+    if not isinstance(controller, StepTo):
+        return None
+    if rtol is not None or atol is not None:
+        raise ValueError(
+            f"`controller={controller!r}` takes fixed steps at the given times, and `rtol`/`atol` "
+            "ask for error-controlled steps: pass one or the other (with tolerances, "
+            "`step_t=` makes error-controlled steps end on given times)."
+        )
+    if step is not DEFAULT_STEP:
+        raise ValueError(
+            f"`controller={controller!r}` lays out the steps, and `step={step!r}` asks for equal "
+            "steps: pass one or the other."
+        )
+    return controller
 
 
 def _error_control(
@@ -401,9 +440,9 @@ def _with_controller(
         return control
     if not isinstance(controller, PIController):
         raise TypeError(
-            f"`controller` must be a `torchode_adjoint.PIController`, got "
-            f"{type(controller).__name__}; pass e.g. `controller=PIController(beta1=0.7, "
-            "beta2=0.4)`."
+            f"`controller` must be a `torchode_adjoint.PIController` (error-controlled steps) "
+            f"or `StepTo` (fixed steps at given times), got {type(controller).__name__}; pass "
+            "e.g. `controller=PIController(beta1=0.7, beta2=0.4)`."
         )
     if control is None:
         raise ValueError(
@@ -524,7 +563,7 @@ def prepare(
     y0 = _check_y0(y0)
     t_cast, host = check_times(t, y0)
     t_cast, host, keep = _with_stops(t_cast, host, config.control)
-    grid = make_grid(host, config.step, torch.finfo(y0.dtype).eps, max_steps=config.max_steps)
+    grid = config.grid(host, y0.dtype)
     counter = nfe if nfe is not None else NFECounter()
     counter.reset()
     spec = SolveSpec(

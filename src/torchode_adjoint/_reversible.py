@@ -257,7 +257,7 @@ class Reversible(GradientMode):
         job.watch(grid.times[-1], a_y)
         vjp.at_step(n_int - 1, grid.n_steps[-1] - 1, total - 1)
         adjoint = method.backward_start(vjp, carry, a_y, grid.step_size(total - 1))
-        recorded = job.record.steps is not None
+        recorded = not grid.uniform
         for i in range(n_int - 1, -1, -1):
             n, first = grid.n_steps[i], grid.offsets[i]
             if n > 1:

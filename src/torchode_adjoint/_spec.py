@@ -11,7 +11,7 @@ from ._compiled import Compile
 from ._control import ErrorControl
 from ._dynamics import NFECounter
 from ._executor import Executor
-from ._grid import TimeGrid
+from ._grid import Steps
 from ._step import Method
 
 __all__ = ["SolveSpec"]
@@ -29,8 +29,9 @@ class SolveSpec:
     ----------
     func : callable
         The user's dynamics ``f(t, y)``.
-    grid : TimeGrid
-        The record of steps: how many each output interval takes, their sizes and stage times.
+    grid : TimeGrid or RecordedSteps
+        The record of steps: how many each output interval takes, their sizes and stage times
+        (equal steps, or the user's step times laid out by ``StepTo``).
     check_finite : bool
     counter : NFECounter
         Filled by the forward pass and, where the mode re-evaluates, by the backward pass.
@@ -42,7 +43,7 @@ class SolveSpec:
     """
 
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    grid: TimeGrid
+    grid: Steps
     check_finite: bool
     counter: NFECounter
     executor: Executor
