@@ -3,6 +3,7 @@ pair with them, against exact solutions, analytic gradients and torchdiffeq."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -20,6 +21,7 @@ from torchode_adjoint import (
     get_solver,
     odeint,
 )
+from torchode_adjoint._step import MethodBase
 
 D = torch.float64
 PAIRS = [n for n in available_solvers() if get_solver(n).adaptive]
@@ -113,9 +115,9 @@ def test_each_pairs_interpolant_has_its_order_between_steps(solver: str, order: 
     # One step of size h from 0, the solution read at theta = 0.37 of it: the interpolant's
     # error falls like h**(order + 1) (the local order of an interpolant of that order).
     tab = get_solver(solver)
-    from torchode_adjoint._runge_kutta import EmbeddedRungeKutta
+    from torchode_adjoint._runge_kutta import RungeKutta
 
-    method = EmbeddedRungeKutta(tab)
+    method = RungeKutta(tab, estimate=True)
     y0 = torch.tensor([[1.0, 0.5]], dtype=D)
     errors = []
     for h in (0.4, 0.2):
@@ -725,12 +727,12 @@ def test_inference_takes_the_steps_a_training_pass_takes(mode: str) -> None:
 # --- the controller after a step cut short to end on a time ---------------------------------
 
 
-class _PowerErrorMethod:
+class _PowerErrorMethod(MethodBase):
     """A method whose error estimate is (h / 0.01)**5 (a fifth-order local error): steps above
     0.01 are rejected. Records the sizes it is asked to take."""
 
     nodes = (0.0, 1.0)
-    error_order = 4
+    error_order = 4  # type: ignore[assignment]
 
     def __init__(self) -> None:
         self.sizes: list[float] = []
@@ -744,8 +746,8 @@ class _PowerErrorMethod:
 
 
 def test_a_rejected_step_cut_short_to_an_end_shrinks_from_its_own_size() -> None:
-    from torchode_adjoint._control import ErrorControl
-    from torchode_adjoint._executor import AdaptiveStats, Executor, adaptive_interval
+    from torchode_adjoint._control import ErrorControl, StepSizeController
+    from torchode_adjoint._executor import Executor, adaptive_interval
 
     method = _PowerErrorMethod()
     control = ErrorControl(rtol=1.0, atol=1.0)
@@ -754,8 +756,9 @@ def test_a_rejected_step_cut_short_to_an_end_shrinks_from_its_own_size() -> None
     def parts(before: object, after: object, error: object) -> tuple[object, ...]:
         return error, [y], [y]
 
-    adaptive_interval(Executor(method, None), None, y, 0.0, 0.1, 0.5, control, parts,  # type: ignore[arg-type]
-                      AdaptiveStats(), max_steps=100, like=y)  # fmt: skip
+    sizer = StepSizeController(dataclasses.replace(control, max_steps=100), 4, D)
+    adaptive_interval(Executor(method, None), None, y, 0.0, 0.1, 0.5, sizer, parts,  # type: ignore[arg-type]
+                      like=y)  # fmt: skip
     # The proposal 0.5 is cut to the interval's 0.1 and rejected (ratio 1e5): the next try is
     # 0.1 * 0.2 (the smallest factor), not 0.5 * 0.2 = 0.1 again.
     assert method.sizes[:2] == [0.1, 0.02], method.sizes

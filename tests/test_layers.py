@@ -125,3 +125,62 @@ def test_modes_ask_for_methods_and_capabilities_never_for_method_classes() -> No
             elif isinstance(node, ast.alias) and node.name in classes:
                 found.append((name, node.name, 0))
     assert not found, found
+
+
+def _step_calls() -> list[tuple[str, str, str, int]]:
+    """Every call ``<receiver>.step(...)`` in the package: (module, enclosing class or
+    function, receiver, line)."""
+    calls = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for top in tree.body:
+            where = getattr(top, "name", "<module>")
+            for node in ast.walk(top):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "step"
+                ):
+                    receiver = ast.unparse(node.func.value)
+                    calls.append((_module_name(path), where, receiver, node.lineno))
+    return calls
+
+
+def test_only_the_executor_calls_a_methods_step() -> None:
+    # Every solve's steps (forward, replay, backward, the non-finite replay) run through an
+    # Executor: the one place that decides eager or compiled. A method's step is called inside
+    # `Executor` and the compiled step function it builds, nowhere else; elsewhere `.step(` is
+    # an Executor's.
+    calls = _step_calls()
+    methods = {(m, w) for m, w, r, _ in calls if r not in {"executor", "eager", "self"}}
+    assert methods == {("_executor", "Executor"), ("_executor", "_compiled_steps")}, sorted(
+        c for c in calls if c[2] not in {"executor", "eager", "self"}
+    )
+    selfs = {(m, w) for m, w, r, _ in calls if r == "self"}
+    assert selfs <= {("_executor", "Executor")}, sorted(selfs)
+
+
+def test_methods_declare_their_capabilities() -> None:
+    # The loop reads what a method can do from the method (error order, interpolant, the
+    # derivative it carries, whether it compiles); it never probes with getattr.
+    from torchode_adjoint._step import MethodBase
+
+    tree_modes = ["_executor", "_prepare", "_reversible", "_checkpoint", "_adjoint"]
+    probes = []
+    capabilities = {"error_order", "interpolates", "interpolate", "derivative", "compilable",
+                    "choose", "coupling"}  # fmt: skip
+    for name in tree_modes:
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in {"getattr", "hasattr"}
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value in capabilities
+            ):
+                probes.append((name, node.args[1].value, node.lineno))
+    assert not probes, probes
+    for cap in ("error_order", "interpolates", "compilable", "derivative", "interpolate"):
+        assert hasattr(MethodBase, cap)

@@ -30,15 +30,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._control import ErrorControl, initial_step
+from ._control import ErrorControl, StepSizeController
 from ._dynamics import Dynamics
-from ._executor import AdaptiveStats, Executor, adaptive_interval, integrate
+from ._executor import Executor, adaptive_interval, integrate
 from ._grid import StageTimes
 from ._methods import runge_kutta_tableau
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
 from ._runge_kutta import StepPlan, combine, plan_for
 from ._spec import SolveSpec
-from ._step import Step, Stepped
+from ._step import MethodBase, Step, Stepped
 from ._tableau import ButcherTableau
 from ._vjp import ParamNames, accumulate_, dynamics_vjp, traceable_vjp, vjp_names
 
@@ -189,7 +189,7 @@ class ContinuousAdjoint(GradientMode):
         g_t = torch.zeros((), dtype=job.t.dtype, device=job.t.device)
         g_p: tuple[torch.Tensor, ...] = tuple(torch.zeros_like(p) for p in job.vjp_params)
         dl_dt: list[torch.Tensor] = []
-        stats = AdaptiveStats()
+        sizer = StepSizeController(control, tableau.embedded_order or 1, job.t.dtype)
         h: float | None = None
 
         def norm(before: Any, after: Any, error: Any) -> tuple[Any, ...]:
@@ -207,15 +207,7 @@ class ContinuousAdjoint(GradientMode):
             if h is None:  # Hairer's first step, on the state's dynamics
                 with torch.no_grad():
                     f0 = job.f(t_i, y)
-                    h = initial_step(
-                        job.f,
-                        t_i,
-                        y,
-                        f0,
-                        tableau.embedded_order or 1,
-                        *control.smallest(),
-                        -1.0 if times[-1] > times[0] else 1.0,
-                    )
+                h = sizer.first_step(job.f, t_i, y, f0, -1.0 if times[-1] > times[0] else 1.0)
             first: list[torch.Tensor] = []
             carry, h = adaptive_interval(
                 executor,
@@ -224,10 +216,8 @@ class ContinuousAdjoint(GradientMode):
                 times[i],
                 times[i - 1],
                 h,
-                control,
+                sizer,
                 norm,
-                stats,
-                max_steps=control.max_steps,
                 like=y,
                 h_sign=-1.0,
                 first=lambda out, keep=first: keep.append(out[2][0][0]),  # type: ignore[misc]
@@ -241,7 +231,7 @@ class ContinuousAdjoint(GradientMode):
                 g_t = g_t - d
         job.watch(times[0], a)
         counter = job.spec.counter
-        counter.backward_accepted, counter.backward_rejected = stats.accepted, stats.rejected
+        counter.backward_accepted, counter.backward_rejected = sizer.accepted, sizer.rejected
         grad_t = torch.stack([g_t, *reversed(dl_dt)]) if job.need_t else None
         return Gradients(y0=a, t=grad_t, params=g_p)
 
@@ -330,7 +320,7 @@ def _traceable_products(
 
 
 @dataclass(frozen=True)
-class AugmentedMethod:
+class AugmentedMethod(MethodBase):
     """The continuous adjoint's backward step as a method: one Runge--Kutta step of the
     augmented system on the carry ``(y, a, g_t, *g_theta)``, backwards from a step's end.
 

@@ -213,10 +213,11 @@ class Checkpoint(GradientMode):
         interpolated outputs inside its steps differentiated together."""
         if job.record.random:
             raise RuntimeError(_RANDOM_UNDER_ERROR_CONTROL)
-        pair: Any = job.spec.method
-        tableau = runge_kutta_tableau(pair)
+        tableau = runge_kutta_tableau(job.spec.method)
         assert tableau is not None and job.y0 is not None
+        # The pair's higher-order steps again, eagerly, with their interpolant.
         plain = as_method(tableau)
+        executor = Executor(plain, None)
         nodes = tableau.c
         host = job.spec.grid.times
         inside, at_end = _outputs_of(steps, host)
@@ -236,12 +237,11 @@ class Checkpoint(GradientMode):
                 for k in range(k0, k1):
                     t0, h, _ = steps[k]
                     ts = dense_stage_times(y, t0, h, nodes)
-                    y_new, _, ks = plain.step(job.f, y, h, ts)
+                    y_new, _, ks = executor.step(job.f, y, h, ts, dense=True)
                     for j, theta in inside.get(k, ()):
                         g = job.grads[j - 1]
                         if g is not None:
-                            carry = (y, ks[0]) if tableau.fsal else y
-                            outs.append(pair.interpolate(carry, h, ks, theta))
+                            outs.append(plain.interpolate(y, h, ks, theta))
                             cots.append(g)
                     for j in at_end.get(k, ()):
                         g = job.grads[j - 1]

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_RTOL",
     "ErrorControl",
     "PIController",
+    "StepSizeController",
     "Tolerance",
     "ToleranceWarning",
     "error_ratio",
@@ -237,6 +238,113 @@ class ErrorControl:
             return self.factor_min
         f = self.safety * ratio ** (-self.beta1 / q) * max(previous, 1e-4) ** (self.beta2 / q)
         return min(self.factor_max, max(self.factor_min, f))
+
+
+class StepSizeController:
+    """The step-size controller of one error-controlled pass: sizes each step, accepts or
+    rejects it from its error ratio, proposes the next size, and counts the steps.
+
+    Every error-controlled loop (the forward passes and the continuous adjoint's backward)
+    decides through one of these, so the rule is written once: the I/PI formula of
+    :meth:`ErrorControl.factor`; after an accepted step the next never shrinks (as in diffrax
+    and torchdiffeq), nor for having been cut short to end on a time; a rejected step shrinks
+    from the size it tried.
+
+    Parameters
+    ----------
+    control : ErrorControl
+        The settings.
+    error_order : int
+        The embedded method's order (``q`` is one more).
+    dtype : torch.dtype
+        The times' dtype: a step below what it resolves at the current time raises.
+    """
+
+    __slots__ = ("control", "q", "dtype", "eps", "previous", "ratio", "accepted", "rejected")
+
+    def __init__(self, control: ErrorControl, error_order: int, dtype: torch.dtype) -> None:
+        self.control, self.q, self.dtype = control, int(error_order) + 1, dtype
+        self.eps = torch.finfo(dtype).eps
+        self.previous = self.ratio = 1.0
+        self.accepted = self.rejected = 0
+
+    def first_step(
+        self, f: object, t0: torch.Tensor, y0: torch.Tensor, f0: torch.Tensor, direction: float
+    ) -> float:
+        """The first step's size: ``PIController(first_step=...)``, else Hairer's algorithm
+        (:func:`initial_step`: one evaluation of ``f``), at most ``max_step``."""
+        control = self.control
+        with torch.no_grad():
+            h = control.first_step or initial_step(
+                f, t0.detach(), y0.detach(), f0.detach(), self.q - 1, *control.smallest(),
+                direction,
+            )  # fmt: skip
+        return min(h, control.max_step)
+
+    def restart(self) -> None:
+        """Forget the last step's error (the steps of a new output interval, when every step
+        ends on an output time)."""
+        self.previous = self.ratio = 1.0
+
+    def tried(self, h: float, remaining: float) -> tuple[float, bool]:
+        """The step to try, at most ``max_step``, and whether it ends the span: a step that
+        would leave a sliver of under 1 % of itself before the end takes the sliver too (a
+        sliver may be below what the times resolve, and would cost a step of its own)."""
+        hh = min(h, self.control.max_step)
+        return hh, hh * STRETCH >= remaining
+
+    def check_size(self, size: float, t_now: float, t_end: float) -> None:
+        """Raise where ``size`` is below ``min_step`` or what the times resolve there."""
+        control = self.control
+        if size < max(control.min_step, FLOOR * self.eps * max(abs(t_now), abs(t_end))):
+            _step_too_small(t_now, size, control, self.dtype, self.ratio)
+
+    def judge(self, ratio: float, hh: float, size: float, t_now: float) -> tuple[bool, float]:
+        """Accept or reject the step tried (``hh`` proposed, ``size`` taken) from its error
+        ``ratio``; the next step's size. Raises after ``max_steps`` steps."""
+        control = self.control
+        self.ratio = ratio
+        if self.accepted + self.rejected >= control.max_steps:
+            raise RuntimeError(
+                f"the error-controlled solve took more than `max_steps={control.max_steps:,}` "
+                f"steps (at t = {t_now:.6g}, step {size:.3g}); loosen `rtol`/`atol`, check the "
+                "dynamics for stiffness, or pass a larger `max_steps`."
+            )
+        if ratio <= 1.0:
+            self.accepted += 1
+            h = max(hh, size * control.factor(ratio, self.previous, self.q))
+            self.previous = ratio
+            return True, h
+        self.rejected += 1
+        return False, size * min(1.0, control.factor(ratio, self.previous, self.q))
+
+
+#: How much longer than proposed the step before an end may be, to end there.
+STRETCH = 1.01
+
+#: The smallest step, in units of the dtype's resolution at the current time: a step shorter
+#: than one unit would not move the time.
+FLOOR = 1.0
+
+
+def _step_too_small(
+    t_now: float, size: float, control: ErrorControl, dtype: torch.dtype, ratio: float
+) -> None:
+    if not math.isfinite(ratio):
+        raise RuntimeError(
+            f"the error-controlled step size fell to {size:.3g} at t = {t_now:.6g}: the error "
+            f"estimate of the steps tried there was not finite ({ratio}), so the state or the "
+            "dynamics overflowed or became NaN at that time (in float32 above about 3e38); "
+            "check the dynamics for values that grow without bound there."
+        )
+    raise RuntimeError(
+        f"the error-controlled step size fell to {size:.3g} at t = {t_now:.6g}, below what "
+        f"{dtype} resolves there (or `min_step`): the error estimate could not be met with "
+        f"{control.describe()}. Likely causes: a stiff problem (use a "
+        "fixed small step or rescale time), a discontinuity in the dynamics (pass its time as "
+        "an output time), a tolerance below the dtype's reach (float32 resolves about 1e-7: "
+        "loosen `rtol`/`atol` or use float64), or a non-finite value in the dynamics."
+    )
 
 
 def error_ratio(

@@ -39,7 +39,7 @@ import torch
 
 from ._compiled import cast
 from ._runge_kutta import StepPlan, combine, plan_for, rk_stages
-from ._step import Step, Stepped, StepProducts
+from ._step import MethodBase, Step, Stepped, StepProducts
 from ._tableau import ButcherTableau
 
 __all__ = ["Coupled"]
@@ -48,7 +48,7 @@ Carry = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
-class Coupled:
+class Coupled(MethodBase):
     """A tableau made reversible by McCallum & Foster's coupling (see the module docstring).
 
     Parameters

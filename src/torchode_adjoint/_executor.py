@@ -16,7 +16,6 @@ and the stage times as tensors.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 
 from ._compat import BatchNormBase, functorch_transforms_active
 from ._compiled import Compile, CompiledFunction, CompileFallbackWarning
-from ._control import ErrorControl, error_ratio, initial_step
+from ._control import ErrorControl, StepSizeController, error_ratio
 from ._grid import RecordedSteps, StageTimes, Steps, Times, interval_sizes
 from ._rng import RngState
 from ._step import DynamicsFn, Method, Step, Stepped
@@ -37,7 +36,6 @@ __all__ = [
     "integrate",
     "StepHook",
     "locate_non_finite",
-    "AdaptiveStats",
     "adaptive_interval",
     "integrate_adaptive",
     "DenseStep",
@@ -87,7 +85,7 @@ class Executor:
 
     def __init__(self, method: Method, options: Compile | None) -> None:
         # A method that reads the host at every step (a coupling chosen per step) runs eagerly.
-        if not getattr(method, "compilable", True):
+        if not method.compilable:
             options = None
         self.method, self.options = method, options
         self.evaluations = len(method.nodes)
@@ -333,17 +331,18 @@ def locate_non_finite(
     offsets = grid.offsets
     span = grid.times[i] - t_a
     h = grid.step_size(offsets[i - 1])
+    eager = Executor(method, None)
     with torch.no_grad():
         carry = method.init(f, y0.detach(), t.detach()[0])
         if isinstance(carry, torch.Tensor):
             carry = sol[i - 1]  # the carry is the state: start at the interval's stored one
         else:  # an auxiliary state, not stored: from y0
             for g in range(offsets[i - 1]):
-                carry = method.step(f, carry, grid.step_size(g), times.of(g))[0]
+                carry = eager.step(f, carry, grid.step_size(g), times.of(g))[0]
         for k in range(n):
             g = offsets[i - 1] + k
             h = grid.step_size(g)
-            carry = method.step(f, carry, h, times.of(g))[0]
+            carry = eager.step(f, carry, h, times.of(g))[0]
             if not bool(torch.isfinite(method.output(carry)).all()):
                 bad = method.output(carry)
                 interval_text = f"[{t_a:.6g}, {grid.times[i]:.6g}]"
@@ -361,15 +360,6 @@ def locate_non_finite(
     )
 
 
-class AdaptiveStats:
-    """Accepted and rejected steps of error-controlled solves."""
-
-    __slots__ = ("accepted", "rejected")
-
-    def __init__(self) -> None:
-        self.accepted = self.rejected = 0
-
-
 PartsFn = Callable[[Any, Any, Any], tuple[Sequence[torch.Tensor], ...]]
 
 
@@ -380,11 +370,9 @@ def adaptive_interval(
     t_a: float,
     t_b: float,
     h: float,
-    control: ErrorControl,
+    sizer: StepSizeController,
     parts: PartsFn,
-    stats: AdaptiveStats,
     *,
-    max_steps: int,
     t: torch.Tensor | None = None,
     interval: int = 0,
     like: torch.Tensor,
@@ -402,6 +390,9 @@ def adaptive_interval(
         Runs the steps of a method whose ``step`` returns an error estimate.
     h : float
         The first step's size to try (positive).
+    sizer : StepSizeController
+        Accepts or rejects each step and sizes the next (its counts go on across intervals;
+        the last error is forgotten at the interval's start).
     parts : callable
         ``parts(carry, new_carry, error) -> (errors, before, after)``: the tensors the error
         norm is taken over (all of the state; the continuous adjoint's seminorm: the state and
@@ -427,26 +418,20 @@ def adaptive_interval(
     ------
     RuntimeError
         When the step size falls below what the times' precision resolves (naming the time,
-        the step and the likely causes), or when more than ``max_steps`` steps are tried.
+        the step and the likely causes), or when more than ``max_steps`` steps are tried
+        (from ``sizer``).
     """
     nodes = executor.method.nodes
     length = abs(t_b - t_a)
-    eps = torch.finfo(like.dtype).eps
-    q = int(getattr(executor.method, "error_order", 1)) + 1
-    previous = ratio = 1.0
+    sizer.restart()
     m = 0.0
     k = 0
     while True:
-        remaining = (1.0 - m) * length
-        hh = min(h, control.max_step)
-        # A step that would leave a sliver of under 1 % of itself takes the sliver too (a
-        # sliver may be below what the times resolve, and would cost a step of its own).
-        last = hh * _STRETCH >= remaining
+        hh, last = sizer.tried(h, (1.0 - m) * length)
         m1 = 1.0 if last else m + hh / length
         size = (m1 - m) * length
         t_now = t_a + m * (t_b - t_a)
-        if size < max(control.min_step, _FLOOR * eps * max(abs(t_now), abs(t_b))):
-            _step_too_small(t_now, size, control, like.dtype, ratio)
+        sizer.check_size(size, t_now, t_b)
         fr = [m + c * (m1 - m) for c in nodes]
         if t is not None and t.requires_grad:
             lo, hi = t[interval], t[interval + 1]
@@ -455,8 +440,8 @@ def adaptive_interval(
         else:
             ts = tuple(like.new_tensor([t_a + x * (t_b - t_a) for x in fr]).unbind(0))
             h_step = (m1 - m) * (t_b - t_a) * h_sign
-        if control.jump_times:
-            ts = _inside_jumps(ts, fr, t_a, t_b, control.jump_times)
+        if sizer.control.jump_times:
+            ts = _inside_jumps(ts, fr, t_a, t_b, sizer.control.jump_times)
         token = before_try() if before_try is not None else None
         out = executor.step(f, carry, h_step, ts, dense=True)
         if first is not None:
@@ -464,30 +449,15 @@ def adaptive_interval(
             first = None
         errors, before, after = parts(carry, out[0], out[1])
         # The one host read of the step: accept or reject, and the next step size.
-        ratio = _read_ratio(errors, before, after, control)
-        if stats.accepted + stats.rejected >= max_steps:
-            raise RuntimeError(
-                f"the error-controlled solve took more than `max_steps={max_steps:,}` steps "
-                f"(at t = {t_now:.6g}, step {size:.3g}); loosen `rtol`/`atol`, check the "
-                "dynamics for stiffness, or pass a larger `max_steps`."
-            )
-        if ratio <= 1.0:
-            stats.accepted += 1
+        accept, h = sizer.judge(_read_ratio(errors, before, after, sizer.control), hh, size, t_now)
+        if accept:
             if on_accept is not None:
                 on_accept(k, m, m1, carry, token)
             k += 1
             carry = out[0]
-            # After an accepted step the step does not shrink (as in diffrax and torchdiffeq),
-            # nor for having been cut short to end on a time.
-            h = max(hh, size * control.factor(ratio, previous, q))
-            previous = ratio
             if last:
                 return carry, h
             m = m1
-        else:
-            stats.rejected += 1
-            # From the step tried: one cut short to end on a time shrinks from its own size.
-            h = size * min(1.0, control.factor(ratio, previous, q))
 
 
 def _read_ratio(
@@ -518,34 +488,6 @@ def _refuse_vmap(err: RuntimeError) -> None:
         ) from err
 
 
-#: How much longer than proposed the step before an end may be, to end there.
-_STRETCH = 1.01
-
-#: The smallest step, in units of the dtype's resolution at the current time: a step shorter
-#: than one unit would not move the time.
-_FLOOR = 1.0
-
-
-def _step_too_small(
-    t_now: float, size: float, control: ErrorControl, dtype: torch.dtype, ratio: float
-) -> None:
-    if not math.isfinite(ratio):
-        raise RuntimeError(
-            f"the error-controlled step size fell to {size:.3g} at t = {t_now:.6g}: the error "
-            f"estimate of the steps tried there was not finite ({ratio}), so the state or the "
-            "dynamics overflowed or became NaN at that time (in float32 above about 3e38); "
-            "check the dynamics for values that grow without bound there."
-        )
-    raise RuntimeError(
-        f"the error-controlled step size fell to {size:.3g} at t = {t_now:.6g}, below what "
-        f"{dtype} resolves there (or `min_step`): the error estimate could not be met with "
-        f"{control.describe()}. Likely causes: a stiff problem (use a "
-        "fixed small step or rescale time), a discontinuity in the dynamics (pass its time as "
-        "an output time), a tolerance below the dtype's reach (float32 resolves about 1e-7: "
-        "loosen `rtol`/`atol` or use float64), or a non-finite value in the dynamics."
-    )
-
-
 def integrate_adaptive(
     f: Any,
     y0: torch.Tensor,
@@ -573,47 +515,38 @@ def integrate_adaptive(
     calls ``on_accept(-1, k, t0, t1, carry, token)`` after it (a replaying mode's record);
     where dense output is not possible (no interpolant, ``interpolate`` off, learnable times)
     the list stays empty and the steps end on every output time."""
-    method: Any = executor.method
+    method = executor.method
     carry = method.init(f, y0, t[0])
-    derivative = getattr(method, "derivative", None)
-    f0 = derivative(carry) if derivative is not None else None
+    f0 = method.derivative(carry)
     if f0 is None:
         f0 = f(t[0], y0)
     direction = 1.0 if host_times[-1] > host_times[0] else -1.0
+    if method.error_order is None:
+        raise ValueError(f"{method.name} has no error estimate: it takes fixed steps only.")
+    sizer = StepSizeController(control, method.error_order, y0.dtype)
     try:
-        with torch.no_grad():
-            h = control.first_step or initial_step(
-                f,
-                t[0].detach(),
-                y0.detach(),
-                f0.detach(),
-                method.error_order,
-                *control.smallest(),
-                direction,
-            )
+        h = sizer.first_step(f, t[0], y0, f0, direction)
     except RuntimeError as err:
         _refuse_vmap(err)
         raise
-    h = min(h, control.max_step)
-    counts = AdaptiveStats()
 
     def parts(before: Any, after: Any, error: Any) -> tuple[Sequence[torch.Tensor], ...]:
         return [error], [method.output(before)], [method.output(after)]
 
     dense = (
         control.interpolate
-        and getattr(method, "interpolates", False)
+        and method.interpolates
         and final is None
         and not t.requires_grad
         and (dense_steps is not None or (record is None and on_accept is None))
     )
     if dense:
         states = _dense_solve(
-            executor, f, carry, host_times, h, control, parts, counts, y0,
+            executor, f, carry, host_times, h, sizer, parts, y0,
             steps=dense_steps, before_try=before_try, on_accept=on_accept,
         )  # fmt: skip
         if stats is not None:
-            stats.accepted, stats.rejected = counts.accepted, counts.rejected
+            stats.accepted, stats.rejected = sizer.accepted, sizer.rejected
         _check_states(states, f, method, control, host_times, check_finite)
         return states
     states = []
@@ -638,10 +571,8 @@ def integrate_adaptive(
             host_times[i],
             host_times[i + 1],
             h,
-            control,
+            sizer,
             parts,
-            counts,
-            max_steps=control.max_steps,
             t=t,
             interval=i,
             like=y0,
@@ -656,7 +587,7 @@ def integrate_adaptive(
     if final is not None:
         final.append(carry)
     if stats is not None:
-        stats.accepted, stats.rejected = counts.accepted, counts.rejected
+        stats.accepted, stats.rejected = sizer.accepted, sizer.rejected
     _check_states(states, f, method, control, host_times, check_finite)
     return states
 
@@ -684,8 +615,7 @@ def _after_jump(method: Any, f: Any, carry: Any, t_jump: float, toward: float, l
     """The carry after a jump of the dynamics at ``t_jump``: a first-same-as-last pair's
     derivative evaluated anew at the next time ``like``'s dtype resolves towards ``toward``
     (torchdiffeq's ``jump_t``); other methods carry no derivative."""
-    derivative = getattr(method, "derivative", None)
-    if derivative is None or derivative(carry) is None:
+    if method.derivative(carry) is None:
         return carry
     t_j = like.new_tensor(t_jump)
     after = torch.nextafter(t_j, like.new_tensor(toward))
@@ -728,9 +658,8 @@ def _dense_solve(
     carry: Any,
     host_times: Sequence[float],
     h: float,
-    control: ErrorControl,
+    sizer: StepSizeController,
     parts: PartsFn,
-    stats: AdaptiveStats,
     like: torch.Tensor,
     *,
     steps: list[DenseStep] | None = None,
@@ -742,15 +671,13 @@ def _dense_solve(
     and diffrax's behaviour; fewer steps where output times are dense). A step ending on an
     output time gives its end state, not an interpolation."""
     method: Any = executor.method
+    control = sizer.control
     nodes = method.nodes
     t0, t_end = host_times[0], host_times[-1]
     direction = 1.0 if t_end > t0 else -1.0
-    eps = torch.finfo(like.dtype).eps
-    q = int(method.error_order) + 1
     states: list[torch.Tensor] = []
     nxt = 1
-    t_now, previous = t0, 1.0
-    ratio = 1.0
+    t_now = t0
     # The times a step must end on (step_t, jump_t), then the last output time.
     stops = sorted(
         {s for s in (*control.step_times, *control.jump_times)
@@ -762,13 +689,9 @@ def _dense_solve(
             stops.pop(0)
         target = stops[0]
         remaining = abs(target - t_now)
-        hh = min(h, control.max_step)
-        # A step that would leave a sliver of under 1 % of itself before an end takes the
-        # sliver too (a sliver may be below what the times resolve, and would cost a step).
-        last = hh * _STRETCH >= remaining
+        hh, last = sizer.tried(h, remaining)
         size = remaining if last else hh
-        if size < max(control.min_step, _FLOOR * eps * max(abs(t_now), abs(target))):
-            _step_too_small(t_now, size, control, like.dtype, ratio)
+        sizer.check_size(size, t_now, target)
         h_signed = direction * size
         t_new = target if last else t_now + h_signed
         ts = dense_stage_times(like, t_now, h_signed, nodes)
@@ -777,19 +700,13 @@ def _dense_solve(
         token = before_try() if before_try is not None else None
         out = executor.step(f, carry, h_signed, ts, dense=True)
         errors, before, after = parts(carry, out[0], out[1])
-        ratio = _read_ratio(errors, before, after, control)
-        if stats.accepted + stats.rejected >= control.max_steps:
-            raise RuntimeError(
-                f"the error-controlled solve took more than `max_steps={control.max_steps:,}` "
-                f"steps (at t = {t_now:.6g}, step {size:.3g}); loosen `rtol`/`atol`, check the "
-                "dynamics for stiffness, or pass a larger `max_steps`."
-            )
-        if ratio <= 1.0:
+        k = sizer.accepted
+        accept, h = sizer.judge(_read_ratio(errors, before, after, control), hh, size, t_now)
+        if accept:
             if steps is not None:
                 steps.append((t_now, h_signed, t_new))
             if on_accept is not None:
-                on_accept(-1, stats.accepted, t_now, t_new, carry, token)
-            stats.accepted += 1
+                on_accept(-1, k, t_now, t_new, carry, token)
             while nxt < len(host_times) and (host_times[nxt] - t_new) * direction <= 0.0:
                 target_out = host_times[nxt]
                 if target_out == t_new:
@@ -801,9 +718,4 @@ def _dense_solve(
             carry, t_now = out[0], t_new
             if last and t_new in control.jump_times:
                 carry = _after_jump(method, f, carry, t_new, t_end, like)
-            h = max(hh, size * control.factor(ratio, previous, q))  # as in adaptive_interval
-            previous = ratio
-        else:
-            stats.rejected += 1
-            h = size * min(1.0, control.factor(ratio, previous, q))  # as in adaptive_interval
     return states

@@ -10,7 +10,7 @@ its round-off).
 from __future__ import annotations
 
 from ._coupled import Coupled
-from ._runge_kutta import EmbeddedRungeKutta, RungeKutta
+from ._runge_kutta import RungeKutta
 from ._solvers import HEUN, Solver
 from ._step import Method
 from ._tableau import ButcherTableau
@@ -36,7 +36,7 @@ def as_method(solver: Solver) -> Method:
 def as_embedded(tableau: ButcherTableau) -> Method:
     """An embedded pair as the method of error-controlled steps (each step's error estimate
     returned beside the state)."""
-    return EmbeddedRungeKutta(tableau)
+    return RungeKutta(tableau, estimate=True)
 
 
 def as_reversible(
@@ -63,7 +63,7 @@ def tableau_of(solver: Solver) -> ButcherTableau | None:
 def runge_kutta_tableau(method: Method) -> ButcherTableau | None:
     """The tableau ``method`` takes plain Runge--Kutta steps of (the continuous adjoint
     integrates its augmented system with it), or None for a method with a state of its own."""
-    if isinstance(method, (RungeKutta, EmbeddedRungeKutta)):
+    if isinstance(method, RungeKutta):
         return method.tableau
     return None
 

@@ -345,7 +345,7 @@ def make_config(
         )
     options = check_compile(compile)
     method = mode.method_for(tableau, error_control=control is not None)
-    if options is not None and not getattr(method, "compilable", True):
+    if options is not None and not method.compilable:
         warnings.warn(
             "compile=True with `Reversible()`: each step's coupling is chosen from the step's "
             "contraction and read on the host, so these steps run eagerly (same results); "

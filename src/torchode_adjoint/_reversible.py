@@ -42,7 +42,7 @@ from ._rng import SeededDraws
 from ._runge_kutta import rk_increment
 from ._solvers import Solver
 from ._spec import SolveSpec
-from ._step import Method, Step, Stepped
+from ._step import Method, MethodBase, Step, Stepped
 from ._tableau import StepPlan
 from ._vjp import ParamNames, accumulate_, dynamics_vjp, functional, traceable_vjp, vjp_names
 
@@ -172,12 +172,12 @@ class Reversible(GradientMode):
     ) -> ForwardResult:
         record.draws = f.draws = SeededDraws(y0.device)
         method: Any = spec.method
-        if getattr(method, "choose", False):
+        if method.choose:
             f.draws.alias = method.draw_alias
         last: list[Any] = []
         # A coupling chosen per step is kept as a host float per step, like the steps of error
         # control: the carry before each step holds the coupling of the step before it.
-        couplings: list[float] | None = [] if getattr(method, "choose", False) else None
+        couplings: list[float] | None = [] if method.choose else None
 
         def keep(carry: Any) -> None:
             if couplings is not None:
@@ -308,7 +308,7 @@ class Reversible(GradientMode):
         tol = self.drift_tol if self.drift_tol is not None else math.sqrt(eps)
         if rel <= tol:
             return
-        coupled = getattr(method, "coupling", None) is not None
+        coupled = method.coupling is not None
         chosen = coupled and method.choose
         # A fixed coupling: the reconstruction's round-off also grows like coupling**-steps.
         closer = "" if not coupled or chosen else (
@@ -351,7 +351,7 @@ def _power(base: float, exponent: int) -> str:
 
 
 @dataclass(frozen=True)
-class ReverseSteps:
+class ReverseSteps(MethodBase):
     """A reversible method's exact backward step, as a method the executor runs: the carry is
     ``(*state, A_y, A_z, *g_theta)`` and the evaluator implements ``StepProducts``
     (:class:`StepVJP` eagerly; :class:`_TraceableProducts` inside a compiled graph). The steps

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ._compiled import cast
-from ._step import Step, Stepped, StepProducts
+from ._step import MethodBase, Step, Stepped, StepProducts
 
 __all__ = ["ReversibleHeun", "REVERSIBLE_HEUN"]
 
@@ -38,7 +38,7 @@ Adjoint = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
-class ReversibleHeun:
+class ReversibleHeun(MethodBase):
     """The reversible Heun method (Kidger et al. 2021), ``solver="reversible_heun"``.
 
     Order 2, one evaluation per step (plus one at ``t0``). It pairs with
@@ -49,6 +49,9 @@ class ReversibleHeun:
 
     name: str = "reversible_heun"
     order: int = 2
+    #: No coupling (McCallum & Foster's, of a tableau made reversible), none chosen per step.
+    coupling: ClassVar[None] = None
+    choose: ClassVar[bool] = False
 
     @property
     def nodes(self) -> tuple[float, ...]:

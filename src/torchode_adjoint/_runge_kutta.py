@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ._compiled import cast
-from ._step import DynamicsFn, Step, Stepped
+from ._step import DynamicsFn, MethodBase, Step, Stepped
 from ._tableau import ButcherTableau, StepPlan, plan_for
 
 __all__ = [
@@ -25,7 +25,6 @@ __all__ = [
     "rk_step",
     "rk_increment",
     "RungeKutta",
-    "EmbeddedRungeKutta",
 ]
 
 
@@ -103,11 +102,19 @@ def rk_increment(
 
 
 @dataclass(frozen=True)
-class RungeKutta:
-    """An explicit Runge--Kutta method: its carry is the solution; its dense information the
-    stage derivatives."""
+class RungeKutta(MethodBase):
+    """An explicit Runge--Kutta method, for every tableau: its dense information is the stage
+    derivatives.
+
+    Without ``estimate`` the carry is the solution and a step returns no error. With
+    ``estimate`` (error-controlled steps of an embedded pair) each step returns its error
+    estimate ``h * sum_j (b_j - b_embedded_j) k_j``; with a first-same-as-last tableau the carry
+    is then ``(y, f(t, y))``, so that an accepted step's last stage is the next step's first and
+    a rejected step's first stage is reused (one evaluation less per step).
+    """
 
     tableau: ButcherTableau
+    estimate: bool = False
     plan: StepPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -123,52 +130,9 @@ class RungeKutta:
         return self.tableau.order
 
     @property
-    def nodes(self) -> tuple[float, ...]:
-        return self.tableau.c
-
-    @property
-    def key(self) -> Hashable:
-        return ("rk", self.tableau)
-
-    def init(self, f: Any, y0: torch.Tensor, t0: torch.Tensor) -> torch.Tensor:
-        return y0
-
-    def output(self, carry: torch.Tensor) -> torch.Tensor:
-        return carry
-
-    def step(self, f: Any, carry: torch.Tensor, h: Step, ts: tuple[torch.Tensor, ...]) -> Stepped:
-        y, ks = rk_step(f, carry, h, ts, self.plan)
-        return y, None, ks
-
-    def bind(self, func: Any, inputs: Any) -> Any:
-        return cast(func)
-
-
-@dataclass(frozen=True)
-class EmbeddedRungeKutta:
-    """An embedded pair stepping under error control: each step returns its error estimate
-    ``h * sum_j (b_j - b_embedded_j) k_j``. With a first-same-as-last tableau the carry is
-    ``(y, f(t, y))``, so that an accepted step's last stage is the next step's first and a
-    rejected step's first stage is reused (one evaluation less per step)."""
-
-    tableau: ButcherTableau
-    plan: StepPlan = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "plan", plan_for(self.tableau))
-
-    @property
-    def name(self) -> str:
-        return self.tableau.name
-
-    @property
-    def order(self) -> int:
-        return self.tableau.order
-
-    @property
-    def error_order(self) -> int:
+    def error_order(self) -> int | None:
         """The order of the error estimate's leading term less one: the embedded order."""
-        return int(self.tableau.embedded_order or 1)
+        return int(self.tableau.embedded_order or 1) if self.estimate else None
 
     @property
     def nodes(self) -> tuple[float, ...]:
@@ -176,23 +140,28 @@ class EmbeddedRungeKutta:
 
     @property
     def key(self) -> Hashable:
-        return ("embedded", self.tableau)
+        return ("embedded", self.tableau) if self.estimate else ("rk", self.tableau)
+
+    @property
+    def _carries_derivative(self) -> bool:
+        return self.estimate and self.tableau.fsal
 
     def init(self, f: Any, y0: torch.Tensor, t0: torch.Tensor) -> Any:
-        return (y0, f(t0, y0)) if self.tableau.fsal else y0
+        return (y0, f(t0, y0)) if self._carries_derivative else y0
 
     def output(self, carry: Any) -> torch.Tensor:
-        return carry[0] if self.tableau.fsal else carry  # type: ignore[no-any-return]
+        return carry[0] if self._carries_derivative else carry  # type: ignore[no-any-return]
 
     @property
     def interpolates(self) -> bool:
-        """Whether the pair has a continuous extension (dense output)."""
+        """Whether the tableau has a continuous extension (dense output)."""
         return self.tableau.b_dense is not None
 
     def interpolate(self, carry: Any, h: float, ks: Sequence[Any], theta: float) -> torch.Tensor:
         """The solution at ``t + theta h`` inside a step from ``carry`` with stages ``ks``."""
         dense = self.tableau.b_dense
-        assert dense is not None
+        if dense is None:
+            raise NotImplementedError(f"{self.tableau.name!r} has no continuous extension")
         terms = []
         for i, row in enumerate(dense):
             w = 0.0
@@ -204,10 +173,13 @@ class EmbeddedRungeKutta:
 
     def derivative(self, carry: Any) -> torch.Tensor | None:
         """``f(t, y)`` at the carry's time where the carry holds it (first same as last)."""
-        return carry[1] if self.tableau.fsal else None  # type: ignore[no-any-return]
+        return carry[1] if self._carries_derivative else None  # type: ignore[no-any-return]
 
     def step(self, f: Any, carry: Any, h: Step, ts: tuple[torch.Tensor, ...]) -> Stepped:
         plan = self.plan
+        if not self.estimate:
+            y, stages = rk_step(f, carry, h, ts, plan)
+            return y, None, stages
         if not self.tableau.fsal:
             stages = rk_stages(f, carry, h, ts, plan)
             y_new = combine(carry, h, plan.weights, stages)

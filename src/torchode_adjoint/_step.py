@@ -21,7 +21,7 @@ import torch
 
 from ._tableau import StepPlan
 
-__all__ = ["Step", "Stepped", "Method", "StepProducts", "DynamicsFn"]
+__all__ = ["Step", "Stepped", "Method", "MethodBase", "StepProducts", "DynamicsFn"]
 
 Step = float | torch.Tensor
 """A step size: a host float, or a 0-dim tensor (learnable times, the compiled path)."""
@@ -69,6 +69,51 @@ class Method(Protocol):
     def bind(self, func: Any, inputs: Any) -> Any:
         """What ``step`` evaluates inside a compiled graph: the user's ``func`` (with the graph
         inputs ``inputs`` the executor passed along) in the form the step calls."""
+
+    # What the method can do, declared (see MethodBase for the defaults), never probed.
+
+    @property
+    def error_order(self) -> int | None:
+        """The order of the error estimate a step returns (the embedded order); None for a
+        method without one (fixed steps only)."""
+
+    @property
+    def interpolates(self) -> bool:
+        """Whether :meth:`interpolate` gives the solution inside a step (dense output)."""
+
+    @property
+    def compilable(self) -> bool:
+        """Whether the steps may run as compiled graphs (not where a step reads the host)."""
+
+    def derivative(self, carry: Any) -> torch.Tensor | None:
+        """``f(t, y)`` at the carry's time where the carry holds it (first same as last)."""
+
+    def interpolate(self, carry: Any, h: float, dense: Any, theta: float) -> torch.Tensor:
+        """The solution at ``t + theta h`` inside a step from ``carry`` with dense
+        information ``dense``."""
+
+
+class MethodBase:
+    """The capabilities of a plain method, which a method class inherits and overrides where it
+    can do more: no error estimate, no interpolant, no derivative carried over, compilable."""
+
+    @property
+    def error_order(self) -> int | None:
+        return None
+
+    @property
+    def interpolates(self) -> bool:
+        return False
+
+    @property
+    def compilable(self) -> bool:
+        return True
+
+    def derivative(self, carry: Any) -> torch.Tensor | None:
+        return None
+
+    def interpolate(self, carry: Any, h: float, dense: Any, theta: float) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no interpolant")
 
 
 class StepProducts(Protocol):
