@@ -504,11 +504,18 @@ def _finite_differences(
     # Its evaluation counter is this check's own (prepare() without `nfe`), never the user's.
     base_spec = setup.prepared(setup.config).spec
 
+    # The check differentiates with respect to t, so its solves end a step on every output time
+    # (error control interpolates only where the times need no gradient): so do these.
+    control = base_spec.control
+    if control is not None:
+        control = dataclasses.replace(control, interpolate=False)
+
     def loss_at(y_in: torch.Tensor, t_in: torch.Tensor) -> float:
         spec = dataclasses.replace(
             base_spec,
             grid=regrid(base_spec.grid, t_in.tolist()),
             check_finite=False,
+            control=control,
         )
         with torch.no_grad():
             states = setup.config.mode.solve(spec, y_in, t_in, setup.params)

@@ -21,7 +21,14 @@ import torch
 
 from ._compat import vector_jacobian_product
 from ._dynamics import Dynamics
-from ._executor import DenseStep, Executor, dense_stage_times, integrate, integrate_adaptive
+from ._executor import (
+    DenseStep,
+    Executor,
+    dense_outputs,
+    dense_stage_times,
+    integrate,
+    integrate_adaptive,
+)
 from ._grid import RecordedSteps, StageTimes, Times
 from ._methods import as_method, runge_kutta_tableau
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients, RngState
@@ -41,25 +48,6 @@ _RANDOM_UNDER_ERROR_CONTROL = (
     "draw again, so adjoint='checkpoint' cannot reproduce them. Use fixed steps (`step=`) with "
     "random dynamics, or keep the randomness out of the dynamics (e.g. `model.eval()`)."
 )
-
-
-def _outputs_of(
-    steps: tuple[tuple[float, float, float], ...], host: tuple[float, ...] | list[float]
-) -> tuple[dict[int, list[tuple[int, float]]], dict[int, list[int]]]:
-    """Which output times each accepted step of a dense solve gave, as the forward pass
-    assigned them: ``(j, theta)`` interpolated inside step ``k``, or ``j`` at its end."""
-    direction = 1.0 if host[-1] > host[0] else -1.0
-    inside: dict[int, list[tuple[int, float]]] = {}
-    at_end: dict[int, list[int]] = {}
-    nxt = 1
-    for k, (t0, h, t1) in enumerate(steps):
-        while nxt < len(host) and (host[nxt] - t1) * direction <= 0.0:
-            if host[nxt] == t1:
-                at_end.setdefault(k, []).append(nxt)
-            else:
-                inside.setdefault(k, []).append((nxt, (host[nxt] - t0) / h))
-            nxt += 1
-    return inside, at_end
 
 
 @dataclass(frozen=True)
@@ -220,7 +208,7 @@ class Checkpoint(GradientMode):
         executor = Executor(plain, None)
         nodes = tableau.c
         host = job.spec.grid.times
-        inside, at_end = _outputs_of(steps, host)
+        inside, at_end = dense_outputs(steps, host)
         kept = list(job.extra)
         params = job.vjp_params
         a = torch.zeros_like(job.states[-1])

@@ -31,14 +31,14 @@ exact gradient of the discretisation, to the round-off of the reconstruction.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ._compiled import cast
-from ._runge_kutta import StepPlan, combine, plan_for, rk_stages
+from ._runge_kutta import StepPlan, combine, dense_terms, plan_for, rk_stages
 from ._step import MethodBase, Step, Stepped, StepProducts
 from ._tableau import ButcherTableau
 
@@ -150,9 +150,28 @@ class Coupled(MethodBase):
             # scheme's second (parasitic) mode grows where the coupling exceeds a step's
             # contraction. Zero-order in a healthy step (the gap is the round trip's defect).
             error = error + ((y1 - z1) - (y - z))
+        # Under error control the dense information: the base step's stages from z_n and the
+        # coupling (see `interpolate`).
+        dense = (ks, lam) if self.estimate else None
         if self.choose:
-            return (y1, z1, ks_q[0], lam), error, None
-        return (y1, z1), error, None
+            return (y1, z1, ks_q[0], lam), error, dense
+        return (y1, z1), error, dense
+
+    @property
+    def interpolates(self) -> bool:
+        """Under error control with a pair that has a continuous extension (dense output)."""
+        return self.estimate and self.tableau.b_dense is not None
+
+    def interpolate(self, carry: Any, h: float, dense: Any, theta: float) -> torch.Tensor:
+        """The solution at ``t_n + theta h`` inside the step from ``carry``:
+        ``(1 - w) y_n + w z_n + h sum_i b_i(theta) k_i`` with ``w = theta (1 - lam)`` and
+        ``k_i`` the stages of the base step from ``z_n``: ``y_n`` at ``theta = 0``,
+        ``y_{n+1}`` at 1, and the base method's continuous extension where ``y = z``."""
+        ks, lam = dense
+        y, z = carry[0], carry[1]
+        w = theta * (1.0 - lam)
+        base = y if w == 0.0 else (1.0 - w) * y + w * z
+        return combine(base, h, dense_terms(self.tableau, theta), ks)
 
     def coupling_for(self, carry: Any, f_z: torch.Tensor, h: Step, t: torch.Tensor) -> float:
         """The coupling of the step from ``carry``: the step's contraction along the gap.
@@ -220,10 +239,13 @@ class Coupled(MethodBase):
         h: Step,
         h_prev: Step | None,
         incoming: torch.Tensor | None,
+        inside: Sequence[tuple[float, torch.Tensor]] = (),
     ) -> tuple[Carry, Carry]:
         """``(y_n, z_n)`` and their adjoints from those of ``(y_{n+1}, z_{n+1})``; ``incoming``
         is ``dL/dy_n`` when ``t_n`` is an output time (``h_prev`` is not needed: the steps share
-        no evaluation)."""
+        no evaluation), and ``inside`` the ``(theta, dL/dy)`` of outputs interpolated inside
+        the step (:meth:`interpolate`: their products go through the base step's stages from
+        ``z_n`` with the one that ``z_n``'s own increment takes)."""
         y1, z1 = carry
         a_y, a_z = adjoint
         plan = self.plan
@@ -232,12 +254,18 @@ class Coupled(MethodBase):
         d_q, g_q = vjp.increment(plan, y1, torch.neg(a_z), -h, first=plan.stages, offset=1)
         z0 = z1 + d_q
         b = a_y + g_q
-        d_p, g_p = vjp.increment(plan, z0, b, h, first=0, offset=0)
+        extra = [(dense_terms(self.tableau, theta), g) for theta, g in inside]
+        d_p, g_p = vjp.increment(plan, z0, b, h, first=0, offset=0, extra=extra)
         if lam == 1.0:
             y0, a_y0, a_z0 = y1 - d_p, b, a_z + g_p
         else:
             y0 = (y1 - (1.0 - lam) * z0 - d_p) / lam
             a_y0, a_z0 = lam * b, torch.add(a_z, b, alpha=1.0 - lam).add_(g_p)
+        for theta, g in inside:  # the interpolant's direct terms in y_n and z_n
+            w = theta * (1.0 - lam)
+            a_y0 = a_y0 + (g if w == 0.0 else (1.0 - w) * g)
+            if w != 0.0:
+                a_z0 = a_z0 + w * g
         if incoming is not None:
             a_y0 = a_y0 + incoming
         return (y0, z0), (a_y0, a_z0)

@@ -39,7 +39,9 @@ __all__ = [
     "adaptive_interval",
     "integrate_adaptive",
     "DenseStep",
+    "DenseTimes",
     "dense_stage_times",
+    "dense_outputs",
 ]
 
 StepHook = Callable[[int, int, Any], None]
@@ -536,14 +538,13 @@ def integrate_adaptive(
     dense = (
         control.interpolate
         and method.interpolates
-        and final is None
         and not t.requires_grad
         and (dense_steps is not None or (record is None and on_accept is None))
     )
     if dense:
         states = _dense_solve(
             executor, f, carry, host_times, h, sizer, parts, y0,
-            steps=dense_steps, before_try=before_try, on_accept=on_accept,
+            steps=dense_steps, before_try=before_try, on_accept=on_accept, final=final,
         )  # fmt: skip
         if stats is not None:
             stats.accepted, stats.rejected = sizer.accepted, sizer.rejected
@@ -665,6 +666,7 @@ def _dense_solve(
     steps: list[DenseStep] | None = None,
     before_try: Callable[[], Any] | None = None,
     on_accept: Callable[[int, int, float, float, Any, Any], None] | None = None,
+    final: list[Any] | None = None,
 ) -> list[torch.Tensor]:
     """Error-controlled steps from the first output time to the last, past the ones between:
     the solution there is the method's interpolant inside the step that covers it (torchdiffeq's
@@ -718,4 +720,41 @@ def _dense_solve(
             carry, t_now = out[0], t_new
             if last and t_new in control.jump_times:
                 carry = _after_jump(method, f, carry, t_new, t_end, like)
+    if final is not None:
+        final.append(carry)
     return states
+
+
+class DenseTimes:
+    """The stage times of a dense solve's accepted steps (``times.of(g)`` for step ``g``), formed
+    by :func:`dense_stage_times` as the forward pass formed them."""
+
+    __slots__ = ("steps", "nodes", "like")
+
+    def __init__(
+        self, steps: Sequence[DenseStep], nodes: Sequence[float], like: torch.Tensor
+    ) -> None:
+        self.steps, self.nodes, self.like = steps, tuple(nodes), like
+
+    def of(self, g: int) -> tuple[torch.Tensor, ...]:
+        t0, h, _ = self.steps[g]
+        return dense_stage_times(self.like, t0, h, self.nodes)
+
+
+def dense_outputs(
+    steps: Sequence[DenseStep], host: Sequence[float]
+) -> tuple[dict[int, list[tuple[int, float]]], dict[int, list[int]]]:
+    """Which output times each accepted step of a dense solve gave, as the forward pass
+    assigned them: ``(j, theta)`` interpolated inside step ``k``, or ``j`` at its end."""
+    direction = 1.0 if host[-1] > host[0] else -1.0
+    inside: dict[int, list[tuple[int, float]]] = {}
+    at_end: dict[int, list[int]] = {}
+    nxt = 1
+    for k, (t0, h, t1) in enumerate(steps):
+        while nxt < len(host) and (host[nxt] - t1) * direction <= 0.0:
+            if host[nxt] == t1:
+                at_end.setdefault(k, []).append(nxt)
+            else:
+                inside.setdefault(k, []).append((nxt, (host[nxt] - t0) / h))
+            nxt += 1
+    return inside, at_end

@@ -123,9 +123,8 @@ def odeint(
     dense_output : bool, default True
         With error control: step past output times and interpolate the solution there with
         the pair's interpolant (every built-in pair has one), as torchdiffeq and diffrax do,
-        where the mode allows (backprop, the adjoint and checkpoint, output times without a
-        gradient); False ends a step on every output time (what the reversible mode always
-        does).
+        in every gradient mode (the reversible one interpolates its coupled step), for output
+        times without a gradient; False ends a step on every output time.
     step_t : sequence of float or 1-D Tensor, optional
         With error control: times the steps must end on besides the output times
         (torchdiffeq's ``options={"step_t": ...}``), e.g. where the dynamics have a kink.

@@ -34,12 +34,19 @@ import torch
 
 from ._compat import vector_jacobian_product
 from ._dynamics import Dynamics
-from ._executor import Executor, integrate, integrate_adaptive
-from ._grid import RecordedSteps, StageTimes
+from ._executor import (
+    DenseStep,
+    DenseTimes,
+    Executor,
+    dense_outputs,
+    integrate,
+    integrate_adaptive,
+)
+from ._grid import RecordedSteps, StageTimes, Steps, Times
 from ._methods import as_reversible
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
 from ._rng import SeededDraws
-from ._runge_kutta import rk_increment
+from ._runge_kutta import combine, rk_increment, rk_stages
 from ._solvers import Solver
 from ._spec import SolveSpec
 from ._step import Method, MethodBase, Step, Stepped
@@ -107,7 +114,7 @@ class Reversible(GradientMode):
     """
 
     name: ClassVar[str] = "reversible"
-    interpolates: ClassVar[bool] = False  # it replays the recorded steps, each ending on t[i]
+    interpolates: ClassVar[bool] = True  # under error control, past output times (dense)
     replays_steps: ClassVar[bool] = True
     saves_y0: ClassVar[bool] = True
     coupling: float | Literal["auto"] = "auto"
@@ -190,6 +197,9 @@ class Reversible(GradientMode):
             # step from z and on the gap between y and z; the accepted steps are kept (two
             # host floats each, no state).
             recorded: list[RecordedSteps] = []
+            # Dense output where the pair has an interpolant (the steps kept flat, as three host
+            # floats each); with learnable output times, steps ending on every output time.
+            dense: list[DenseStep] = []
             states = integrate_adaptive(
                 f,
                 y0,
@@ -202,8 +212,12 @@ class Reversible(GradientMode):
                 record=recorded,
                 final=last,
                 on_accept=None if couplings is None else lambda i, k, m0, m1, c, tok: keep(c),
+                dense_steps=None if record.times_grad else dense,
             )
-            record.steps = recorded[0]
+            if dense:
+                record.dense_steps = tuple(dense)
+            else:
+                record.steps = recorded[0]
         else:
             states = integrate(
                 f,
@@ -226,7 +240,8 @@ class Reversible(GradientMode):
         grid = job.steps
         method: Any = job.spec.method
         draws = job.record.draws
-        if job.record.steps is not None and job.record.random:
+        under_control = job.record.steps is not None or job.record.dense_steps is not None
+        if under_control and job.record.random:
             raise RuntimeError(
                 "the dynamics drew random numbers in an error-controlled forward pass: its "
                 "rejected trials drew numbers that the reversed accepted steps cannot draw "
@@ -242,6 +257,8 @@ class Reversible(GradientMode):
             )
         assert job.y0 is not None  # saves_y0
         job.f.draws = draws if draws.active else None
+        if job.record.dense_steps is not None:
+            return self._dense_backward(job, method, job.record.dense_steps)
         vjp = StepVJP(job, method)
         # Detached: the reconstruction runs under enable_grad and must record nothing.
         carry: Any = tuple(x.detach() for x in (job.states[-1], *job.extra))
@@ -281,6 +298,40 @@ class Reversible(GradientMode):
         grad_y0 = adjoint[0] + adjoint[1]
         self._check_drift(carry, job.y0, job.states[-1], total, method)
         return Gradients(y0=grad_y0, t=vjp.g_t, params=vjp.g_p)
+
+    def _dense_backward(
+        self, job: BackwardJob, method: Any, steps: tuple[DenseStep, ...]
+    ) -> Gradients:
+        """The backward pass of a dense forward: the accepted steps reversed one by one, each
+        output's gradient entering where the forward produced it (at a step's start, or through
+        the interpolant inside a step, with the step's own products)."""
+        assert job.y0 is not None
+        like = job.states[-1]
+        inside, at_end = dense_outputs(steps, job.spec.grid.times)
+        vjp = StepVJP(job, method, times=DenseTimes(steps, method.nodes, like),
+                      ends=DenseTimes(steps, (1.0,), like))  # fmt: skip
+        carry: Any = tuple(x.detach() for x in (job.states[-1], *job.extra))
+        last = job.grads[-1]
+        a_y = last if last is not None else torch.zeros_like(like)
+        job.watch(steps[-1][2], a_y)
+        total = len(steps)
+        vjp.at_step(0, total - 1, total - 1)
+        adjoint = method.backward_start(vjp, carry, a_y, steps[-1][1])
+        for k in range(total - 1, -1, -1):
+            vjp.at_step(0, k, k)
+            vjp.begin_step((), vjp.g_p)
+            outputs = [(theta, job.grads[j - 1]) for j, theta in inside.get(k, ())]
+            given = [(theta, g) for theta, g in outputs if g is not None]
+            starts = [job.grads[j - 1] for j in at_end.get(k - 1, ())] if k else []
+            incoming = sum_present(starts)
+            carry, adjoint = method.backward_step(
+                vjp, carry, adjoint, steps[k][1], None, incoming, given
+            )
+            if starts:
+                job.watch(steps[k][0], adjoint[0])
+        job.watch(steps[0][0], adjoint[0])
+        self._check_drift(carry, job.y0, job.states[-1], total, method)
+        return Gradients(y0=adjoint[0] + adjoint[1], t=None, params=vjp.g_p)
 
     def _check_drift(
         self, carry: Any, y0: torch.Tensor, y_end: torch.Tensor, steps: int, method: Any
@@ -393,6 +444,37 @@ class ReverseSteps(MethodBase):
         return _TraceableProducts(func, names, params)
 
 
+def _increments(
+    f: Any,
+    x: torch.Tensor,
+    h: Step,
+    ts: Sequence[torch.Tensor],
+    plan: StepPlan,
+    v: torch.Tensor,
+    extra: Sequence[tuple[Sequence[tuple[int, float]], torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A base step's increment from ``x``; what one vector--Jacobian product takes for it and
+    ``extra``'s combinations of its stages (stacked), and their cotangents (stacked)."""
+    if not extra:
+        out = rk_increment(f, x, h, ts, plan)
+        return out, out, v
+    ks = rk_stages(f, x, h, ts, plan)
+    out = combine(None, h, plan.weights, ks)
+    total = torch.stack([out, *(combine(None, h, terms, ks) for terms, _ in extra)])
+    return out, total, torch.stack([v, *(g for _, g in extra)])
+
+
+def sum_present(values: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """The sum of the tensors among ``values`` (None where there are none)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    out = present[0]
+    for v in present[1:]:
+        out = out + v
+    return out
+
+
 class _Backwards:
     """Stage times numbered backwards: step ``r`` is the forward's step ``total - 1 - r``."""
 
@@ -439,16 +521,18 @@ class _TraceableProducts:
         *,
         first: int,
         offset: int,
+        extra: Sequence[tuple[Sequence[tuple[int, float]], torch.Tensor]] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ts, g = self.ts[first : first + plan.stages], self.g
 
         def increment(x_: torch.Tensor, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            return rk_increment(lambda t, y: g(t, y, params), x_, h, ts, plan)
+            return _increments(lambda t, y: g(t, y, params), x_, h, ts, plan, v, extra)[1]
 
-        out, pull = torch.func.vjp(increment, x, self.params)  # type: ignore[misc]
-        g_x, g_p = pull(v)
+        total, pull = torch.func.vjp(increment, x, self.params)  # type: ignore[misc]
+        cot = v if not extra else torch.stack([v, *(c for _, c in extra)])
+        g_x, g_p = pull(cot)
         self._add(g_p)
-        return out, g_x
+        return (total[0] if extra else total), g_x
 
     def add_step_size_gradient(self, g: torch.Tensor) -> None:
         raise AssertionError("no time gradients on the compiled path")
@@ -466,7 +550,14 @@ class StepVJP:
 
     differentiable_graph: ClassVar[bool] = False  # torch.func differentiates inside the graph
 
-    def __init__(self, job: BackwardJob, method: Any) -> None:
+    def __init__(
+        self,
+        job: BackwardJob,
+        method: Any,
+        *,
+        times: Times | None = None,
+        ends: Times | None = None,
+    ) -> None:
         self.job, self.f = job, job.f
         self.compile_ok: bool | None = None
         self.graph_inputs: tuple[ParamNames, tuple[torch.Tensor, ...]] | None = None
@@ -481,10 +572,11 @@ class StepVJP:
         self.need_t = job.need_t
         self.params = job.vjp_params
         self.g_p = [torch.zeros_like(p) for p in self.params]
+        # Given stage times (a dense solve's steps, no time gradient) or the record's.
         grid = job.steps
-        self.grid = grid
-        self.times = StageTimes(job.t, grid, method.nodes)
-        self.ends = StageTimes(job.t, grid, (1.0,))
+        self.grid: Steps | None = grid if times is None else None
+        self.times: Times = times if times is not None else StageTimes(job.t, grid, method.nodes)
+        self.ends: Times = ends if ends is not None else StageTimes(job.t, grid, (1.0,))
         self.g_t = torch.zeros_like(job.t) if self.need_t else None
         zero = job.t.new_zeros(())
         self._lo, self._hi = zero, zero.clone()
@@ -519,7 +611,8 @@ class StepVJP:
     def at_step(self, i: int, k: int, step: int) -> None:
         """The products that follow belong to step ``k`` of interval ``i`` (global ``step``)."""
         self.i, self.k, self.step = i, k, step
-        self._fractions = self.grid.fractions(i, k)
+        if self.grid is not None:
+            self._fractions = self.grid.fractions(i, k)
         self._h_leaf = None
         self._fresh = True
 
@@ -585,17 +678,19 @@ class StepVJP:
         *,
         first: int,
         offset: int,
+        extra: Sequence[tuple[Sequence[tuple[int, float]], torch.Tensor]] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The increment ``Psi_h(t, x) - x`` of one base step from the current step's start
         (``offset=0``, step ``h``) or end (1, step ``-h``), its evaluations being the step's
-        ``first...first + stages``, and ``v^T`` its Jacobian."""
+        ``first...first + stages``, and ``v^T`` its Jacobian (with ``extra``'s products added:
+        see ``StepProducts.increment``)."""
         x_leaf = x.detach().requires_grad_(True)
         # (A tableau's coupled steps evaluate nothing at t0: evaluation numbers from 0.)
         self.f.index = self.step * self.evaluations + first
         if not self.need_t:
             ts = self.times.of(self.step)[first : first + plan.stages]
-            out = rk_increment(self.f, x_leaf, h, ts, plan)
-            g_x, _ = self._grad(out, x_leaf, v, ())
+            out, total, cot = _increments(self.f, x_leaf, h, ts, plan, v, extra)
+            g_x, _ = self._grad(total, x_leaf, cot, ())
             return out.detach(), g_x
         tau = self._point_time(offset).detach().requires_grad_(True)
         if self._h_leaf is None:  # the step's size, one leaf for both base steps
@@ -604,8 +699,8 @@ class StepVJP:
             self._h_leaf.requires_grad_(True)
         hh = self._h_leaf if offset == 0 else -self._h_leaf
         stage_times = [tau if c == 0.0 else tau + c * hh for c in plan.c]
-        out = rk_increment(self.f, x_leaf, hh, stage_times, plan)
-        g_x, (g_tau, g_h) = self._grad(out, x_leaf, v, (tau, self._h_leaf))
+        out, total, cot = _increments(self.f, x_leaf, hh, stage_times, plan, v, extra)
+        g_x, (g_tau, g_h) = self._grad(total, x_leaf, cot, (tau, self._h_leaf))
         self._add_point_gradient(g_tau, offset)
         if g_h is not None:
             self.add_step_size_gradient(g_h)

@@ -25,6 +25,7 @@ __all__ = [
     "rk_step",
     "rk_increment",
     "RungeKutta",
+    "dense_terms",
 ]
 
 
@@ -101,6 +102,23 @@ def rk_increment(
     return combine(None, h, plan.weights, rk_stages(f, y, h, ts, plan))
 
 
+def dense_terms(tableau: ButcherTableau, theta: float) -> list[tuple[int, float]]:
+    """The weights ``b_i(theta)`` of the tableau's continuous extension at ``theta`` (its
+    non-zero ones, as ``combine`` takes them): the increment to ``t + theta h`` is
+    ``h sum_i b_i(theta) k_i``."""
+    dense = tableau.b_dense
+    if dense is None:
+        raise NotImplementedError(f"{tableau.name!r} has no continuous extension")
+    terms = []
+    for i, row in enumerate(dense):
+        w = 0.0
+        for p in range(len(row) - 1, -1, -1):  # Horner: sum_p row[p] theta**(p + 1)
+            w = (w + row[p]) * theta
+        if w != 0.0:
+            terms.append((i, w))
+    return terms
+
+
 @dataclass(frozen=True)
 class RungeKutta(MethodBase):
     """An explicit Runge--Kutta method, for every tableau: its dense information is the stage
@@ -159,17 +177,7 @@ class RungeKutta(MethodBase):
 
     def interpolate(self, carry: Any, h: float, ks: Sequence[Any], theta: float) -> torch.Tensor:
         """The solution at ``t + theta h`` inside a step from ``carry`` with stages ``ks``."""
-        dense = self.tableau.b_dense
-        if dense is None:
-            raise NotImplementedError(f"{self.tableau.name!r} has no continuous extension")
-        terms = []
-        for i, row in enumerate(dense):
-            w = 0.0
-            for p in range(len(row) - 1, -1, -1):  # Horner: sum_p row[p] theta**(p + 1)
-                w = (w + row[p]) * theta
-            if w != 0.0:
-                terms.append((i, w))
-        return combine(self.output(carry), h, terms, ks)
+        return combine(self.output(carry), h, dense_terms(self.tableau, theta), ks)
 
     def derivative(self, carry: Any) -> torch.Tensor | None:
         """``f(t, y)`` at the carry's time where the carry holds it (first same as last)."""

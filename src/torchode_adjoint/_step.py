@@ -141,10 +141,13 @@ class StepProducts(Protocol):
         *,
         first: int,
         offset: int,
+        extra: Sequence[tuple[Sequence[tuple[int, float]], torch.Tensor]] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The increment ``Psi_h(t, x) - x`` of one base step of the tableau resolved in
         ``plan`` from the current step's start (``offset=0``) or end (1), its evaluations being
-        the step's ``first...first + stages``, and ``v^T`` its Jacobian."""
+        the step's ``first...first + stages``, and ``v^T`` its Jacobian; with ``extra``, pairs
+        ``(terms, g)`` of other combinations ``h sum_i terms_i k_i`` of the same stages (an
+        interpolant) whose products with ``g`` are added to ``v``'s."""
 
     def add_step_size_gradient(self, g: torch.Tensor) -> None:
         """Add ``dL/dh`` of the current step."""
