@@ -423,27 +423,51 @@ def adaptive_interval(
         the step and the likely causes), or when more than ``max_steps`` steps are tried
         (from ``sizer``).
     """
-    nodes = executor.method.nodes
-    length = abs(t_b - t_a)
+    path = _IntervalPath(
+        executor.method.nodes, t_a, t_b, like, sizer.control.jump_times, t, interval, h_sign
+    )
     sizer.restart()
-    m = 0.0
-    k = 0
+    k0 = sizer.accepted
+
+    def accepted(before: Any, out: Stepped, token: Any) -> Any:
+        if on_accept is not None:
+            on_accept(sizer.accepted - 1 - k0, path.m, path.m1, before, token)
+        return out[0]
+
+    return controlled_steps(
+        executor, f, carry, h, sizer, parts, path,
+        before_try=before_try, first=first, accepted=accepted,
+    )  # fmt: skip
+
+
+def controlled_steps(
+    executor: Executor,
+    f: Any,
+    carry: Any,
+    h: float,
+    sizer: StepSizeController,
+    parts: PartsFn,
+    path: StepPath,
+    *,
+    before_try: Callable[[], Any] | None = None,
+    first: Callable[[Stepped], None] | None = None,
+    accepted: Callable[[Any, Stepped, Any], Any] | None = None,
+) -> tuple[Any, float]:
+    """The loop of error-controlled steps: the one place a step is tried, judged and kept.
+
+    Each step is sized by ``sizer`` (what is left of ``path`` bounds it), laid out by ``path``
+    (its stage times and signed size), taken by ``executor`` with its error estimate, measured
+    (``parts``: the tensors the norm is taken over) with one host read, and accepted or
+    rejected by ``sizer``; an accepted step is handed to ``accepted(before, out, token)``,
+    which returns the carry to go on from (``out[0]`` unless a stop changes it), and moves
+    ``path`` on. Returns the carry where ``path`` ends and the next step size proposed.
+    """
+    control = sizer.control
     while True:
-        hh, last = sizer.tried(h, (1.0 - m) * length)
-        m1 = 1.0 if last else m + hh / length
-        size = (m1 - m) * length
-        t_now = t_a + m * (t_b - t_a)
-        sizer.check_size(size, t_now, t_b)
-        fr = [m + c * (m1 - m) for c in nodes]
-        if t is not None and t.requires_grad:
-            lo, hi = t[interval], t[interval + 1]
-            ts = tuple(torch.addcmul(lo, t.new_tensor(fr), hi - lo).unbind(0))
-            h_step: Step = (hi - lo) * (m1 - m) * h_sign
-        else:
-            ts = tuple(like.new_tensor([t_a + x * (t_b - t_a) for x in fr]).unbind(0))
-            h_step = (m1 - m) * (t_b - t_a) * h_sign
-        if sizer.control.jump_times:
-            ts = _inside_jumps(ts, fr, t_a, t_b, sizer.control.jump_times)
+        hh, last = sizer.tried(h, path.remaining())
+        size, t_now, t_end = path.try_step(hh, last)
+        sizer.check_size(size, t_now, t_end)
+        ts, h_step = path.stage_times()
         token = before_try() if before_try is not None else None
         out = executor.step(f, carry, h_step, ts, dense=True)
         if first is not None:
@@ -451,15 +475,85 @@ def adaptive_interval(
             first = None
         errors, before, after = parts(carry, out[0], out[1])
         # The one host read of the step: accept or reject, and the next step size.
-        accept, h = sizer.judge(_read_ratio(errors, before, after, sizer.control), hh, size, t_now)
+        accept, h = sizer.judge(_read_ratio(errors, before, after, control), hh, size, t_now)
         if accept:
-            if on_accept is not None:
-                on_accept(k, m, m1, carry, token)
-            k += 1
-            carry = out[0]
-            if last:
+            carry = accepted(carry, out, token) if accepted is not None else out[0]
+            carry, finished = path.advance(last, carry)
+            if finished:
                 return carry, h
-            m = m1
+
+
+class StepPath:
+    """Where the error-controlled steps of one pass go: how far is left, where a step tried
+    ends, its stage times and size, and what happens when an accepted step reaches a stop."""
+
+    def remaining(self) -> float:
+        """The length left to the next time a step must end on."""
+        raise NotImplementedError
+
+    def try_step(self, hh: float, last: bool) -> tuple[float, float, float]:
+        """Lay out the step tried (``hh``; ``last``: to the next stop): its size, where it
+        starts and where it must end at the latest."""
+        raise NotImplementedError
+
+    def stage_times(self) -> tuple[tuple[torch.Tensor, ...], Step]:
+        """The step tried's stage times and signed size."""
+        raise NotImplementedError
+
+    def advance(self, last: bool, carry: Any) -> tuple[Any, bool]:
+        """Move past the accepted step; the carry to go on from, and whether the path ends."""
+        raise NotImplementedError
+
+
+class _IntervalPath(StepPath):
+    """From ``t_a`` to ``t_b`` (one output interval), where a step is as fractions ``m0``,
+    ``m1`` of the interval: its stage times ``t_a + (m0 + c (m1 - m0)) (t_b - t_a)``, formed
+    from ``t[interval]`` and ``t[interval + 1]`` where ``t`` requires grad (the step-size
+    decisions are not differentiated). ``h_sign`` is ``-1`` for a method whose step counts
+    against the direction of integration (the continuous adjoint's augmented method)."""
+
+    def __init__(
+        self,
+        nodes: Sequence[float],
+        t_a: float,
+        t_b: float,
+        like: torch.Tensor,
+        jumps: Sequence[float],
+        t: torch.Tensor | None,
+        interval: int,
+        h_sign: float,
+    ) -> None:
+        self.nodes, self.t_a, self.t_b, self.like, self.jumps = nodes, t_a, t_b, like, jumps
+        self.t, self.interval, self.h_sign = t, interval, h_sign
+        self.length = abs(t_b - t_a)
+        self.m = self.m1 = 0.0
+
+    def remaining(self) -> float:
+        return (1.0 - self.m) * self.length
+
+    def try_step(self, hh: float, last: bool) -> tuple[float, float, float]:
+        m = self.m
+        self.m1 = m1 = 1.0 if last else m + hh / self.length
+        return (m1 - m) * self.length, self.t_a + m * (self.t_b - self.t_a), self.t_b
+
+    def stage_times(self) -> tuple[tuple[torch.Tensor, ...], Step]:
+        m, m1, t_a, t_b, t = self.m, self.m1, self.t_a, self.t_b, self.t
+        fr = [m + c * (m1 - m) for c in self.nodes]
+        h_step: Step
+        if t is not None and t.requires_grad:
+            lo, hi = t[self.interval], t[self.interval + 1]
+            ts = tuple(torch.addcmul(lo, t.new_tensor(fr), hi - lo).unbind(0))
+            h_step = (hi - lo) * (m1 - m) * self.h_sign
+        else:
+            ts = tuple(self.like.new_tensor([t_a + x * (t_b - t_a) for x in fr]).unbind(0))
+            h_step = (m1 - m) * (t_b - t_a) * self.h_sign
+        if self.jumps:
+            ts = _inside_jumps(ts, fr, t_a, t_b, self.jumps)
+        return ts, h_step
+
+    def advance(self, last: bool, carry: Any) -> tuple[Any, bool]:
+        self.m = self.m1
+        return carry, last
 
 
 def _read_ratio(
@@ -673,56 +767,84 @@ def _dense_solve(
     and diffrax's behaviour; fewer steps where output times are dense). A step ending on an
     output time gives its end state, not an interpolation."""
     method: Any = executor.method
-    control = sizer.control
-    nodes = method.nodes
-    t0, t_end = host_times[0], host_times[-1]
-    direction = 1.0 if t_end > t0 else -1.0
+    path = _SpanPath(method, f, host_times, sizer.control, like)
+    direction = path.direction
     states: list[torch.Tensor] = []
     nxt = 1
-    t_now = t0
-    # The times a step must end on (step_t, jump_t), then the last output time.
-    stops = sorted(
-        {s for s in (*control.step_times, *control.jump_times)
-         if (s - t0) * direction > 0 and (t_end - s) * direction > 0},
-        reverse=direction < 0,
-    ) + [t_end]  # fmt: skip
-    while nxt < len(host_times):
-        if stops[0] != t_end and (stops[0] - t_now) * direction <= 0.0:
-            stops.pop(0)
-        target = stops[0]
-        remaining = abs(target - t_now)
-        hh, last = sizer.tried(h, remaining)
-        size = remaining if last else hh
-        sizer.check_size(size, t_now, target)
-        h_signed = direction * size
-        t_new = target if last else t_now + h_signed
-        ts = dense_stage_times(like, t_now, h_signed, nodes)
-        if control.jump_times:
-            ts = _inside_jumps(ts, nodes, t_now, t_new, control.jump_times)
-        token = before_try() if before_try is not None else None
-        out = executor.step(f, carry, h_signed, ts, dense=True)
-        errors, before, after = parts(carry, out[0], out[1])
-        k = sizer.accepted
-        accept, h = sizer.judge(_read_ratio(errors, before, after, control), hh, size, t_now)
-        if accept:
-            if steps is not None:
-                steps.append((t_now, h_signed, t_new))
-            if on_accept is not None:
-                on_accept(-1, k, t_now, t_new, carry, token)
-            while nxt < len(host_times) and (host_times[nxt] - t_new) * direction <= 0.0:
-                target_out = host_times[nxt]
-                if target_out == t_new:
-                    states.append(method.output(out[0]))
-                else:
-                    theta = (target_out - t_now) / h_signed
-                    states.append(method.interpolate(carry, h_signed, out[2], theta))
-                nxt += 1
-            carry, t_now = out[0], t_new
-            if last and t_new in control.jump_times:
-                carry = _after_jump(method, f, carry, t_new, t_end, like)
+
+    def accepted(before: Any, out: Stepped, token: Any) -> Any:
+        nonlocal nxt
+        t_now, h_signed, t_new = path.t_now, path.h_signed, path.t_new
+        if steps is not None:
+            steps.append((t_now, h_signed, t_new))
+        if on_accept is not None:
+            on_accept(-1, sizer.accepted - 1, t_now, t_new, before, token)
+        while nxt < len(host_times) and (host_times[nxt] - t_new) * direction <= 0.0:
+            target_out = host_times[nxt]
+            if target_out == t_new:
+                states.append(method.output(out[0]))
+            else:
+                theta = (target_out - t_now) / h_signed
+                states.append(method.interpolate(before, h_signed, out[2], theta))
+            nxt += 1
+        return out[0]
+
+    carry, _ = controlled_steps(
+        executor, f, carry, h, sizer, parts, path, before_try=before_try, accepted=accepted
+    )
     if final is not None:
         final.append(carry)
     return states
+
+
+class _SpanPath(StepPath):
+    """From the first output time to the last, past the ones between, each step's stage times
+    ``t + c h`` formed on the host (:func:`dense_stage_times`); steps end on the stops
+    (``step_t``, ``jump_t``) and the last output time, and after a jump a first-same-as-last
+    pair evaluates its derivative anew."""
+
+    def __init__(
+        self, method: Any, f: Any, host_times: Sequence[float], control: ErrorControl, like: Any
+    ) -> None:
+        self.method, self.f, self.like = method, f, like
+        self.nodes = method.nodes
+        self.jumps = control.jump_times
+        t0, self.t_end = host_times[0], host_times[-1]
+        self.direction = direction = 1.0 if self.t_end > t0 else -1.0
+        # The times a step must end on (step_t, jump_t), then the last output time.
+        self.stops = sorted(
+            {s for s in (*control.step_times, *control.jump_times)
+             if (s - t0) * direction > 0 and (self.t_end - s) * direction > 0},
+            reverse=direction < 0,
+        ) + [self.t_end]  # fmt: skip
+        self.t_now = self.t_new = t0
+        self.h_signed = 0.0
+        self.target = self.t_end
+
+    def remaining(self) -> float:
+        stops = self.stops
+        if stops[0] != self.t_end and (stops[0] - self.t_now) * self.direction <= 0.0:
+            stops.pop(0)
+        self.target = stops[0]
+        return abs(self.target - self.t_now)
+
+    def try_step(self, hh: float, last: bool) -> tuple[float, float, float]:
+        size = abs(self.target - self.t_now) if last else hh
+        self.h_signed = self.direction * size
+        self.t_new = self.target if last else self.t_now + self.h_signed
+        return size, self.t_now, self.target
+
+    def stage_times(self) -> tuple[tuple[torch.Tensor, ...], Step]:
+        ts = dense_stage_times(self.like, self.t_now, self.h_signed, self.nodes)
+        if self.jumps:
+            ts = _inside_jumps(ts, self.nodes, self.t_now, self.t_new, self.jumps)
+        return ts, self.h_signed
+
+    def advance(self, last: bool, carry: Any) -> tuple[Any, bool]:
+        self.t_now = t_new = self.t_new
+        if last and t_new in self.jumps:
+            carry = _after_jump(self.method, self.f, carry, t_new, self.t_end, self.like)
+        return carry, (t_new - self.t_end) * self.direction >= 0.0
 
 
 class DenseTimes:
