@@ -115,7 +115,8 @@ def dump(path: Path) -> None:
     torch.save(out, path)
 
 
-def _export(rev: str, into: Path) -> Path:
+def export_src(rev: str, into: Path) -> Path:
+    """The package source at commit ``rev``, exported into ``into``; its ``src`` folder."""
     archive = into / "src.tar"
     with archive.open("wb") as fh:
         subprocess.run(["git", "archive", rev, "src"], cwd=ROOT, check=True, stdout=fh)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        _dump_with(_export(args.reference, folder), folder / "reference.pt")
+        _dump_with(export_src(args.reference, folder), folder / "reference.pt")
         _dump_with(ROOT / "src", folder / "current.pt")
         reference = torch.load(folder / "reference.pt", weights_only=True)
         rows = compare(reference, torch.load(folder / "current.pt", weights_only=True))

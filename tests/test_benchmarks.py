@@ -266,3 +266,11 @@ def test_the_adaptive_workloads_benchmark_reports_every_mode(tmp_path):
         assert rows[f"ours {mode}"]["median_s"] > 0 and rows[f"ours {mode}"]["nfe_forward"] > 0
     assert rows["ours backprop"]["nfe_backward"] == 0 < rows["ours adjoint"]["nfe_backward"]
     assert "## CNF, 32 units" in (tmp_path / "report.md").read_text()
+
+
+def test_the_speed_comparison_times_every_workload_once_each() -> None:
+    from benchmarks import speed_against
+
+    times = speed_against.measure(1)
+    assert set(times) == set(speed_against.workloads())
+    assert all(0.0 < ms < 60_000.0 for ms in times.values()), times
