@@ -6,11 +6,11 @@ A refactoring must not slow the library down. Both packages (``--reference`` exp
 ``git archive``, and the working tree's) time the same workloads, each in a subprocess of its
 own, in alternating rounds (so that a change of the machine's load hits both); each round takes
 the median of ``--repeats`` timed calls, and the report gives, per workload, the median over the
-rounds and the ratio current / reference. One thread. The workloads: the error-controlled MLP of
-``benchmarks/adaptive.py`` (dopri5, batch 512, float32) forward, backprop step and continuous
-adjoint step; the same dynamics with 100 output times (dense output); fixed rk4 steps; and the
-launch-bound case (a 2-dimensional linear system, rk4, 100 steps) under backprop and the
-continuous adjoint.
+rounds and the ratio current / reference, with the threads ``--threads`` sets. The workloads:
+the error-controlled MLP of ``benchmarks/adaptive.py`` (dopri5, batch 512, float32) forward,
+backprop step and continuous adjoint step; the same dynamics with 100 output times (dense
+output); fixed rk4 steps; and the launch-bound case (a 2-dimensional linear system, rk4, 100
+steps) under backprop and the continuous adjoint.
 """
 
 from __future__ import annotations
@@ -123,9 +123,10 @@ def measure(repeats: int) -> dict[str, float]:
 
 
 def _measure_with(src: Path, repeats: int) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    threads = torch.get_num_threads()  # the parent's (``--threads``), in the child too
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": str(threads)}
     code = (
-        "import json, torch, benchmarks.speed_against as s; torch.set_num_threads(1); "
+        f"import json, torch, benchmarks.speed_against as s; torch.set_num_threads({threads}); "
         f"print(json.dumps(s.measure({repeats})))"
     )
     done = subprocess.run(
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Eager speed against another commit",
         "",
         f"Reference `{args.reference}`, current `{head}`; {machine()}; PyTorch "
-        f"{torch.__version__}, one thread. `python -m benchmarks.speed_against --reference "
+        f"{torch.__version__}, {torch.get_num_threads()} thread(s). `python -m "
+        f"benchmarks.speed_against --reference "
         f"{args.reference}`: {args.rounds} alternating rounds of each package in its own "
         f"process, each the median of {args.repeats} calls; the table gives the median over "
         "the rounds.",

@@ -20,7 +20,6 @@ from torchode_adjoint import (
     Checkpoint,
     NFECounter,
     ODEBlock,
-    Reversible,
     StepTo,
     check_gradients,
     get_solver,
@@ -133,13 +132,10 @@ def test_exact_modes_give_autograd_through_the_steps(mode: str) -> None:
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_check_gradients_passes_with_given_times(mode: str) -> None:
     """Against finite differences of the mode's own forward pass (and, for the continuous
-    adjoint, within its measured discretisation error). The reversible mode with a fixed
-    coupling: a coupling chosen per step moves with the inputs, which finite differences see
-    and the exact gradient (couplings held as constants) does not."""
-    adjoint = Reversible(coupling=0.999) if mode == "reversible" else mode
+    adjoint, within its measured discretisation error)."""
     report = check_gradients(
         Field(), torch.randn(3, 3), torch.tensor([0.0, 0.4, 1.0]), solver="rk4",
-        controller=StepTo([0.1, 0.2, 0.6, 0.75]), adjoint=adjoint,
+        controller=StepTo([0.1, 0.2, 0.6, 0.75]), adjoint=mode,
     )  # fmt: skip
     assert report.verdict == "pass", str(report)
     assert "StepTo([0.1, 0.2, 0.6, 0.75])" in str(report)

@@ -17,6 +17,8 @@ from torch import nn
 
 from ._block import ODEBlock
 from ._checkpoint import Checkpoint
+from ._coupled import Coupled, CouplingReplay
+from ._executor import Executor
 from ._grid import StepRoundingWarning, Steps, StepTo, TimeGrid, make_grid, regrid
 from ._mode import Backprop
 from ._prepare import Prepared, SolveConfig, make_config, prepare
@@ -510,6 +512,14 @@ def _finite_differences(
     if control is not None:
         control = dataclasses.replace(control, interpolate=False)
 
+    # A reversible scheme's couplings chosen per step are constants of its exact gradient: with
+    # fixed steps the perturbed solves take the unperturbed one's (chosen anew, they would move
+    # with the inputs and the differences would see that too).
+    method = base_spec.executor.method
+    coupled = method if isinstance(method, Coupled) and method.choose else None
+    replays = coupled is not None and control is None
+    couplings: list[float] = []
+
     def loss_at(y_in: torch.Tensor, t_in: torch.Tensor) -> float:
         spec = dataclasses.replace(
             base_spec,
@@ -517,12 +527,17 @@ def _finite_differences(
             check_finite=False,
             control=control,
         )
+        if replays and couplings and coupled is not None:
+            replayed = dataclasses.replace(coupled, replay=CouplingReplay(couplings))
+            spec = dataclasses.replace(spec, executor=Executor(replayed, None))
         with torch.no_grad():
             states = setup.config.mode.solve(spec, y_in, t_in, setup.params)
             return float((w * torch.stack([y_in, *states])).sum())
 
     y, tt = setup.y.detach(), setup.t.detach()
     loss0 = abs(loss_at(y, tt))
+    if replays:
+        couplings.extend(base_spec.counter.couplings)
     fds = []
     for idx, (x, v) in enumerate(zip(setup.inputs, directions)):
         values = []

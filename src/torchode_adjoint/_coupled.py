@@ -42,9 +42,32 @@ from ._runge_kutta import StepPlan, combine, dense_terms, plan_for, rk_stages
 from ._step import MethodBase, Step, Stepped, StepProducts
 from ._tableau import ButcherTableau
 
-__all__ = ["Coupled"]
+__all__ = ["Coupled", "CouplingReplay"]
 
 Carry = tuple[torch.Tensor, torch.Tensor]
+
+
+class CouplingReplay:
+    """Couplings taken in turn, one per step: a solve that takes a recorded solve's couplings
+    as fixed numbers (finite differences then see the discretisation the exact gradient
+    differentiates, whose couplings are constants). Fixed steps only (a rejected trial would
+    take one too)."""
+
+    __slots__ = ("couplings", "taken")
+
+    def __init__(self, couplings: Sequence[float]) -> None:
+        self.couplings, self.taken = tuple(couplings), 0
+
+    def take(self) -> float:
+        """The next step's coupling."""
+        if self.taken >= len(self.couplings):
+            raise RuntimeError(
+                f"the replayed solve takes more steps than the {len(self.couplings)} couplings "
+                "recorded; replay a solve with the same steps."
+            )
+        lam = self.couplings[self.taken]
+        self.taken += 1
+        return lam
 
 
 @dataclass(frozen=True)
@@ -66,6 +89,8 @@ class Coupled(MethodBase):
     min_coupling : float
         With ``choose``: the smallest coupling a step may take. A step that contracts by more
         raises (fixed steps) or takes it and lets the error control see the gap grow.
+    replay : CouplingReplay, optional
+        With ``choose``: take these couplings instead of choosing (see :class:`CouplingReplay`).
     """
 
     tableau: ButcherTableau
@@ -73,6 +98,7 @@ class Coupled(MethodBase):
     estimate: bool = False
     choose: bool = False
     min_coupling: float = 0.5
+    replay: CouplingReplay | None = field(default=None, repr=False, compare=False)
     plan: StepPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -183,8 +209,11 @@ class Coupled(MethodBase):
         mode's amplitude, and grows fastest along the most contracting direction, so the
         Rayleigh quotient ``mu = <g, f(t_n, y_n) - f(t_n, z_n)> / <g, g>`` (both evaluations
         the scheme makes anyway: the last reverse step's first stage and this step's) measures
-        the rate that matters. The coupling is ``min(coupling, R(h mu))``.
+        the rate that matters. The coupling is ``min(coupling, R(h mu))``; with ``replay``,
+        the next of the given couplings instead.
         """
+        if self.replay is not None:
+            return self.replay.take()
         f_y = carry[2]
         if f_y is None:
             return self.coupling
