@@ -587,17 +587,17 @@ def test_reversible_is_exact_for_its_scheme_on_the_steps_the_forward_chose(
 ) -> None:
     from problems import reversible_rk_on_steps
 
-    import torchode_adjoint._reversible as reversible_module
+    import torchode_adjoint._mode as mode_module  # the replaying modes' recorded solve
 
     recorded: list = []
-    inner = reversible_module.integrate_adaptive
+    inner = mode_module.integrate_adaptive
 
     def spy(*args: object, **kwargs: object) -> object:
         out = inner(*args, **kwargs)
         recorded.extend(kwargs["record"])  # type: ignore[arg-type]
         return out
 
-    monkeypatch.setattr(reversible_module, "integrate_adaptive", spy)
+    monkeypatch.setattr(mode_module, "integrate_adaptive", spy)
     a = nn.Parameter(_A.clone())
     y0 = torch.tensor([[1.0, 0.5], [-0.3, 0.8]], dtype=D, requires_grad=True)
     t = torch.tensor([0.0, 0.7, 2.0], dtype=D, requires_grad=True)

@@ -22,16 +22,22 @@ import torch
 from ._compat import vector_jacobian_product
 from ._dynamics import Dynamics
 from ._executor import (
-    DenseStep,
     Executor,
     dense_outputs,
     dense_stage_times,
     integrate,
-    integrate_adaptive,
 )
-from ._grid import RecordedSteps, StageTimes, Times
+from ._grid import StageTimes, Times
 from ._methods import as_method, runge_kutta_tableau
-from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients, RngState
+from ._mode import (
+    BackwardJob,
+    ForwardRecord,
+    ForwardResult,
+    GradientMode,
+    Gradients,
+    RngState,
+    recorded_solve,
+)
 from ._spec import SolveSpec
 from ._vjp import accumulate_
 
@@ -121,29 +127,9 @@ class Checkpoint(GradientMode):
                     kept.append(method.output(before))
                 record.rng.append(token)
 
-        # Dense output where the pair has an interpolant (the steps recorded flat); else, and
-        # with learnable output times (as backprop), the steps of each output interval, ending
-        # on its output time.
-        dense: list[DenseStep] = []
-        recorded: list[RecordedSteps] = []
-        states = integrate_adaptive(
-            f,
-            y0,
-            t,
-            spec.grid.times,
-            spec.executor,
-            spec.control,
-            check_finite=spec.check_finite,
-            stats=spec.counter,
-            record=recorded,
-            before_try=lambda: RngState.capture(y0.device),
-            on_accept=keep,
-            dense_steps=None if record.times_grad else dense,
+        states = recorded_solve(
+            f, y0, t, spec, record, before_try=lambda: RngState.capture(y0.device), on_accept=keep
         )
-        if dense:
-            record.dense_steps = tuple(dense)
-        else:
-            record.steps = recorded[0]
         return states, tuple(kept)
 
     def backward(self, job: BackwardJob) -> Gradients:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,7 +32,7 @@ import torch
 
 from ._compat import autocast_state, functorch_transforms_active
 from ._dynamics import Dynamics, frozen_batchnorm, module_tensors
-from ._executor import integrate
+from ._executor import DenseStep, integrate, integrate_adaptive
 from ._grid import RecordedSteps, Steps
 from ._methods import as_embedded, as_method, tableau_of
 from ._reads import Reads
@@ -43,6 +43,7 @@ from ._step import Method
 from ._structure import StructuredDynamics, non_finite_part
 
 __all__ = [
+    "recorded_solve",
     "GradientMode",
     "Backprop",
     "ForwardRecord",
@@ -212,6 +213,47 @@ class BackwardJob:
             f"backward pass of adjoint={mode!r}: {source} (pass `check_finite=False` to return "
             "it unchecked)."
         )
+
+
+def recorded_solve(
+    f: Dynamics,
+    y0: torch.Tensor,
+    t: torch.Tensor,
+    spec: SolveSpec,
+    record: ForwardRecord,
+    *,
+    before_try: Callable[[], Any] | None = None,
+    on_accept: Callable[[int, int, float, float, Any, Any], None] | None = None,
+    final: list[Any] | None = None,
+) -> list[torch.Tensor]:
+    """An error-controlled forward pass of a replaying mode, its accepted steps kept in
+    ``record`` (host floats, no state): flat (``record.dense_steps``) where the pair
+    interpolates past output times, or, with learnable output times (as backprop), those of each
+    output interval, ending on its output time (``record.steps``). ``before_try``,
+    ``on_accept`` and ``final`` as for :func:`~torchode_adjoint._executor.integrate_adaptive`."""
+    assert spec.control is not None
+    dense: list[DenseStep] = []
+    recorded: list[RecordedSteps] = []
+    states = integrate_adaptive(
+        f,
+        y0,
+        t,
+        spec.grid.times,
+        spec.executor,
+        spec.control,
+        check_finite=spec.check_finite,
+        stats=spec.counter,
+        record=recorded,
+        before_try=before_try,
+        on_accept=on_accept,
+        final=final,
+        dense_steps=None if record.times_grad else dense,
+    )
+    if dense:
+        record.dense_steps = tuple(dense)
+    else:
+        record.steps = recorded[0]
+    return states
 
 
 @dataclass(frozen=True)

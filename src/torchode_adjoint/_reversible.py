@@ -40,11 +40,17 @@ from ._executor import (
     Executor,
     dense_outputs,
     integrate,
-    integrate_adaptive,
 )
-from ._grid import RecordedSteps, StageTimes, Steps, Times
+from ._grid import StageTimes, Steps, Times
 from ._methods import as_reversible
-from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
+from ._mode import (
+    BackwardJob,
+    ForwardRecord,
+    ForwardResult,
+    GradientMode,
+    Gradients,
+    recorded_solve,
+)
 from ._rng import SeededDraws
 from ._runge_kutta import combine, rk_increment, rk_stages
 from ._solvers import Solver
@@ -194,30 +200,12 @@ class Reversible(GradientMode):
 
         if spec.control is not None:
             # Error-controlled steps of the reversible scheme, its error estimated on the base
-            # step from z and on the gap between y and z; the accepted steps are kept (two
-            # host floats each, no state).
-            recorded: list[RecordedSteps] = []
-            # Dense output where the pair has an interpolant (the steps kept flat, as three host
-            # floats each); with learnable output times, steps ending on every output time.
-            dense: list[DenseStep] = []
-            states = integrate_adaptive(
-                f,
-                y0,
-                t,
-                spec.grid.times,
-                spec.executor,
-                spec.control,
-                check_finite=spec.check_finite,
-                stats=spec.counter,
-                record=recorded,
-                final=last,
+            # step from z and on the gap between y and z; the accepted steps are kept (host
+            # floats, no state).
+            states = recorded_solve(
+                f, y0, t, spec, record, final=last,
                 on_accept=None if couplings is None else lambda i, k, m0, m1, c, tok: keep(c),
-                dense_steps=None if record.times_grad else dense,
-            )
-            if dense:
-                record.dense_steps = tuple(dense)
-            else:
-                record.steps = recorded[0]
+            )  # fmt: skip
         else:
             states = integrate(
                 f,
