@@ -32,7 +32,7 @@ import torch
 
 from ._control import ErrorControl, StepSizeController
 from ._dynamics import Dynamics
-from ._executor import Executor, adaptive_interval, integrate
+from ._executor import Executor, adaptive_interval
 from ._grid import StageTimes
 from ._methods import runge_kutta_tableau
 from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
@@ -103,18 +103,9 @@ class ContinuousAdjoint(GradientMode):
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
     ) -> ForwardResult:
-        states = integrate(
-            f,
-            y0,
-            t,
-            spec.grid,
-            spec.executor,
-            check_finite=spec.check_finite,
-            control=spec.control,
-            stats=spec.counter,
-        )
-        # The states at the output times only: memory independent of the number of steps.
-        return states, ()
+        # The pass without a gradient (it keeps nothing), and the states at the output times
+        # only: memory independent of the number of steps.
+        return self.integrate_only(f, y0, t, spec), ()
 
     def backward(self, job: BackwardJob) -> Gradients:
         spec, grid = job.spec, job.spec.grid
