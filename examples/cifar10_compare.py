@@ -379,6 +379,7 @@ class Progress:
     history: list[dict]
     train_time_s: float
     epoch: int
+    threads: int = 0  # the torch threads the run trained with (0: not recorded)
 
 
 def build_run(
@@ -420,7 +421,9 @@ def restore(
         )
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
-    return Progress(state["history"], state["train_time_s"], state["epoch"])
+    return Progress(
+        state["history"], state["train_time_s"], state["epoch"], state.get("threads", 0)
+    )
 
 
 def save_checkpoint(
@@ -435,6 +438,7 @@ def save_checkpoint(
             "epoch": progress.epoch,
             "history": progress.history,
             "train_time_s": progress.train_time_s,
+            "threads": torch.get_num_threads(),
         },
         path,
     )
@@ -530,6 +534,13 @@ def train_model(
             if state is not None
             else f"[{cfg.model}] nothing to resume in {run_dir}: starting from epoch 1"
         )
+    if state is not None and state.threads and state.threads != torch.get_num_threads():
+        # The run goes on with the threads it trained with: another count changes the order of
+        # the reductions, and the resumed run would differ from an uninterrupted one.
+        if ddp.main:
+            print(f"[{cfg.model}] continuing with the run's {state.threads} threads, not "
+                  f"{torch.get_num_threads()}")  # fmt: skip
+        torch.set_num_threads(state.threads)
     state = state or Progress(history=[], train_time_s=0.0, epoch=0)
     net: nn.Module = model
     if ddp.world > 1:

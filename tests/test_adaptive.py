@@ -21,7 +21,7 @@ from torchode_adjoint import (
     get_solver,
     odeint,
 )
-from torchode_adjoint._step import MethodBase
+from torchode_adjoint.solvers.protocol import MethodBase
 
 D = torch.float64
 PAIRS = [n for n in available_solvers() if get_solver(n).adaptive]
@@ -115,7 +115,7 @@ def test_each_pairs_interpolant_has_its_order_between_steps(solver: str, order: 
     # One step of size h from 0, the solution read at theta = 0.37 of it: the interpolant's
     # error falls like h**(order + 1) (the local order of an interpolant of that order).
     tab = get_solver(solver)
-    from torchode_adjoint._runge_kutta import RungeKutta
+    from torchode_adjoint.solvers.runge_kutta import RungeKutta
 
     method = RungeKutta(tab, estimate=True)
     y0 = torch.tensor([[1.0, 0.5]], dtype=D)
@@ -255,7 +255,7 @@ def test_a_structured_state_takes_tolerances() -> None:
 
 
 def test_the_norm_of_a_structured_state_is_the_largest_parts_rms() -> None:
-    from torchode_adjoint._control import ErrorControl, error_ratio
+    from torchode_adjoint.controllers.error import ErrorControl, error_ratio
 
     g = torch.Generator().manual_seed(1)
     e, y0, y1 = (torch.randn(4, 7, generator=g, dtype=D) for _ in range(3))
@@ -324,7 +324,7 @@ def test_tolerances_per_part_must_match_the_state() -> None:
 
 
 def test_the_adjoints_full_norm_measures_the_gradients_errors_too() -> None:
-    from torchode_adjoint._adjoint import AugmentedMethod
+    from torchode_adjoint.modes.adjoint import AugmentedMethod
 
     f = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
     params = list(f.parameters())
@@ -350,8 +350,8 @@ def test_the_adjoints_full_norm_measures_the_gradients_errors_too() -> None:
 
     # The gradients' error estimate is the difference of the two weightings of one step: the
     # parameter increment with `b` less the one with `b_embedded` (each from its own method).
-    from torchode_adjoint._adjoint import AdjointProducts
     from torchode_adjoint._dynamics import Dynamics
+    from torchode_adjoint.modes.adjoint import AdjointProducts
 
     tab = get_solver("dopri5")
     low = ButcherTableau(a=tab.a, b=tab.b_embedded, c=tab.c, order=tab.embedded_order,
@@ -587,7 +587,7 @@ def test_reversible_is_exact_for_its_scheme_on_the_steps_the_forward_chose(
 ) -> None:
     from problems import reversible_rk_on_steps
 
-    import torchode_adjoint._mode as mode_module  # the replaying modes' recorded solve
+    import torchode_adjoint.modes.base as mode_module  # the replaying modes' recorded solve
 
     recorded: list = []
     inner = mode_module.integrate_adaptive
@@ -746,8 +746,8 @@ class _PowerErrorMethod(MethodBase):
 
 
 def test_a_rejected_step_cut_short_to_an_end_shrinks_from_its_own_size() -> None:
-    from torchode_adjoint._control import ErrorControl, StepSizeController
     from torchode_adjoint._executor import Executor, adaptive_interval
+    from torchode_adjoint.controllers.error import ErrorControl, StepSizeController
 
     method = _PowerErrorMethod()
     control = ErrorControl(rtol=1.0, atol=1.0)

@@ -16,9 +16,9 @@ import torchode_adjoint
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").glob("*.rst"))
 MODULES = [
-    "torchode_adjoint._tableau",
-    "torchode_adjoint._solvers",
-    "torchode_adjoint._grid",
+    "torchode_adjoint.solvers.tableau",
+    "torchode_adjoint.solvers.registry",
+    "torchode_adjoint.controllers.fixed",
     "torchode_adjoint._odeint",
     "torchode_adjoint._block",
     "torchode_adjoint._layers",

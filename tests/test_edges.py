@@ -328,7 +328,7 @@ def test_a_cuda_capture_keeps_that_devices_generator(monkeypatch) -> None:
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_the_forward_record_notes_autocast_for_the_cpu_and_the_states_device(device) -> None:
-    from torchode_adjoint._mode import ForwardRecord
+    from torchode_adjoint.modes.base import ForwardRecord
 
     kinds = ["cpu"] if device == "cpu" else ["cpu", "cuda"]
     # A non-default autocast dtype for each kind, so that a kind's flags read from another's

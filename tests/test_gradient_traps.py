@@ -512,7 +512,7 @@ def test_the_graph_walk_visits_each_node_once_in_a_residual_graph() -> None:
     # y <- y + tanh(y), 40 times: 2**40 paths from the output to x, but 81 nodes (an add and a
     # tanh per level, x's accumulator). A walk that revisits shared nodes would never end here;
     # at most 1000 are taken, so that it fails instead.
-    from torchode_adjoint._mode import graph_nodes
+    from torchode_adjoint.modes.base import graph_nodes
 
     x = torch.randn(3, requires_grad=True)
     y = x

@@ -11,20 +11,24 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "torchode_adjoint"
 
-# How a solve is differentiated. Nothing in the solver layer below may import one of these.
-MODES = {"_mode", "_adjoint", "_checkpoint", "_reversible"}
-# Data, numerics and the executor: tableaus and the registry, methods and their steps, the
-# record of steps, states, one call of the dynamics, the VJP, the compiled step, the executor.
+# How a solve is differentiated: the modes/ folder. Nothing below may import one of these.
+MODES = {"modes", "modes.base", "modes.adjoint", "modes.checkpoint", "modes.reversible"}
+# Data, numerics and the executor: tableaus, the registry, methods and their steps (solvers/),
+# the step controllers (controllers/), states, one call of the dynamics, the VJP, the compiled
+# step, the executor.
 SOLVER_LAYER = {
-    "_tableau",
-    "_solvers",
-    "_step",
-    "_runge_kutta",
-    "_methods",
+    "solvers",
+    "solvers.tableau",
+    "solvers.registry",
+    "solvers.protocol",
+    "solvers.runge_kutta",
+    "solvers.methods",
+    "solvers.reversible_coupling",
+    "solvers.reversible_heun",
+    "controllers",
+    "controllers.fixed",
+    "controllers.error",
     "_executor",
-    "_coupled",
-    "_reversible_heun",
-    "_grid",
     "_structure",
     "_rng",
     "_compat",
@@ -39,9 +43,18 @@ SOLVER_LAYER = {
 }
 
 
+def _source(name: str) -> str:
+    path = PACKAGE / f"{name.replace('.', '/')}.py"
+    return (path if path.exists() else PACKAGE / name / "__init__.py").read_text()
+
+
 def _module_name(path: Path) -> str:
-    rel = path.relative_to(PACKAGE).with_suffix("")
-    return ".".join(rel.parts)
+    """``solvers.tableau`` for ``solvers/tableau.py``; a subpackage's ``__init__`` is the
+    subpackage (``solvers``); the package's own stays ``__init__``."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if len(parts) > 1 and parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -49,7 +62,10 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for path in PACKAGE.rglob("*.py"):
         name = _module_name(path)
-        package = name.rsplit(".", 1)[0] if "." in name else ""
+        if path.name == "__init__.py":  # a (sub)package: its relative imports are its own
+            package = "" if name == "__init__" else name
+        else:
+            package = name.rsplit(".", 1)[0] if "." in name else ""
         targets: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom):
@@ -94,8 +110,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_reader_sees_relative_type_only_and_lazy_imports() -> None:
     graph = import_graph()
-    assert "_tableau" in graph["_solvers"]  # a plain relative import
-    assert "_dynamics" in graph["_mode"]
+    assert "solvers.tableau" in graph["solvers.registry"]  # a plain relative import
+    assert "_executor" in graph["modes.base"]  # one folder up
+    assert "_dynamics" in graph["modes.base"]
     # The reader's own rules, on a made-up graph: a cycle is found, a chain is not.
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
@@ -118,7 +135,7 @@ def test_modes_ask_for_methods_and_capabilities_never_for_method_classes() -> No
     classes = {"RungeKutta", "Coupled", "ReversibleHeun"}
     found = []
     for name in sorted(MODES):
-        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        tree = ast.parse(_source(name))
         for node in ast.walk(tree):
             if isinstance(node, ast.Name) and node.id in classes:
                 found.append((name, node.id, node.lineno))
@@ -163,14 +180,14 @@ def test_only_the_executor_calls_a_methods_step() -> None:
 def test_methods_declare_their_capabilities() -> None:
     # The loop reads what a method can do from the method (error order, interpolant, the
     # derivative it carries, whether it compiles); it never probes with getattr.
-    from torchode_adjoint._step import MethodBase
+    from torchode_adjoint.solvers.protocol import MethodBase
 
-    tree_modes = ["_executor", "_prepare", "_reversible", "_checkpoint", "_adjoint"]
+    tree_modes = ["_executor", "_prepare", "modes.reversible", "modes.checkpoint", "modes.adjoint"]
     probes = []
     capabilities = {"error_order", "interpolates", "interpolate", "derivative", "compilable",
                     "choose", "coupling"}  # fmt: skip
     for name in tree_modes:
-        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        tree = ast.parse(_source(name))
         for node in ast.walk(tree):
             if (
                 isinstance(node, ast.Call)
@@ -184,3 +201,19 @@ def test_methods_declare_their_capabilities() -> None:
     assert not probes, probes
     for cap in ("error_order", "interpolates", "compilable", "derivative", "interpolate"):
         assert hasattr(MethodBase, cap)
+
+
+def test_the_folders_are_the_layers() -> None:
+    # solvers/ (data and methods) imports no controller and no mode; controllers/ no mode; every
+    # module of modes/ is a mode and every module of solvers/ and controllers/ sits below them.
+    graph = import_graph()
+    folders = {m.split(".")[0] for m in graph if "." in m}
+    assert {"solvers", "controllers", "modes"} <= folders, folders
+    assert {m for m in graph if m.startswith("modes")} == MODES
+    for module, targets in graph.items():
+        if module.startswith("solvers"):
+            above = {t for t in targets if t.startswith(("controllers", "modes", "_executor"))}
+            assert not above, (module, above)
+        if module.startswith("controllers"):
+            above = {t for t in targets if t.startswith(("modes", "_executor"))}
+            assert not above, (module, above)

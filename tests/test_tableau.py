@@ -107,7 +107,7 @@ def _conditions(b, c, A):
 def test_the_order_conditions_are_butchers_trees_with_their_orders_and_names() -> None:
     import numpy as np
 
-    from torchode_adjoint._tableau import _order_conditions
+    from torchode_adjoint.solvers.tableau import _order_conditions
 
     rng = np.random.default_rng(0)
     for s in (1, 2, 4, 6):

@@ -3,23 +3,23 @@
 The public names only; see the documentation for the guides.
 """
 
-from ._adjoint import ContinuousAdjoint
 from ._block import ODEBlock
 from ._check import GradientCheck, GradientReport, check_gradients
-from ._checkpoint import Checkpoint
 from ._compiled import Compile, CompileFallbackWarning
-from ._control import PIController, ToleranceWarning
 from ._dynamics import NFECounter, TimeSharedStatisticsWarning
-from ._grid import StepRoundingWarning, StepTo
 from ._layers import ConcatConv2d
-from ._mode import Backprop, GradientMode
 from ._odeint import odeint
 from ._prepare import GRADIENT_MODES, resolve_mode
-from ._reversible import Reversible
-from ._reversible_heun import ReversibleHeun
-from ._solvers import available_solvers, get_solver, register_solver
-from ._tableau import ButcherTableau
 from ._temporal_norm import TemporalBatchNorm1d, TemporalBatchNorm2d, TemporalBatchNorm3d
+from .controllers.error import PIController, ToleranceWarning
+from .controllers.fixed import StepRoundingWarning, StepTo
+from .modes.adjoint import ContinuousAdjoint
+from .modes.base import Backprop, GradientMode
+from .modes.checkpoint import Checkpoint
+from .modes.reversible import Reversible
+from .solvers.registry import available_solvers, get_solver, register_solver
+from .solvers.reversible_heun import ReversibleHeun
+from .solvers.tableau import ButcherTableau
 
 __version__ = "0.1.0"
 

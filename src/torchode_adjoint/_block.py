@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from ._compiled import Compile
-from ._control import PIController, Tolerance
 from ._dynamics import NFECounter, warn_time_shared_statistics
-from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP, StepTo
-from ._mode import GradientMode
 from ._prepare import ModeName, make_config, solve
-from ._reversible_heun import ReversibleHeun
 from ._structure import State, StateStructure, first_leaf, real_dtype
-from ._tableau import ButcherTableau
+from .controllers.error import PIController, Tolerance
+from .controllers.fixed import DEFAULT_MAX_STEPS, DEFAULT_STEP, StepTo
+from .modes.base import GradientMode
+from .solvers.reversible_heun import ReversibleHeun
+from .solvers.tableau import ButcherTableau
 
 __all__ = ["ODEBlock"]
 

@@ -16,15 +16,15 @@ import torch
 from torch import nn
 
 from ._block import ODEBlock
-from ._checkpoint import Checkpoint
-from ._coupled import Coupled, CouplingReplay
 from ._executor import Executor
-from ._grid import StepRoundingWarning, Steps, StepTo, TimeGrid, make_grid, regrid
-from ._mode import Backprop
 from ._prepare import Prepared, SolveConfig, make_config, prepare
-from ._reversible import Reversible
 from ._structure import State, StateStructure, first_leaf, map_leaves, real_dtype
-from ._tableau import ButcherTableau
+from .controllers.fixed import StepRoundingWarning, Steps, StepTo, TimeGrid, make_grid, regrid
+from .modes.base import Backprop
+from .modes.checkpoint import Checkpoint
+from .modes.reversible import Reversible
+from .solvers.reversible_coupling import Coupled, CouplingReplay
+from .solvers.tableau import ButcherTableau
 
 __all__ = ["GradientCheck", "GradientReport", "check_gradients"]
 

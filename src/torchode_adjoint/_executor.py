@@ -1,11 +1,12 @@
 """The executor: the one loop that runs a method's steps, and the one place that decides eager or
 compiled.
 
-:class:`Executor` runs steps of any :class:`~torchode_adjoint._step.Method`: the forward steps of
-every gradient mode, the checkpointed re-runs, and the continuous adjoint's augmented backward
-method. :func:`integrate` is the loop over a solve's output intervals. The record of steps (the
-equal steps of :class:`~torchode_adjoint._grid.TimeGrid`) says how many steps each interval takes,
-their sizes and their stage times (``times.of(g)`` for step ``g``).
+:class:`Executor` runs steps of any :class:`~torchode_adjoint.solvers.protocol.Method`: the
+forward steps of every gradient mode, the checkpointed re-runs, and the continuous adjoint's
+augmented backward method. :func:`integrate` is the loop over a solve's output intervals with
+fixed steps, :func:`controlled_steps` the loop of error-controlled ones. The record of steps (the
+equal steps of :class:`~torchode_adjoint.controllers.fixed.TimeGrid`) says how many steps each
+interval takes, their sizes and their stage times (``times.of(g)`` for step ``g``).
 
 Compiled (``compile=True``), the first step of each pass runs eagerly: it checks the dynamics'
 output, and finds out whether they draw random numbers (which keeps the pass eager: a compiled
@@ -24,12 +25,12 @@ import torch
 
 from ._compat import BatchNormBase, functorch_transforms_active
 from ._compiled import Compile, CompiledFunction, CompileFallbackWarning
-from ._control import ErrorControl, StepSizeController, error_ratio
-from ._grid import RecordedSteps, StageTimes, Steps, Times, interval_sizes
 from ._rng import RngState
-from ._step import DynamicsFn, Method, Step, Stepped
 from ._structure import non_finite_part
 from ._warnings import user_stacklevel
+from .controllers.error import ErrorControl, StepSizeController, error_ratio
+from .controllers.fixed import RecordedSteps, StageTimes, Steps, Times, interval_sizes
+from .solvers.protocol import DynamicsFn, Method, Step, Stepped
 
 __all__ = [
     "Executor",
@@ -603,7 +604,7 @@ def integrate_adaptive(
     """Integrate with error-controlled steps of an embedded pair, stepping to every output
     time exactly; the states at ``t[1:]``. The first step is Hairer's (one evaluation more),
     capped by ``control.max_step``. With ``record``, the accepted steps are appended to it
-    (:class:`~torchode_adjoint._grid.RecordedSteps`); ``on_accept(i, k, m0, m1, carry,
+    (:class:`~torchode_adjoint.controllers.fixed.RecordedSteps`); ``on_accept(i, k, m0, m1, carry,
     token)`` follows each accepted step of interval ``i`` (see :func:`adaptive_interval`).
 
     With ``dense_steps`` (a list), a pair with an interpolant steps past output times as

@@ -7,13 +7,13 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from ._compiled import Compile
-from ._control import PIController, Tolerance
 from ._dynamics import NFECounter, warn_time_shared_statistics
-from ._grid import DEFAULT_MAX_STEPS, DEFAULT_STEP, StepTo
-from ._mode import GradientMode
 from ._prepare import ModeName, make_config, reject_foreign_options, solve
 from ._structure import State
-from ._tableau import ButcherTableau
+from .controllers.error import PIController, Tolerance
+from .controllers.fixed import DEFAULT_MAX_STEPS, DEFAULT_STEP, StepTo
+from .modes.base import GradientMode
+from .solvers.tableau import ButcherTableau
 
 __all__ = ["odeint"]
 

@@ -18,10 +18,14 @@ from typing import Literal, cast
 import torch
 from torch import nn
 
-from ._adjoint import ContinuousAdjoint
-from ._checkpoint import Checkpoint
 from ._compiled import Compile, CompileFallbackWarning
-from ._control import (
+from ._dynamics import NFECounter, module_tensors, training_norms
+from ._executor import Executor
+from ._spec import SolveSpec
+from ._structure import State, StateStructure
+from ._temporal_norm import TemporalBatchNormBase
+from ._warnings import user_stacklevel
+from .controllers.error import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
     ErrorControl,
@@ -29,9 +33,7 @@ from ._control import (
     Tolerance,
     warn_unreachable_rtol,
 )
-from ._dynamics import NFECounter, module_tensors, training_norms
-from ._executor import Executor
-from ._grid import (
+from .controllers.fixed import (
     DEFAULT_MAX_STEPS,
     DEFAULT_STEP,
     Steps,
@@ -39,15 +41,13 @@ from ._grid import (
     distinct_stage_times,
     make_grid,
 )
-from ._methods import is_heun, tableau_of
-from ._mode import Backprop, GradientMode
-from ._reversible import Reversible
-from ._solvers import Solver, available_solvers, get_solver
-from ._spec import SolveSpec
-from ._structure import State, StateStructure
-from ._tableau import ButcherTableau
-from ._temporal_norm import TemporalBatchNormBase
-from ._warnings import user_stacklevel
+from .modes.adjoint import ContinuousAdjoint
+from .modes.base import Backprop, GradientMode
+from .modes.checkpoint import Checkpoint
+from .modes.reversible import Reversible
+from .solvers.methods import is_heun, tableau_of
+from .solvers.registry import Solver, available_solvers, get_solver
+from .solvers.tableau import ButcherTableau
 
 __all__ = [
     "ModeName",

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from ._compiled import Compile
-from ._control import ErrorControl
 from ._dynamics import NFECounter
 from ._executor import Executor
-from ._grid import Steps
-from ._step import Method
+from .controllers.error import ErrorControl
+from .controllers.fixed import Steps
+from .solvers.protocol import Method
 
 __all__ = ["SolveSpec"]
 

@@ -28,8 +28,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._compiled import cast
-from ._step import MethodBase, Step, Stepped, StepProducts
+from .._compiled import cast
+from .protocol import MethodBase, Step, Stepped, StepProducts
 
 __all__ = ["ReversibleHeun", "REVERSIBLE_HEUN"]
 
@@ -44,7 +44,7 @@ class ReversibleHeun(MethodBase):
     Order 2, one evaluation per step (plus one at ``t0``). It pairs with
     ``adjoint="reversible"`` (exact gradient, memory independent of the number of steps, one
     evaluation and one vector--Jacobian product per step backwards) and with
-    ``adjoint="backprop"``. See :mod:`torchode_adjoint._reversible_heun` for the scheme.
+    ``adjoint="backprop"``. See :mod:`torchode_adjoint.solvers.reversible_heun` for the scheme.
     """
 
     name: str = "reversible_heun"

@@ -19,17 +19,19 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._compat import vector_jacobian_product
-from ._dynamics import Dynamics
-from ._executor import (
+from .._compat import vector_jacobian_product
+from .._dynamics import Dynamics
+from .._executor import (
     Executor,
     dense_outputs,
     dense_stage_times,
     integrate,
 )
-from ._grid import StageTimes, Times
-from ._methods import as_method, runge_kutta_tableau
-from ._mode import (
+from .._spec import SolveSpec
+from .._vjp import accumulate_
+from ..controllers.fixed import StageTimes, Times
+from ..solvers.methods import as_method, runge_kutta_tableau
+from .base import (
     BackwardJob,
     ForwardRecord,
     ForwardResult,
@@ -38,8 +40,6 @@ from ._mode import (
     RngState,
     recorded_solve,
 )
-from ._spec import SolveSpec
-from ._vjp import accumulate_
 
 __all__ = ["Checkpoint"]
 

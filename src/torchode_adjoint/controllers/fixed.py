@@ -18,7 +18,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from ._warnings import user_stacklevel
+from .._warnings import user_stacklevel
 
 __all__ = [
     "DEFAULT_MAX_STEPS",

@@ -30,17 +30,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._compat import autocast_state, functorch_transforms_active
-from ._dynamics import Dynamics, frozen_batchnorm, module_tensors
-from ._executor import DenseStep, integrate, integrate_adaptive
-from ._grid import RecordedSteps, Steps
-from ._methods import as_embedded, as_method, tableau_of
-from ._reads import Reads
-from ._rng import RngState, SeededDraws
-from ._solvers import Solver
-from ._spec import SolveSpec
-from ._step import Method
-from ._structure import StructuredDynamics, non_finite_part
+from .._compat import autocast_state, functorch_transforms_active
+from .._dynamics import Dynamics, frozen_batchnorm, module_tensors
+from .._executor import DenseStep, integrate, integrate_adaptive
+from .._reads import Reads
+from .._rng import RngState, SeededDraws
+from .._spec import SolveSpec
+from .._structure import StructuredDynamics, non_finite_part
+from ..controllers.fixed import RecordedSteps, Steps
+from ..solvers.methods import as_embedded, as_method, tableau_of
+from ..solvers.protocol import Method
+from ..solvers.registry import Solver
 
 __all__ = [
     "recorded_solve",

@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 
-from ._compiled import cast
-from ._runge_kutta import StepPlan, combine, dense_terms, plan_for, rk_stages
-from ._step import MethodBase, Step, Stepped, StepProducts
-from ._tableau import ButcherTableau
+from .._compiled import cast
+from .protocol import MethodBase, Step, Stepped, StepProducts
+from .runge_kutta import StepPlan, combine, dense_terms, plan_for, rk_stages
+from .tableau import ButcherTableau
 
 __all__ = ["Coupled", "CouplingReplay"]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._reversible_heun import REVERSIBLE_HEUN, ReversibleHeun
-from ._tableau import ButcherTableau
+from .reversible_heun import REVERSIBLE_HEUN, ReversibleHeun
+from .tableau import ButcherTableau
 
 __all__ = [
     "EULER",

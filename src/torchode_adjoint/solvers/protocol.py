@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ._tableau import StepPlan
+from .tableau import StepPlan
 
 __all__ = ["Step", "Stepped", "Method", "MethodBase", "StepProducts", "DynamicsFn"]
 
@@ -121,7 +121,8 @@ class StepProducts(Protocol):
 
     A gradient mode implements it (the reversible mode's ``StepVJP``) with its bookkeeping:
     stage times, replayed random draws, parameter and time gradients. The methods
-    (:mod:`._coupled`, :mod:`._reversible_heun`) call it and import nothing from a mode.
+    (:mod:`~torchode_adjoint.solvers.reversible_coupling`,
+    :mod:`~torchode_adjoint.solvers.reversible_heun`) call it and import nothing from a mode.
     """
 
     need_t: bool

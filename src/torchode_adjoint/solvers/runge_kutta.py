@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from ._compiled import cast
-from ._step import DynamicsFn, MethodBase, Step, Stepped
-from ._tableau import ButcherTableau, StepPlan, plan_for
+from .._compiled import cast
+from .protocol import DynamicsFn, MethodBase, Step, Stepped
+from .tableau import ButcherTableau, StepPlan, plan_for
 
 __all__ = [
     "StepPlan",

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ._warnings import user_stacklevel
+from .._warnings import user_stacklevel
 
 __all__ = [
     "DEFAULT_ATOL",

@@ -9,7 +9,8 @@ kept, so memory does not grow with the number of steps, learnable times included
 Two methods are reversible:
 
 - any explicit Runge--Kutta tableau, through McCallum & Foster's coupling
-  (:class:`~torchode_adjoint._coupled.Coupled`, two base steps per step, same order);
+  (:class:`~torchode_adjoint.solvers.reversible_coupling.Coupled`, two base steps per step,
+  same order);
 - the reversible Heun method (``solver="reversible_heun"``,
   :class:`~torchode_adjoint.ReversibleHeun`, one evaluation per step, order 2).
 
@@ -32,18 +33,25 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from ._compat import vector_jacobian_product
-from ._dynamics import Dynamics
-from ._executor import (
+from .._compat import vector_jacobian_product
+from .._dynamics import Dynamics
+from .._executor import (
     DenseStep,
     DenseTimes,
     Executor,
     dense_outputs,
     integrate,
 )
-from ._grid import StageTimes, Steps, Times
-from ._methods import as_reversible
-from ._mode import (
+from .._rng import SeededDraws
+from .._spec import SolveSpec
+from .._vjp import ParamNames, accumulate_, dynamics_vjp, functional, traceable_vjp, vjp_names
+from ..controllers.fixed import StageTimes, Steps, Times
+from ..solvers.methods import as_reversible
+from ..solvers.protocol import Method, MethodBase, Step, Stepped
+from ..solvers.registry import Solver
+from ..solvers.runge_kutta import combine, rk_increment, rk_stages
+from ..solvers.tableau import StepPlan
+from .base import (
     BackwardJob,
     ForwardRecord,
     ForwardResult,
@@ -51,13 +59,6 @@ from ._mode import (
     Gradients,
     recorded_solve,
 )
-from ._rng import SeededDraws
-from ._runge_kutta import combine, rk_increment, rk_stages
-from ._solvers import Solver
-from ._spec import SolveSpec
-from ._step import Method, MethodBase, Step, Stepped
-from ._tableau import StepPlan
-from ._vjp import ParamNames, accumulate_, dynamics_vjp, functional, traceable_vjp, vjp_names
 
 __all__ = ["Reversible", "StepVJP"]
 

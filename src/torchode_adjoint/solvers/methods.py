@@ -9,11 +9,11 @@ its round-off).
 
 from __future__ import annotations
 
-from ._coupled import Coupled
-from ._runge_kutta import RungeKutta
-from ._solvers import HEUN, Solver
-from ._step import Method
-from ._tableau import ButcherTableau
+from .protocol import Method
+from .registry import HEUN, Solver
+from .reversible_coupling import Coupled
+from .runge_kutta import RungeKutta
+from .tableau import ButcherTableau
 
 __all__ = [
     "as_method",

@@ -30,17 +30,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._control import ErrorControl, StepSizeController
-from ._dynamics import Dynamics
-from ._executor import Executor, adaptive_interval
-from ._grid import StageTimes
-from ._methods import runge_kutta_tableau
-from ._mode import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
-from ._runge_kutta import StepPlan, combine, plan_for
-from ._spec import SolveSpec
-from ._step import MethodBase, Step, Stepped
-from ._tableau import ButcherTableau
-from ._vjp import ParamNames, accumulate_, dynamics_vjp, traceable_vjp, vjp_names
+from .._dynamics import Dynamics
+from .._executor import Executor, adaptive_interval
+from .._spec import SolveSpec
+from .._vjp import ParamNames, accumulate_, dynamics_vjp, traceable_vjp, vjp_names
+from ..controllers.error import ErrorControl, StepSizeController
+from ..controllers.fixed import StageTimes
+from ..solvers.methods import runge_kutta_tableau
+from ..solvers.protocol import MethodBase, Step, Stepped
+from ..solvers.runge_kutta import StepPlan, combine, plan_for
+from ..solvers.tableau import ButcherTableau
+from .base import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
 
 __all__ = ["ContinuousAdjoint", "AugmentedMethod"]
 
