@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from torchode_adjoint import Compile, Reversible, TimeSharedStatisticsWarning, _mode
+from torchode_adjoint import Compile, Reversible, TimeSharedStatisticsWarning
 from torchode_adjoint._reads import ReadRecorder, Reads
 from torchode_adjoint.measure import add_threads_argument, use_threads
+from torchode_adjoint.modes import base as _mode
 
 from .files import write_atomic
 from .run import machine, ours_loss

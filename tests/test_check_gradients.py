@@ -98,7 +98,7 @@ def test_the_adjoint_tolerance_is_its_measured_discretisation_error() -> None:
 
 
 def test_a_wrong_gradient_fails_the_check(monkeypatch) -> None:
-    from torchode_adjoint import _adjoint
+    from torchode_adjoint.modes import adjoint as _adjoint
 
     original = _adjoint.accumulate_
 
@@ -369,7 +369,7 @@ class _Sin(torch.autograd.Function):
 def test_each_inputs_error_is_relative_to_its_own_gradient(monkeypatch) -> None:
     # Every parameter gradient of the adjoint halved: each row's error against backprop is
     # about 0.5 however small that parameter's gradient is next to the others.
-    from torchode_adjoint import _adjoint
+    from torchode_adjoint.modes import adjoint as _adjoint
 
     original = _adjoint.accumulate_
     monkeypatch.setattr(

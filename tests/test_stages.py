@@ -119,7 +119,7 @@ def test_stage_times_are_built_once_per_chunk(
 ) -> None:
     # 5120 evaluations are three chunks of at most 2048 stage times each way; a chunk rebuilt
     # at every evaluation would give the same times at thousands of times the cost.
-    from torchode_adjoint import _grid
+    from torchode_adjoint.controllers import fixed as _grid
 
     built: list[int] = []
     fractions = _grid._fractions
