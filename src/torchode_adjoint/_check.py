@@ -527,7 +527,7 @@ def _finite_differences(
             check_finite=False,
             control=control,
         )
-        if replays and couplings and coupled is not None:
+        if couplings and coupled is not None:  # filled only where the couplings replay
             replayed = dataclasses.replace(coupled, replay=CouplingReplay(couplings))
             spec = dataclasses.replace(spec, executor=Executor(replayed, None))
         with torch.no_grad():

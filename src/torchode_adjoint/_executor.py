@@ -780,14 +780,13 @@ def _dense_solve(
             steps.append((t_now, h_signed, t_new))
         if on_accept is not None:
             on_accept(-1, sizer.accepted - 1, t_now, t_new, before, token)
-        while nxt < len(host_times) and (host_times[nxt] - t_new) * direction <= 0.0:
-            target_out = host_times[nxt]
-            if target_out == t_new:
-                states.append(method.output(out[0]))
-            else:
-                theta = (target_out - t_now) / h_signed
-                states.append(method.interpolate(before, h_signed, out[2], theta))
-            nxt += 1
+        reached, nxt = _outputs_reached(host_times, nxt, t_now, h_signed, t_new, direction)
+        for _, theta in reached:
+            states.append(
+                method.output(out[0])
+                if theta is None
+                else method.interpolate(before, h_signed, out[2], theta)
+            )
         return out[0]
 
     carry, _ = controlled_steps(
@@ -874,10 +873,23 @@ def dense_outputs(
     at_end: dict[int, list[int]] = {}
     nxt = 1
     for k, (t0, h, t1) in enumerate(steps):
-        while nxt < len(host) and (host[nxt] - t1) * direction <= 0.0:
-            if host[nxt] == t1:
-                at_end.setdefault(k, []).append(nxt)
+        reached, nxt = _outputs_reached(host, nxt, t0, h, t1, direction)
+        for j, theta in reached:
+            if theta is None:
+                at_end.setdefault(k, []).append(j)
             else:
-                inside.setdefault(k, []).append((nxt, (host[nxt] - t0) / h))
-            nxt += 1
+                inside.setdefault(k, []).append((j, theta))
     return inside, at_end
+
+
+def _outputs_reached(
+    host: Sequence[float], nxt: int, t0: float, h: float, t1: float, direction: float
+) -> tuple[list[tuple[int, float | None]], int]:
+    """The output times from index ``nxt`` on that a dense step from ``t0`` (signed size ``h``)
+    to ``t1`` reaches: ``(j, theta)`` inside it, ``(j, None)`` on its end; and the next index.
+    The one rule the dense solve and the replaying modes' backward passes assign outputs by."""
+    reached: list[tuple[int, float | None]] = []
+    while nxt < len(host) and (host[nxt] - t1) * direction <= 0.0:
+        reached.append((nxt, None if host[nxt] == t1 else (host[nxt] - t0) / h))
+        nxt += 1
+    return reached, nxt

@@ -22,9 +22,9 @@ import torch
 from .._compat import vector_jacobian_product
 from .._dynamics import Dynamics
 from .._executor import (
+    DenseTimes,
     Executor,
     dense_outputs,
-    dense_stage_times,
     integrate,
 )
 from .._spec import SolveSpec
@@ -192,7 +192,7 @@ class Checkpoint(GradientMode):
         # The pair's higher-order steps again, eagerly, with their interpolant.
         plain = as_method(tableau)
         executor = Executor(plain, None)
-        nodes = tableau.c
+        times = DenseTimes(steps, tableau.c, job.states[-1])
         host = job.spec.grid.times
         inside, at_end = dense_outputs(steps, host)
         kept = list(job.extra)
@@ -209,9 +209,8 @@ class Checkpoint(GradientMode):
             y = y_s
             with torch.enable_grad():
                 for k in range(k0, k1):
-                    t0, h, _ = steps[k]
-                    ts = dense_stage_times(y, t0, h, nodes)
-                    y_new, _, ks = executor.step(job.f, y, h, ts, dense=True)
+                    h = steps[k][1]
+                    y_new, _, ks = executor.step(job.f, y, h, times.of(k), dense=True)
                     for j, theta in inside.get(k, ()):
                         g = job.grads[j - 1]
                         if g is not None:

@@ -47,7 +47,7 @@ from .._spec import SolveSpec
 from .._vjp import ParamNames, accumulate_, dynamics_vjp, functional, traceable_vjp, vjp_names
 from ..controllers.fixed import StageTimes, Steps, Times
 from ..solvers.methods import as_reversible
-from ..solvers.protocol import Method, MethodBase, Step, Stepped
+from ..solvers.protocol import Method, MethodBase, StageCombinations, Step, Stepped
 from ..solvers.registry import Solver
 from ..solvers.runge_kutta import combine, rk_increment, rk_stages
 from ..solvers.tableau import StepPlan
@@ -308,9 +308,11 @@ class Reversible(GradientMode):
         adjoint = method.backward_start(vjp, carry, a_y, steps[-1][1])
         for k in range(total - 1, -1, -1):
             vjp.at_step(0, k, k)
-            vjp.begin_step((), vjp.g_p)
-            outputs = [(theta, job.grads[j - 1]) for j, theta in inside.get(k, ())]
-            given = [(theta, g) for theta, g in outputs if g is not None]
+            given = [
+                (theta, job.grads[j - 1])
+                for j, theta in inside.get(k, ())
+                if job.grads[j - 1] is not None
+            ]
             starts = [job.grads[j - 1] for j in at_end.get(k - 1, ())] if k else []
             incoming = sum_present(starts)
             carry, adjoint = method.backward_step(
@@ -440,7 +442,7 @@ def _increments(
     ts: Sequence[torch.Tensor],
     plan: StepPlan,
     v: torch.Tensor,
-    extra: Sequence[tuple[Sequence[tuple[int, float]], torch.Tensor]],
+    extra: StageCombinations,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A base step's increment from ``x``; what one vector--Jacobian product takes for it and
     ``extra``'s combinations of its stages (stacked), and their cotangents (stacked)."""
@@ -510,7 +512,7 @@ class _TraceableProducts:
         *,
         first: int,
         offset: int,
-        extra: Sequence[tuple[Sequence[tuple[int, float]], torch.Tensor]] = (),
+        extra: StageCombinations = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ts, g = self.ts[first : first + plan.stages], self.g
 
@@ -667,7 +669,7 @@ class StepVJP:
         *,
         first: int,
         offset: int,
-        extra: Sequence[tuple[Sequence[tuple[int, float]], torch.Tensor]] = (),
+        extra: StageCombinations = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The increment ``Psi_h(t, x) - x`` of one base step from the current step's start
         (``offset=0``, step ``h``) or end (1, step ``-h``), its evaluations being the step's

@@ -21,12 +21,24 @@ import torch
 
 from .tableau import StepPlan
 
-__all__ = ["Step", "Stepped", "Method", "MethodBase", "StepProducts", "DynamicsFn"]
+__all__ = [
+    "Step",
+    "Stepped",
+    "Method",
+    "MethodBase",
+    "StepProducts",
+    "DynamicsFn",
+    "StageCombinations",
+]
 
 Step = float | torch.Tensor
 """A step size: a host float, or a 0-dim tensor (learnable times, the compiled path)."""
 
 DynamicsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+StageCombinations = Sequence[tuple[Sequence[tuple[int, float]], torch.Tensor]]
+"""``(terms, g)`` pairs: combinations ``h sum_i terms_i k_i`` of a base step's stages (an
+interpolant's) and the cotangent each is to be multiplied with."""
 
 Stepped = tuple[Any, Any, Any]
 """``(carry, error, dense)``: a step's new carry, its error estimate (a tensor, a tuple of
@@ -142,7 +154,7 @@ class StepProducts(Protocol):
         *,
         first: int,
         offset: int,
-        extra: Sequence[tuple[Sequence[tuple[int, float]], torch.Tensor]] = (),
+        extra: StageCombinations = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The increment ``Psi_h(t, x) - x`` of one base step of the tableau resolved in
         ``plan`` from the current step's start (``offset=0``) or end (1), its evaluations being
