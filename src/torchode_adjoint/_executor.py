@@ -28,12 +28,28 @@ from ._compiled import Compile, CompiledFunction, CompileFallbackWarning
 from ._rng import RngState
 from ._structure import non_finite_part
 from ._warnings import user_stacklevel
-from .controllers.error import ErrorControl, StepSizeController, error_ratio
-from .controllers.fixed import RecordedSteps, StageTimes, Steps, Times, interval_sizes
+from .controllers.error import (
+    ErrorControl,
+    ErrorSteps,
+    PartsFn,
+    StepSizeController,
+    refuse_vmap,
+)
+from .controllers.fixed import (
+    FixedSteps,
+    Leg,
+    RecordedSteps,
+    StageTimes,
+    Steps,
+    Times,
+    interval_sizes,
+)
+from .controllers.protocol import LoopController, Run, StepPath
 from .solvers.protocol import DynamicsFn, Method, Step, Stepped
 
 __all__ = [
     "Executor",
+    "run_steps",
     "integrate",
     "StepHook",
     "locate_non_finite",
@@ -280,13 +296,19 @@ def integrate(
     method = executor.method
     times = StageTimes(t, grid, method.nodes)
     hs = interval_sizes(grid, t)
-    states = []
-    carry = method.init(f, y0, t[0])
+    states: list[torch.Tensor] = []
     offsets = grid.offsets
-    for i, n in enumerate(grid.n_steps):
-        hook = None if before_step is None else _interval_hook(before_step, i)
-        carry = executor.advance(f, carry, hs[i], times, offsets[i], n, hook)
+    legs = [Leg(i, offsets[i], n, hs[i]) for i, n in enumerate(grid.n_steps)]
+
+    def leave(leg: Leg, carry: Any) -> Any:
         states.append(method.output(carry))
+        return carry
+
+    controller = FixedSteps(times, legs, leave=leave)
+    hook = None
+    if before_step is not None:
+        hook = lambda k, c: before_step(controller.leg.interval, k, c)  # noqa: E731
+    carry = run_steps(executor, f, method.init(f, y0, t[0]), controller, before_step=hook)
     if final is not None:
         final.append(carry)
     # One host sync per call, never one per step: see locate_non_finite for the slow path.
@@ -294,10 +316,6 @@ def integrate(
     if check_finite and not functorch_transforms_active() and not bool(_all_finite(states)):
         locate_non_finite(f, y0, states, t, grid, method)
     return states
-
-
-def _interval_hook(hook: StepHook, i: int) -> Callable[[int, Any], None]:
-    return lambda k, carry: hook(i, k, carry)
 
 
 def _all_finite(states: list[torch.Tensor]) -> torch.Tensor:
@@ -361,9 +379,6 @@ def locate_non_finite(
         f"{smaller}, use a more stable solver such as solver='rk4', or check the dynamics "
         "(pass `check_finite=False` to skip this check)."
     )
-
-
-PartsFn = Callable[[Any, Any, Any], tuple[Sequence[torch.Tensor], ...]]
 
 
 def adaptive_interval(
@@ -441,6 +456,45 @@ def adaptive_interval(
     )  # fmt: skip
 
 
+def run_steps(
+    executor: Executor,
+    f: Any,
+    carry: Any,
+    controller: LoopController,
+    *,
+    before_step: Callable[[int, Any], None] | None = None,
+    before_try: Callable[[], Any] | None = None,
+    first: Callable[[Stepped], None] | None = None,
+    accepted: Callable[[Any, Stepped, Any], Any] | None = None,
+) -> Any:
+    """The one loop: every pass of every gradient mode steps through here.
+
+    It asks ``controller`` what to do next: a run of steps taken as they come (fixed steps,
+    which ``executor`` may take in compiled chunks; ``before_step(k, carry)`` before each), or
+    one step tried with its error and dense information (``before_try()`` before it, its
+    result kept as a token), which the controller judges (an error-controlled step's one host
+    read); an accepted step is handed to ``accepted(before, out, token)``, which returns the
+    carry to go on from (``out[0]`` without it). ``first(out)`` sees the first step tried.
+    After each accepted step or run the controller moves on (its stops may change the carry).
+    Returns the last carry.
+    """
+    carry = controller.start(carry)
+    while (plan := controller.plan()) is not None:
+        if isinstance(plan, Run):
+            carry = executor.advance(f, carry, plan.h, plan.times, plan.g0, plan.n, before_step)
+        else:
+            token = before_try() if before_try is not None else None
+            out = executor.step(f, carry, plan.h, plan.ts, dense=plan.dense)
+            if first is not None:
+                first(out)
+                first = None
+            if not controller.judge(carry, out):
+                continue
+            carry = accepted(carry, out, token) if accepted is not None else out[0]
+        carry = controller.passed(carry)
+    return carry
+
+
 def controlled_steps(
     executor: Executor,
     f: Any,
@@ -454,56 +508,14 @@ def controlled_steps(
     first: Callable[[Stepped], None] | None = None,
     accepted: Callable[[Any, Stepped, Any], Any] | None = None,
 ) -> tuple[Any, float]:
-    """The loop of error-controlled steps: the one place a step is tried, judged and kept.
-
-    Each step is sized by ``sizer`` (what is left of ``path`` bounds it), laid out by ``path``
-    (its stage times and signed size), taken by ``executor`` with its error estimate, measured
-    (``parts``: the tensors the norm is taken over) with one host read, and accepted or
-    rejected by ``sizer``; an accepted step is handed to ``accepted(before, out, token)``,
-    which returns the carry to go on from (``out[0]`` unless a stop changes it), and moves
-    ``path`` on. Returns the carry where ``path`` ends and the next step size proposed.
-    """
-    control = sizer.control
-    while True:
-        hh, last = sizer.tried(h, path.remaining())
-        size, t_now, t_end = path.try_step(hh, last)
-        sizer.check_size(size, t_now, t_end)
-        ts, h_step = path.stage_times()
-        token = before_try() if before_try is not None else None
-        out = executor.step(f, carry, h_step, ts, dense=True)
-        if first is not None:
-            first(out)
-            first = None
-        errors, before, after = parts(carry, out[0], out[1])
-        # The one host read of the step: accept or reject, and the next step size.
-        accept, h = sizer.judge(_read_ratio(errors, before, after, control), hh, size, t_now)
-        if accept:
-            carry = accepted(carry, out, token) if accepted is not None else out[0]
-            carry, finished = path.advance(last, carry)
-            if finished:
-                return carry, h
-
-
-class StepPath:
-    """Where the error-controlled steps of one pass go: how far is left, where a step tried
-    ends, its stage times and size, and what happens when an accepted step reaches a stop."""
-
-    def remaining(self) -> float:
-        """The length left to the next time a step must end on."""
-        raise NotImplementedError
-
-    def try_step(self, hh: float, last: bool) -> tuple[float, float, float]:
-        """Lay out the step tried (``hh``; ``last``: to the next stop): its size, where it
-        starts and where it must end at the latest."""
-        raise NotImplementedError
-
-    def stage_times(self) -> tuple[tuple[torch.Tensor, ...], Step]:
-        """The step tried's stage times and signed size."""
-        raise NotImplementedError
-
-    def advance(self, last: bool, carry: Any) -> tuple[Any, bool]:
-        """Move past the accepted step; the carry to go on from, and whether the path ends."""
-        raise NotImplementedError
+    """Error-controlled steps along ``path`` through the one loop (an
+    :class:`~torchode_adjoint.controllers.error.ErrorSteps` controller); the carry where
+    ``path`` ends and the next step size proposed."""
+    controller = ErrorSteps(sizer, path, parts, h)
+    carry = run_steps(
+        executor, f, carry, controller, before_try=before_try, first=first, accepted=accepted
+    )
+    return carry, controller.h
 
 
 class _IntervalPath(StepPath):
@@ -557,34 +569,6 @@ class _IntervalPath(StepPath):
         return carry, last
 
 
-def _read_ratio(
-    errors: Sequence[torch.Tensor],
-    before: Sequence[torch.Tensor],
-    after: Sequence[torch.Tensor],
-    control: ErrorControl,
-) -> float:
-    """The step's error ratio on the host: the one synchronisation of an error-controlled step."""
-    with torch.no_grad():
-        # The first two groups have the state's layout (the state; the adjoint's state and
-        # adjoint): they are measured part by part. Further groups are the adjoint's gradients.
-        value = error_ratio(errors, before, after, control, split=2)
-    try:
-        return float(value)
-    except RuntimeError as err:
-        _refuse_vmap(err)
-        raise
-
-
-def _refuse_vmap(err: RuntimeError) -> None:
-    """Raise the reason instead of PyTorch's message where a host read failed under vmap."""
-    if functorch_transforms_active():  # vmap: a data-dependent decision is impossible
-        raise RuntimeError(
-            "error-controlled steps (`rtol`/`atol`) read each step's error on the host to "
-            "accept or reject it, which `torch.func.vmap` cannot do; use fixed steps "
-            "(`step=`) under vmap, or solve the batch as one state without vmap."
-        ) from err
-
-
 def integrate_adaptive(
     f: Any,
     y0: torch.Tensor,
@@ -624,7 +608,7 @@ def integrate_adaptive(
     try:
         h = sizer.first_step(f, t[0], y0, f0, direction)
     except RuntimeError as err:
-        _refuse_vmap(err)
+        refuse_vmap(err)
         raise
 
     def parts(before: Any, after: Any, error: Any) -> tuple[Sequence[torch.Tensor], ...]:

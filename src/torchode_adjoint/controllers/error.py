@@ -23,23 +23,29 @@ import dataclasses
 import math
 import numbers
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .._compat import functorch_transforms_active
 from .._warnings import user_stacklevel
+from ..solvers.protocol import Stepped
+from .protocol import StepPath, Try
 
 __all__ = [
     "DEFAULT_ATOL",
     "DEFAULT_RTOL",
     "ErrorControl",
+    "ErrorSteps",
     "PIController",
     "StepSizeController",
     "Tolerance",
     "ToleranceWarning",
     "error_ratio",
+    "read_ratio",
+    "refuse_vmap",
     "initial_step",
     "warn_unreachable_rtol",
 ]
@@ -319,6 +325,86 @@ class StepSizeController:
         return False, size * min(1.0, control.factor(ratio, self.previous, self.q))
 
 
+PartsFn = Callable[[Any, Any, Any], tuple[Sequence[torch.Tensor], ...]]
+
+
+class ErrorSteps:
+    """Error-controlled steps along a path, as the loop drives them: each step is sized by
+    ``sizer`` (what is left of ``path`` bounds it), laid out by ``path`` (its stage times and
+    signed size), measured (``parts(before, after, error)``: the tensors the norm is taken
+    over) with one host read, and accepted or rejected by ``sizer``. ``h`` is the next step
+    size proposed (the first one to try, then what ``sizer`` proposes).
+
+    Parameters
+    ----------
+    sizer : StepSizeController
+    path : StepPath
+    parts : callable
+    h : float
+    """
+
+    __slots__ = ("sizer", "path", "parts", "h", "_trial", "_done")
+
+    def __init__(self, sizer: StepSizeController, path: StepPath, parts: PartsFn, h: float) -> None:
+        self.sizer, self.path, self.parts, self.h = sizer, path, parts, h
+        self._trial: tuple[float, bool, float, float] = (h, False, h, 0.0)
+        self._done = False
+
+    def start(self, carry: Any) -> Any:
+        return carry
+
+    def plan(self) -> Try | None:
+        if self._done:
+            return None
+        sizer, path = self.sizer, self.path
+        hh, last = sizer.tried(self.h, path.remaining())
+        size, t_now, t_end = path.try_step(hh, last)
+        sizer.check_size(size, t_now, t_end)
+        ts, h_step = path.stage_times()
+        self._trial = (hh, last, size, t_now)
+        return Try(h_step, ts)
+
+    def judge(self, carry: Any, out: Stepped) -> bool:
+        hh, _, size, t_now = self._trial
+        errors, before, after = self.parts(carry, out[0], out[1])
+        # The one host read of the step: accept or reject, and the next step size.
+        ratio = read_ratio(errors, before, after, self.sizer.control)
+        accept, self.h = self.sizer.judge(ratio, hh, size, t_now)
+        return accept
+
+    def passed(self, carry: Any) -> Any:
+        carry, self._done = self.path.advance(self._trial[1], carry)
+        return carry
+
+
+def read_ratio(
+    errors: Sequence[torch.Tensor],
+    before: Sequence[torch.Tensor],
+    after: Sequence[torch.Tensor],
+    control: ErrorControl,
+) -> float:
+    """The step's error ratio on the host: the one synchronisation of an error-controlled step."""
+    with torch.no_grad():
+        # The first two groups have the state's layout (the state; the adjoint's state and
+        # adjoint): they are measured part by part. Further groups are the adjoint's gradients.
+        value = error_ratio(errors, before, after, control, split=2)
+    try:
+        return float(value)
+    except RuntimeError as err:
+        refuse_vmap(err)
+        raise
+
+
+def refuse_vmap(err: RuntimeError) -> None:
+    """Raise the reason instead of PyTorch's message where a host read failed under vmap."""
+    if functorch_transforms_active():  # vmap: a data-dependent decision is impossible
+        raise RuntimeError(
+            "error-controlled steps (`rtol`/`atol`) read each step's error on the host to "
+            "accept or reject it, which `torch.func.vmap` cannot do; use fixed steps "
+            "(`step=`) under vmap, or solve the batch as one state without vmap."
+        ) from err
+
+
 #: How much longer than proposed the step before an end may be, to end there.
 STRETCH = 1.01
 
@@ -423,8 +509,6 @@ class ToleranceWarning(UserWarning):
 
     Silence it with ``warnings.filterwarnings("ignore", category=ToleranceWarning)``.
     """
-
-
 
 
 def warn_unreachable_rtol(control: ErrorControl, dtype: torch.dtype) -> None:

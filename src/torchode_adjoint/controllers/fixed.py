@@ -14,15 +14,19 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 
 from .._warnings import user_stacklevel
+from ..solvers.protocol import Step, Stepped
+from .protocol import Run, Try
 
 __all__ = [
     "DEFAULT_MAX_STEPS",
     "DEFAULT_STEP",
+    "FixedSteps",
+    "Leg",
     "StepTo",
     "NEAR_WHOLE",
     "StepRoundingWarning",
@@ -593,3 +597,114 @@ def segment_times(
     frac = t.new_tensor([k + c_j for k in range(k0, k1) for c_j in c])
     values = tuple(torch.addcmul(t[i], frac, h).unbind(0))
     return h, SegmentTimes(grid.offsets[i] + k0, len(c), values)
+
+
+class Leg(NamedTuple):
+    """One leg of fixed steps: ``n`` steps from step ``g0`` of the pass's stage times, each of
+    size ``h`` (or ``h(g)`` for step ``g``); ``interval`` names it for the hooks (the output
+    interval it belongs to, or the step it is)."""
+
+    interval: int
+    g0: int
+    n: int
+    h: Step | Callable[[int], Step]
+
+
+LegHook = Callable[[Leg, Any], Any]
+
+
+class FixedSteps:
+    """Fixed steps (equal, user-given or recorded; forward, or in reverse for a backward pass),
+    leg by leg, as the loop drives them: every step is accepted as it comes, and a leg's steps
+    run as one :class:`~torchode_adjoint.controllers.protocol.Run` that the executor may take in
+    compiled chunks.
+
+    Parameters
+    ----------
+    times : Times
+        The pass's stage times (``times.of(g)``).
+    legs : sequence of Leg
+        In the order they are taken.
+    enter, leave : callable, optional
+        ``enter(leg, carry) -> carry`` before a leg's first step (an incoming gradient added),
+        ``leave(leg, carry) -> carry`` after its last (an output kept).
+    split_first : bool
+        Take each leg's first step alone, as a
+        :class:`~torchode_adjoint.controllers.protocol.Try` handed to the loop's ``accepted``
+        hook (with its dense information where ``dense_first``): a step whose stages a mode
+        reuses, or a replay that looks at every step.
+    dense_first : bool
+    """
+
+    __slots__ = ("times", "legs", "enter", "leave", "split_first", "dense_first", "_i", "_j")
+
+    def __init__(
+        self,
+        times: Times,
+        legs: Sequence[Leg],
+        *,
+        enter: LegHook | None = None,
+        leave: LegHook | None = None,
+        split_first: bool = False,
+        dense_first: bool = False,
+    ) -> None:
+        self.times, self.legs, self.enter, self.leave = times, legs, enter, leave
+        self.split_first, self.dense_first = split_first, dense_first
+        self._i = self._j = 0
+
+    @property
+    def leg(self) -> Leg:
+        """The leg being taken."""
+        return self.legs[self._i]
+
+    def _parts(self, leg: Leg) -> int:
+        if self.split_first:
+            return 1 + (leg.n > 1) if leg.n else 0
+        return 1 if leg.n else 0
+
+    def _begin(self, carry: Any) -> Any:
+        # Enter the next leg with steps (a leg without steps is entered and left at once).
+        while self._i < len(self.legs):
+            leg = self.legs[self._i]
+            if self.enter is not None:
+                carry = self.enter(leg, carry)
+            if self._parts(leg):
+                return carry
+            if self.leave is not None:
+                carry = self.leave(leg, carry)
+            self._i += 1
+        return carry
+
+    def start(self, carry: Any) -> Any:
+        self._i = self._j = 0
+        return self._begin(carry)
+
+    def plan(self) -> Run | Try | None:
+        if self._i >= len(self.legs):
+            return None
+        leg = self.legs[self._i]
+        if not self.split_first:
+            return Run(leg.h, self.times, leg.g0, leg.n)
+        if self._j == 0:
+            h = leg.h(leg.g0) if callable(leg.h) else leg.h
+            return Try(h, self.times.of(leg.g0), self.dense_first)
+        return Run(leg.h, self.times, leg.g0 + 1, leg.n - 1)
+
+    def judge(self, carry: Any, out: Stepped) -> bool:
+        return True
+
+    def passed(self, carry: Any) -> Any:
+        if self._i >= len(self.legs):  # stopped
+            return carry
+        leg = self.legs[self._i]
+        self._j += 1
+        if self._j < self._parts(leg):
+            return carry
+        if self.leave is not None:
+            carry = self.leave(leg, carry)
+        self._i, self._j = self._i + 1, 0
+        return self._begin(carry)
+
+    def stop(self) -> None:
+        """End the pass after the step being taken (a replay that found what it looked for)."""
+        self._i = len(self.legs)
