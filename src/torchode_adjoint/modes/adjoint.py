@@ -31,11 +31,11 @@ from typing import Any, ClassVar
 import torch
 
 from .._dynamics import Dynamics
-from .._executor import Executor, adaptive_interval
+from .._executor import Executor, adaptive_interval, run_steps
 from .._spec import SolveSpec
 from .._vjp import ParamNames, accumulate_, dynamics_vjp, traceable_vjp, vjp_names
 from ..controllers.error import ErrorControl, StepSizeController
-from ..controllers.fixed import StageTimes
+from ..controllers.fixed import FixedSteps, Leg, StageTimes
 from ..solvers.methods import runge_kutta_tableau
 from ..solvers.protocol import MethodBase, Step, Stepped
 from ..solvers.runge_kutta import StepPlan, combine, plan_for
@@ -121,32 +121,42 @@ class ContinuousAdjoint(GradientMode):
         g_p = tuple(torch.zeros_like(p) for p in job.vjp_params)
         dl_dt: list[torch.Tensor] = []
         total = grid.offsets[-1]
-        r = 0  # steps taken backwards so far
+        # One leg per output interval, from the last; step r backwards is forward step
+        # total - 1 - r, with the forward's size.
+        legs, r = [], 0
         for i in range(len(grid.times) - 1, 0, -1):
+            h: Any = grid.step_size(total - 1 - r)
+            if not grid.uniform:
+                h = lambda g: grid.step_size(total - 1 - g)  # noqa: E731
+            legs.append(Leg(i, r, grid.n_steps[i - 1], h))
+            r += grid.n_steps[i - 1]
+
+        def enter(leg: Leg, carry: Any) -> Any:
+            # dL/dy(t_i) enters; the state restarts from the stored one. Detached: the saved
+            # output carries the Function's graph, and each backward step would otherwise
+            # record one more node on it (memory growing with the steps).
+            i, (_, a, *rest) = leg.interval, carry
             grad_i = job.grads[i - 1]
             if grad_i is not None:
                 a = a + grad_i
             job.watch(grid.times[i], a)
-            # Detached: the saved output carries the Function's graph, and each backward step
-            # would otherwise record one more node on it (memory growing with the steps).
-            y, n = job.states[i - 1].detach(), grid.n_steps[i - 1]
-            # The forward's step sizes, the steps taken in reverse (step r backwards is
-            # forward step total - 1 - r).
-            h: Any = grid.step_size(total - 1 - r)
-            if not grid.uniform:
-                h = lambda g: grid.step_size(total - 1 - g)  # noqa: E731
-            carry: Any = (y, a, g_t, *g_p)
-            h_first = h(r) if callable(h) else h
-            carry, _, stages = executor.step(f, carry, h_first, times.of(r), dense=job.need_t)
-            if job.need_t:
-                # The step's first stage is f(t_i, y_i): reuse it for dL/dt_i.
-                d = g_t.new_zeros(()) if grad_i is None else torch.sum(grad_i * stages[0][0])
-                dl_dt.append(d)
-                carry = (*carry[:2], carry[2] - d, *carry[3:])
-            carry = executor.advance(f, carry, h, times, r + 1, n - 1)
-            y, a, g_t, *rest = carry
-            g_p = tuple(rest)
-            r += n
+            return (job.states[i - 1].detach(), a, *rest)
+
+        def first_step(before: Any, out: Any, token: Any) -> Any:
+            carry = out[0]
+            if not job.need_t:
+                return carry
+            # The step's first stage is f(t_i, y_i): reuse it for dL/dt_i.
+            grad_i = job.grads[controller.leg.interval - 1]
+            d = g_t.new_zeros(()) if grad_i is None else torch.sum(grad_i * out[2][0][0])
+            dl_dt.append(d)
+            return (*carry[:2], carry[2] - d, *carry[3:])
+
+        controller = FixedSteps(times, legs, enter=enter, split_first=True, dense_first=job.need_t)
+        carry = run_steps(executor, f, (job.states[-1], a, g_t, *g_p), controller,
+                          accepted=first_step)  # fmt: skip
+        _, a, g_t, *rest = carry
+        g_p = tuple(rest)
         job.watch(grid.times[0], a)
         grad_t = torch.stack([g_t, *reversed(dl_dt)]) if job.need_t else None
         return Gradients(y0=a, t=grad_t, params=g_p)
