@@ -353,23 +353,34 @@ def locate_non_finite(
     span = grid.times[i] - t_a
     h = grid.step_size(offsets[i - 1])
     eager = Executor(method, None)
+    found: list[tuple[int, torch.Tensor]] = []
+
+    def check(before: Any, out: Stepped, token: Any) -> Any:
+        # The step's state, checked: the first non-finite one ends the replay.
+        if not bool(torch.isfinite(method.output(out[0])).all()):
+            found.append((scan.leg.interval, method.output(out[0])))
+            scan.stop()
+        return out[0]
+
+    first = offsets[i - 1]
+    scan = FixedSteps(
+        times, [Leg(k, first + k, 1, grid.step_size(first + k)) for k in range(n)], split_first=True
+    )
     with torch.no_grad():
         carry = method.init(f, y0.detach(), t.detach()[0])
         if isinstance(carry, torch.Tensor):
             carry = sol[i - 1]  # the carry is the state: start at the interval's stored one
         else:  # an auxiliary state, not stored: from y0
-            for g in range(offsets[i - 1]):
-                carry = eager.step(f, carry, grid.step_size(g), times.of(g))[0]
-        for k in range(n):
-            g = offsets[i - 1] + k
-            h = grid.step_size(g)
-            carry = eager.step(f, carry, h, times.of(g))[0]
-            if not bool(torch.isfinite(method.output(carry)).all()):
-                bad = method.output(carry)
-                interval_text = f"[{t_a:.6g}, {grid.times[i]:.6g}]"
-                end = t_a + grid.fractions(i - 1, k)[1] * span
-                where = f"t = {end:.6g} (step {k + 1} of {n} in {interval_text})"
-                break
+            carry = run_steps(
+                eager, f, carry, FixedSteps(times, [Leg(0, 0, first, grid.step_size)])
+            )
+        run_steps(eager, f, carry, scan, accepted=check)
+    if found:
+        k, bad = found[0]
+        h = grid.step_size(first + k)
+        interval_text = f"[{t_a:.6g}, {grid.times[i]:.6g}]"
+        end = t_a + grid.fractions(i - 1, k)[1] * span
+        where = f"t = {end:.6g} (step {k + 1} of {n} in {interval_text})"
     sizes, here = ("steps of", "in this interval") if grid.uniform else ("a step of", "there")
     smaller = "reduce `step`" if grid.uniform else "add step times where it fails"
     raise RuntimeError(

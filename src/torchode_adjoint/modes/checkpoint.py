@@ -26,10 +26,11 @@ from .._executor import (
     Executor,
     dense_outputs,
     integrate,
+    run_steps,
 )
 from .._spec import SolveSpec
 from .._vjp import accumulate_
-from ..controllers.fixed import StageTimes, Times
+from ..controllers.fixed import FixedSteps, Leg, StageTimes, Times
 from ..solvers.methods import as_method, runge_kutta_tableau
 from .base import (
     BackwardJob,
@@ -206,22 +207,37 @@ class Checkpoint(GradientMode):
             y_s = start.detach().requires_grad_(True)
             outs: list[torch.Tensor] = []
             cots: list[torch.Tensor] = []
-            y = y_s
+
+            # Each step alone, with its stages: one leg per step.
+            legs = [Leg(k, k, 1, steps[k][1]) for k in range(k0, k1)]
+            controller = FixedSteps(times, legs, split_first=True, dense_first=True)
+
+            def outputs(
+                y: Any,
+                out: Any,
+                token: Any,
+                outs: Any = outs,
+                cots: Any = cots,
+                controller: FixedSteps = controller,
+            ) -> Any:
+                # The outputs the step gave (inside it, interpolated; at its end) with their
+                # incoming gradients.
+                k = controller.leg.interval
+                y_new, _, ks = out
+                for j, theta in inside.get(k, ()):
+                    g = job.grads[j - 1]
+                    if g is not None:
+                        outs.append(plain.interpolate(y, steps[k][1], ks, theta))
+                        cots.append(g)
+                for j in at_end.get(k, ()):
+                    g = job.grads[j - 1]
+                    if g is not None:
+                        outs.append(y_new)
+                        cots.append(g)
+                return y_new
+
             with torch.enable_grad():
-                for k in range(k0, k1):
-                    h = steps[k][1]
-                    y_new, _, ks = executor.step(job.f, y, h, times.of(k), dense=True)
-                    for j, theta in inside.get(k, ()):
-                        g = job.grads[j - 1]
-                        if g is not None:
-                            outs.append(plain.interpolate(y, h, ks, theta))
-                            cots.append(g)
-                    for j in at_end.get(k, ()):
-                        g = job.grads[j - 1]
-                        if g is not None:
-                            outs.append(y_new)
-                            cots.append(g)
-                    y = y_new
+                y = run_steps(executor, job.f, y_s, controller, accepted=outputs)
             outs.append(y)
             cots.append(a)
             grads = torch.autograd.grad(outs, [y_s, *params], cots, allow_unused=True)
@@ -244,7 +260,9 @@ class Checkpoint(GradientMode):
         """Re-run steps ``g0...g0 + steps`` with a graph, under the forward's random state if it
         had one."""
         if rng is None:
-            result: torch.Tensor = executor.advance(f, y, h, times, g0, steps)
+            result: torch.Tensor = run_steps(
+                executor, f, y, FixedSteps(times, [Leg(0, g0, steps, h)])
+            )
             return result
         with rng.replayed(y.device):
             return Checkpoint._rerun(executor, f, y, h, times, g0, steps, None)
