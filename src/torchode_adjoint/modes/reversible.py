@@ -41,11 +41,12 @@ from .._executor import (
     Executor,
     dense_outputs,
     integrate,
+    run_steps,
 )
 from .._rng import SeededDraws
 from .._spec import SolveSpec
 from .._vjp import ParamNames, accumulate_, dynamics_vjp, functional, traceable_vjp, vjp_names
-from ..controllers.fixed import StageTimes, Steps, Times
+from ..controllers.fixed import FixedSteps, Leg, StageTimes, Steps, Times
 from ..solvers.methods import as_reversible
 from ..solvers.protocol import Method, MethodBase, StageCombinations, Step, Stepped
 from ..solvers.registry import Solver
@@ -264,26 +265,41 @@ class Reversible(GradientMode):
         vjp.at_step(n_int - 1, grid.n_steps[-1] - 1, total - 1)
         adjoint = method.backward_start(vjp, carry, a_y, grid.step_size(total - 1))
         recorded = not grid.uniform
+        width = len(carry)
+        # One leg per output interval, from the last: its steps but the first (the same size
+        # as the step before them, no incoming gradient) run through the executor; where the leg
+        # ends, its first step takes dL/dy(t_i) and the size of the step before it.
+        legs = []
         for i in range(n_int - 1, -1, -1):
             n, first = grid.n_steps[i], grid.offsets[i]
-            if n > 1:
-                vjp.at_step(i, n - 1, first + n - 1)
-                # Equal steps: one size (compiled in chunks); recorded steps: each its own.
-                sizes: Any = grid.step_size(first + n - 1)
-                if recorded:
-                    sizes = lambda r: grid.step_size(total - 1 - r)  # noqa: E731
-                state = executor.advance(
-                    vjp, (*carry, *adjoint, *vjp.g_p), sizes, times, total - first - n, n - 1
-                )
-                carry, adjoint = state[: len(carry)], state[len(carry) : len(carry) + 2]
-                vjp.g_p = list(state[len(carry) + 2 :])
+            sizes: Any = grid.step_size(first + n - 1)
+            if recorded:
+                sizes = lambda r: grid.step_size(total - 1 - r)  # noqa: E731
+            legs.append(Leg(i, total - first - n, n - 1, sizes))
+
+        def enter(leg: Leg, state: Any) -> Any:
+            if leg.n:
+                i = leg.interval
+                vjp.at_step(i, leg.n, grid.offsets[i] + leg.n)
+            return state
+
+        def leave(leg: Leg, state: Any) -> Any:
+            i, first = leg.interval, grid.offsets[leg.interval]
+            vjp.g_p = list(state[width + 2 :])
             vjp.at_step(i, 0, first)
-            h = grid.step_size(first)
             h_prev = grid.step_size(first - 1) if i else None
             incoming = job.grads[i - 1] if i else None
-            carry, adjoint = method.backward_step(vjp, carry, adjoint, h, h_prev, incoming)
+            carry, adjoint = method.backward_step(
+                vjp, state[:width], state[width : width + 2], grid.step_size(first), h_prev,
+                incoming,
+            )  # fmt: skip
             vjp.end_interval()
             job.watch(grid.times[i], adjoint[0])
+            return (*carry, *adjoint, *vjp.g_p)
+
+        controller = FixedSteps(times, legs, enter=enter, leave=leave)
+        state = run_steps(executor, vjp, (*carry, *adjoint, *vjp.g_p), controller)
+        carry, adjoint = state[:width], state[width : width + 2]
         grad_y0 = adjoint[0] + adjoint[1]
         self._check_drift(carry, job.y0, job.states[-1], total, method)
         return Gradients(y0=grad_y0, t=vjp.g_t, params=vjp.g_p)
