@@ -177,6 +177,42 @@ def test_only_the_executor_calls_a_methods_step() -> None:
     assert selfs <= {("_executor", "Executor")}, sorted(selfs)
 
 
+def _calls_of(attrs: set[str]) -> list[tuple[str, str, str, str, int]]:
+    """Every call ``<receiver>.<attr>(...)`` in the package for ``attr`` in ``attrs``: (module,
+    enclosing top-level name, receiver, attr, line)."""
+    calls = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for top in tree.body:
+            where = getattr(top, "name", "<module>")
+            for node in ast.walk(top):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in attrs
+                ):
+                    receiver = ast.unparse(node.func.value)
+                    calls.append((_module_name(path), where, receiver, node.func.attr, node.lineno))
+    return calls
+
+
+def test_one_loop_drives_every_pass() -> None:
+    # The forward passes, the replays (checkpoint, non-finite), the continuous adjoint's and the
+    # reversible mode's backward passes: each is a controller that `run_steps` drives, and
+    # `run_steps` is the only caller of an executor's `step` and `advance`. A step path's own
+    # `advance` (moving past an accepted step) is the error-controlled controller's.
+    calls = _calls_of({"step", "advance"})
+    inside_executor = {("_executor", "Executor"), ("_executor", "_compiled_steps")}
+    drivers = {
+        (m, w)
+        for m, w, r, a, _ in calls
+        if (m, w) not in inside_executor and not (a == "advance" and r == "self.path")
+    }
+    assert drivers == {("_executor", "run_steps")}, sorted(
+        c for c in calls if (c[0], c[1]) not in inside_executor
+    )
+
+
 def test_methods_declare_their_capabilities() -> None:
     # The loop reads what a method can do from the method (error order, interpolant, the
     # derivative it carries, whether it compiles); it never probes with getattr.
