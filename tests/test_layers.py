@@ -144,39 +144,6 @@ def test_modes_ask_for_methods_and_capabilities_never_for_method_classes() -> No
     assert not found, found
 
 
-def _step_calls() -> list[tuple[str, str, str, int]]:
-    """Every call ``<receiver>.step(...)`` in the package: (module, enclosing class or
-    function, receiver, line)."""
-    calls = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        tree = ast.parse(path.read_text(), str(path))
-        for top in tree.body:
-            where = getattr(top, "name", "<module>")
-            for node in ast.walk(top):
-                if (
-                    isinstance(node, ast.Call)
-                    and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "step"
-                ):
-                    receiver = ast.unparse(node.func.value)
-                    calls.append((_module_name(path), where, receiver, node.lineno))
-    return calls
-
-
-def test_only_the_executor_calls_a_methods_step() -> None:
-    # Every solve's steps (forward, replay, backward, the non-finite replay) run through an
-    # Executor: the one place that decides eager or compiled. A method's step is called inside
-    # `Executor` and the compiled step function it builds, nowhere else; elsewhere `.step(` is
-    # an Executor's.
-    calls = _step_calls()
-    methods = {(m, w) for m, w, r, _ in calls if r not in {"executor", "eager", "self"}}
-    assert methods == {("_executor", "Executor"), ("_executor", "_compiled_steps")}, sorted(
-        c for c in calls if c[2] not in {"executor", "eager", "self"}
-    )
-    selfs = {(m, w) for m, w, r, _ in calls if r == "self"}
-    assert selfs <= {("_executor", "Executor")}, sorted(selfs)
-
-
 def _calls_of(attrs: set[str]) -> list[tuple[str, str, str, str, int]]:
     """Every call ``<receiver>.<attr>(...)`` in the package for ``attr`` in ``attrs``: (module,
     enclosing top-level name, receiver, attr, line)."""
@@ -194,6 +161,26 @@ def _calls_of(attrs: set[str]) -> list[tuple[str, str, str, str, int]]:
                     receiver = ast.unparse(node.func.value)
                     calls.append((_module_name(path), where, receiver, node.func.attr, node.lineno))
     return calls
+
+
+def _step_calls() -> list[tuple[str, str, str, int]]:
+    """Every call ``<receiver>.step(...)`` in the package: (module, enclosing class or
+    function, receiver, line)."""
+    return [(m, w, r, line) for m, w, r, _, line in _calls_of({"step"})]
+
+
+def test_only_the_executor_calls_a_methods_step() -> None:
+    # Every solve's steps (forward, replay, backward, the non-finite replay) run through an
+    # Executor: the one place that decides eager or compiled. A method's step is called inside
+    # `Executor` and the compiled step function it builds, nowhere else; elsewhere `.step(` is
+    # an Executor's.
+    calls = _step_calls()
+    methods = {(m, w) for m, w, r, _ in calls if r not in {"executor", "eager", "self"}}
+    assert methods == {("_executor", "Executor"), ("_executor", "_compiled_steps")}, sorted(
+        c for c in calls if c[2] not in {"executor", "eager", "self"}
+    )
+    selfs = {(m, w) for m, w, r, _ in calls if r == "self"}
+    assert selfs <= {("_executor", "Executor")}, sorted(selfs)
 
 
 def test_one_loop_drives_every_pass() -> None:

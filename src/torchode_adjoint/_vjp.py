@@ -14,7 +14,7 @@ import typing
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from ._warnings import user_stacklevel
 
 __all__ = [
     "VJP",
+    "ProductsEvaluator",
     "dynamics_vjp",
     "accumulate_",
     "ParamNames",
@@ -191,3 +192,43 @@ def traceable_vjp(
     value, pull = torch.func.vjp(functional(func, names), t, y, params)  # type: ignore[misc]
     g_t, g_y, g_p = pull(v)
     return value, g_y, g_p, g_t
+
+
+class ProductsEvaluator:
+    """What an evaluator of vector--Jacobian products over the user's dynamics (the continuous
+    adjoint's augmented method, the reversible mode's backward step) shows the executor: the
+    wrapped :class:`~torchode_adjoint._dynamics.Dynamics`' ``func`` (what graphs compile),
+    ``checked`` and ``nfe`` (forwarded to it); a compiled graph differentiates inside itself
+    (``differentiable_graph`` False). Subclasses set ``dynamics``, ``compile_ok`` and
+    ``graph_inputs``, the latter from :meth:`graph_parameters`."""
+
+    __slots__ = ()
+
+    differentiable_graph: ClassVar[bool] = False
+    dynamics: Any
+
+    @property
+    def func(self) -> Any:
+        return self.dynamics.func
+
+    @property
+    def checked(self) -> bool:
+        return bool(self.dynamics.checked)
+
+    @property
+    def nfe(self) -> int:
+        return int(self.dynamics.nfe)
+
+    @nfe.setter
+    def nfe(self, value: int) -> None:
+        self.dynamics.nfe = value
+
+    def graph_parameters(
+        self, options: Compile | None, params: tuple[torch.Tensor, ...]
+    ) -> tuple[ParamNames, tuple[torch.Tensor, ...]] | None:
+        """The parameters' names and detached tensors a compiled graph binds; None where no
+        graph can run (eager, or parameters the dynamics do not name)."""
+        if options is None:
+            return None
+        names = vjp_names(options, self.dynamics.func, params)
+        return None if names is None else (names, tuple(p.detach() for p in params))

@@ -33,7 +33,13 @@ import torch
 from .._dynamics import Dynamics
 from .._executor import Executor, adaptive_interval, run_steps
 from .._spec import SolveSpec
-from .._vjp import ParamNames, accumulate_, dynamics_vjp, traceable_vjp, vjp_names
+from .._vjp import (
+    ParamNames,
+    ProductsEvaluator,
+    accumulate_,
+    dynamics_vjp,
+    traceable_vjp,
+)
 from ..controllers.error import ErrorControl, StepSizeController
 from ..controllers.fixed import FixedSteps, Leg, StageTimes
 from ..solvers.methods import runge_kutta_tableau
@@ -237,41 +243,20 @@ class ContinuousAdjoint(GradientMode):
         return Gradients(y0=a, t=grad_t, params=g_p)
 
 
-class AdjointProducts:
+class AdjointProducts(ProductsEvaluator):
     """The evaluator of the augmented method: ``(t, y, a, with_params) -> (f, a.df/dy,
     a.df/dtheta, a.df/dt)`` by the eager VJP, with what the executor needs to run the
     traceable one in a compiled step (``graph_inputs``: the parameters' names and tensors)."""
 
     __slots__ = ("dynamics", "params", "need_t", "graph_inputs", "compile_ok")
 
-    differentiable_graph: ClassVar[bool] = False  # torch.func differentiates inside the graph
-
     def __init__(
         self, dynamics: Dynamics, params: tuple[torch.Tensor, ...], need_t: bool, options: Any
     ) -> None:
         self.dynamics, self.params, self.need_t = dynamics, params, need_t
         self.compile_ok: bool | None = None
-        names: ParamNames | None = None
-        if options is not None:
-            names = vjp_names(options, dynamics.func, params)
-        detached = tuple(p.detach() for p in params)
-        self.graph_inputs = None if names is None else (names, detached, need_t)
-
-    @property
-    def func(self) -> Any:
-        return self.dynamics.func
-
-    @property
-    def checked(self) -> bool:
-        return self.dynamics.checked
-
-    @property
-    def nfe(self) -> int:
-        return self.dynamics.nfe
-
-    @nfe.setter
-    def nfe(self, value: int) -> None:
-        self.dynamics.nfe = value
+        bound = self.graph_parameters(options, params)
+        self.graph_inputs = None if bound is None else (*bound, need_t)
 
     def __call__(
         self, t: torch.Tensor, y: torch.Tensor, a: torch.Tensor, with_params: bool

@@ -45,7 +45,14 @@ from .._executor import (
 )
 from .._rng import SeededDraws
 from .._spec import SolveSpec
-from .._vjp import ParamNames, accumulate_, dynamics_vjp, functional, traceable_vjp, vjp_names
+from .._vjp import (
+    ParamNames,
+    ProductsEvaluator,
+    accumulate_,
+    dynamics_vjp,
+    functional,
+    traceable_vjp,
+)
 from ..controllers.fixed import FixedSteps, Leg, StageTimes, Steps, Times
 from ..solvers.methods import as_reversible
 from ..solvers.protocol import Method, MethodBase, StageCombinations, Step, Stepped
@@ -138,7 +145,7 @@ class Reversible(GradientMode):
             isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0.0 < float(c) <= 1.0
         ):
             raise ValueError(
-                f"`coupling` must be \"auto\" or a number in (0, 1], got {c!r}; pass "
+                f'`coupling` must be "auto" or a number in (0, 1], got {c!r}; pass '
                 "`Reversible()` (chosen per step from the dynamics' contraction) or e.g. "
                 "`Reversible(coupling=0.999)`."
             )
@@ -369,10 +376,14 @@ class Reversible(GradientMode):
         coupled = method.coupling is not None
         chosen = coupled and method.choose
         # A fixed coupling: the reconstruction's round-off also grows like coupling**-steps.
-        closer = "" if not coupled or chosen else (
-            f"a `coupling` closer to 1 (over {steps:,} steps {self.coupling:g}**-{steps} = "
-            f"{_power(float(self.coupling), -steps)}; e.g. `Reversible(coupling="
-            f"{1.0 - 1.0 / steps:.6g})`), a smaller `step`, or float64"
+        closer = (
+            ""
+            if not coupled or chosen
+            else (
+                f"a `coupling` closer to 1 (over {steps:,} steps {self.coupling:g}**-{steps} = "
+                f"{_power(float(self.coupling), -steps)}; e.g. `Reversible(coupling="
+                f"{1.0 - 1.0 / steps:.6g})`), a smaller `step`, or float64"
+            )
         )
         if coupled and gap > mean:
             cause = (
@@ -545,7 +556,7 @@ class _TraceableProducts:
         raise AssertionError("no time gradients on the compiled path")
 
 
-class StepVJP:
+class StepVJP(ProductsEvaluator):
     """Vector--Jacobian products through the evaluations of one step, for a reversible method's
     backward step, with the bookkeeping every such product needs: the stage times (recorded
     when the times need a gradient), the replay of random draws, the parameter gradients
@@ -554,8 +565,6 @@ class StepVJP:
     :class:`ReverseSteps` with: ``graph_inputs`` says what a compiled step needs (None where
     the steps stay eager: time gradients, replayed draws, or tensors that are no parameters of
     a module)."""
-
-    differentiable_graph: ClassVar[bool] = False  # torch.func differentiates inside the graph
 
     def __init__(
         self,
@@ -566,15 +575,15 @@ class StepVJP:
         ends: Times | None = None,
     ) -> None:
         self.job, self.f = job, job.f
+        self.dynamics = job.f
         self.compile_ok: bool | None = None
-        self.graph_inputs: tuple[ParamNames, tuple[torch.Tensor, ...]] | None = None
         # The couplings chosen per step, read by the coupled method's backward step.
         self.couplings = job.record.couplings
-        options = job.spec.compile
-        if options is not None and not job.need_t and job.f.draws is None:
-            names = vjp_names(options, job.f.func, job.vjp_params)
-            if names is not None:
-                self.graph_inputs = (names, tuple(p.detach() for p in job.vjp_params))
+        # Compiled without time gradients or replayed draws (they run eagerly).
+        eager = job.need_t or job.f.draws is not None
+        self.graph_inputs = (
+            None if eager else self.graph_parameters(job.spec.compile, job.vjp_params)
+        )
         self._fresh = True
         self.need_t = job.need_t
         self.params = job.vjp_params
@@ -594,26 +603,10 @@ class StepVJP:
         self._h_leaf: torch.Tensor | None = None
 
     @property
-    def func(self) -> Any:
-        return self.f.func
-
-    @property
     def coupling(self) -> float:
         """The coupling the forward pass chose for the current step."""
         assert self.couplings is not None
         return self.couplings[self.step]
-
-    @property
-    def checked(self) -> bool:
-        return self.f.checked
-
-    @property
-    def nfe(self) -> int:
-        return self.f.nfe
-
-    @nfe.setter
-    def nfe(self, value: int) -> None:
-        self.f.nfe = value
 
     def at_step(self, i: int, k: int, step: int) -> None:
         """The products that follow belong to step ``k`` of interval ``i`` (global ``step``)."""
