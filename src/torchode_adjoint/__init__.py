@@ -7,6 +7,7 @@ from ._block import ODEBlock
 from ._check import GradientCheck, GradientReport, check_gradients
 from ._compiled import Compile, CompileFallbackWarning
 from ._dynamics import NFECounter, TimeSharedStatisticsWarning
+from ._events import odeint_event
 from ._layers import ConcatConv2d
 from ._odeint import odeint
 from ._prepare import GRADIENT_MODES, resolve_mode
@@ -45,6 +46,7 @@ __all__ = [
     "check_gradients",
     "get_solver",
     "odeint",
+    "odeint_event",
     "register_solver",
     "resolve_mode",
     "TemporalBatchNorm1d",

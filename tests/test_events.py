@@ -1,0 +1,220 @@
+"""Events (``odeint_event``): where a condition crosses zero, and the event time's gradient.
+
+The event times are checked against closed-form roots; their gradients against the closed-form
+derivatives and against central finite differences of the whole search, in every gradient mode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from torchode_adjoint import NFECounter, odeint_event
+
+D = torch.float64
+MODES = ("backprop", "adjoint", "checkpoint", "reversible")
+LAYOUTS = {
+    "rk4": {"solver": "rk4", "step": 1e-3},
+    "dopri5": {"solver": "dopri5", "rtol": 1e-11, "atol": 1e-13},
+}
+
+
+def _f(x: object) -> float:
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)  # type: ignore[arg-type]
+
+
+def _decay(k: torch.Tensor):  # type: ignore[no-untyped-def]
+    return lambda t, y: -k * y
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("mode", MODES)
+def test_exponential_decay_event_time_and_gradients_are_the_closed_form_ones(
+    mode: str, layout: str
+) -> None:
+    # y' = -k y from y0 until y = c: t_e = log(y0 / c) / k, dt/dy0 = 1 / (k y0),
+    # dt/dk = -t_e / k, dt/dc = -1 / (k c); the state there is c whatever the parameters.
+    k = torch.tensor(0.7, dtype=D, requires_grad=True)
+    c = torch.tensor(0.5, dtype=D, requires_grad=True)
+    y0 = torch.tensor([1.3], dtype=D, requires_grad=True)
+    t_e, sol = odeint_event(
+        _decay(k), y0, 0.0, event_fn=lambda t, y: y.sum() - c, adjoint=mode, params=(k,),
+        event_params=(c,), **LAYOUTS[layout],
+    )  # fmt: skip
+    exact = math.log(1.3 / 0.5) / 0.7
+    assert abs(_f(t_e) - exact) < 1e-9
+    assert sol.shape == (2, 1) and torch.allclose(sol[0], y0)
+    assert abs(_f(sol[1, 0]) - 0.5) < 1e-9
+    g = torch.autograd.grad(t_e, [y0, k, c], retain_graph=True)
+    expected = [1 / (0.7 * 1.3), -exact / 0.7, -1 / (0.7 * 0.5)]
+    for got, want in zip(g, expected):
+        assert abs(_f(got) - want) < 1e-7 * abs(want), (got, want)
+    # The state at the event is c: no gradient to y0 or k, one to c.
+    gs = torch.autograd.grad(sol[1].sum(), [y0, k, c], allow_unused=True)
+    assert abs(_f(gs[0])) < 1e-7 and abs(_f(gs[1])) < 1e-7
+    assert abs(_f(gs[2]) - 1.0) < 1e-7
+
+
+def _ballistic(gravity: torch.Tensor, drag: torch.Tensor):  # type: ignore[no-untyped-def]
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h, v = y.unbind(-1)
+        return torch.stack([v, -gravity - drag * v * v.abs()], -1)
+
+    return f
+
+
+def _falling(  # type: ignore[no-untyped-def]
+    mode: str,
+    gravity: torch.Tensor,
+    drag: torch.Tensor,
+    y0: torch.Tensor,
+    t0: torch.Tensor,
+    ground: float = 0.0,
+):
+    # The ground at height ground * t: a condition that depends on the time too.
+    return odeint_event(
+        _ballistic(gravity, drag), y0, t0, event_fn=lambda t, y: y[..., 0] - ground * t,
+        direction=-1, solver="rk4", step=0.01, adjoint=mode, params=(gravity, drag),
+    )  # fmt: skip
+
+
+def test_a_ball_without_drag_lands_at_the_closed_form_time() -> None:
+    g = torch.tensor(9.81, dtype=D, requires_grad=True)
+    v0 = torch.tensor(3.0, dtype=D, requires_grad=True)
+    h0 = torch.tensor(2.0, dtype=D)
+    y0 = torch.stack([h0, v0])
+    t_e, sol = _falling("backprop", g, torch.tensor(0.0, dtype=D), y0, torch.tensor(0.0, dtype=D))
+    disc = math.sqrt(9.0 + 2 * 9.81 * 2.0)
+    exact = (3.0 + disc) / 9.81
+    assert abs(_f(t_e) - exact) < 1e-12  # rk4 is exact on a quadratic
+    dg, dv0 = torch.autograd.grad(t_e, [g, v0], retain_graph=True)
+    assert abs(_f(dv0) - (1 + 3.0 / disc) / 9.81) < 1e-10
+    assert abs(_f(dg) - ((2.0 / disc) / 9.81 - exact / 9.81)) < 1e-10
+    # The impact speed v0 - g t_e: its derivative in v0 is 1 - g dt/dv0.
+    (dv,) = torch.autograd.grad(sol[1, 1], [v0])
+    assert abs(_f(dv) - (1 - 9.81 * (1 + 3.0 / disc) / 9.81)) < 1e-10
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_event_gradients_equal_finite_differences_of_the_search(mode: str) -> None:
+    # With quadratic drag (no closed form) and a rising ground: the gradients of the event
+    # time and of the impact velocity with respect to gravity, drag, the initial state and t0, against
+    # central differences of odeint_event itself. The exact modes differentiate the same
+    # discretisation; the continuous adjoint and the reversible scheme agree to their error.
+    gravity = torch.tensor(9.81, dtype=D, requires_grad=True)
+    drag = torch.tensor(0.3, dtype=D, requires_grad=True)
+    y0 = torch.tensor([2.0, 3.0], dtype=D, requires_grad=True)
+    t0 = torch.tensor(0.25, dtype=D, requires_grad=True)
+    t_e, sol = _falling(mode, gravity, drag, y0, t0, 0.1)
+    loss_of = lambda t_e, sol: t_e + 0.3 * sol[1, 1]  # noqa: E731
+    grads = torch.autograd.grad(loss_of(t_e, sol), [gravity, drag, y0, t0])
+    tol = 1e-7 if mode in ("backprop", "checkpoint") else 1e-5
+    eps = 1e-6
+    inputs = [gravity, drag, y0, t0]
+    for which, (x, g) in enumerate(zip(inputs, grads)):
+        for j in range(x.numel()):
+            vals = []
+            for s in (1.0, -1.0):
+                moved = [v.detach().clone() for v in inputs]
+                moved[which].view(-1)[j] += s * eps
+                with torch.no_grad():
+                    vals.append(_f(loss_of(*_falling("backprop", *moved, 0.1))))
+            fd = (vals[0] - vals[1]) / (2 * eps)
+            assert abs(_f(g.reshape(-1)[j]) - fd) < tol * max(1.0, abs(fd)), (which, j, g, fd)
+
+
+def test_direction_selects_the_crossing_and_a_zero_at_t0_is_no_event() -> None:
+    # (sin t, cos t) from t0 = 0, where sin t = 0: downwards at pi, upwards at 2 pi.
+    rot = lambda t, y: torch.stack([y[1], -y[0]])  # noqa: E731
+    y0 = torch.tensor([0.0, 1.0], dtype=D)
+    kw = {"solver": "rk4", "step": 0.01, "params": ()}
+    for direction, expected in ((0, math.pi), (-1, math.pi), (1, 2 * math.pi)):
+        t_e, _ = odeint_event(rot, y0, 0.0, event_fn=lambda t, y: y[0], direction=direction, **kw)
+        assert abs(_f(t_e) - expected) < 1e-8, (direction, t_e)
+
+
+def test_the_earliest_of_several_conditions_crossing_in_one_step_is_the_event() -> None:
+    # Both cross inside the first step (0.8 at t = 0.319, 0.75 at t = 0.411); the second
+    # listed is the earlier.
+    k = torch.tensor(0.7, dtype=D)
+    y0 = torch.tensor([1.0], dtype=D)
+    t_e, sol = odeint_event(
+        _decay(k), y0, 0.0, event_fn=lambda t, y: torch.cat([y - 0.75, y - 0.8]),
+        solver="rk4", step=0.5, params=(),
+    )  # fmt: skip
+    assert abs(_f(sol[1, 0]) - 0.8) < 1e-12  # the located root on the method's own step
+    assert abs(_f(t_e) - math.log(1 / 0.8) / 0.7) < 1e-4
+
+
+def test_reverse_time_integrates_towards_decreasing_t() -> None:
+    k = torch.tensor(0.7, dtype=D, requires_grad=True)
+    y0 = torch.tensor([1.0], dtype=D)
+    t_e, _ = odeint_event(
+        _decay(k), y0, 1.0, event_fn=lambda t, y: y.sum() - 2.0, reverse_time=True,
+        solver="dopri5", rtol=1e-11, atol=1e-13, params=(k,),
+    )  # fmt: skip
+    exact = 1.0 - math.log(2.0) / 0.7
+    assert abs(_f(t_e) - exact) < 1e-9
+    (dk,) = torch.autograd.grad(t_e, [k])
+    assert abs(_f(dk) - math.log(2.0) / 0.49) < 1e-7
+
+
+def test_a_module_event_function_gets_its_parameters_gradient() -> None:
+    class Threshold(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Parameter(torch.tensor(0.5, dtype=D))
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return y.sum() - self.c
+
+    event = Threshold()
+    t_e, _ = odeint_event(
+        _decay(torch.tensor(0.7, dtype=D)), torch.tensor([1.0], dtype=D), 0.0,
+        event_fn=event, solver="rk4", step=1e-3, params=(),
+    )  # fmt: skip
+    t_e.backward()
+    assert event.c.grad is not None
+    assert abs(_f(event.c.grad) + 1 / (0.7 * 0.5)) < 1e-7
+
+
+def test_counts_the_search_and_the_solve() -> None:
+    nfe = NFECounter()
+    odeint_event(
+        _decay(torch.tensor(0.7, dtype=D)), torch.tensor([1.0], dtype=D), 0.0,
+        event_fn=lambda t, y: y.sum() - 0.5, solver="rk4", step=0.1, params=(), nfe=nfe,
+    )  # fmt: skip
+    # The solve alone takes 10 steps of 4 evaluations (t_e = 0.99); the search as many and
+    # more for the root.
+    assert nfe.forward > 2 * 10 * 4
+
+
+def test_bad_input_and_failures_are_named() -> None:
+    k = torch.tensor(0.7, dtype=D)
+    y0 = torch.tensor([1.0], dtype=D)
+    kw = {"solver": "rk4", "step": 0.1, "params": ()}
+    with pytest.raises(RuntimeError, match="max_steps"):
+        odeint_event(_decay(k), y0, 0.0, event_fn=lambda t, y: y.sum() + 1.0, max_steps=50, **kw)
+    hidden = torch.tensor(0.5, dtype=D, requires_grad=True)
+    with pytest.raises(ValueError, match="event_params"):
+        odeint_event(_decay(k), y0, 0.0, event_fn=lambda t, y: y.sum() - hidden, **kw)
+    with pytest.raises(ValueError, match="direction"):
+        odeint_event(_decay(k), y0, 0.0, event_fn=lambda t, y: y.sum(), direction=2, **kw)
+    with pytest.raises(TypeError, match="structured state"):
+        odeint_event(_decay(k), (y0,), 0.0, event_fn=lambda t, y: y.sum(), **kw)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="embedded pair"):
+        odeint_event(_decay(k), y0, 0.0, event_fn=lambda t, y: y.sum() - 0.5,
+                     solver="rk4", rtol=1e-6, params=())  # fmt: skip
+    # A condition that only touches zero with no rate there: (t - 1)^3 crosses at t = 1 with
+    # zero time derivative; the event time has no gradient.
+    k2 = torch.tensor(0.7, dtype=D, requires_grad=True)
+    t_e, _ = odeint_event(
+        _decay(k2), y0, 0.0, event_fn=lambda t, y: (t - 1.0) ** 3 + 0.0 * y.sum(),
+        solver="rk4", step=0.1, params=(k2,),
+    )  # fmt: skip
+    assert abs(_f(t_e) - 1.0) < 1e-4
+    with pytest.raises(RuntimeError, match="no time derivative"):
+        t_e.backward()
