@@ -101,8 +101,8 @@ def test_a_ball_without_drag_lands_at_the_closed_form_time() -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_event_gradients_equal_finite_differences_of_the_search(mode: str) -> None:
     # With quadratic drag (no closed form) and a rising ground: the gradients of the event
-    # time and of the impact velocity with respect to gravity, drag, the initial state and t0, against
-    # central differences of odeint_event itself. The exact modes differentiate the same
+    # time and of the impact velocity with respect to gravity, drag, the initial state and
+    # t0, against central differences of odeint_event itself. The exact modes differentiate the same
     # discretisation; the continuous adjoint and the reversible scheme agree to their error.
     gravity = torch.tensor(9.81, dtype=D, requires_grad=True)
     drag = torch.tensor(0.3, dtype=D, requires_grad=True)
