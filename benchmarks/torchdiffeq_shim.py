@@ -16,10 +16,14 @@ argument maps to this library's name (see the docs' page "Coming from torchdiffe
   torchdiffeq interpolates linearly between grid points;
 - ``odeint``: backprop (``adjoint=False``); ``odeint_adjoint``: the continuous adjoint with
   ``adjoint_rtol``/``adjoint_atol`` and ``adjoint_options["norm"]`` (``"seminorm"``, else the
-  full norm: torchdiffeq's default), ``adjoint_params`` -> ``params``.
+  full norm: torchdiffeq's default), ``adjoint_params`` -> ``params``;
+- ``event_fn`` (``t`` of length 2: from ``t[0]`` towards ``t[1]``'s side until the event) and
+  ``odeint_event`` -> ``odeint_event`` (``reverse_time`` where ``t[1] < t[0]``), the mode as
+  above; ``options["interp"]`` is ignored (the event is located on the method's own step).
 
 What this library does not have raises ``NotImplementedError`` naming it: other solvers
-(implicit, Adams, ``dopri8``, ``scipy_solver``), callable norms, events, other options.
+(implicit, Adams, ``dopri8``, ``scipy_solver``), callable norms, events with
+``grid_constructor``, other options.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import torch
 
 from torchode_adjoint import ContinuousAdjoint, StepTo, available_solvers, get_solver
 from torchode_adjoint import odeint as _odeint
+from torchode_adjoint import odeint_event as _odeint_event
+from torchode_adjoint._events import captured_leaves
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_event", "SOLVER_NAMES"]
 
@@ -90,11 +96,36 @@ def odeint(
     event_fn: Any = None,
 ) -> Any:
     """torchdiffeq's ``odeint``: backprop through the solver's steps."""
-    if event_fn is not None:
-        raise NotImplementedError("events (`event_fn`) have no counterpart here")
     params = list(func.parameters()) if isinstance(func, torch.nn.Module) else ()
+    if event_fn is not None:
+        settings = _settings(method, rtol, atol, _event_options(options), (func, y0, t))
+        return _until_event(func, y0, t, event_fn, settings, False, params)
     return _odeint(func, y0, t, adjoint=False, params=params,
                    **_settings(method, rtol, atol, options, (func, y0, t)))  # fmt: skip
+
+
+def _event_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    # torchdiffeq's fixed-step solvers locate an event on a linear or cubic interpolant
+    # (`interp`); here it is located on the method's own step, whatever `interp` says.
+    return {k: v for k, v in (options or {}).items() if k != "interp"}
+
+
+def _until_event(
+    func: Any, y0: Any, t: torch.Tensor, event_fn: Any, settings: dict[str, Any], mode: Any,
+    params: Any,
+) -> Any:  # fmt: skip
+    """torchdiffeq's event handling mode: from ``t[0]`` towards ``t[1]``'s side until
+    ``event_fn`` crosses zero; ``(event_t, solution)``."""
+    if len(t) != 2:
+        raise ValueError(f"len(t) must be 2 in event handling mode, got {len(t)}")
+    if "controller" in settings:
+        raise NotImplementedError("`grid_constructor` with events has no counterpart here")
+    reverse = bool(t[1] < t[0])
+    # torchdiffeq differentiates no tensor the condition reads (its issue #208); here every one
+    # that requires grad gets its gradient.
+    reads = captured_leaves(event_fn, y0, t[0].to(y0.real.dtype))
+    return _odeint_event(func, y0, t[0], event_fn=event_fn, reverse_time=reverse, adjoint=mode,
+                         params=params, event_params=reads, **settings)  # fmt: skip
 
 
 def odeint_adjoint(
@@ -114,8 +145,6 @@ def odeint_adjoint(
     adjoint_params: Iterable[torch.Tensor] | None = None,
 ) -> Any:
     """torchdiffeq's ``odeint_adjoint``: the continuous adjoint."""
-    if event_fn is not None:
-        raise NotImplementedError("events (`event_fn`) have no counterpart here")
     if adjoint_method is not None and _solver(adjoint_method) != _solver(method):
         raise NotImplementedError("an `adjoint_method` other than the forward's")
     adjoint_options = dict(adjoint_options or {})
@@ -124,6 +153,8 @@ def odeint_adjoint(
         raise NotImplementedError(f"adjoint_options {sorted(adjoint_options)}")
     if norm not in (None, "seminorm"):
         raise NotImplementedError("a callable adjoint `norm` has no counterpart here")
+    if event_fn is not None:
+        options = _event_options(options)
     settings = _settings(method, rtol, atol, options, (func, y0, t))
     mode = ContinuousAdjoint(
         rtol=adjoint_rtol if "rtol" in settings else None,
@@ -132,9 +163,23 @@ def odeint_adjoint(
     )
     if adjoint_params is None:
         adjoint_params = func.parameters() if isinstance(func, torch.nn.Module) else ()
+    if event_fn is not None:
+        return _until_event(func, y0, t, event_fn, settings, mode, list(adjoint_params))
     return _odeint(func, y0, t, adjoint=mode, params=list(adjoint_params), **settings)
 
 
-def odeint_event(*args: Any, **kwargs: Any) -> Any:
-    """torchdiffeq's ``odeint_event``: no counterpart here."""
-    raise NotImplementedError("events (`odeint_event`) have no counterpart here")
+def odeint_event(
+    func: Callable[..., Any],
+    y0: Any,
+    t0: torch.Tensor,
+    *,
+    event_fn: Any,
+    reverse_time: bool = False,
+    odeint_interface: Callable[..., Any] = odeint,
+    **kwargs: Any,
+) -> Any:
+    """torchdiffeq's ``odeint_event``: ``odeint_interface`` (this shim's ``odeint`` or
+    ``odeint_adjoint``) in event handling mode from ``t0``."""
+    t0 = torch.as_tensor(t0).reshape(-1)
+    t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
+    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)

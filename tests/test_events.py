@@ -126,14 +126,24 @@ def test_event_gradients_equal_finite_differences_of_the_search(mode: str) -> No
             assert abs(_f(g.reshape(-1)[j]) - fd) < tol * max(1.0, abs(fd)), (which, j, g, fd)
 
 
-def test_direction_selects_the_crossing_and_a_zero_at_t0_is_no_event() -> None:
+def test_direction_selects_the_crossing_and_a_zero_at_t0_follows_torchdiffeq() -> None:
     # (sin t, cos t) from t0 = 0, where sin t = 0: downwards at pi, upwards at 2 pi.
     rot = lambda t, y: torch.stack([y[1], -y[0]])  # noqa: E731
     y0 = torch.tensor([0.0, 1.0], dtype=D)
     kw = {"solver": "rk4", "step": 0.01, "params": ()}
-    for direction, expected in ((0, math.pi), (-1, math.pi), (1, 2 * math.pi)):
+    for direction, expected in ((-1, math.pi), (1, 2 * math.pi)):
         t_e, _ = odeint_event(rot, y0, 0.0, event_fn=lambda t, y: y[0], direction=direction, **kw)
         assert abs(_f(t_e) - expected) < 1e-8, (direction, t_e)
+    # Either direction: torchdiffeq's rule, the zero at t0 is the event, the state y0.
+    t0 = torch.tensor(0.0, dtype=D, requires_grad=True)
+    t_e, sol = odeint_event(rot, y0, t0, event_fn=lambda t, y: y[0], **kw)
+    assert _f(t_e) == 0.0 and torch.equal(sol.detach(), torch.stack([y0, y0]))
+    assert _f(torch.autograd.grad(t_e, t0)[0]) == 1.0
+    # From t0 = 0.5 either crossing counts: the first, downwards at pi.
+    t_e, _ = odeint_event(rot, torch.stack([torch.sin(torch.tensor(0.5, dtype=D)),
+                                            torch.cos(torch.tensor(0.5, dtype=D))]), 0.5,
+                          event_fn=lambda t, y: y[0], **kw)  # fmt: skip
+    assert abs(_f(t_e) - math.pi) < 1e-8
 
 
 def test_the_earliest_of_several_conditions_crossing_in_one_step_is_the_event() -> None:

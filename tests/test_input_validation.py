@@ -189,7 +189,7 @@ def test_in_place_operations_on_the_dynamics_own_tensors_are_fine() -> None:
         ("options", "step=h"),
         ("adjoint_rtol", "ContinuousAdjoint(rtol="),
         ("adjoint_atol", "ContinuousAdjoint(rtol="),
-        ("event_fn", "events are not supported"),
+        ("event_fn", "odeint_event(func, y0, t0, event_fn="),
         ("adjoint_params", "params="),
     ],
 )

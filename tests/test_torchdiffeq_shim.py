@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -54,7 +56,13 @@ def test_odeint_adjoint_maps_its_options_to_the_continuous_adjoint(monkeypatch) 
     [
         (lambda f, y, t: tdq.odeint(f, y, t, method="dopri8"), "'dopri8' has no counterpart"),
         (lambda f, y, t: tdq.odeint(f, y, t, options={"norm": abs}), "callable `norm`"),
-        (lambda f, y, t: tdq.odeint(f, y, t, event_fn=abs), "events"),
+        (
+            lambda f, y, t: tdq.odeint(
+                f, y, t, event_fn=lambda t, y: y.sum(), method="euler",
+                options={"grid_constructor": lambda f, y, t: t},
+            ),
+            "grid_constructor` with events",
+        ),
         (lambda f, y, t: tdq.odeint_adjoint(f, y, t, adjoint_options={"norm": abs}), "adjoint"),
     ],
 )
@@ -90,3 +98,21 @@ def test_grid_constructor_and_step_size_are_exclusive() -> None:
         tdq.odeint(lambda t, x: x, torch.ones(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D),
                    method="euler", options={"grid_constructor": lambda f, y, t: t,
                                             "step_size": 0.1})  # fmt: skip
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_event_handling_mode_maps_to_odeint_event(adjoint: bool) -> None:
+    # x' = -x from 1 until x = c: t = log(1 / c), through torchdiffeq's odeint (t of length 2)
+    # and odeint_event; the threshold the condition closes over gets its gradient here
+    # (torchdiffeq gives it none).
+    c = torch.tensor(0.25, dtype=D, requires_grad=True)
+    call = tdq.odeint_adjoint if adjoint else tdq.odeint
+    t, sol = call(lambda t, y: -y, torch.ones(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D),
+                  event_fn=lambda t, y: y.sum() - c, rtol=1e-10, atol=1e-12)  # fmt: skip
+    assert abs(float(t.detach()) - math.log(4.0)) < 1e-8 and sol.shape == (2, 1)
+    (dc,) = torch.autograd.grad(t, c)
+    assert abs(float(dc) + 1 / 0.25) < 1e-6
+    t2, _ = tdq.odeint_event(lambda t, y: y, torch.ones(1, dtype=D), torch.tensor(0.0, dtype=D),
+                             event_fn=lambda t, y: y.sum() - 0.25, reverse_time=True,
+                             odeint_interface=call, rtol=1e-10, atol=1e-12)  # fmt: skip
+    assert abs(float(t2) + math.log(4.0)) < 1e-8

@@ -79,8 +79,10 @@ def odeint_event(
         The start time; its gradient flows where it requires grad.
     event_fn : callable ``(t, y) -> Tensor``
         The condition: a tensor of any shape, each element a condition of its own; the event is
-        the first time any of them crosses zero. A condition that is exactly zero at ``t0``
-        is watched from its first nonzero value (the solve starts on it, so that is no event).
+        the first time any of them crosses zero (changes sign, or reaches zero). A condition
+        exactly zero at ``t0`` is an event at ``t0`` (torchdiffeq's rule: the state returned is
+        ``y0``) when ``direction`` is 0; with a direction, it is watched from its first nonzero
+        value.
         Its parameters get gradients: those of an ``nn.Module`` and ``event_params``.
     reverse_time : bool, default False
         Integrate towards decreasing ``t``.
@@ -116,7 +118,7 @@ def odeint_event(
     y0, t0_t, sign, dyn_params, ev_params = _validate(
         func, y0, t0, event_fn, reverse_time, direction, params, event_params, max_steps
     )
-    method, tableau, control = _method(solver, step, rtol, atol, y0.dtype)
+    method, tableau, control = _method(solver, step, rtol, atol, t0_t.dtype)
     calls = [0]
 
     def counted(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -129,6 +131,10 @@ def odeint_event(
             direction, max_steps,
         )  # fmt: skip
     searched = calls[0]
+    if index < 0:  # the event at t0: the state there is y0
+        if nfe is not None:
+            nfe.forward, nfe.backward = searched, 0
+        return t0_t.clone(), torch.stack([y0, y0])
     # The same steps again, in the gradient mode (one step where the event is in the first).
     # With a learnable t0 they are solved in the time since t0 (s = t - t0), so that moving t0
     # moves every step, as it moves the search's.
@@ -167,7 +173,7 @@ def _validate(
     event_params: Iterable[torch.Tensor] | None,
     max_steps: int,
 ) -> tuple[torch.Tensor, torch.Tensor, float, Any, tuple[torch.Tensor, ...]]:
-    if not isinstance(y0, torch.Tensor) or not y0.is_floating_point():
+    if not isinstance(y0, torch.Tensor) or not (y0.is_floating_point() or y0.is_complex()):
         raise TypeError(
             f"`y0` must be a floating-point tensor for odeint_event, got {type(y0).__name__}; "
             "a structured state (tuple, list, dict) is not supported with events yet: "
@@ -184,9 +190,9 @@ def _validate(
             raise ValueError(
                 f"`t0` must be one time (a 0-dim tensor), got shape {tuple(t0.shape)}."
             )
-        t0_t = t0.reshape(()).to(dtype=y0.dtype, device=y0.device)
+        t0_t = t0.reshape(()).to(dtype=_real(y0.dtype), device=y0.device)
     else:
-        t0_t = torch.tensor(float(t0), dtype=y0.dtype, device=y0.device)
+        t0_t = torch.tensor(float(t0), dtype=_real(y0.dtype), device=y0.device)
     if not math.isfinite(float(t0_t.detach())):
         raise ValueError(f"`t0` must be finite, got {float(t0_t.detach())}.")
     ev_params = list(event_params) if event_params is not None else []
@@ -198,21 +204,31 @@ def _validate(
     return y0, t0_t, -1.0 if reverse_time else 1.0, dyn_params, unique
 
 
-def _check_event_reads(
-    event_fn: EventFn, y0: torch.Tensor, t0: torch.Tensor, declared: Sequence[torch.Tensor]
-) -> None:
-    """Raise where the condition reads a tensor that requires grad and is not declared: its
-    gradient would be silently missing."""
+def captured_leaves(event_fn: EventFn, y0: torch.Tensor, t0: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors that require grad which ``event_fn(t0, y0)`` reads besides ``t`` and ``y``
+    (the leaves of its graph): what ``event_params`` must hold for their gradients."""
     with torch.enable_grad():
         g = event_fn(t0.detach(), y0.detach())
     if not isinstance(g, torch.Tensor):
         raise TypeError(f"`event_fn` must return a tensor, got {type(g).__name__}.")
     if g.grad_fn is None:
-        return
-    known = {id(p) for p in declared}
+        return []
+    leaves = {}
     for node in graph_nodes(g.grad_fn, set()):
         variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) not in known:
+        if variable is not None:
+            leaves[id(variable)] = variable
+    return list(leaves.values())
+
+
+def _check_event_reads(
+    event_fn: EventFn, y0: torch.Tensor, t0: torch.Tensor, declared: Sequence[torch.Tensor]
+) -> None:
+    """Raise where the condition reads a tensor that requires grad and is not declared: its
+    gradient would be silently missing."""
+    known = {id(p) for p in declared}
+    for variable in captured_leaves(event_fn, y0, t0):
+        if id(variable) not in known:
             raise ValueError(
                 "`event_fn` reads a tensor that requires grad (shape "
                 f"{tuple(variable.shape)}) that is neither a parameter of an nn.Module "
@@ -302,6 +318,11 @@ class _Open:
         return carry, self.stopped
 
 
+def _real(dtype: torch.dtype) -> torch.dtype:
+    """The times' dtype for a state of ``dtype`` (float64 for complex128)."""
+    return torch.empty((), dtype=dtype).real.dtype
+
+
 class _Shifted(nn.Module):
     """``func`` in the time since ``t0``: ``(s, y) -> func(t0 + s, y)``, ``t0`` a tensor the
     memory-saving modes differentiate (an attribute that requires grad)."""
@@ -341,17 +362,20 @@ def _search(
     crossed (the earliest where several cross in one step)."""
     executor = Executor(method, None)
     nodes = method.nodes
-    t0_t = y0.new_tensor(t0)
+    clock = torch.zeros((), dtype=_real(y0.dtype), device=y0.device)  # the times' dtype
+    t0_t = clock.new_tensor(t0)
     ref = torch.sign(event_fn(t0_t, y0)).reshape(-1)
+    if direction == 0 and bool((ref == 0).any()):
+        return [], t0, -1  # torchdiffeq's rule: a condition zero at t0 is an event there
     ends: list[float] = []
     found: list[Any] = []
     if control is None:
         assert step is not None
-        path = _Open(y0, t0, sign * step, nodes)
+        path = _Open(clock, t0, sign * step, nodes)
         controller: Any = path
     else:
-        path = _Open(y0, t0, sign, nodes)
-        sizer = StepSizeController(control, method.error_order or 1, y0.dtype)
+        path = _Open(clock, t0, sign, nodes)
+        sizer = StepSizeController(control, method.error_order or 1, clock.dtype)
         f0 = method.derivative(method.init(func, y0, t0_t))
         h = sizer.first_step(func, t0_t, y0, func(t0_t, y0) if f0 is None else f0, sign)
 
@@ -363,7 +387,7 @@ def _search(
     def check(before: Any, out: Stepped, token: Any) -> Any:
         nonlocal ref
         t_new, y_new = path.t_new, method.output(out[0])
-        g_new = event_fn(y0.new_tensor(t_new), y_new).reshape(-1)
+        g_new = event_fn(clock.new_tensor(t_new), y_new).reshape(-1)
         s_new = torch.sign(g_new)
         # A crossing: a condition with a sign that changed it, or reached zero.
         crossed = (ref != 0) & (s_new != ref)
@@ -409,7 +433,7 @@ def _locate(
     """The root of condition ``j`` in the step from ``t_a`` to ``t_b`` (the Illinois method on
     the method's step of part of the size from ``carry``), to the times' resolution."""
     y_a = method.output(carry)
-    like = y_a
+    like = torch.zeros((), dtype=_real(y_a.dtype), device=y_a.device)
 
     def g_at(t: float) -> float:
         if t == t_a:
@@ -479,7 +503,8 @@ class _EventGradient(torch.autograd.Function):
             t = t_event.detach().requires_grad_(True)
             y = y_event.detach().requires_grad_(True)
             g = ctx.event_fn(t, y).reshape(-1)[ctx.index]
-            grads = torch.autograd.grad(g, [t, y, *phi], allow_unused=True)
+            # The graph kept: the condition may read tensors whose graph the caller reuses.
+            grads = torch.autograd.grad(g, [t, y, *phi], allow_unused=True, retain_graph=True)
         with torch.no_grad():
             f = ctx.func(t_event.detach(), y_event.detach())
         g_t = grads[0] if grads[0] is not None else torch.zeros_like(t_event)

@@ -162,7 +162,8 @@ _FOREIGN_OPTIONS = {
     "method such as `solver='rk4'` with `step=`)",
     "options": "pass `step=h` for torchdiffeq's `options={'step_size': h}`, and `step=` as the "
     "largest step of an error-controlled solve; `step_t=`, `jump_t=` for its 'step_t', 'jump_t'",
-    "event_fn": "events are not supported: integrate to the output times `t` instead",
+    "event_fn": "events are solved by `odeint_event(func, y0, t0, event_fn=...)`, which returns "
+    "(event_t, solution) as torchdiffeq's event handling mode does",
     "adjoint_params": "pass `params=` (an nn.Module's own parameters are found by themselves)",
     "adjoint_rtol": "pass `adjoint=ContinuousAdjoint(rtol=..., atol=...)`",
     "adjoint_atol": "pass `adjoint=ContinuousAdjoint(rtol=..., atol=...)`",
