@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from torchode_adjoint.measure import (
     saved_tensor_bytes,
     use_threads,
 )
+from torchode_adjoint.measure import machine as describe_machine
 
 from .files import write_atomic
 from .timing import alternating_medians
@@ -79,19 +79,8 @@ TORCHODE_METHOD = {"euler": "Euler", "heun": "Heun"}
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}, {gpu}"
-    )
+    """The machine, in words (:func:`torchode_adjoint.measure.machine`)."""
+    return describe_machine()
 
 
 def _times(device: torch.device, dtype: torch.dtype) -> torch.Tensor:

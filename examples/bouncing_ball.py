@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from torchode_adjoint import NFECounter, odeint, odeint_event
-from torchode_adjoint.measure import add_threads_argument, use_threads
+from torchode_adjoint.measure import add_threads_argument, machine, use_threads
 from torchode_adjoint.runs import atomic_write_text, progress
 
 MODES = ("backprop", "adjoint", "checkpoint", "reversible")
@@ -141,6 +141,8 @@ def write_report(
     atomic_write_text(json.dumps(records, indent=1), out / "results.json")
     lines = [
         "# Bouncing ball: gravity and restitution from bounce times",
+        "",
+        f"Machine: {machine()}.",
         "",
         f"Command: `{command}`. True g = {TRUE['gravity']}, e = {TRUE['restitution']}; start "
         f"g = {START['gravity']}, e = {START['restitution']}. Observed bounce times: "

@@ -228,3 +228,28 @@ def test_bad_input_and_failures_are_named() -> None:
     assert abs(_f(t_e) - 1.0) < 1e-4
     with pytest.raises(RuntimeError, match="no time derivative"):
         t_e.backward()
+
+
+def test_compiled_the_event_and_its_gradient_are_the_eager_ones() -> None:
+    # compile=True compiles the second pass (the search is eager): same event time and
+    # gradient as the eager solve to round-off.
+    class Decay(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.k = nn.Parameter(torch.tensor(0.7, dtype=D))
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return -self.k * y
+
+    decay = Decay()
+    out = []
+    for compiled in (False, True):
+        y0 = torch.tensor([1.3], dtype=D, requires_grad=True)
+        t_e, _ = odeint_event(
+            decay, y0, 0.0, event_fn=lambda t, y: y.sum() - 0.5, solver="rk4", step=1e-2,
+            adjoint="adjoint", compile=compiled,
+        )  # fmt: skip
+        out.append((_f(t_e), *(_f(g) for g in torch.autograd.grad(t_e, [y0, decay.k]))))
+    assert out[0][0] == out[1][0]
+    assert all(abs(a - b) < 1e-12 * abs(a) for a, b in zip(out[0], out[1])), out
+    assert abs(out[0][1] - 1 / (0.7 * 1.3)) < 1e-7

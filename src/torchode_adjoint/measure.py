@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,7 @@ __all__ = [
     "THREADS_HELP",
     "add_threads_argument",
     "use_threads",
+    "machine",
 ]
 
 THREADS_HELP = (
@@ -245,3 +248,22 @@ def state_dict_bytes(model: nn.Module) -> int:
         seen.add(ptr)
         total += t.numel() * t.element_size()
     return total
+
+
+def machine() -> str:
+    """The machine a measurement ran on, in words: the CPU's model name, the cores visible, the
+    PyTorch build with its threads, and the GPU (or "no GPU")."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    threads = torch.get_num_threads()
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with "
+        f"{threads} thread{'s' if threads != 1 else ''}, {gpu}"
+    )
