@@ -50,6 +50,7 @@ from .solvers.protocol import DynamicsFn, Method, Step, Stepped
 __all__ = [
     "Executor",
     "run_steps",
+    "StepCallbacks",
     "integrate",
     "StepHook",
     "locate_non_finite",
@@ -308,7 +309,10 @@ def integrate(
     hook = None
     if before_step is not None:
         hook = lambda k, c: before_step(controller.leg.interval, k, c)  # noqa: E731
-    carry = run_steps(executor, f, method.init(f, y0, t[0]), controller, before_step=hook)
+    callbacks = StepCallbacks.of(getattr(f, "func", None), judged=False)
+    carry = run_steps(
+        executor, f, method.init(f, y0, t[0]), controller, before_step=hook, callbacks=callbacks
+    )
     if final is not None:
         final.append(carry)
     # One host sync per call, never one per step: see locate_non_finite for the slow path.
@@ -409,6 +413,7 @@ def adaptive_interval(
     first: Callable[[Stepped], None] | None = None,
     before_try: Callable[[], Any] | None = None,
     on_accept: Callable[[int, float, float, Any, Any], None] | None = None,
+    callbacks: StepCallbacks | None = None,
 ) -> tuple[Any, float]:
     """Integrate one interval from ``t_a`` to ``t_b`` with error-controlled steps; the last step
     ends on ``t_b`` exactly. Returns the carry at ``t_b`` and the next step size proposed.
@@ -463,8 +468,54 @@ def adaptive_interval(
 
     return controlled_steps(
         executor, f, carry, h, sizer, parts, path,
-        before_try=before_try, first=first, accepted=accepted,
+        before_try=before_try, first=first, accepted=accepted, callbacks=callbacks,
     )  # fmt: skip
+
+
+class StepCallbacks:
+    """The user's step callbacks, called by the loop (torchdiffeq's names, methods of the
+    dynamics): ``callback_step(t0, y0, dt)`` before each step taken or tried, and after an
+    error-controlled step is judged ``callback_accept_step`` or ``callback_reject_step`` with the
+    same arguments; the continuous adjoint's backward pass calls those named with ``_adjoint``
+    after them. ``t0`` is the step's start, ``y0`` the state there, ``dt`` its signed size
+    (0-dim tensors)."""
+
+    __slots__ = ("step", "accept", "reject")
+
+    NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
+
+    def __init__(self, step: Any, accept: Any, reject: Any) -> None:
+        self.step, self.accept, self.reject = step, accept, reject
+
+    @classmethod
+    def of(cls, func: Any, suffix: str = "", *, judged: bool = True) -> StepCallbacks | None:
+        """The callbacks ``func`` defines (with ``suffix``), None if none; ``judged`` False
+        (fixed steps) warns where accept/reject callbacks are given, as they are never called."""
+        found = [getattr(func, name + suffix, None) for name in cls.NAMES]
+        if not judged and any(found[1:]):
+            warnings.warn(
+                f"`callback_accept_step{suffix}`/`callback_reject_step{suffix}` are called for "
+                "error-controlled steps only; with fixed steps every step is taken (see "
+                f"`callback_step{suffix}`).",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+        if not any(found):
+            return None
+        return cls(*found)
+
+    def before(self, t0: torch.Tensor, y0: torch.Tensor, dt: Step) -> None:
+        if self.step is not None:
+            self.step(t0, y0, _as_tensor(dt, t0))
+
+    def judged(self, accepted: bool, t0: torch.Tensor, y0: torch.Tensor, dt: Step) -> None:
+        call = self.accept if accepted else self.reject
+        if call is not None:
+            call(t0, y0, _as_tensor(dt, t0))
+
+
+def _as_tensor(dt: Step, like: torch.Tensor) -> torch.Tensor:
+    return dt if isinstance(dt, torch.Tensor) else like.new_tensor(dt)
 
 
 def run_steps(
@@ -477,6 +528,7 @@ def run_steps(
     before_try: Callable[[], Any] | None = None,
     first: Callable[[Stepped], None] | None = None,
     accepted: Callable[[Any, Stepped, Any], Any] | None = None,
+    callbacks: StepCallbacks | None = None,
 ) -> Any:
     """The one loop: every pass of every gradient mode steps through here.
 
@@ -487,23 +539,51 @@ def run_steps(
     read); an accepted step is handed to ``accepted(before, out, token)``, which returns the
     carry to go on from (``out[0]`` without it). ``first(out)`` sees the first step tried.
     After each accepted step or run the controller moves on (its stops may change the carry).
-    Returns the last carry.
+    ``callbacks`` are the user's (:class:`StepCallbacks`). Returns the last carry.
     """
+    output = executor.method.output
     carry = controller.start(carry)
     while (plan := controller.plan()) is not None:
         if isinstance(plan, Run):
-            carry = executor.advance(f, carry, plan.h, plan.times, plan.g0, plan.n, before_step)
+            hook = before_step
+            if callbacks is not None:
+                hook = _with_callback(before_step, callbacks, plan, output)
+            carry = executor.advance(f, carry, plan.h, plan.times, plan.g0, plan.n, hook)
         else:
             token = before_try() if before_try is not None else None
+            if callbacks is not None:
+                callbacks.before(plan.ts[0], output(carry), plan.h)
             out = executor.step(f, carry, plan.h, plan.ts, dense=plan.dense)
             if first is not None:
                 first(out)
                 first = None
-            if not controller.judge(carry, out):
+            judged = controller.judge(carry, out)
+            if callbacks is not None and isinstance(controller, ErrorSteps):
+                callbacks.judged(judged, plan.ts[0], output(carry), plan.h)
+            if not judged:
                 continue
             carry = accepted(carry, out, token) if accepted is not None else out[0]
         carry = controller.passed(carry)
     return carry
+
+
+def _with_callback(
+    before_step: Callable[[int, Any], None] | None,
+    callbacks: StepCallbacks,
+    plan: Run,
+    output: Callable[[Any], torch.Tensor],
+) -> Callable[[int, Any], None]:
+    """``before_step`` for a run, calling the user's ``callback_step`` before each step too."""
+
+    def hook(k: int, carry: Any) -> None:
+        if before_step is not None:
+            before_step(k, carry)
+        g = plan.g0 + k
+        callbacks.before(
+            plan.times.of(g)[0], output(carry), plan.h(g) if callable(plan.h) else plan.h
+        )
+
+    return hook
 
 
 def controlled_steps(
@@ -518,14 +598,16 @@ def controlled_steps(
     before_try: Callable[[], Any] | None = None,
     first: Callable[[Stepped], None] | None = None,
     accepted: Callable[[Any, Stepped, Any], Any] | None = None,
+    callbacks: StepCallbacks | None = None,
 ) -> tuple[Any, float]:
     """Error-controlled steps along ``path`` through the one loop (an
     :class:`~torchode_adjoint.controllers.error.ErrorSteps` controller); the carry where
     ``path`` ends and the next step size proposed."""
     controller = ErrorSteps(sizer, path, parts, h)
     carry = run_steps(
-        executor, f, carry, controller, before_try=before_try, first=first, accepted=accepted
-    )
+        executor, f, carry, controller, before_try=before_try, first=first, accepted=accepted,
+        callbacks=callbacks,
+    )  # fmt: skip
     return carry, controller.h
 
 
@@ -625,6 +707,7 @@ def integrate_adaptive(
     def parts(before: Any, after: Any, error: Any) -> tuple[Sequence[torch.Tensor], ...]:
         return [error], [method.output(before)], [method.output(after)]
 
+    callbacks = StepCallbacks.of(getattr(f, "func", None))
     dense = (
         control.interpolate
         and method.interpolates
@@ -635,6 +718,7 @@ def integrate_adaptive(
         states = _dense_solve(
             executor, f, carry, host_times, h, sizer, parts, y0,
             steps=dense_steps, before_try=before_try, on_accept=on_accept, final=final,
+            callbacks=callbacks,
         )  # fmt: skip
         if stats is not None:
             stats.accepted, stats.rejected = sizer.accepted, sizer.rejected
@@ -669,6 +753,7 @@ def integrate_adaptive(
             like=y0,
             before_try=before_try,
             on_accept=keep,
+            callbacks=callbacks,
         )
         states.append(method.output(carry))
     if record is not None:
@@ -757,6 +842,7 @@ def _dense_solve(
     before_try: Callable[[], Any] | None = None,
     on_accept: Callable[[int, int, float, float, Any, Any], None] | None = None,
     final: list[Any] | None = None,
+    callbacks: StepCallbacks | None = None,
 ) -> list[torch.Tensor]:
     """Error-controlled steps from the first output time to the last, past the ones between:
     the solution there is the method's interpolant inside the step that covers it (torchdiffeq's
@@ -785,8 +871,9 @@ def _dense_solve(
         return out[0]
 
     carry, _ = controlled_steps(
-        executor, f, carry, h, sizer, parts, path, before_try=before_try, accepted=accepted
-    )
+        executor, f, carry, h, sizer, parts, path, before_try=before_try, accepted=accepted,
+        callbacks=callbacks,
+    )  # fmt: skip
     if final is not None:
         final.append(carry)
     return states

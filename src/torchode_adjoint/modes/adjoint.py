@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._dynamics import Dynamics
-from .._executor import Executor, adaptive_interval, run_steps
+from .._executor import Executor, StepCallbacks, adaptive_interval, run_steps
 from .._spec import SolveSpec
 from .._vjp import (
     ParamNames,
@@ -159,8 +159,9 @@ class ContinuousAdjoint(GradientMode):
             return (*carry[:2], carry[2] - d, *carry[3:])
 
         controller = FixedSteps(times, legs, enter=enter, split_first=True, dense_first=job.need_t)
+        callbacks = StepCallbacks.of(job.f.func, "_adjoint", judged=False)
         carry = run_steps(executor, f, (job.states[-1], a, g_t, *g_p), controller,
-                          accepted=first_step)  # fmt: skip
+                          accepted=first_step, callbacks=callbacks)  # fmt: skip
         _, a, g_t, *rest = carry
         g_p = tuple(rest)
         job.watch(grid.times[0], a)
@@ -204,6 +205,7 @@ class ContinuousAdjoint(GradientMode):
                 return error, before, after
             return error, before[:2], after[:2]
 
+        callbacks = StepCallbacks.of(job.f.func, "_adjoint")
         for i in range(len(times) - 1, 0, -1):
             grad_i = job.grads[i - 1]
             if grad_i is not None:
@@ -228,6 +230,7 @@ class ContinuousAdjoint(GradientMode):
                 like=y,
                 h_sign=-1.0,
                 first=lambda out, keep=first: keep.append(out[2][0][0]),  # type: ignore[misc]
+                callbacks=callbacks,
             )
             y, a, g_t, *rest = carry
             g_p = tuple(rest)
