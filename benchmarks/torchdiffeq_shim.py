@@ -36,7 +36,6 @@ import torch
 from torchode_adjoint import ContinuousAdjoint, StepTo, available_solvers, get_solver
 from torchode_adjoint import odeint as _odeint
 from torchode_adjoint import odeint_event as _odeint_event
-from torchode_adjoint._events import captured_leaves
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_event", "SOLVER_NAMES"]
 
@@ -123,9 +122,8 @@ def _until_event(
     reverse = bool(t[1] < t[0])
     # torchdiffeq differentiates no tensor the condition reads (its issue #208); here every one
     # that requires grad gets its gradient.
-    reads = captured_leaves(event_fn, y0, t[0].to(y0.real.dtype))
     return _odeint_event(func, y0, t[0], event_fn=event_fn, reverse_time=reverse, adjoint=mode,
-                         params=params, event_params=reads, **settings)  # fmt: skip
+                         params=params, **settings)  # fmt: skip
 
 
 def odeint_adjoint(

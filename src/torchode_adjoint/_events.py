@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import torch
-from torch import nn
 
 from ._compiled import Compile
 from ._dynamics import NFECounter
@@ -33,7 +32,7 @@ from .controllers.error import (
 )
 from .controllers.fixed import DEFAULT_STEP, FixedSteps, Leg, StepTo
 from .controllers.protocol import Try
-from .modes.base import GradientMode, graph_nodes
+from .modes.base import GradientMode
 from .solvers.methods import as_embedded, as_method, tableau_of
 from .solvers.protocol import Method, Step, Stepped
 from .solvers.registry import get_solver
@@ -56,13 +55,14 @@ def odeint_event(
     event_fn: EventFn,
     reverse_time: bool = False,
     direction: int = 0,
+    terminal: bool = True,
+    t_end: float | None = None,
     solver: str | ButcherTableau = "euler",
     step: float | None = DEFAULT_STEP,
     rtol: float | None = None,
     atol: float | None = None,
     adjoint: bool | ModeName | GradientMode = True,
     params: Iterable[torch.Tensor] | None = None,
-    event_params: Iterable[torch.Tensor] | None = None,
     max_steps: int = 100_000,
     nfe: NFECounter | None = None,
     compile: bool | Compile = False,
@@ -83,40 +83,44 @@ def odeint_event(
         exactly zero at ``t0`` is an event at ``t0`` (torchdiffeq's rule: the state returned is
         ``y0``) when ``direction`` is 0; with a direction, it is watched from its first nonzero
         value.
-        Its parameters get gradients: those of an ``nn.Module`` and ``event_params``.
+        Every tensor it reads gets its gradient (its parameters, the tensors it closes over).
     reverse_time : bool, default False
         Integrate towards decreasing ``t``.
     direction : {0, 1, -1}, default 0
         Which crossings count: 0 either, 1 from negative to positive, -1 from positive to
         negative.
+    terminal : bool, default True
+        Stop at the first event; False records every event up to ``t_end`` (each event's
+        steps starting where the one before it fired).
+    t_end : float, optional
+        With ``terminal=False``: where the recording ends.
     solver, step, rtol, atol, adjoint, params, nfe, compile
         As for :func:`~torchode_adjoint.odeint`: fixed steps of ``step`` (default 0.1), or
         error-controlled ones of an embedded pair where ``rtol`` or ``atol`` is given; every
-        gradient mode.
-    event_params : iterable of Tensor, optional
-        Tensors ``event_fn`` reads that should get a gradient (besides an ``nn.Module``'s
-        parameters).
+        gradient mode. ``nfe.forward`` counts the search's evaluations and the second pass's.
     max_steps : int, default 100,000
-        The most steps the search takes before it gives up (no event found).
+        The most steps the search takes before it gives up (no event found, or ``t_end`` not
+        reached).
 
     Returns
     -------
-    event_t : Tensor, 0-dim
+    event_t : Tensor, 0-dim (``terminal=False``: shape (K,), the K events in order)
         The event time, differentiable with respect to ``y0``, ``t0``, the dynamics' and the
-        event function's parameters (the implicit function theorem at the returned state).
-    solution : Tensor, shape (2, ...)
-        The states at ``t0`` and at the event time (differentiable as ``odeint``'s, the event
-        time's dependence included).
+        event function's parameters: the implicit function theorem's gradient for the root of
+        the computed solution (one Newton step on it; see the events page).
+    solution : Tensor, shape (2, ...) (``terminal=False``: (K + 1, ...))
+        The states at ``t0`` and at the event time(s), differentiable as ``odeint``'s with the
+        event time's dependence included.
 
     Raises
     ------
     RuntimeError
-        When no event occurs within ``max_steps`` steps; in the backward pass, when the
-        condition has no time derivative along the solution at the root (the event time's
-        gradient does not exist there).
+        When no event occurs within ``max_steps`` steps; when a gradient is wanted and the
+        condition has no time derivative along the solution at the root (the event time has
+        no gradient there).
     """
-    y0, t0_t, sign, dyn_params, ev_params = _validate(
-        func, y0, t0, event_fn, reverse_time, direction, params, event_params, max_steps
+    y0, t0_t, sign, dyn_params = _validate(
+        func, y0, t0, event_fn, reverse_time, direction, params, max_steps
     )
     method, tableau, control = _method(solver, step, rtol, atol, t0_t.dtype)
     calls = [0]
@@ -125,41 +129,183 @@ def odeint_event(
         calls[0] += 1
         return func(t, y)
 
+    t_stop = _check_end(terminal, t_end, float(t0_t.detach()), sign)
+    clock = t0_t.detach()
     with torch.no_grad():
-        ends, t_event, index = _search(
-            counted, y0.detach(), float(t0_t.detach()), event_fn, method, step, control, sign,
-            direction, max_steps,
-        )  # fmt: skip
-    searched = calls[0]
-    if index < 0:  # the event at t0: the state there is y0
-        if nfe is not None:
-            nfe.forward, nfe.backward = searched, 0
-        return t0_t.clone(), torch.stack([y0, y0])
-    # The same steps again, in the gradient mode (one step where the event is in the first).
-    # With a learnable t0 they are solved in the time since t0 (s = t - t0), so that moving t0
-    # moves every step, as it moves the search's.
-    t_event_t = t0_t.detach().new_tensor(t_event)
-    solved, t0_s = cast(Any, func), t0_t.detach()
-    if t0_t.requires_grad:
-        if dyn_params is None and not isinstance(func, nn.Module):
-            raise ValueError(
-                "`params` is required when `func` is not an nn.Module (the tensors the "
-                "memory-saving modes differentiate); pass params=() for none."
-            )
-        solved = _Shifted(func, t0_t)
-        ends = [e - float(t0_s) for e in ends]
-        t_event_t, t0_s = t_event_t - t0_s, torch.zeros_like(t0_s)
-    layout: dict[str, Any] = {"controller": StepTo(ends)} if ends else {"step": None}
-    sol: Any = odeint(
-        solved, y0, torch.stack([t0_s, t_event_t]), solver=tableau, adjoint=adjoint,
-        params=dyn_params, nfe=nfe, compile=compile, **layout,
+        ref = torch.sign(event_fn(clock, y0.detach())).reshape(-1)
+    out_t: list[torch.Tensor] = []
+    out_y: list[torch.Tensor] = []
+    evaluations = 0
+    if direction == 0 and bool((ref == 0).any()):
+        # torchdiffeq's rule: a condition zero at t0 is an event there (t0, y0); recorded,
+        # the solve goes on, the condition watched from its first nonzero value.
+        out_t.append(t0_t.clone())
+        out_y.append(y0)
+    segment = Segment(
+        func, counted, event_fn, method, tableau, step, control, sign, direction, adjoint,
+        dyn_params, compile,
     )  # fmt: skip
-    # The event time: t0 + s_e, its dependence on t0 direct (the rest through the state).
-    t_in = t0_t + (t_event - float(t0_t.detach())) if t0_t.requires_grad else t_event_t
+    t_cur, y_cur, steps_left = t0_t, y0, max_steps
+    while not (terminal and out_t):
+        found = segment.run(t_cur, y_cur, ref, t_stop, steps_left, nfe)
+        if nfe is not None:
+            evaluations += nfe.forward
+        if found is None:  # t_end reached
+            break
+        t_cur, y_cur, ref, taken = found
+        steps_left -= taken
+        out_t.append(t_cur)
+        out_y.append(y_cur)
     if nfe is not None:
-        nfe.forward += searched
-    event_t, y_event = _EventGradient.apply(event_fn, func, t_in, sol[-1], index, *ev_params)
-    return event_t, torch.stack([sol[0], y_event])
+        nfe.forward = evaluations + calls[0]
+    if terminal:
+        return out_t[0], torch.stack([y0, out_y[0]])
+    event_ts = torch.stack(out_t) if out_t else t0_t.detach().new_zeros((0,))
+    return event_ts, torch.stack([y0, *out_y])
+
+
+class Segment:
+    """One terminal search and its second pass: from ``(t_cur, y_cur)`` (the start, or the
+    previous event: differentiable tensors) to the first crossing. Recorded events are a chain
+    of these, each starting where the last one fired, so that every event time depends on the
+    ones before it exactly as the steps do."""
+
+    def __init__(
+        self, func: Any, search: Any, event_fn: EventFn, method: Method, tableau: ButcherTableau,
+        step: float | None, control: ErrorControl | None, sign: float, direction: int,
+        adjoint: Any, dyn_params: Any,
+        compile: bool | Compile,
+    ) -> None:  # fmt: skip
+        self.func, self.event_fn, self.method, self.tableau = func, event_fn, method, tableau
+        self.search = search  # the dynamics counting the search's evaluations
+        self.step, self.control, self.sign, self.direction = step, control, sign, direction
+        self.adjoint, self.dyn_params = adjoint, dyn_params
+        self.compile = compile
+
+    def run(
+        self,
+        t_cur: torch.Tensor,
+        y_cur: torch.Tensor,
+        ref: torch.Tensor,
+        t_end: float | None,
+        max_steps: int,
+        nfe: NFECounter | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        """The event's time and state (with the implicit function theorem's gradient), the
+        conditions' signs after it and the steps taken; None where ``t_end`` comes first."""
+        t_start = float(t_cur.detach())
+        with torch.no_grad():
+            ends, event = _search(
+                self.search, y_cur.detach(), t_start, self.event_fn, self.method, self.step,
+                self.control, self.sign, self.direction, max_steps, t_end, ref,
+            )  # fmt: skip
+        if event is None:
+            if nfe is not None:
+                nfe.forward = nfe.backward = 0
+            return None
+        t_e, j = event
+        event_t, y_event = _differentiable_event(
+            self, y_cur, t_cur, t_start, ends, t_e, j, nfe
+        )
+        with torch.no_grad():
+            after = torch.sign(self.event_fn(event_t.detach(), y_event.detach())).reshape(-1)
+        flipped = ref.clone()
+        flipped[j] = -ref[j]  # it crossed: watched from the other side now
+        after = torch.where(after != 0, after, ref)
+        after[j] = flipped[j]
+        return event_t, y_event, after, len(ends) + 1
+
+
+def _check_end(terminal: bool, t_end: float | None, t0: float, sign: float) -> float | None:
+    if terminal:
+        if t_end is not None:
+            raise ValueError(
+                "`t_end` is for `terminal=False` (every event up to t_end); a terminal solve "
+                "runs until its event: leave `t_end` out."
+            )
+        return None
+    if t_end is None or not math.isfinite(float(t_end)):
+        raise ValueError(
+            "`terminal=False` records every event up to `t_end`: pass a finite t_end, got "
+            f"{t_end!r}."
+        )
+    if (float(t_end) - t0) * sign <= 0:
+        raise ValueError(
+            f"`t_end={float(t_end):.6g}` must lie "
+            + ("before" if sign < 0 else "after")
+            + f" t0 = {t0:.6g} (`reverse_time={sign < 0}`)."
+        )
+    return float(t_end)
+
+
+def _differentiable_event(
+    seg: Segment,
+    y_cur: torch.Tensor,
+    t_cur: torch.Tensor,
+    t_start: float,
+    ends: list[float],
+    t_e: float,
+    j: int,
+    nfe: NFECounter | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The event's time and state with their gradients: the search's steps again in the
+    gradient mode to the last step end ``t_n`` (``StepTo`` the ends), then the last, partial
+    step ``Phi`` from ``t_n`` to the event, and one Newton step on the discrete root,
+
+        T = t_e - g(t_e, Phi(t_e)) / D,    D = d/dt g(t, Phi(t)) at t_e (a constant),
+
+    whose value is ``t_e`` (``g`` vanishes there to the root's tolerance) and whose gradient is
+    the implicit function theorem's for the root of the computed solution; the state is
+    ``Phi(T)``. Every time is ``t_cur`` plus a constant, so that moving a learnable start
+    (``t0``, or the previous event of a recorded chain) moves every step as it moves the
+    search's (the steps are fractions of their intervals)."""
+    func, event_fn = seg.func, seg.event_fn
+    kw: dict[str, Any] = {
+        "solver": seg.tableau, "adjoint": seg.adjoint, "params": seg.dyn_params,
+        "compile": seg.compile,
+    }  # fmt: skip
+
+    def at(t: float) -> torch.Tensor:  # ``t`` as t_cur plus a constant
+        return t_cur + (t - t_start) if t_cur.requires_grad else t_cur.new_tensor(t)
+
+    counted = [NFECounter() for _ in range(3)]
+    t_last, y_last = t_start, y_cur
+    if ends:
+        t_last = ends[-1]
+        layout: dict[str, Any] = {"step": None}
+        if len(ends) > 1:
+            layout = {"controller": StepTo(ends[:-1])}
+        t_pass = torch.stack([at(t_start), at(t_last)])
+        y_last = cast(Any, odeint(func, y_cur, t_pass, nfe=counted[0], **kw, **layout))[-1]
+    start = at(t_last)
+
+    def last_step(y: torch.Tensor, end: torch.Tensor, nfe: NFECounter | None, **more: Any) -> Any:
+        t_pair = torch.stack([start if end.requires_grad else start.detach(), end])
+        return cast(Any, odeint(func, y, t_pair, step=None, nfe=nfe, **{**kw, **more}))[-1]
+
+    # D: the condition's total derivative in the event time along the last step (no graph
+    # kept: a constant of the Newton step).
+    with torch.enable_grad():
+        leaf = t_cur.new_tensor(t_e).requires_grad_(True)
+        y_probe = last_step(y_last.detach(), leaf, None, adjoint="backprop", compile=False)
+        (rate,) = torch.autograd.grad(event_fn(leaf, y_probe).reshape(-1)[j], leaf)
+    t_event = at(t_e)
+    g_e = event_fn(t_event, last_step(y_last, t_event, counted[1])).reshape(-1)[j]
+    wanted = torch.is_grad_enabled() and g_e.requires_grad
+    if wanted and float(rate) == 0.0:
+        raise RuntimeError(
+            f"the event condition has no time derivative along the solution at its root "
+            f"t = {t_e:.6g} (d/dt g(t, y(t)) = 0: it touches zero instead of crossing), so the "
+            "event time has no gradient there; reformulate `event_fn` so that it crosses zero "
+            "with a nonzero rate."
+        )
+    if wanted:
+        t_event = t_event - g_e / rate
+    y_event = last_step(y_last, t_event, counted[2])
+    if nfe is not None:
+        nfe.forward = sum(c.forward for c in counted)
+        nfe.backward = 0
+    return t_event, y_event
 
 
 def _validate(
@@ -170,9 +316,8 @@ def _validate(
     reverse_time: bool,
     direction: int,
     params: Iterable[torch.Tensor] | None,
-    event_params: Iterable[torch.Tensor] | None,
     max_steps: int,
-) -> tuple[torch.Tensor, torch.Tensor, float, Any, tuple[torch.Tensor, ...]]:
+) -> tuple[torch.Tensor, torch.Tensor, float, Any]:
     if not isinstance(y0, torch.Tensor) or not (y0.is_floating_point() or y0.is_complex()):
         raise TypeError(
             f"`y0` must be a floating-point tensor for odeint_event, got {type(y0).__name__}; "
@@ -195,46 +340,12 @@ def _validate(
         t0_t = torch.tensor(float(t0), dtype=_real(y0.dtype), device=y0.device)
     if not math.isfinite(float(t0_t.detach())):
         raise ValueError(f"`t0` must be finite, got {float(t0_t.detach())}.")
-    ev_params = list(event_params) if event_params is not None else []
-    if isinstance(event_fn, nn.Module):
-        ev_params += [p for p in event_fn.parameters() if p.requires_grad]
-    unique = tuple({id(p): p for p in ev_params}.values())
-    _check_event_reads(event_fn, y0, t0_t, unique)
-    dyn_params = None if params is None else tuple(params)
-    return y0, t0_t, -1.0 if reverse_time else 1.0, dyn_params, unique
-
-
-def captured_leaves(event_fn: EventFn, y0: torch.Tensor, t0: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors that require grad which ``event_fn(t0, y0)`` reads besides ``t`` and ``y``
-    (the leaves of its graph): what ``event_params`` must hold for their gradients."""
     with torch.enable_grad():
-        g = event_fn(t0.detach(), y0.detach())
+        g = event_fn(t0_t.detach(), y0.detach())
     if not isinstance(g, torch.Tensor):
         raise TypeError(f"`event_fn` must return a tensor, got {type(g).__name__}.")
-    if g.grad_fn is None:
-        return []
-    leaves = {}
-    for node in graph_nodes(g.grad_fn, set()):
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            leaves[id(variable)] = variable
-    return list(leaves.values())
-
-
-def _check_event_reads(
-    event_fn: EventFn, y0: torch.Tensor, t0: torch.Tensor, declared: Sequence[torch.Tensor]
-) -> None:
-    """Raise where the condition reads a tensor that requires grad and is not declared: its
-    gradient would be silently missing."""
-    known = {id(p) for p in declared}
-    for variable in captured_leaves(event_fn, y0, t0):
-        if id(variable) not in known:
-            raise ValueError(
-                "`event_fn` reads a tensor that requires grad (shape "
-                f"{tuple(variable.shape)}) that is neither a parameter of an nn.Module "
-                "event_fn nor in `event_params`, so its gradient would be missing; pass it "
-                "in `event_params=`."
-            )
+    dyn_params = None if params is None else tuple(params)
+    return y0, t0_t, -1.0 if reverse_time else 1.0, dyn_params
 
 
 def _method(
@@ -268,17 +379,18 @@ def _method(
 
 
 class _Open:
-    """Steps from ``t0`` without an end: fixed ones of size ``h`` (signed), or, with ``sizer``,
-    the error-controlled steps' path (a :class:`~torchode_adjoint.controllers.protocol.StepPath`
-    with nothing left to end on)."""
+    """Steps from ``t0`` to ``t_end`` (None: without an end): fixed ones of size ``h``
+    (signed), or, with an error-controlled controller, their path (a
+    :class:`~torchode_adjoint.controllers.protocol.StepPath` ending on ``t_end``)."""
 
-    def __init__(self, like: torch.Tensor, t0: float, h: float, nodes: Sequence[float]) -> None:
-        self.like, self.t0, self.h, self.nodes = like, t0, h, nodes
+    def __init__(
+        self, like: torch.Tensor, t0: float, h: float, nodes: Sequence[float], t_end: float | None
+    ) -> None:
+        self.like, self.t0, self.h, self.nodes, self.t_end = like, t0, h, nodes, t_end
         self.direction = 1.0 if h > 0 else -1.0
         self.t_now = self.t_new = t0
         self.count = 0
-        self.stopped = False
-        self.size = abs(h)
+        self.stopped = self.last = False
 
     # The fixed controller: a Try per step, every one accepted.
     def start(self, carry: Any) -> Any:
@@ -288,6 +400,9 @@ class _Open:
         if self.stopped:
             return None
         self.t_new = self.t0 + (self.count + 1) * self.h
+        end = self.t_end
+        if end is not None and (self.t_new - end) * self.direction >= -1e-9 * abs(self.h):
+            self.t_new, self.last = end, True  # the last step ends on t_end
         h = self.t_new - self.t_now
         return Try(h, dense_stage_times(self.like, self.t_now, h, self.nodes), False)
 
@@ -297,14 +412,19 @@ class _Open:
     def passed(self, carry: Any) -> Any:
         self.t_now = self.t_new
         self.count += 1
+        self.stopped = self.stopped or self.last
         return carry
 
     # The path of error-controlled steps.
     def remaining(self) -> float:
-        return math.inf
+        return math.inf if self.t_end is None else abs(self.t_end - self.t_now)
 
     def try_step(self, hh: float, last: bool) -> tuple[float, float, float]:
-        self.size = hh
+        self.last = last
+        if last:
+            assert self.t_end is not None
+            self.t_new = self.t_end
+            return abs(self.t_end - self.t_now), self.t_now, self.t_end
         self.t_new = self.t_now + self.direction * hh
         return hh, self.t_now, self.t_new
 
@@ -315,25 +435,12 @@ class _Open:
     def advance(self, last: bool, carry: Any) -> tuple[Any, bool]:
         self.t_now = self.t_new
         self.count += 1
-        return carry, self.stopped
+        return carry, self.stopped or last
 
 
 def _real(dtype: torch.dtype) -> torch.dtype:
     """The times' dtype for a state of ``dtype`` (float64 for complex128)."""
     return torch.empty((), dtype=dtype).real.dtype
-
-
-class _Shifted(nn.Module):
-    """``func`` in the time since ``t0``: ``(s, y) -> func(t0 + s, y)``, ``t0`` a tensor the
-    memory-saving modes differentiate (an attribute that requires grad)."""
-
-    def __init__(self, func: Any, t0: torch.Tensor) -> None:
-        super().__init__()
-        self.func = func
-        self.t0 = t0
-
-    def forward(self, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.func(self.t0 + s, y)  # type: ignore[no-any-return]
 
 
 class _Given:
@@ -357,24 +464,25 @@ def _search(
     sign: float,
     direction: int,
     max_steps: int,
-) -> tuple[list[float], float, int]:
-    """The step ends before the event, the event time and the index of the condition that
-    crossed (the earliest where several cross in one step)."""
+    t_end: float | None,
+    ref: torch.Tensor,
+) -> tuple[list[float], tuple[float, int] | None]:
+    """The search from ``t0`` to the first crossing (``ref``: each condition's sign at ``t0``,
+    0 where it is watched from its first nonzero value): the step ends before it and the event
+    ``(time, condition)``, the earliest where several cross in one step; None where ``t_end``
+    comes first."""
     executor = Executor(method, None)
     nodes = method.nodes
     clock = torch.zeros((), dtype=_real(y0.dtype), device=y0.device)  # the times' dtype
     t0_t = clock.new_tensor(t0)
-    ref = torch.sign(event_fn(t0_t, y0)).reshape(-1)
-    if direction == 0 and bool((ref == 0).any()):
-        return [], t0, -1  # torchdiffeq's rule: a condition zero at t0 is an event there
     ends: list[float] = []
     found: list[Any] = []
     if control is None:
         assert step is not None
-        path = _Open(clock, t0, sign * step, nodes)
+        path = _Open(clock, t0, sign * step, nodes, t_end)
         controller: Any = path
     else:
-        path = _Open(clock, t0, sign, nodes)
+        path = _Open(clock, t0, sign, nodes, t_end)
         sizer = StepSizeController(control, method.error_order or 1, clock.dtype)
         f0 = method.derivative(method.init(func, y0, t0_t))
         h = sizer.first_step(func, t0_t, y0, func(t0_t, y0) if f0 is None else f0, sign)
@@ -396,28 +504,39 @@ def _search(
         if bool(crossed.any()):
             found.append((path.t_now, t_new, before, crossed.nonzero().flatten().tolist()))
             path.stopped = True
-        else:
-            ends.append(t_new)
-            if path.count + 1 >= max_steps:
-                raise RuntimeError(
-                    f"odeint_event found no event within `max_steps={max_steps:,}` steps "
-                    f"(from t = {t0:.6g} to {t_new:.6g}); check `event_fn` and `direction`, "
-                    "or pass a larger `max_steps`."
-                )
-            ref = torch.where(s_new != 0, s_new, ref)
+            return out[0]
+        ends.append(t_new)
+        if path.count + 1 >= max_steps and not path.last:
+            raise RuntimeError(
+                f"odeint_event took `max_steps={max_steps:,}` steps (from t = {t0:.6g} to "
+                f"{t_new:.6g}) without "
+                + ("an event" if t_end is None else "reaching `t_end`")
+                + "; check `event_fn` and `direction`, or pass a larger `max_steps`."
+            )
+        ref = torch.where(s_new != 0, s_new, ref)
         return out[0]
 
     run_steps(executor, func, method.init(func, y0, t0_t), controller, accepted=check)
+    if not found:
+        return ends, None
     t_a, t_b, before, crossed = found[0]
-    best = (math.inf, 0)
-    for j in crossed:
-        t_root = _locate(executor, func, before, t_a, t_b, event_fn, j, method)
-        if (t_root - t_a) * sign < (best[0] - t_a) * sign or best[0] == math.inf:
-            best = (t_root, j)
-    t_event, index = best
-    if ends and (t_event - ends[-1]) * sign <= 0.0:
+    roots = [(_locate(executor, func, before, t_a, t_b, event_fn, j, method), j) for j in crossed]
+    event = min(roots, key=lambda r: (r[0] - t_a) * sign)
+    if ends and (event[0] - ends[-1]) * sign <= 0.0:
         ends.pop()  # the root on the step's start: no step of zero length
-    return ends, t_event, index
+    return ends, event
+
+
+def _partial(
+    executor: Executor, func: Any, carry: Any, t_a: float, t: float, method: Method
+) -> Any:
+    """The carry after the method's step from ``t_a`` to ``t`` (part of a step)."""
+    ts = dense_stage_times(_clock(method.output(carry)), t_a, t - t_a, method.nodes)
+    return run_steps(executor, func, carry, FixedSteps(_Given(ts), [Leg(0, 0, 1, t - t_a)]))
+
+
+def _clock(y: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=_real(y.dtype), device=y.device)
 
 
 def _locate(
@@ -433,15 +552,10 @@ def _locate(
     """The root of condition ``j`` in the step from ``t_a`` to ``t_b`` (the Illinois method on
     the method's step of part of the size from ``carry``), to the times' resolution."""
     y_a = method.output(carry)
-    like = torch.zeros((), dtype=_real(y_a.dtype), device=y_a.device)
+    like = _clock(y_a)
 
     def g_at(t: float) -> float:
-        if t == t_a:
-            y = y_a
-        else:
-            ts = dense_stage_times(like, t_a, t - t_a, method.nodes)
-            c = run_steps(executor, func, carry, FixedSteps(_Given(ts), [Leg(0, 0, 1, t - t_a)]))
-            y = method.output(c)
+        y = y_a if t == t_a else method.output(_partial(executor, func, carry, t_a, t, method))
         return float(event_fn(like.new_tensor(t), y).reshape(-1)[j])
 
     lo, hi = t_a, t_b
@@ -470,59 +584,3 @@ def _locate(
                 g_hi *= 0.5
             side = 1
     return hi
-
-
-class _EventGradient(torch.autograd.Function):
-    """The event time and the state there, with the implicit function theorem's gradient.
-
-    With ``D = dg/dt + dg/dy . f`` at the root, the event time moves by ``-(dg/dy dy +
-    dg/dphi dphi) / D``; a loss ``L(t_e, y(t_e))`` then sends the solve's state the gradient
-    ``dL/dy - c dg/dy`` and the condition's parameters ``-c dg/dphi``, where ``c = (dL/dt_e
-    + dL/dy . f) / D``; the event time's input (``t0 + s_e`` where ``t0`` is learnable) gets
-    ``dL/dt - c dg/dt``."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        event_fn: EventFn,
-        func: Any,
-        t_event: torch.Tensor,
-        y_event: torch.Tensor,
-        index: int,
-        *event_params: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.event_fn, ctx.func, ctx.index = event_fn, func, index
-        ctx.save_for_backward(t_event, y_event, *event_params)
-        return t_event.detach().clone(), y_event.detach().clone()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_t: torch.Tensor | None, grad_y: torch.Tensor | None) -> Any:
-        t_event, y_event, *phi = ctx.saved_tensors
-        with torch.enable_grad():
-            t = t_event.detach().requires_grad_(True)
-            y = y_event.detach().requires_grad_(True)
-            g = ctx.event_fn(t, y).reshape(-1)[ctx.index]
-            # The graph kept: the condition may read tensors whose graph the caller reuses.
-            grads = torch.autograd.grad(g, [t, y, *phi], allow_unused=True, retain_graph=True)
-        with torch.no_grad():
-            f = ctx.func(t_event.detach(), y_event.detach())
-        g_t = grads[0] if grads[0] is not None else torch.zeros_like(t_event)
-        g_y = grads[1] if grads[1] is not None else torch.zeros_like(y_event)
-        rate = g_t + torch.sum(g_y * f)
-        if float(rate) == 0.0:
-            raise RuntimeError(
-                f"the event condition has no time derivative along the solution at its root "
-                f"t = {float(t_event):.6g} (dg/dt + dg/dy . f = 0: it touches zero instead of "
-                "crossing), so the event time has no gradient there; reformulate `event_fn` "
-                "so that it crosses zero with a nonzero rate."
-            )
-        total = torch.zeros_like(t_event) if grad_t is None else grad_t
-        if grad_y is not None:
-            total = total + torch.sum(grad_y * f)
-        c = total / rate
-        new_grad_y = -c * g_y if grad_y is None else grad_y - c * g_y
-        # The event time's direct dependence (on t0, when it is learnable): dL/dt - c dg/dt.
-        new_grad_t = -c * g_t if grad_t is None else grad_t - c * g_t
-        phi_grads = [None if gp is None else -c * gp for gp in grads[2:]]
-        return (None, None, new_grad_t, new_grad_y, None, *phi_grads)

@@ -480,12 +480,12 @@ class StepCallbacks:
     after them. ``t0`` is the step's start, ``y0`` the state there, ``dt`` its signed size
     (0-dim tensors)."""
 
-    __slots__ = ("step", "accept", "reject")
+    __slots__ = ("on_step", "on_accept", "on_reject")
 
     NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
 
     def __init__(self, step: Any, accept: Any, reject: Any) -> None:
-        self.step, self.accept, self.reject = step, accept, reject
+        self.on_step, self.on_accept, self.on_reject = step, accept, reject
 
     @classmethod
     def of(cls, func: Any, suffix: str = "", *, judged: bool = True) -> StepCallbacks | None:
@@ -505,11 +505,11 @@ class StepCallbacks:
         return cls(*found)
 
     def before(self, t0: torch.Tensor, y0: torch.Tensor, dt: Step) -> None:
-        if self.step is not None:
-            self.step(t0, y0, _as_tensor(dt, t0))
+        if self.on_step is not None:
+            self.on_step(t0, y0, _as_tensor(dt, t0))
 
     def judged(self, accepted: bool, t0: torch.Tensor, y0: torch.Tensor, dt: Step) -> None:
-        call = self.accept if accepted else self.reject
+        call = self.on_accept if accepted else self.on_reject
         if call is not None:
             call(t0, y0, _as_tensor(dt, t0))
 
