@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchode_adjoint import NFECounter, odeint_event
+from torchode_adjoint import NFECounter, odeint, odeint_event
 
 D = torch.float64
 MODES = ("backprop", "adjoint", "checkpoint", "reversible")
@@ -269,7 +269,9 @@ def test_recorded_events_match_the_closed_form_and_finite_differences(mode: str)
     )  # fmt: skip
     # The zero at t0 is an event (torchdiffeq's rule), then k = 1, 2, 3.
     assert torch.allclose(ts.detach(), torch.tensor([0.3 + k * math.pi for k in range(4)], dtype=D))
-    assert sol.shape == (5, 2) and float(sol[1:, 0].detach().abs().max()) < 1e-9
+    assert sol.shape == (6, 2) and float(sol[1:5, 0].detach().abs().max()) < 1e-9
+    # The last row is the state at t_end: sin and cos of t_end - t0.
+    assert torch.allclose(sol[5].detach(), torch.tensor([math.sin(9.7), math.cos(9.7)], dtype=D))
     (g,) = torch.autograd.grad(ts.sum(), w)
     assert abs(_f(g) + 6 * math.pi) < 1e-6
 
@@ -310,11 +312,50 @@ def test_recorded_events_respect_direction_and_may_be_none() -> None:
     kw = {"solver": "dopri5", "rtol": 1e-10, "atol": 1e-12, "params": (), "terminal": False}
     ts, sol = odeint_event(rot, y0, 0.0, event_fn=lambda t, y: y[0], direction=1, t_end=13.0, **kw)
     assert torch.allclose(ts, torch.tensor([2 * math.pi, 4 * math.pi], dtype=D), atol=1e-8)
-    ts, sol = odeint_event(rot, y0, 0.0, event_fn=lambda t, y: y[0] - 2.0, t_end=13.0, **kw)
-    assert ts.shape == (0,) and sol.shape == (1, 2)
+    result = odeint_event(rot, y0, 0.0, event_fn=lambda t, y: y[0] - 2.0, t_end=13.0, **kw)
+    ts, sol = result
+    assert ts.shape == (0,) and sol.shape == (2, 2) and not result.fired
+    assert torch.allclose(sol[1], torch.tensor([math.sin(13.0), math.cos(13.0)], dtype=D))
     with pytest.raises(ValueError, match="t_end"):
         odeint_event(rot, y0, 0.0, event_fn=lambda t, y: y[0], **kw)
     with pytest.raises(ValueError, match="t_end"):
         odeint_event(rot, y0, 0.0, event_fn=lambda t, y: y[0], t_end=-1.0, **kw)
-    with pytest.raises(ValueError, match="terminal=False"):
-        odeint_event(rot, y0, 0.0, event_fn=lambda t, y: y[0], t_end=1.0, params=())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_event_that_never_fires_ends_at_t_end_and_says_so(mode: str) -> None:
+    # Terminal with t_end: the state at t_end and its gradient, odeint's over the same span in
+    # the same mode.
+    k = torch.tensor(0.7, dtype=D, requires_grad=True)
+    y0 = torch.tensor([1.0], dtype=D, requires_grad=True)
+    result = odeint_event(_decay(k), y0, 0.0, event_fn=lambda t, y: y.sum() + 1.0, t_end=2.0,
+                          solver="rk4", step=0.1, params=(k,), adjoint=mode)  # fmt: skip
+    t_e, sol = result
+    assert not result.fired and _f(t_e) == 2.0
+    ref = odeint(_decay(k), y0, torch.tensor([0.0, 2.0], dtype=D), solver="rk4", step=0.1,
+                 params=(k,), adjoint=mode)  # fmt: skip
+    assert torch.allclose(sol[1], ref[1], rtol=1e-12)
+    g = torch.autograd.grad(sol[1].sum(), [y0, k])
+    g_ref = torch.autograd.grad(ref[1].sum(), [y0, k])
+    assert all(torch.allclose(a, b, rtol=1e-9) for a, b in zip(g, g_ref))
+    fired = odeint_event(_decay(k), y0, 0.0, event_fn=lambda t, y: y.sum() - 0.5, t_end=2.0,
+                         solver="rk4", step=0.1, params=(k,), adjoint=mode)  # fmt: skip
+    assert fired.fired and abs(_f(fired[0]) - math.log(2.0) / 0.7) < 1e-6
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_without_a_gradient_the_search_alone_gives_the_same_event(layout: str) -> None:
+    # Under no_grad there is no second pass: the search's own root and states, which the second
+    # pass reproduces (to round-off) when a gradient is wanted; fewer evaluations.
+    k = torch.tensor(0.7, dtype=D, requires_grad=True)
+    y0 = torch.tensor([1.3], dtype=D)
+    kw = {"event_fn": lambda t, y: y.sum() - 0.5, "params": (k,), **LAYOUTS[layout]}
+    counts = [NFECounter(), NFECounter()]
+    t_g, sol_g = odeint_event(_decay(k), y0, 0.0, nfe=counts[0], **kw)
+    with torch.no_grad():
+        t_n, sol_n = odeint_event(_decay(k), y0, 0.0, nfe=counts[1], **kw)
+        rec_n = odeint_event(_decay(k), y0, 0.0, terminal=False, t_end=3.0, **kw)
+    rec_g = odeint_event(_decay(k), y0, 0.0, terminal=False, t_end=3.0, **kw)
+    assert abs(_f(t_g) - _f(t_n)) < 1e-12 and torch.allclose(sol_g.detach(), sol_n, rtol=1e-11)
+    assert torch.allclose(rec_g[1].detach(), rec_n[1], rtol=1e-11)
+    assert counts[1].forward < counts[0].forward

@@ -4,10 +4,12 @@ event time.
 Two passes. The search (no graph) steps the method through the one loop from ``t0`` until the
 condition ``event_fn(t, y)`` changes sign over an accepted step, then locates the root inside
 that step on the method's own step from its start (a step of size ``theta h``: the solution the
-second pass computes there) with the Illinois method. The second pass is an ordinary ``odeint``
-in the chosen gradient mode over the same steps (``StepTo`` their ends, the last one the event
-time): its state at the event carries the gradient of every mode. The event time's gradient
-comes from the implicit function theorem at that state (:class:`_EventGradient`).
+second pass computes there) with the Illinois method. The second pass runs the same steps in the
+chosen gradient mode (``odeint`` with ``StepTo`` their ends, then the partial last step), and
+the event time comes from one differentiated Newton step on the root of that computed solution
+(the implicit function theorem's gradient). Without a gradient (``no_grad``) the search's own
+result is returned and there is no second pass. Recorded events (``terminal=False``) are a chain
+of such searches, each starting at the event before it.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def odeint_event(
     max_steps: int = 100_000,
     nfe: NFECounter | None = None,
     compile: bool | Compile = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> EventResult:
     """Integrate ``dy/dt = func(t, y)`` from ``t0`` until ``event_fn(t, y)`` crosses zero;
     torchdiffeq's ``odeint_event`` signature and return value.
 
@@ -93,7 +95,8 @@ def odeint_event(
         Stop at the first event; False records every event up to ``t_end`` (each event's
         steps starting where the one before it fired).
     t_end : float, optional
-        With ``terminal=False``: where the recording ends.
+        Where the solve ends if no (further) event comes first; required with
+        ``terminal=False``. Without it a terminal solve runs until its event.
     solver, step, rtol, atol, adjoint, params, nfe, compile
         As for :func:`~torchode_adjoint.odeint`: fixed steps of ``step`` (default 0.1), or
         error-controlled ones of an embedded pair where ``rtol`` or ``atol`` is given; every
@@ -104,18 +107,24 @@ def odeint_event(
 
     Returns
     -------
+    EventResult
+        A pair ``(event_t, solution)``, with ``.fired`` (whether an event occurred; False: the
+        solve reached ``t_end``).
     event_t : Tensor, 0-dim (``terminal=False``: shape (K,), the K events in order)
-        The event time, differentiable with respect to ``y0``, ``t0``, the dynamics' and the
-        event function's parameters: the implicit function theorem's gradient for the root of
-        the computed solution (one Newton step on it; see the events page).
-    solution : Tensor, shape (2, ...) (``terminal=False``: (K + 1, ...))
-        The states at ``t0`` and at the event time(s), differentiable as ``odeint``'s with the
-        event time's dependence included.
+        The event time (``t_end`` where none fired), differentiable with respect to ``y0``,
+        ``t0``, the dynamics' and the event function's parameters: the implicit function
+        theorem's gradient for the root of the computed solution (one Newton step on it; see
+        the events page).
+    solution : Tensor, shape (2, ...) (``terminal=False``: (K + 2, ...))
+        The states at ``t0`` and at the event time (``terminal=False``: at ``t0``, at each
+        event and at ``t_end``), differentiable as ``odeint``'s with the event times'
+        dependence included.
 
     Raises
     ------
     RuntimeError
-        When no event occurs within ``max_steps`` steps; when a gradient is wanted and the
+        When no event occurs (or ``t_end`` is not reached) within ``max_steps`` steps; when a
+        gradient is wanted and the
         condition has no time derivative along the solution at the root (the event time has
         no gradient there).
     """
@@ -146,22 +155,44 @@ def odeint_event(
         dyn_params, compile,
     )  # fmt: skip
     t_cur, y_cur, steps_left = t0_t, y0, max_steps
+    final: tuple[torch.Tensor, torch.Tensor] | None = None
     while not (terminal and out_t):
+        if t_stop is not None and float(t_cur.detach()) == t_stop:  # an event on t_end
+            final = (t_cur, y_cur)
+            break
         found = segment.run(t_cur, y_cur, ref, t_stop, steps_left, nfe)
         if nfe is not None:
             evaluations += nfe.forward
-        if found is None:  # t_end reached
+        if found[0] == "end":  # t_end reached: the state there
+            final = (found[1], found[2])
             break
-        t_cur, y_cur, ref, taken = found
+        _, t_cur, y_cur, ref, taken = found
         steps_left -= taken
         out_t.append(t_cur)
         out_y.append(y_cur)
     if nfe is not None:
         nfe.forward = evaluations + calls[0]
     if terminal:
-        return out_t[0], torch.stack([y0, out_y[0]])
+        if out_t:
+            return EventResult(out_t[0], torch.stack([y0, out_y[0]]), True)
+        assert final is not None
+        return EventResult(final[0], torch.stack([y0, final[1]]), False)
+    if final is None:  # recorded up to an event on t_end itself
+        final = (out_t[-1], out_y[-1])
     event_ts = torch.stack(out_t) if out_t else t0_t.detach().new_zeros((0,))
-    return event_ts, torch.stack([y0, *out_y])
+    return EventResult(event_ts, torch.stack([y0, *out_y, final[1]]), bool(out_t))
+
+
+class EventResult(tuple):  # type: ignore[type-arg]
+    """``(event_t, solution)``, unpacked as a pair as torchdiffeq's; ``fired`` says whether an
+    event occurred (False: the solve reached ``t_end``)."""
+
+    fired: bool
+
+    def __new__(cls, event_t: torch.Tensor, solution: torch.Tensor, fired: bool) -> EventResult:
+        out = super().__new__(cls, (event_t, solution))
+        out.fired = fired
+        return out
 
 
 class Segment:
@@ -190,52 +221,79 @@ class Segment:
         t_end: float | None,
         max_steps: int,
         nfe: NFECounter | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
-        """The event's time and state (with the implicit function theorem's gradient), the
-        conditions' signs after it and the steps taken; None where ``t_end`` comes first."""
+    ) -> tuple[Any, ...]:
+        """``("event", time, state, signs after it, steps taken)``: the event's time and state
+        with their gradients; ``("end", t_end, state there)`` where ``t_end`` comes first."""
         t_start = float(t_cur.detach())
         with torch.no_grad():
-            ends, event = _search(
+            ends, event, y_found = _search(
                 self.search, y_cur.detach(), t_start, self.event_fn, self.method, self.step,
                 self.control, self.sign, self.direction, max_steps, t_end, ref,
             )  # fmt: skip
+        # Without a gradient the search's own states are the result: no second pass.
+        graph = torch.is_grad_enabled()
+        if nfe is not None and not graph:
+            nfe.forward = nfe.backward = 0
         if event is None:
-            if nfe is not None:
-                nfe.forward = nfe.backward = 0
-            return None
+            assert t_end is not None
+            if not graph:
+                return "end", t_cur.new_tensor(t_end), y_found
+            return ("end", *_to_end(self, y_cur, t_cur, t_start, ends, t_end, nfe))
         t_e, j = event
-        event_t, y_event = _differentiable_event(
-            self, y_cur, t_cur, t_start, ends, t_e, j, nfe
-        )
+        if graph:
+            event_t, y_event = _differentiable_event(
+                self, y_cur, t_cur, t_start, ends, t_e, j, nfe
+            )
+        else:
+            event_t, y_event = t_cur.new_tensor(t_e), y_found
         with torch.no_grad():
             after = torch.sign(self.event_fn(event_t.detach(), y_event.detach())).reshape(-1)
         flipped = ref.clone()
         flipped[j] = -ref[j]  # it crossed: watched from the other side now
         after = torch.where(after != 0, after, ref)
         after[j] = flipped[j]
-        return event_t, y_event, after, len(ends) + 1
+        return "event", event_t, y_event, after, len(ends) + 1
 
 
 def _check_end(terminal: bool, t_end: float | None, t0: float, sign: float) -> float | None:
-    if terminal:
-        if t_end is not None:
-            raise ValueError(
-                "`t_end` is for `terminal=False` (every event up to t_end); a terminal solve "
-                "runs until its event: leave `t_end` out."
-            )
-        return None
-    if t_end is None or not math.isfinite(float(t_end)):
+    if t_end is None:
+        if terminal:
+            return None
+        raise ValueError("`terminal=False` records every event up to `t_end`: pass t_end.")
+    if not math.isfinite(float(t_end)) or (float(t_end) - t0) * sign <= 0:
         raise ValueError(
-            "`terminal=False` records every event up to `t_end`: pass a finite t_end, got "
-            f"{t_end!r}."
-        )
-    if (float(t_end) - t0) * sign <= 0:
-        raise ValueError(
-            f"`t_end={float(t_end):.6g}` must lie "
+            f"`t_end={float(t_end):.6g}` must be finite and lie "
             + ("before" if sign < 0 else "after")
             + f" t0 = {t0:.6g} (`reverse_time={sign < 0}`)."
         )
     return float(t_end)
+
+
+def _to_end(
+    seg: Segment,
+    y_cur: torch.Tensor,
+    t_cur: torch.Tensor,
+    t_start: float,
+    ends: list[float],
+    t_end: float,
+    nfe: NFECounter | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t_end`` and the state there: the search's steps again in the gradient mode, every step
+    end ``t_cur`` plus a constant (they move with a learnable start, as the search's do) but
+    ``t_end`` itself, which the last step ends on."""
+    inner = [e for e in ends if e != t_end]
+
+    def at(t: float) -> torch.Tensor:
+        return t_cur + (t - t_start) if t_cur.requires_grad else t_cur.new_tensor(t)
+
+    end = t_cur.detach().new_tensor(t_end)
+    times = [t_cur, at(inner[-1]), end] if inner else [t_cur, end]
+    layout: dict[str, Any] = {"controller": StepTo(inner[:-1])} if inner[:-1] else {"step": None}
+    sol = odeint(
+        seg.func, y_cur, torch.stack(times), solver=seg.tableau, adjoint=seg.adjoint,
+        params=seg.dyn_params, compile=seg.compile, nfe=nfe, **layout,
+    )  # fmt: skip
+    return end, cast(Any, sol)[-1]
 
 
 def _differentiable_event(
@@ -466,11 +524,11 @@ def _search(
     max_steps: int,
     t_end: float | None,
     ref: torch.Tensor,
-) -> tuple[list[float], tuple[float, int] | None]:
+) -> tuple[list[float], tuple[float, int] | None, torch.Tensor]:
     """The search from ``t0`` to the first crossing (``ref``: each condition's sign at ``t0``,
     0 where it is watched from its first nonzero value): the step ends before it and the event
     ``(time, condition)``, the earliest where several cross in one step; None where ``t_end``
-    comes first."""
+    comes first; and the state there (the event's, or ``t_end``'s), without a graph."""
     executor = Executor(method, None)
     nodes = method.nodes
     clock = torch.zeros((), dtype=_real(y0.dtype), device=y0.device)  # the times' dtype
@@ -516,15 +574,16 @@ def _search(
         ref = torch.where(s_new != 0, s_new, ref)
         return out[0]
 
-    run_steps(executor, func, method.init(func, y0, t0_t), controller, accepted=check)
+    last = run_steps(executor, func, method.init(func, y0, t0_t), controller, accepted=check)
     if not found:
-        return ends, None
+        return ends, None, method.output(last)
     t_a, t_b, before, crossed = found[0]
     roots = [(_locate(executor, func, before, t_a, t_b, event_fn, j, method), j) for j in crossed]
     event = min(roots, key=lambda r: (r[0] - t_a) * sign)
     if ends and (event[0] - ends[-1]) * sign <= 0.0:
         ends.pop()  # the root on the step's start: no step of zero length
-    return ends, event
+    y_event = method.output(_partial(executor, func, before, t_a, event[0], method))
+    return ends, event, y_event
 
 
 def _partial(

@@ -1,0 +1,135 @@
+"""What an event costs: a solve with an event that never fires against the same solve without.
+
+    python -m benchmarks.events --output-dir benchmarks/results/events_cpu
+
+``odeint_event(..., t_end=1)`` with a condition that stays positive against ``odeint`` over
+``[0, 1]`` with the same fixed rk4 steps, side by side in one process (alternating medians): the
+forward pass alone (no gradient) and the training step (forward, loss, backward) under backprop
+and the continuous adjoint, on the MLP workload (dim 16, hidden 64, batch 512) and the
+launch-bound one (a 2-element linear system, batch 1). The event's search runs the steps once
+without a graph and then the chosen mode runs them again, so the forward costs about twice;
+the issue's target is at most 1.05x. Writes ``results.json`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchode_adjoint import odeint, odeint_event
+from torchode_adjoint.measure import add_threads_argument, machine, use_threads
+
+from .files import write_atomic
+from .timing import alternating_medians
+
+
+class _MLP(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, 64), nn.Tanh(), nn.Linear(64, dim))
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(y)  # type: ignore[no-any-return]
+
+
+class _Linear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.tensor([[-0.1, 1.0], [-1.0, -0.1]]))
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y @ self.A
+
+
+def _never(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A condition that stays positive: the event never fires."""
+    return y.detach().abs().sum() * 0.0 + 1.0 + t
+
+
+def _cases(steps: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    return {
+        "mlp": (_MLP(16), torch.randn(512, 16)),
+        "launch-bound": (_Linear(), torch.tensor([[1.0, 0.0]])),
+    }
+
+
+def run(steps: int, repeats: int) -> list[dict[str, Any]]:
+    """Medians per workload, mode and pass; the ratio with the event over without."""
+    rows = []
+    step = 1.0 / steps
+    t = torch.tensor([0.0, 1.0])
+    for name, (func, y0) in _cases(steps).items():
+        for mode in ("backprop", "adjoint"):
+
+            def plain(train: bool, func: Any = func, y0: Any = y0, mode: str = mode) -> None:
+                with torch.set_grad_enabled(train):
+                    y = odeint(func, y0, t, solver="rk4", step=step, adjoint=mode)[-1]
+                    if train:
+                        y.square().mean().backward()
+
+            def event(train: bool, func: Any = func, y0: Any = y0, mode: str = mode) -> None:
+                with torch.set_grad_enabled(train):
+                    _, sol = odeint_event(func, y0, 0.0, event_fn=_never, t_end=1.0,
+                                          solver="rk4", step=step, adjoint=mode)  # fmt: skip
+                    if train:
+                        sol[-1].square().mean().backward()
+
+            for train in (False, True):
+                if not train and mode == "adjoint":
+                    continue  # no gradient: the mode does not matter
+                medians = alternating_medians(
+                    {"plain": lambda: plain(train), "event": lambda: event(train)},
+                    repeats=repeats,
+                )
+                rows.append({
+                    "workload": name, "mode": mode if train else "-",
+                    "pass": "training step" if train else "forward (no_grad)",
+                    "plain_ms": 1e3 * medians["plain"], "event_ms": 1e3 * medians["event"],
+                    "ratio": medians["event"] / medians["plain"],
+                })  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output-dir", type=Path, default=Path("benchmarks/results/events_cpu"))
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=15)
+    add_threads_argument(p)
+    args = p.parse_args(argv)
+    use_threads(args.threads)
+    started = time.perf_counter()
+    rows = run(args.steps, args.repeats)
+    seconds = time.perf_counter() - started
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.output_dir / "results.json", json.dumps(rows, indent=1))
+    lines = [
+        "# What an event costs: an event that never fires against no event",
+        "",
+        f"Machine: {machine()}. Command: `python -m benchmarks.events --steps {args.steps} "
+        f"--repeats {args.repeats}` ({seconds:.0f} s). rk4, {args.steps} fixed steps over "
+        "[0, 1]; medians of alternating repeats in one process.",
+        "",
+        "| workload | mode | pass | without event (ms) | with an event that never fires (ms) "
+        "| ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['workload']} | {r['mode']} | {r['pass']} | {r['plain_ms']:.2f} "
+            f"| {r['event_ms']:.2f} | {r['ratio']:.2f} |"
+        )
+    write_atomic(args.output_dir / "report.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
