@@ -48,3 +48,13 @@ def test_the_quick_path_fits_the_ball_in_every_mode(tmp_path: Path) -> None:
     g = [r["gravity"] for r in records]
     assert max(g) - min(g) < 1e-6, g
     assert (tmp_path / "report.md").exists() and (tmp_path / "bouncing_ball.png").exists()
+
+
+def test_the_quick_preset_learns_both_constants_within_two_percent(tmp_path: Path) -> None:
+    example = _example()
+    argv = ["--quick", "--modes", "backprop", "--output-dir", str(tmp_path), "--no-progress",
+            "--threads", "1"]  # fmt: skip
+    assert example.main(argv) == 0
+    (r,) = json.loads((tmp_path / "results.json").read_text())
+    assert abs(r["gravity"] / example.TRUE["gravity"] - 1) < 0.02, r["gravity"]
+    assert abs(r["restitution"] / example.TRUE["restitution"] - 1) < 0.02, r["restitution"]
