@@ -26,25 +26,9 @@ from torchode_adjoint import odeint, odeint_event
 from torchode_adjoint.measure import add_threads_argument, machine, use_threads
 
 from .files import write_atomic
+from .launch_bound import Linear
 from .timing import alternating_medians
-
-
-class _MLP(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, 64), nn.Tanh(), nn.Linear(64, dim))
-
-    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.net(y)  # type: ignore[no-any-return]
-
-
-class _Linear(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.A = nn.Parameter(torch.tensor([[-0.1, 1.0], [-1.0, -0.1]]))
-
-    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y @ self.A
+from .workloads import MLPDynamics
 
 
 def _never(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -55,8 +39,8 @@ def _never(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _cases(steps: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
     torch.manual_seed(0)
     return {
-        "mlp": (_MLP(16), torch.randn(512, 16)),
-        "launch-bound": (_Linear(), torch.tensor([[1.0, 0.0]])),
+        "mlp": (MLPDynamics(16, 64), torch.randn(512, 16)),
+        "launch-bound": (Linear(), torch.tensor([[1.0, 0.0]])),
     }
 
 
@@ -85,7 +69,7 @@ def run(steps: int, repeats: int) -> list[dict[str, Any]]:
                 if not train and mode == "adjoint":
                     continue  # no gradient: the mode does not matter
                 medians = alternating_medians(
-                    {"plain": lambda: plain(train), "event": lambda: event(train)},
+                    {"plain": lambda tr=train: plain(tr), "event": lambda tr=train: event(tr)},
                     repeats=repeats,
                 )
                 rows.append({

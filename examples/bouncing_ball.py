@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from torchode_adjoint import NFECounter, odeint, odeint_event
-from torchode_adjoint.measure import add_threads_argument, machine, use_threads
-from torchode_adjoint.runs import atomic_write_text, progress
+from torchode_adjoint.measure import add_threads_argument, machine
+from torchode_adjoint.runs import atomic_write_text, progress, start_run
 
 MODES = ("backprop", "adjoint", "checkpoint", "reversible")
 TRUE = {"gravity": 9.8, "restitution": 0.7}
@@ -222,15 +222,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Fit the ball under every mode; write the report and the plot."""
     args = parse_args(argv)
-    try:
-        use_threads(args.threads)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    started = start_run(args, "bouncing_ball.py", argv)
+    if started is None:
         return 2
-    out: Path = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    given = sys.argv[1:] if argv is None else argv
-    command = "python examples/bouncing_ball.py " + " ".join(given)
+    out, command = started
     y0 = torch.tensor([args.height, 0.0], dtype=torch.float64)
     with torch.no_grad():
         observed, _ = bounces(Ball(**TRUE), y0, args.bounces, "backprop", args.step)

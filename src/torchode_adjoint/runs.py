@@ -10,13 +10,14 @@ import csv
 import io
 import json
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "write_records", "progress"]
+__all__ = ["atomic_save", "atomic_write_text", "write_records", "progress", "start_run"]
 
 T = TypeVar("T")
 
@@ -55,3 +56,20 @@ def progress(iterable: Iterable[T], total: int, desc: str, enabled: bool) -> Ite
     except ImportError:
         return iterable
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def start_run(args: Any, script: str, argv: list[str] | None) -> tuple[Path, str] | None:
+    """What an example does first: the threads of ``args.threads`` (None, after printing why,
+    where the value is refused), ``args.output_dir`` created, and the command line that ran
+    (``python examples/<script> ...``) for the report."""
+    from .measure import use_threads
+
+    try:
+        use_threads(args.threads)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    out: Path = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    given = sys.argv[1:] if argv is None else argv
+    return out, f"python examples/{script} " + " ".join(given)
