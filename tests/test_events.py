@@ -208,6 +208,15 @@ def test_bad_input_and_failures_are_named() -> None:
     kw = {"solver": "rk4", "step": 0.1, "params": ()}
     with pytest.raises(RuntimeError, match="max_steps"):
         odeint_event(_decay(k), y0, 0.0, event_fn=lambda t, y: y.sum() + 1.0, max_steps=50, **kw)
+    with pytest.raises(ValueError, match="at least one condition"):
+        odeint_event(_decay(k), y0, 0.0, event_fn=lambda t, y: y[:0], **kw)
+    with pytest.raises(ValueError, match="non-finite value at t0"):
+        odeint_event(_decay(k), y0, 0.0, event_fn=lambda t, y: y.sum() / 0.0, **kw)
+    with pytest.raises(RuntimeError, match="not all finite"):
+        later_nan = lambda t, y: torch.where(t < 0.5, 1.0, float("nan")) * y.sum()  # noqa: E731
+        odeint_event(_decay(k), y0, 0.0, event_fn=later_nan, **kw)
+    with pytest.raises(RuntimeError, match="same number"):
+        odeint_event(_decay(k), y0, 0.0, event_fn=lambda t, y: y.repeat(1 + int(t > 0.2)), **kw)
     with pytest.raises(ValueError, match="direction"):
         odeint_event(_decay(k), y0, 0.0, event_fn=lambda t, y: y.sum(), direction=2, **kw)
     with pytest.raises(TypeError, match="structured state"):

@@ -402,6 +402,13 @@ def _validate(
         g = event_fn(t0_t.detach(), y0.detach())
     if not isinstance(g, torch.Tensor):
         raise TypeError(f"`event_fn` must return a tensor, got {type(g).__name__}.")
+    if g.numel() == 0 or g.is_complex():
+        raise ValueError(
+            "`event_fn` must return a real tensor with at least one condition, got shape "
+            f"{tuple(g.shape)} and dtype {g.dtype} (take `.real` of a complex condition)."
+        )
+    if not bool(torch.isfinite(g.detach()).all()):
+        raise ValueError(f"`event_fn` returned a non-finite value at t0 = {float(t0_t):.6g}.")
     dyn_params = None if params is None else tuple(params)
     return y0, t0_t, -1.0 if reverse_time else 1.0, dyn_params
 
@@ -554,6 +561,12 @@ def _search(
         nonlocal ref
         t_new, y_new = path.t_new, method.output(out[0])
         g_new = event_fn(clock.new_tensor(t_new), y_new).reshape(-1)
+        if g_new.shape != ref.shape or not bool(torch.isfinite(g_new).all()):
+            raise RuntimeError(
+                f"`event_fn` returned {g_new.numel()} value(s) at t = {t_new:.6g}, "
+                + ("not all finite" if g_new.shape == ref.shape else f"not {ref.numel()}")
+                + "; it must return the same number of finite conditions at every time."
+            )
         s_new = torch.sign(g_new)
         # A crossing: a condition with a sign that changed it, or reached zero.
         crossed = (ref != 0) & (s_new != ref)
