@@ -7,7 +7,7 @@ from ._block import ODEBlock
 from ._check import GradientCheck, GradientReport, check_gradients
 from ._compiled import Compile, CompileFallbackWarning
 from ._dynamics import NFECounter, TimeSharedStatisticsWarning
-from ._events import odeint_event
+from ._events import EventResult, odeint_event
 from ._layers import ConcatConv2d
 from ._odeint import odeint
 from ._prepare import GRADIENT_MODES, resolve_mode
@@ -31,6 +31,7 @@ __all__ = [
     "Compile",
     "CompileFallbackWarning",
     "ContinuousAdjoint",
+    "EventResult",
     "GradientMode",
     "Reversible",
     "ReversibleHeun",

@@ -40,7 +40,7 @@ from .solvers.protocol import Method, Step, Stepped
 from .solvers.registry import get_solver
 from .solvers.tableau import ButcherTableau
 
-__all__ = ["odeint_event"]
+__all__ = ["odeint_event", "EventResult"]
 
 EventFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -184,8 +184,16 @@ def odeint_event(
 
 
 class EventResult(tuple):  # type: ignore[type-arg]
-    """``(event_t, solution)``, unpacked as a pair as torchdiffeq's; ``fired`` says whether an
-    event occurred (False: the solve reached ``t_end``)."""
+    """What :func:`odeint_event` returns: the pair ``(event_t, solution)``, unpacked as
+    torchdiffeq's is (``t, sol = odeint_event(...)``), with ``fired``: whether an event occurred
+    (False where the solve reached ``t_end`` first).
+
+    Parameters
+    ----------
+    event_t : Tensor
+    solution : Tensor
+    fired : bool
+    """
 
     fired: bool
 
