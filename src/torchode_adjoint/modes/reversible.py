@@ -273,33 +273,42 @@ class Reversible(GradientMode):
         adjoint = method.backward_start(vjp, carry, a_y, grid.step_size(total - 1))
         recorded = not grid.uniform
         width = len(carry)
-        # One leg per output interval, from the last: its steps but the first (the same size
-        # as the step before them, no incoming gradient) run through the executor; where the leg
-        # ends, its first step takes dL/dy(t_i) and the size of the step before it.
+        # One leg per output interval, from the last, its steps run through the executor. A
+        # method whose step adds dL/dy(t_i) after it (the coupled tableaus) takes every step
+        # there and the gradient where the leg ends; one that needs it inside the step, with
+        # the size of the step before (reversible Heun), takes the interval's first step where
+        # the leg ends.
+        after = method.incoming_after_step
         legs = []
         for i in range(n_int - 1, -1, -1):
             n, first = grid.n_steps[i], grid.offsets[i]
             sizes: Any = grid.step_size(first + n - 1)
             if recorded:
                 sizes = lambda r: grid.step_size(total - 1 - r)  # noqa: E731
-            legs.append(Leg(i, total - first - n, n - 1, sizes))
+            legs.append(Leg(i, total - first - n, n if after else n - 1, sizes))
 
         def enter(leg: Leg, state: Any) -> Any:
             if leg.n:
-                i = leg.interval
-                vjp.at_step(i, leg.n, grid.offsets[i] + leg.n)
+                i, k = leg.interval, grid.n_steps[leg.interval] - 1
+                vjp.at_step(i, k, grid.offsets[i] + k)
             return state
 
         def leave(leg: Leg, state: Any) -> Any:
             i, first = leg.interval, grid.offsets[leg.interval]
             vjp.g_p = list(state[width + 2 :])
-            vjp.at_step(i, 0, first)
-            h_prev = grid.step_size(first - 1) if i else None
             incoming = job.grads[i - 1] if i else None
-            carry, adjoint = method.backward_step(
-                vjp, state[:width], state[width : width + 2], grid.step_size(first), h_prev,
-                incoming,
-            )  # fmt: skip
+            if after:
+                carry, (a_y, a_z) = state[:width], state[width : width + 2]
+                if incoming is not None:
+                    a_y = a_y + incoming
+                adjoint = (a_y, a_z)
+            else:
+                vjp.at_step(i, 0, first)
+                h_prev = grid.step_size(first - 1) if i else None
+                carry, adjoint = method.backward_step(
+                    vjp, state[:width], state[width : width + 2], grid.step_size(first), h_prev,
+                    incoming,
+                )  # fmt: skip
             vjp.end_interval()
             job.watch(grid.times[i], adjoint[0])
             return (*carry, *adjoint, *vjp.g_p)

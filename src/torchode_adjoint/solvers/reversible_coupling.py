@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -92,6 +92,10 @@ class Coupled(MethodBase):
     replay : CouplingReplay, optional
         With ``choose``: take these couplings instead of choosing (see :class:`CouplingReplay`).
     """
+
+    #: The backward step adds an output's gradient dL/dy_n after the step (the step's
+    #: evaluations do not read it): the mode takes every backward step through the executor.
+    incoming_after_step: ClassVar[bool] = True
 
     tableau: ButcherTableau
     coupling: float

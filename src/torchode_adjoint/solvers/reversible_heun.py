@@ -52,6 +52,8 @@ class ReversibleHeun(MethodBase):
     #: No coupling (McCallum & Foster's, of a tableau made reversible), none chosen per step.
     coupling: ClassVar[None] = None
     choose: ClassVar[bool] = False
+    #: dL/dy_n enters A_y(n) before the product at z_n, with the size of the step before.
+    incoming_after_step: ClassVar[bool] = False
 
     @property
     def nodes(self) -> tuple[float, ...]:
