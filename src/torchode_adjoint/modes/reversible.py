@@ -338,20 +338,37 @@ class Reversible(GradientMode):
         total = len(steps)
         vjp.at_step(0, total - 1, total - 1)
         adjoint = method.backward_start(vjp, carry, a_y, steps[-1][1])
-        for k in range(total - 1, -1, -1):
+        # One leg per accepted step, from the last, each step through the executor (eagerly):
+        # the outputs interpolated inside it enter inside it (the evaluator's ``inside``), those
+        # on its start after it, where the leg ends (the coupled step adds dL/dy_n last).
+        assert method.incoming_after_step
+        width = len(carry)
+
+        def enter(leg: Leg, state: Any) -> Any:
+            k = leg.interval
             vjp.at_step(0, k, k)
-            given = [
-                (theta, job.grads[j - 1])
+            vjp.inside = [
+                (theta, g)
                 for j, theta in inside.get(k, ())
-                if job.grads[j - 1] is not None
+                if (g := job.grads[j - 1]) is not None
             ]
+            return state
+
+        def leave(leg: Leg, state: Any) -> Any:
+            k = leg.interval
+            vjp.g_p, vjp.inside = list(state[width + 2 :]), []
             starts = [job.grads[j - 1] for j in at_end.get(k - 1, ())] if k else []
             incoming = sum_present(starts)
-            carry, adjoint = method.backward_step(
-                vjp, carry, adjoint, steps[k][1], None, incoming, given
-            )
+            a_y = state[width] if incoming is None else state[width] + incoming
             if starts:
-                job.watch(steps[k][0], adjoint[0])
+                job.watch(steps[k][0], a_y)
+            return (*state[:width], a_y, *state[width + 1 :])
+
+        legs = [Leg(k, total - 1 - k, 1, steps[k][1]) for k in range(total - 1, -1, -1)]
+        controller = FixedSteps(_NoTimes(), legs, enter=enter, leave=leave)
+        executor = Executor(ReverseSteps(method, width), None)
+        state = run_steps(executor, vjp, (*carry, *adjoint, *vjp.g_p), controller)
+        carry, adjoint = state[:width], state[width : width + 2]
         job.watch(steps[0][0], adjoint[0])
         self._check_drift(carry, job.y0, job.states[-1], total, method)
         return Gradients(y0=adjoint[0] + adjoint[1], t=None, params=vjp.g_p)
@@ -463,7 +480,11 @@ class ReverseSteps(MethodBase):
     def step(self, f: Any, carry: Any, h: Step, ts: tuple[torch.Tensor, ...]) -> Stepped:
         n = self.state_size
         f.begin_step(ts, carry[n + 2 :])
-        state, adjoint = self.method.backward_step(f, carry[:n], carry[n : n + 2], h, h, None)
+        # Outputs interpolated inside the step (a dense backward pass) enter inside it.
+        inside = (f.inside,) if f.inside else ()
+        state, adjoint = self.method.backward_step(
+            f, carry[:n], carry[n : n + 2], h, h, None, *inside
+        )
         return (*state, *adjoint, *f.g_p), None, None
 
     def bind(self, func: Any, inputs: Any) -> Any:
@@ -502,6 +523,13 @@ def sum_present(values: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
     return out
 
 
+class _NoTimes:
+    """Stage times for steps whose evaluator keeps its own (the dense backward pass)."""
+
+    def of(self, g: int) -> tuple[torch.Tensor, ...]:
+        return ()
+
+
 class _Backwards:
     """Stage times numbered backwards: step ``r`` is the forward's step ``total - 1 - r``."""
 
@@ -519,6 +547,7 @@ class _TraceableProducts:
     the backward steps without time gradients or replayed draws."""
 
     need_t = False
+    inside: tuple[()] = ()  # no dense backward on the compiled path
 
     def __init__(self, func: Any, names: ParamNames, params: tuple[torch.Tensor, ...]) -> None:
         self.func, self.names, self.params = func, names, params
@@ -585,6 +614,8 @@ class StepVJP(ProductsEvaluator):
     ) -> None:
         self.job, self.f = job, job.f
         self.dynamics = job.f
+        # The (theta, dL/dy) of outputs interpolated inside the current step (dense backward).
+        self.inside: list[tuple[float, torch.Tensor]] = []
         self.compile_ok: bool | None = None
         # The couplings chosen per step, read by the coupled method's backward step.
         self.couplings = job.record.couplings
