@@ -36,7 +36,7 @@ def _never(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y.detach().abs().sum() * 0.0 + 1.0 + t
 
 
-def _cases(steps: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     torch.manual_seed(0)
     return {
         "mlp": (MLPDynamics(16, 64), torch.randn(512, 16)),
@@ -49,7 +49,7 @@ def run(steps: int, repeats: int) -> list[dict[str, Any]]:
     rows = []
     step = 1.0 / steps
     t = torch.tensor([0.0, 1.0])
-    for name, (func, y0) in _cases(steps).items():
+    for name, (func, y0) in _cases().items():
         for mode in ("backprop", "adjoint"):
 
             def plain(train: bool, func: Any = func, y0: Any = y0, mode: str = mode) -> None:

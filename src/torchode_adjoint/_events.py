@@ -128,7 +128,7 @@ def odeint_event(
         condition has no time derivative along the solution at the root (the event time has
         no gradient there).
     """
-    y0, t0_t, sign, dyn_params = _validate(
+    y0, t0_t, sign, dyn_params, g0 = _validate(
         func, y0, t0, event_fn, reverse_time, direction, params, max_steps
     )
     method, tableau, control = _method(solver, step, rtol, atol, t0_t.dtype)
@@ -139,9 +139,7 @@ def odeint_event(
         return func(t, y)
 
     t_stop = _check_end(terminal, t_end, float(t0_t.detach()), sign)
-    clock = t0_t.detach()
-    with torch.no_grad():
-        ref = torch.sign(event_fn(clock, y0.detach())).reshape(-1)
+    ref = torch.sign(g0).reshape(-1)  # each condition's sign at t0
     out_t: list[torch.Tensor] = []
     out_y: list[torch.Tensor] = []
     evaluations = 0
@@ -383,7 +381,7 @@ def _validate(
     direction: int,
     params: Iterable[torch.Tensor] | None,
     max_steps: int,
-) -> tuple[torch.Tensor, torch.Tensor, float, Any]:
+) -> tuple[torch.Tensor, torch.Tensor, float, Any, torch.Tensor]:
     if not isinstance(y0, torch.Tensor) or not (y0.is_floating_point() or y0.is_complex()):
         raise TypeError(
             f"`y0` must be a floating-point tensor for odeint_event, got {type(y0).__name__}; "
@@ -418,7 +416,7 @@ def _validate(
     if not bool(torch.isfinite(g.detach()).all()):
         raise ValueError(f"`event_fn` returned a non-finite value at t0 = {float(t0_t):.6g}.")
     dyn_params = None if params is None else tuple(params)
-    return y0, t0_t, -1.0 if reverse_time else 1.0, dyn_params
+    return y0, t0_t, -1.0 if reverse_time else 1.0, dyn_params, g.detach()
 
 
 def _method(
@@ -546,7 +544,7 @@ def _search(
     comes first; and the state there (the event's, or ``t_end``'s), without a graph."""
     executor = Executor(method, None)
     nodes = method.nodes
-    clock = torch.zeros((), dtype=_real(y0.dtype), device=y0.device)  # the times' dtype
+    clock = _clock(y0)  # the times' dtype
     t0_t = clock.new_tensor(t0)
     ends: list[float] = []
     found: list[Any] = []

@@ -500,6 +500,8 @@ class StepCallbacks:
                 UserWarning,
                 stacklevel=user_stacklevel(),
             )
+        if not judged:  # fixed steps: every step is taken, none is judged
+            found[1:] = [None, None]
         if not any(found):
             return None
         return cls(*found)
@@ -558,7 +560,7 @@ def run_steps(
                 first(out)
                 first = None
             judged = controller.judge(carry, out)
-            if callbacks is not None and isinstance(controller, ErrorSteps):
+            if callbacks is not None:
                 callbacks.judged(judged, plan.ts[0], output(carry), plan.h)
             if not judged:
                 continue
