@@ -9,21 +9,23 @@ argument maps to this library's name (see the docs' page "Coming from torchdiffe
 - ``rtol``/``atol`` (defaults 1e-7/1e-9) -> ``rtol``/``atol`` for an embedded pair; a
   fixed-step method takes ``options["step_size"]`` as ``step`` (none: one step per interval
   of ``t``, as torchdiffeq);
-- ``options["step_t"]``/``["jump_t"]`` -> ``step_t``/``jump_t``;
+- ``options["step_t"]``/``["jump_t"]`` -> ``step_t``/``jump_t``; ``options["norm"]`` ->
+  ``controller=PIController(norm=...)``;
 - ``options["grid_constructor"]`` (a fixed-step method) -> ``controller=StepTo(grid)`` with
   the grid it returns for ``(func, y0, t)``, called once: the continuous adjoint's backward
   pass takes the same steps in reverse. Output times off the grid are step ends here, where
   torchdiffeq interpolates linearly between grid points;
 - ``odeint``: backprop (``adjoint=False``); ``odeint_adjoint``: the continuous adjoint with
-  ``adjoint_rtol``/``adjoint_atol`` and ``adjoint_options["norm"]`` (``"seminorm"``, else the
-  full norm: torchdiffeq's default), ``adjoint_params`` -> ``params``;
+  ``adjoint_rtol``/``adjoint_atol`` and ``adjoint_options["norm"]`` (``"seminorm"``, a
+  function, which gets torchdiffeq's ``(t, y, adj_y, *adj_params)``, else the full norm:
+  torchdiffeq's default), ``adjoint_params`` -> ``params`` (those that require grad);
 - ``event_fn`` (``t`` of length 2: from ``t[0]`` towards ``t[1]``'s side until the event) and
   ``odeint_event`` -> ``odeint_event`` (``reverse_time`` where ``t[1] < t[0]``), the mode as
   above; ``options["interp"]`` is ignored (the event is located on the method's own step).
 
 What this library does not have raises ``NotImplementedError`` naming it: other solvers
-(implicit, Adams, ``dopri8``, ``scipy_solver``), callable norms, events with
-``grid_constructor``, other options.
+(implicit, Adams, ``dopri8``, ``scipy_solver``), events with ``grid_constructor``, other
+options.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ from typing import Any
 
 import torch
 
-from torchode_adjoint import ContinuousAdjoint, StepTo, available_solvers, get_solver
+from torchode_adjoint import (
+    ContinuousAdjoint,
+    PIController,
+    StepTo,
+    available_solvers,
+    get_solver,
+)
 from torchode_adjoint import odeint as _odeint
 from torchode_adjoint import odeint_event as _odeint_event
 
@@ -62,14 +70,14 @@ def _settings(
     unknown = set(options) - _OPTIONS
     if unknown:
         raise NotImplementedError(f"options {sorted(unknown)} have no counterpart here")
-    if options.get("norm") is not None:
-        raise NotImplementedError("a callable `norm` has no counterpart here (the RMS norm)")
     if options.get("perturb"):
         raise NotImplementedError("`perturb` has no counterpart here")
     solver = _solver(method)
     settings: dict[str, Any] = {"solver": solver}
     if getattr(get_solver(solver), "adaptive", False):
         settings.update(rtol=rtol, atol=atol)
+        if options.get("norm") is not None:  # torchdiffeq's norm of the scaled error
+            settings["controller"] = PIController(norm=options["norm"])
         for name in ("step_t", "jump_t"):
             if options.get(name) is not None:
                 settings[name] = options[name]
@@ -149,21 +157,39 @@ def odeint_adjoint(
     norm = adjoint_options.pop("norm", None)
     if adjoint_options:
         raise NotImplementedError(f"adjoint_options {sorted(adjoint_options)}")
-    if norm not in (None, "seminorm"):
-        raise NotImplementedError("a callable adjoint `norm` has no counterpart here")
     if event_fn is not None:
         options = _event_options(options)
     settings = _settings(method, rtol, atol, options, (func, y0, t))
+    if adjoint_params is None:
+        adjoint_params = func.parameters() if isinstance(func, torch.nn.Module) else ()
+    # torchdiffeq leaves out the parameters that do not require grad (and so does its norm).
+    adjoint_params = [p for p in adjoint_params if p.requires_grad]
+    if callable(norm) and (event_fn is not None or "rtol" not in settings):
+        # Fixed steps: torchdiffeq ignores the norm, and so does this. Events: the backward
+        # pass takes the search's steps, with no error control to measure.
+        if event_fn is not None:
+            raise NotImplementedError("a callable adjoint `norm` with events")
+        norm = None
     mode = ContinuousAdjoint(
         rtol=adjoint_rtol if "rtol" in settings else None,
         atol=adjoint_atol if "atol" in settings else None,
-        norm="seminorm" if norm == "seminorm" else "full",
+        norm="seminorm" if norm == "seminorm" else "full" if norm is None else _adjoint_norm(norm),
     )
-    if adjoint_params is None:
-        adjoint_params = func.parameters() if isinstance(func, torch.nn.Module) else ()
     if event_fn is not None:
         return _until_event(func, y0, t, event_fn, settings, mode, list(adjoint_params))
     return _odeint(func, y0, t, adjoint=mode, params=list(adjoint_params), **settings)
+
+
+def _adjoint_norm(norm: Callable[..., Any]) -> Callable[..., Any]:
+    """torchdiffeq's callable adjoint norm over this library's ``(y, a, g_t, *g_params)``: it
+    takes ``(t, y, adj_y, *adj_params)``, a tuple state's parts in place of ``y`` and ``adj_y``."""
+
+    def adjoint_norm(groups: tuple[Any, ...]) -> Any:
+        y, a, g_t, *g_p = groups
+        parts = (*y, *a) if isinstance(y, tuple) else (y, a)
+        return norm((g_t, *parts, *g_p))
+
+    return adjoint_norm
 
 
 def odeint_event(

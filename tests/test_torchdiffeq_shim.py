@@ -55,7 +55,6 @@ def test_odeint_adjoint_maps_its_options_to_the_continuous_adjoint(monkeypatch) 
     ("call", "message"),
     [
         (lambda f, y, t: tdq.odeint(f, y, t, method="dopri8"), "'dopri8' has no counterpart"),
-        (lambda f, y, t: tdq.odeint(f, y, t, options={"norm": abs}), "callable `norm`"),
         (
             lambda f, y, t: tdq.odeint(
                 f, y, t, event_fn=lambda t, y: y.sum(), method="euler",
@@ -63,12 +62,47 @@ def test_odeint_adjoint_maps_its_options_to_the_continuous_adjoint(monkeypatch) 
             ),
             "grid_constructor` with events",
         ),
-        (lambda f, y, t: tdq.odeint_adjoint(f, y, t, adjoint_options={"norm": abs}), "adjoint"),
+        (
+            lambda f, y, t: tdq.odeint_adjoint(
+                f, y, t, adjoint_options={"norm": abs}, event_fn=lambda t, y: y.sum()
+            ),
+            "adjoint `norm` with events",
+        ),
     ],
 )
 def test_what_has_no_counterpart_raises_naming_it(call: object, message: str) -> None:
     with pytest.raises(NotImplementedError, match=message):
         call(_Linear(), torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D))  # type: ignore[operator]
+
+
+def test_a_callable_norm_gets_torchdiffeqs_arguments_forward_and_backward() -> None:
+    """torchdiffeq's norm gets the scaled error shaped like the state; its adjoint norm gets
+    ``(t, y, adj_y, *adj_params)`` with a tuple state's parts in place of ``y`` and ``adj_y``,
+    and only the parameters that require grad."""
+    forward: list = []
+    backward: list = []
+
+    def norm(scaled):
+        forward.append(tuple(s.shape for s in scaled))
+        return max(s.abs().max() for s in scaled)
+
+    def adjoint_norm(scaled):
+        backward.append(tuple(s.shape for s in scaled))
+        return max(s.abs().max() for s in scaled)
+
+    w = torch.tensor([0.5, 0.2], dtype=D, requires_grad=True)
+    frozen = torch.tensor(3.0, dtype=D)
+    y0 = (torch.tensor(1.0, dtype=D), torch.ones(2, 3, dtype=D))
+
+    def f(t, y):
+        return (-w[0] * y[0], -w[1] * frozen * y[1])
+
+    ys = tdq.odeint_adjoint(f, y0, torch.tensor([0.0, 1.0], dtype=D), options={"norm": norm},
+                            adjoint_params=(w, frozen), adjoint_options={"norm": adjoint_norm})
+    assert set(forward) == {((), (2, 3))}
+    (ys[0][-1] + ys[1][-1].sum()).backward()
+    assert set(backward) == {((), (), (2, 3), (), (2, 3), (2,))}
+    assert w.grad is not None
 
 
 @pytest.mark.parametrize("adjoint", [False, True])

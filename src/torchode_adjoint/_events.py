@@ -34,6 +34,7 @@ from .controllers.error import (
 )
 from .controllers.fixed import DEFAULT_STEP, FixedSteps, Leg, StepTo
 from .controllers.protocol import Try
+from .modes.adjoint import ContinuousAdjoint
 from .modes.base import GradientMode
 from .solvers.methods import as_embedded, as_method, tableau_of
 from .solvers.protocol import Method, Step, Stepped
@@ -129,7 +130,7 @@ def odeint_event(
         no gradient there).
     """
     y0, t0_t, sign, dyn_params, g0 = _validate(
-        func, y0, t0, event_fn, reverse_time, direction, params, max_steps
+        func, y0, t0, event_fn, reverse_time, direction, params, max_steps, adjoint
     )
     method, tableau, control = _method(solver, step, rtol, atol, t0_t.dtype)
     calls = [0]
@@ -381,6 +382,7 @@ def _validate(
     direction: int,
     params: Iterable[torch.Tensor] | None,
     max_steps: int,
+    adjoint: object,
 ) -> tuple[torch.Tensor, torch.Tensor, float, Any, torch.Tensor]:
     if not isinstance(y0, torch.Tensor) or not (y0.is_floating_point() or y0.is_complex()):
         raise TypeError(
@@ -392,6 +394,14 @@ def _validate(
         raise TypeError(f"`event_fn` must be callable as event_fn(t, y), got {event_fn!r}.")
     if direction not in (0, 1, -1):
         raise ValueError(f"`direction` must be 0 (either), 1 (up) or -1 (down), got {direction!r}.")
+    if isinstance(adjoint, ContinuousAdjoint):
+        given = [n for n in ("rtol", "atol") if getattr(adjoint, n) is not None]
+        if given or callable(adjoint.norm):
+            raise ValueError(
+                f"`ContinuousAdjoint({(given or ['norm'])[0]}=...)` sets the backward pass's "
+                "error control, and odeint_event's backward pass takes the search's steps in "
+                "reverse: drop it (the forward's `rtol`/`atol` choose those steps)."
+            )
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"`max_steps` must be a positive int, got {max_steps!r}.")
     if isinstance(t0, torch.Tensor):

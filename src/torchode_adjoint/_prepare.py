@@ -161,7 +161,8 @@ _FOREIGN_OPTIONS = {
     "method": "pass `solver=` (e.g. `solver='dopri5'` with `rtol=`/`atol=`, or a fixed-step "
     "method such as `solver='rk4'` with `step=`)",
     "options": "pass `step=h` for torchdiffeq's `options={'step_size': h}`, and `step=` as the "
-    "largest step of an error-controlled solve; `step_t=`, `jump_t=` for its 'step_t', 'jump_t'",
+    "largest step of an error-controlled solve; `step_t=`, `jump_t=` for its 'step_t', "
+    "'jump_t'; `controller=PIController(norm=f)` for its 'norm'",
     "event_fn": "events are solved by `odeint_event(func, y0, t0, event_fn=...)`, which returns "
     "(event_t, solution) as torchdiffeq's event handling mode does",
     "adjoint_params": "pass `params=` (an nn.Module's own parameters are found by themselves)",
@@ -169,8 +170,8 @@ _FOREIGN_OPTIONS = {
     "adjoint_atol": "pass `adjoint=ContinuousAdjoint(rtol=..., atol=...)`",
     "adjoint_method": "the continuous adjoint uses the forward's `solver=`",
     "adjoint_options": "the continuous adjoint's backward steps follow the forward's `step=` or "
-    "tolerances; its norm is `adjoint=ContinuousAdjoint(norm='seminorm')` (the default) or "
-    "`norm='full'`",
+    "tolerances; its norm is `adjoint=ContinuousAdjoint(norm='seminorm')` (the default), "
+    "`norm='full'` or a function of the scaled errors",
 }
 
 
@@ -333,6 +334,8 @@ def make_config(
     control = _stop_times(control, mode, step_t, jump_t)
     if layout is None:
         control = _with_controller(control, cast(PIController | None, controller))
+    if control is None and isinstance(mode, ContinuousAdjoint):
+        _no_backward_control(mode)
     # Only Heun's own tableau: an embedded pair with Heun's weights (adaptive_heun) never had
     # the old meaning.
     if mode.name == "reversible" and is_heun(tableau) and not getattr(tableau, "adaptive", False):
@@ -430,7 +433,7 @@ def _control_for(
                     "tensors as `y0`."
                 )
         return control
-    return control.for_parts(structure.parts(), structure.per_part)
+    return control.for_parts(structure.parts(), structure.per_part, structure.unflatten)
 
 
 def _with_controller(
@@ -450,8 +453,24 @@ def _with_controller(
             "`controller` sets how error-controlled steps are sized, and this solve takes fixed "
             "steps: pass `rtol`/`atol` with an embedded pair (e.g. `solver='dopri5'`)."
         )
-    fields = ("beta1", "beta2", "safety", "factor_min", "factor_max", "first_step", "min_step")
+    fields = (
+        "beta1", "beta2", "safety", "factor_min", "factor_max", "first_step", "min_step", "norm"
+    )  # fmt: skip
     return dataclasses.replace(control, **{k: getattr(controller, k) for k in fields})
+
+
+def _no_backward_control(mode: ContinuousAdjoint) -> None:
+    """Refuse the adjoint's own error control where the forward takes fixed steps (its backward
+    pass takes the forward's steps in reverse, so the settings would do nothing)."""
+    given = [n for n in ("rtol", "atol") if getattr(mode, n) is not None]
+    if callable(mode.norm):
+        given.append("norm")
+    if given:
+        raise ValueError(
+            f"`ContinuousAdjoint({given[0]}=...)` sets the backward pass's error control, and this "
+            "solve takes fixed steps (its backward pass takes the same steps in reverse): drop "
+            "it, or pass `rtol`/`atol` with an embedded pair (e.g. `solver='dopri5'`)."
+        )
 
 
 def _times_list(value: object, name: str) -> tuple[float, ...]:

@@ -112,6 +112,14 @@ class PIController:
         evaluation more).
     min_step : float, default 0.0
         A step size below which the solve raises (besides the times' resolution).
+    norm : callable, optional
+        The norm the scaled error is measured in, instead of the RMS over each part:
+        ``norm(scaled) -> Tensor`` (a 0-dim tensor or a number) with ``scaled`` shaped like
+        the state (a tensor, or the tuple, list or dict of a structured state) holding
+        ``err / (atol + rtol * max(|y0|, |y1|))``; a step is accepted where it is at most 1.
+        It also sizes the first step, and measures the state and the adjoint in the continuous
+        adjoint's backward pass (torchdiffeq's ``options=dict(norm=...)``; diffrax's
+        ``PIDController(norm=...)``). It is called on the host once per step, eagerly.
     """
 
     beta1: float = 1.0
@@ -121,6 +129,7 @@ class PIController:
     factor_max: float = 10.0
     first_step: float | None = None
     min_step: float = 0.0
+    norm: Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("beta1", "safety", "factor_min", "factor_max"):
@@ -138,6 +147,11 @@ class PIController:
         ms = self.min_step
         if isinstance(ms, bool) or not isinstance(ms, numbers.Real) or not 0.0 <= ms < math.inf:
             raise ValueError(f"`PIController(min_step=...)` must be 0 or positive, got {ms!r}.")
+        if self.norm is not None and not callable(self.norm):
+            raise TypeError(
+                f"`PIController(norm=...)` must be a function of the scaled error, got "
+                f"{type(self.norm).__name__}; pass e.g. `norm=lambda e: e.abs().max()`."
+            )
 
 
 @dataclass(frozen=True)
@@ -180,6 +194,16 @@ class ErrorControl:
     default_tolerances : bool, default False
         The tolerances are the defaults of a pair named without ``step``, ``rtol`` or ``atol``
         (fitted to the state's dtype by :meth:`for_dtype`).
+    norm : callable, optional
+        The user's norm of the scaled error, in the state's structure (``PIController(norm=)``);
+        None: the RMS over each part.
+    view : callable, optional
+        The state's structure over a flat state (set by :meth:`for_parts`); None: the state
+        is one tensor, integrated as it is.
+    adjoint_norm : callable, optional
+        The continuous adjoint's norm of its backward steps (``ContinuousAdjoint(norm=f)``):
+        ``f((y, a, g_t, *g_params))`` of the scaled errors, ``y`` and ``a`` in the state's
+        structure.
     """
 
     rtol: float
@@ -198,20 +222,29 @@ class ErrorControl:
     jump_times: tuple[float, ...] = ()
     first_step: float | None = None
     default_tolerances: bool = False
+    norm: Callable[[Any], Any] | None = None
+    view: Callable[[torch.Tensor], Any] | None = None
+    adjoint_norm: Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rtol", _tolerance(self.rtol, "rtol", "`rtol=1e-5`"))
         object.__setattr__(self, "atol", _tolerance(self.atol, "atol", "`atol=1e-7`"))
 
-    def for_parts(self, parts: Sequence[tuple[int, int]], per_part: Any) -> ErrorControl:
+    def for_parts(
+        self,
+        parts: Sequence[tuple[int, int]],
+        per_part: Any,
+        view: Callable[[torch.Tensor], Any] | None = None,
+    ) -> ErrorControl:
         """These settings for a state of ``parts`` (offset and size of each tensor in the
         flat state's last dimension); ``per_part(tolerance, name)`` lists a tolerance given
-        per part in the parts' order (and raises where its shape is not the state's)."""
+        per part in the parts' order (and raises where its shape is not the state's);
+        ``view(flat)`` is the state's structure over a flat state (for a user's norm)."""
         rtol, atol = (
             v if isinstance(v, float) else tuple(float(x) for x in per_part(v, name))
             for v, name in ((self.rtol, "rtol"), (self.atol, "atol"))
         )
-        return dataclasses.replace(self, rtol=rtol, atol=atol, parts=tuple(parts))
+        return dataclasses.replace(self, rtol=rtol, atol=atol, parts=tuple(parts), view=view)
 
     def for_dtype(self, dtype: torch.dtype) -> ErrorControl:
         """The default tolerances fitted to ``dtype``: torchdiffeq's ``rtol=1e-7, atol=1e-9``
@@ -280,10 +313,14 @@ class StepSizeController:
         """The first step's size: ``PIController(first_step=...)``, else Hairer's algorithm
         (:func:`initial_step`: one evaluation of ``f``), at most ``max_step``."""
         control = self.control
+        user, view = control.norm, control.view or (lambda x: x)
+        norm = None
+        if user is not None:
+            norm = lambda x: _norm_value(user(view(x)), "PIController(norm=...)", x)  # noqa: E731
         with torch.no_grad():
             h = control.first_step or initial_step(
                 f, t0.detach(), y0.detach(), f0.detach(), self.q - 1, *control.smallest(),
-                direction,
+                direction, norm,
             )  # fmt: skip
         return min(h, control.max_step)
 
@@ -445,6 +482,8 @@ def error_ratio(
     ``err / (atol + rtol * max(|y0|, |y1|))``, the first ``split`` groups (default all) taken
     part by part (``control.parts``). A 0-dim tensor: the caller reads it on the host once."""
     split = len(errors) if split is None else split
+    if control.norm is not None or control.adjoint_norm is not None:
+        return _users_norm(errors, before, after, control, split)
     parts, (rtol_min, atol_min) = control.parts, control.smallest()
     worst: torch.Tensor | None = None
     for g, (e, y0, y1) in enumerate(zip(errors, before, after)):
@@ -472,6 +511,63 @@ def _per_part(value: float | tuple[float, ...], n: int) -> Sequence[float]:
     return (value,) * n if isinstance(value, float) else value
 
 
+def _tolerance_of(
+    value: float | tuple[float, ...], like: torch.Tensor, control: ErrorControl
+) -> Any:
+    """A tolerance over the flat state's last dimension: the number, or each part's value
+    across its slots (padding slots get 1)."""
+    if isinstance(value, float):
+        return value
+    row = like.new_ones(like.shape[-1])
+    for (o, n), v in zip(control.parts, value):
+        row[o : o + n] = v
+    return row
+
+
+def _users_norm(
+    errors: Sequence[torch.Tensor],
+    before: Sequence[torch.Tensor],
+    after: Sequence[torch.Tensor],
+    control: ErrorControl,
+    split: int,
+) -> torch.Tensor:
+    """The error ratio in the user's norm (``PIController(norm=)``, ``ContinuousAdjoint(norm=f)``)
+    of the scaled errors, the first ``split`` groups (the state's layout) handed over in the
+    state's structure; without a state norm those are measured by the RMS over each part."""
+    rtol_min, atol_min = control.smallest()
+    scaled = []
+    for g, (e, y0, y1) in enumerate(zip(errors, before, after)):
+        r, a = (control.rtol, control.atol) if g < split else (rtol_min, atol_min)
+        r, a = _tolerance_of(r, e, control), _tolerance_of(a, e, control)
+        scaled.append(e / (torch.maximum(y0.abs(), y1.abs()) * r + a))
+    view = control.view or (lambda x: x)
+    if control.adjoint_norm is not None:
+        value = control.adjoint_norm((*(view(s) for s in scaled[:split]), *scaled[split:]))
+        return _norm_value(value, "ContinuousAdjoint(norm=...)", errors[0])
+    values = [
+        _norm_value(control.norm(view(s)), "PIController(norm=...)", s)  # type: ignore[misc]
+        if g < split
+        else s.detach().abs().square().mean().sqrt()
+        for g, s in enumerate(scaled)
+        if g < split or s.numel() > 0
+    ]
+    return torch.stack(values).amax() if len(values) > 1 else values[0]
+
+
+def _norm_value(value: object, name: str, like: torch.Tensor) -> torch.Tensor:
+    """A user's norm's value as a 0-dim tensor (on ``like``'s device), or an error naming
+    the norm."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return like.new_tensor(float(value)).abs()
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.is_complex():
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(
+            f"`{name}` must return one real number (a 0-dim tensor), got {shape}; reduce over "
+            "every element, e.g. `lambda e: e.abs().max()`."
+        )
+    return value.detach().reshape(()).abs().to(like.device)
+
+
 def initial_step(
     f: object,
     t0: torch.Tensor,
@@ -481,12 +577,16 @@ def initial_step(
     rtol: float,
     atol: float,
     direction: float,
+    norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """Hairer's starting step size (*Solving ODEs I*, II.4): from the sizes of ``y0``, ``f0``
-    and of one more evaluation's change; one evaluation of ``f`` and two host reads."""
+    and of one more evaluation's change, in ``norm`` (default the RMS) of the state scaled by
+    the tolerances; one evaluation of ``f`` and two host reads."""
+    if norm is None:
+        norm = lambda x: torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))  # noqa: E731
     scale = atol + y0.abs() * rtol
-    d0 = float(torch.linalg.vector_norm(y0 / scale) / math.sqrt(max(y0.numel(), 1)))
-    d1 = float(torch.linalg.vector_norm(f0 / scale) / math.sqrt(max(y0.numel(), 1)))
+    d0 = float(norm(y0 / scale))
+    d1 = float(norm(f0 / scale))
     if not (math.isfinite(d0) and math.isfinite(d1)):
         raise RuntimeError(
             f"the {'state' if not math.isfinite(d0) else 'derivative'} at t = {float(t0):.6g}, "
@@ -496,7 +596,7 @@ def initial_step(
     h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
     y1 = y0 + (direction * h0) * f0
     f1 = f(t0 + direction * h0, y1)  # type: ignore[operator]
-    d2 = float(torch.linalg.vector_norm((f1 - f0) / scale) / math.sqrt(max(y0.numel(), 1))) / h0
+    d2 = float(norm((f1 - f0) / scale)) / h0
     if d1 <= 1e-15 and d2 <= 1e-15:
         h1 = max(1e-6, h0 * 1e-3)
     else:

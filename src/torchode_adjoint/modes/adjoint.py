@@ -24,7 +24,7 @@ incoming gradient is added to ``a``, the state is reset to the stored forward st
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -77,10 +77,15 @@ class ContinuousAdjoint(GradientMode):
     rtol, atol : float, optional
         The backward pass's tolerances (torchdiffeq's ``adjoint_rtol``/``adjoint_atol``);
         default the forward's.
-    norm : {"seminorm", "full"}, default "seminorm"
+    norm : {"seminorm", "full"} or callable, default "seminorm"
         What the backward steps' error is measured on: the state and the adjoint (the
         seminorm), or those and the time and parameter gradients too (``"full"``:
-        torchdiffeq's default, more backward steps for no better state or adjoint).
+        torchdiffeq's default, more backward steps for no better state or adjoint). Both
+        measure the state and the adjoint in the forward's norm (``PIController(norm=)``,
+        default the RMS over each part) and each gradient by its RMS. A function
+        ``norm((y, a, g_t, *g_params)) -> Tensor`` of the scaled errors (``y`` and ``a`` shaped
+        like the state; ``g_t`` 0-dim; one tensor per parameter gradient, in the order of
+        ``params``) is the norm itself (torchdiffeq's callable ``adjoint_options["norm"]``).
     """
 
     name: ClassVar[str] = "adjoint"
@@ -88,7 +93,7 @@ class ContinuousAdjoint(GradientMode):
     replays_randomness: ClassVar[bool] = False
     rtol: float | None = None
     atol: float | None = None
-    norm: str = "seminorm"
+    norm: str | Callable[[Any], Any] = "seminorm"
 
     def __post_init__(self) -> None:
         for name in ("rtol", "atol"):
@@ -101,9 +106,10 @@ class ContinuousAdjoint(GradientMode):
                         "solve (and the backward pass uses them by default)."
                     )
                 ErrorControl(rtol=value, atol=1.0) if name == "rtol" else ErrorControl(1.0, value)
-        if self.norm not in ("seminorm", "full"):
+        if not callable(self.norm) and self.norm not in ("seminorm", "full"):
             raise ValueError(
-                f"`ContinuousAdjoint(norm=...)` must be 'seminorm' or 'full', got {self.norm!r}."
+                f"`ContinuousAdjoint(norm=...)` must be 'seminorm', 'full' or a function of the "
+                f"scaled errors, got {self.norm!r}."
             )
 
     def forward(
@@ -189,8 +195,9 @@ class ContinuousAdjoint(GradientMode):
             rtol=forward.rtol if self.rtol is None else self.rtol,
             atol=forward.atol if self.atol is None else self.atol,
             first_step=None,
+            adjoint_norm=self.norm if callable(self.norm) else None,
         )
-        full = self.norm == "full"
+        full = self.norm == "full" or callable(self.norm)
         executor = Executor(AugmentedMethod(tableau, True, full), job.spec.compile)
         times = job.spec.grid.times
         a = torch.zeros_like(job.states[-1])
