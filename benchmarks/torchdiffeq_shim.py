@@ -24,7 +24,7 @@ argument maps to this library's name (see the docs' page "Coming from torchdiffe
   above; ``options["interp"]`` is ignored (the event is located on the method's own step).
 
 What this library does not have raises ``NotImplementedError`` naming it: other solvers
-(implicit, Adams, ``dopri8``, ``scipy_solver``), events with ``grid_constructor``, other
+(implicit, Adams, ``scipy_solver``), events with ``grid_constructor``, other
 options.
 """
 

@@ -37,7 +37,7 @@ def _exact(y0: torch.Tensor, times: list[float]) -> torch.Tensor:
 
 
 def test_the_built_in_pairs_are_registered() -> None:
-    assert set(PAIRS) == {"adaptive_heun", "fehlberg2", "bosh3", "dopri5", "tsit5"}
+    assert set(PAIRS) == {"adaptive_heun", "fehlberg2", "bosh3", "dopri5", "tsit5", "dopri8"}
     assert get_solver("dopri5").fsal and get_solver("tsit5").fsal and get_solver("bosh3").fsal
     assert not get_solver("fehlberg2").fsal
 
@@ -636,7 +636,7 @@ def test_a_training_temporal_batchnorm_refuses_error_control_by_name() -> None:
 # --- against torchdiffeq ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("solver", ["dopri5", "bosh3"])
+@pytest.mark.parametrize("solver", ["dopri5", "bosh3", "dopri8"])
 @pytest.mark.parametrize("tol", [1e-4, 1e-6, 1e-8])
 def test_steps_and_errors_match_torchdiffeq_on_one_interval(solver: str, tol: float) -> None:
     torchdiffeq = pytest.importorskip("torchdiffeq", reason="torchdiffeq is in the bench extra")

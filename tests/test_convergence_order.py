@@ -28,8 +28,15 @@ def _error(problem: Problem, solver: str, n: int) -> float:
 @pytest.mark.parametrize("solver", available_solvers())
 def test_measured_order_matches_tableau_order(problem: Problem, solver: str) -> None:
     order = get_solver(solver).order
-    # Coarse enough that round-off does not dominate for order 4, fine enough to be asymptotic.
-    n1, n2 = (20, 40) if order < 4 else (16, 32)
+    # Coarse enough that round-off does not dominate (order 8 reaches it at about 6 steps),
+    # fine enough to be asymptotic.
+    n1, n2 = (20, 40) if order < 4 else (16, 32) if order < 6 else (2, 4)
     e1, e2 = _error(problem, solver, n1), _error(problem, solver, n2)
     measured = math.log2(e1 / e2)
+    if order >= 6 and problem.name != "time_dependent":
+        # On a linear problem the step is the stability polynomial; dopri8's matches exp(z) in
+        # its z**9 term to 0.13 % (1 - 0.9987 of 1/9!), so its error falls faster than h**8
+        # until round-off: at least the order there, exactly it on the non-autonomous problem.
+        assert measured >= order - 0.35, (e1, e2)
+        return
     assert measured == pytest.approx(order, abs=0.35), (e1, e2)

@@ -137,9 +137,10 @@ def odeint(
         How the steps are sized besides ``step``/``rtol``/``atol``. With error control, a
         :class:`~torchode_adjoint.PIController`: the step-size controller's coefficients, the
         first step, the smallest step and the error's norm (default ``PIController()``: the I
-        controller, Hairer's first step, the RMS norm per part). Without, :class:`~torchode_adjoint.StepTo`: fixed steps that end
-        on the given times and on every output time (torchdiffeq's ``grid_constructor``,
-        diffrax's ``StepTo``), in every gradient mode; not with ``step`` or ``rtol``/``atol``.
+        controller, Hairer's first step, the RMS norm per part). Without,
+        :class:`~torchode_adjoint.StepTo`: fixed steps that end on the given times and on every
+        output time (torchdiffeq's ``grid_constructor``, diffrax's ``StepTo``), in every
+        gradient mode; not with ``step`` or ``rtol``/``atol``.
     compile : bool or Compile, default False
         Run each solver step and each backward step as one ``torch.compile`` graph
         (:class:`~torchode_adjoint.Compile` sets the backend). Same values and gradients as the
