@@ -368,3 +368,129 @@ def test_without_a_gradient_the_search_alone_gives_the_same_event(layout: str) -
     assert abs(_f(t_g) - _f(t_n)) < 1e-12 and torch.allclose(sol_g.detach(), sol_n, rtol=1e-11)
     assert torch.allclose(rec_g[1].detach(), rec_n[1], rtol=1e-11)
     assert counts[1].forward < counts[0].forward
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_event_that_never_fires_costs_one_pass(mode: str) -> None:
+    # Fixed steps to t_end with a gradient: the steps are taken once, in the gradient mode,
+    # the condition checked between them (20 steps of rk4: 80 evaluations, no search).
+    k = torch.tensor(0.7, dtype=D, requires_grad=True)
+    nfe = NFECounter()
+    odeint_event(_decay(k), torch.tensor([1.0], dtype=D), 0.0, event_fn=lambda t, y: y.sum() + 1,
+                 t_end=2.0, solver="rk4", step=0.1, params=(k,), adjoint=mode, nfe=nfe)  # fmt: skip
+    stages = 4 * (2 if mode == "reversible" else 1)  # the coupled step evaluates twice
+    assert nfe.forward == 20 * stages
+
+
+def _bouncing_chain(mode: str, one_pass: bool, monkeypatch: pytest.MonkeyPatch) -> list:
+    """Recorded crossings of a damped oscillator (and a terminal one with t_end), their
+    gradients, with or without the one-pass start."""
+    from torchode_adjoint import _events
+
+    monkeypatch.setattr(_events.Segment, "one_pass", one_pass)
+    w = torch.tensor(3.0, dtype=D, requires_grad=True)
+    c = torch.tensor(0.2, dtype=D, requires_grad=True)
+    y0 = torch.tensor([1.0, 0.0], dtype=D, requires_grad=True)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.stack([y[1], -w * w * y[0] - 0.3 * y[1]])
+
+    kw = {"solver": "rk4", "step": 0.05, "adjoint": mode, "params": (w,)}
+    out = []
+    # The first crossing (t = 0.569) early, in the last step (t_end = 0.58), and all of them.
+    for terminal, t_end in ((True, 2.5), (True, 0.58), (False, 2.5)):
+        t_e, sol = odeint_event(f, y0, 0.1, event_fn=lambda t, y: y[0] - c, terminal=terminal,
+                                t_end=t_end, **kw)  # fmt: skip
+        loss = t_e.sum() + sol[-1].square().sum()
+        out += [t_e.detach(), sol.detach(), *torch.autograd.grad(loss, [w, c, y0])]
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_event_found_by_the_one_pass_start_is_the_searchs(mode, monkeypatch) -> None:
+    # The one-pass start stops at the step the condition crossed in and the search goes on from
+    # there: the same events, states and gradients as searching from the start. The root is
+    # located from the mode's own state at that step: the reversible scheme's differs from the
+    # plain method's by its truncation error (about 1e-8 here), and the gradient taken at the
+    # root moves with it; the other modes' states are the plain method's.
+    first = _bouncing_chain(mode, True, monkeypatch)
+    search = _bouncing_chain(mode, False, monkeypatch)
+    assert float(first[5]) == float(first[0]) < 0.58 and len(first[10]) == 2  # crossings
+    rtol = 1e-6 if mode == "reversible" else 1e-10
+    for a, b in zip(first, search):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
+
+
+def test_dynamics_with_step_callbacks_are_not_called_by_the_one_pass_start(monkeypatch) -> None:
+    # The one-pass start is skipped where the dynamics have callbacks (they would be called for
+    # the steps up to the event twice): the calls are those of searching first.
+    from torchode_adjoint import _events
+
+    seen: list[float] = []
+
+    class F(nn.Module):
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return -0.7 * y
+
+        def callback_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
+            seen.append(round(float(t0.detach()), 9))
+
+    y0 = torch.tensor([1.0], dtype=D, requires_grad=True)
+    calls = []
+    for one_pass in (True, False):
+        monkeypatch.setattr(_events.Segment, "one_pass", one_pass)
+        seen.clear()
+        odeint_event(F(), y0, 0.0, event_fn=lambda t, y: y.sum() - 0.5, t_end=3.0,
+                     solver="rk4", step=0.1)  # fmt: skip
+        calls.append(list(seen))
+    assert calls[0] == calls[1] and len(calls[0]) >= 10
+
+
+@pytest.mark.parametrize(("window", "more"), [(1, 4), (8, 32)])
+def test_where_the_event_fires_the_one_pass_start_costs_the_window_again(
+    window: int, more: int, monkeypatch
+) -> None:
+    # x' = -0.7 x from 1 to 0.5 at t = 0.99 (rk4, step 0.1; the crossing in the tenth step).
+    # Signs read after every step: the stopped pass takes the ten steps searching first would,
+    # then the search takes the tenth again (4 evaluations more). Read every 8 steps: the pass
+    # stops after 16 steps, the search goes on from the ninth step's start (steps 9 and 10
+    # again): 64 + 8 - 40 = 32 more. The root is then located as it would have been.
+    from torchode_adjoint import _events
+
+    monkeypatch.setattr(_events._Watch, "WINDOW", window)
+    counts = []
+    for one_pass in (True, False):
+        monkeypatch.setattr(_events.Segment, "one_pass", one_pass)
+        nfe = NFECounter()
+        k = torch.tensor(0.7, dtype=D, requires_grad=True)
+        odeint_event(_decay(k), torch.tensor([1.0], dtype=D), 0.0, params=(k,), nfe=nfe,
+                     event_fn=lambda t, y: y.sum() - 0.5, t_end=3.0, solver="rk4",
+                     step=0.1)  # fmt: skip
+        counts.append(nfe.forward)
+    assert counts[0] == counts[1] + more
+
+
+@pytest.mark.parametrize("step", [0.05, 0.1904])
+@pytest.mark.parametrize("mode", MODES)
+def test_the_one_pass_start_watches_a_condition_zero_at_t0_from_its_first_sign(
+    mode, step, monkeypatch
+) -> None:
+    # sin t from t0 = 0 with direction -1: watched from its first nonzero sign (+), it fires
+    # downwards at pi; the one-pass start finds it as the search does (with step 0.1904 in the
+    # first step of a window of 8, where the search goes on with the signs there).
+    from torchode_adjoint import _events
+
+    w = torch.tensor(1.0, dtype=D, requires_grad=True)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.stack([w * y[1], -w * y[0]])
+
+    found = []
+    for one_pass in (True, False):
+        monkeypatch.setattr(_events.Segment, "one_pass", one_pass)
+        t_e, _ = odeint_event(f, torch.tensor([0.0, 1.0], dtype=D), 0.0, params=(w,),
+                              event_fn=lambda t, y: y[0], direction=-1, t_end=4.0,
+                              solver="rk4", step=step, adjoint=mode)  # fmt: skip
+        found.append((float(t_e.detach()), float(torch.autograd.grad(t_e, w)[0])))
+    assert abs(found[0][0] - math.pi) < 1e-3 and abs(found[1][0] - math.pi) < 1e-3
+    assert found[0] == pytest.approx(found[1], rel=1e-6 if mode == "reversible" else 1e-10)

@@ -153,7 +153,8 @@ def test_the_reversible_scheme_converges_at_the_order_of_its_base_method(
     # step counts; with 0.999 the observed order at n <= 640 steps lies below or above it (see
     # docs/gradient_modes.rst for the measurement).
     order = get_solver(solver).order
-    n1, n2 = (40, 80) if order < 4 else (16, 32) if order == 4 else (10, 20)
+    # dopri8 (order 8) reaches round-off at 10 steps: 2 and 4.
+    n1, n2 = {4: (16, 32), 5: (10, 20), 8: (2, 4)}.get(order, (40, 80))
     errors = []
     for n in (n1, n2):
         sol = odeint(
@@ -169,6 +170,10 @@ def test_the_reversible_scheme_converges_at_the_order_of_its_base_method(
     measured = math.log2(errors[0] / errors[1])
     if order <= 4:
         assert measured == pytest.approx(order, abs=0.35), errors
+    elif order == 8:
+        # As made reversible here: 7.8 on the time-dependent problem, 9.8-10.3 on the others
+        # (the linear ones, where dopri8's stability polynomial nearly matches exp's z**9 term).
+        assert measured > 7.5, errors
     elif errors[1] < 4e-11:
         # tsit5's error constants are so small that 20 steps reach the floor of the problem's
         # reference solution (about 2e-11 on the time-dependent one): accuracy, not order.

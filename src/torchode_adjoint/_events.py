@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 
 from ._compiled import Compile
 from ._dynamics import NFECounter
-from ._executor import Executor, dense_stage_times, run_steps
+from ._executor import Executor, StepCallbacks, dense_stage_times, run_steps
 from ._odeint import odeint
 from ._prepare import ModeName
 from .controllers.error import (
@@ -101,7 +101,9 @@ def odeint_event(
     solver, step, rtol, atol, adjoint, params, nfe, compile
         As for :func:`~torchode_adjoint.odeint`: fixed steps of ``step`` (default 0.1), or
         error-controlled ones of an embedded pair where ``rtol`` or ``atol`` is given; every
-        gradient mode. ``nfe.forward`` counts the search's evaluations and the second pass's.
+        gradient mode. ``nfe.forward`` counts every evaluation: the search's, the second
+        pass's, and with fixed steps and ``t_end`` those of the pass to ``t_end`` that watches
+        the condition (an event that never fires costs that pass alone; see the events page).
     max_steps : int, default 100,000
         The most steps the search takes before it gives up (no event found, or ``t_end`` not
         reached).
@@ -151,7 +153,7 @@ def odeint_event(
         out_y.append(y0)
     segment = Segment(
         func, counted, event_fn, method, tableau, step, control, sign, direction, adjoint,
-        dyn_params, compile,
+        dyn_params, compile, calls,
     )  # fmt: skip
     t_cur, y_cur, steps_left = t0_t, y0, max_steps
     final: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -206,16 +208,25 @@ class Segment:
     """One terminal search and its second pass: from ``(t_cur, y_cur)`` (the start, or the
     previous event: differentiable tensors) to the first crossing. Recorded events are a chain
     of these, each starting where the last one fired, so that every event time depends on the
-    ones before it exactly as the steps do."""
+    ones before it exactly as the steps do.
+
+    With a gradient, fixed steps and ``t_end``, the steps to ``t_end`` are first taken in the
+    gradient mode with the condition checked between them (``one_pass``; off: the search first,
+    as for error-controlled steps): an event that never fires then costs that one pass."""
+
+    #: Take fixed steps to ``t_end`` in the gradient mode first (False: search first; for the
+    #: events benchmark's comparison).
+    one_pass: ClassVar[bool] = True
 
     def __init__(
         self, func: Any, search: Any, event_fn: EventFn, method: Method, tableau: ButcherTableau,
         step: float | None, control: ErrorControl | None, sign: float, direction: int,
         adjoint: Any, dyn_params: Any,
-        compile: bool | Compile,
+        compile: bool | Compile, calls: list[int],
     ) -> None:  # fmt: skip
         self.func, self.event_fn, self.method, self.tableau = func, event_fn, method, tableau
-        self.search = search  # the dynamics counting the search's evaluations
+        self.search = search  # the dynamics counting the search's evaluations (in ``calls``)
+        self.calls = calls
         self.step, self.control, self.sign, self.direction = step, control, sign, direction
         self.adjoint, self.dyn_params = adjoint, dyn_params
         self.compile = compile
@@ -232,13 +243,27 @@ class Segment:
         """``("event", time, state, signs after it, steps taken)``: the event's time and state
         with their gradients; ``("end", t_end, state there)`` where ``t_end`` comes first."""
         t_start = float(t_cur.detach())
+        graph = torch.is_grad_enabled()
+        done: list[float] = []
+        if (
+            self.one_pass and t_end is not None and self.control is None
+            and not _has_callbacks(self) and not y_cur.is_complex()
+        ):  # fmt: skip
+            result = self._one_pass(t_cur, y_cur, ref, t_start, t_end, max_steps, nfe)
+            if result[0] == "end":
+                return result
+            # It fired: search on from the start of the step it fired in.
+            _, done, t_start_search, y_start_search, ref = result
+        else:
+            t_start_search, y_start_search = t_start, y_cur.detach()
         with torch.no_grad():
             ends, event, y_found = _search(
-                self.search, y_cur.detach(), t_start, self.event_fn, self.method, self.step,
-                self.control, self.sign, self.direction, max_steps, t_end, ref,
+                self.search, y_start_search, t_start_search, self.event_fn, self.method,
+                self.step, self.control, self.sign, self.direction, max_steps - len(done),
+                t_end, ref,
             )  # fmt: skip
+        ends = done + ends
         # Without a gradient the search's own states are the result: no second pass.
-        graph = torch.is_grad_enabled()
         if nfe is not None and not graph:
             nfe.forward = nfe.backward = 0
         if event is None:
@@ -260,6 +285,162 @@ class Segment:
         after = torch.where(after != 0, after, ref)
         after[j] = flipped[j]
         return "event", event_t, y_event, after, len(ends) + 1
+
+    def _one_pass(
+        self,
+        t_cur: torch.Tensor,
+        y_cur: torch.Tensor,
+        ref: torch.Tensor,
+        t_start: float,
+        t_end: float,
+        max_steps: int,
+        nfe: NFECounter | None,
+    ) -> tuple[Any, ...]:
+        """Fixed steps to ``t_end`` in the gradient mode, the condition checked between steps:
+        where it never crosses, that pass is the result (``("end", t_end, state)``: one pass,
+        no search); where it does, the pass stops at the step it crossed in, and
+        ``("fired", ends before that step, its start, the state there, the signs there)`` lets
+        the search go on from there."""
+        assert self.step is not None
+        h = self.sign * self.step
+        ends: list[float] = []
+        k = 0
+        while not ends or ends[-1] != t_end:  # the search's grid (see _Open.plan)
+            t_new = t_start + (k + 1) * h
+            ends.append(t_end if (t_new - t_end) * self.sign >= -1e-9 * abs(h) else t_new)
+            k += 1
+            if k > max_steps:  # the search raises, naming it
+                return "fired", [], t_start, y_cur.detach(), ref
+        watch = _Watch(self.event_fn, ref, self.direction, t_start, y_cur.detach())
+        watched = _watched(self.func, watch)
+        try:
+            end, y_end = _to_end(self, y_cur, t_cur, t_start, ends, t_end, nfe, func=watched)
+            watch.finish(end, y_end)
+        except _Crossed:
+            self.calls[0] += watch.evaluations  # the stopped pass's evaluations
+            return "fired", ends[: watch.start], watch.t_start, watch.y_start, watch.ref_start
+        return "end", end, y_end
+
+
+class _Crossed(Exception):
+    """A condition crossed zero in the last step (the pass that watched it stops)."""
+
+
+class _Watch:
+    """The conditions evaluated at each step's end (at the next step's start, in
+    ``callback_step``, and at the pass's end, in :meth:`finish`), their signs read on the host
+    once per :attr:`WINDOW` steps (one read, no tensor work besides the conditions): raises
+    :class:`_Crossed` where one crossed zero (or is not finite, or changed its number) in the
+    window, keeping the window's first step (``start``), the time and state there and the
+    signs (``t_start``, ``y_start``, ``ref_start``), from which the search goes on."""
+
+    #: Steps per host read; an event costs at most this many steps of the search again.
+    WINDOW = 8
+
+    def __init__(
+        self, event_fn: EventFn, ref: torch.Tensor, direction: int, t0: float, y0: torch.Tensor
+    ) -> None:
+        self.event_fn, self.direction, self.like = event_fn, direction, ref
+        self.ref: list[float] = ref.tolist()
+        self.pending: list[torch.Tensor] = []
+        self.steps = self.evaluations = self.start = 0
+        self.t_start, self.y_start, self.ref_start = t0, y0, ref
+
+    def callback_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
+        if self.steps:  # the first step starts where the conditions are known
+            with torch.no_grad():
+                self.pending.append(self.event_fn(t0.detach(), y0.detach()).reshape(-1))
+                if len(self.pending) == self.WINDOW:
+                    self._read()
+                    self.start, self.t_start = self.steps, float(t0.detach())
+                    self.y_start = y0.detach().clone()  # the carry may be updated in place
+                    self.ref_start = self.like.new_tensor(self.ref)
+        self.steps += 1
+
+    def finish(self, t: torch.Tensor, y: torch.Tensor) -> None:
+        """The conditions at the pass's end, and the window's read."""
+        with torch.no_grad():
+            self.pending.append(self.event_fn(t.detach(), y.detach()).reshape(-1))
+            self._read()
+
+    def _read(self) -> None:
+        rows, self.pending = self.pending, []
+        if any(r.shape != self.like.shape for r in rows):
+            raise _Crossed  # the search raises, naming it
+        ref, direction = self.ref, self.direction
+        for row in torch.stack(rows).tolist():
+            for c, v in enumerate(row):
+                if not math.isfinite(v):
+                    raise _Crossed  # the search raises, naming it
+                s = (v > 0) - (v < 0)
+                if ref[c] != 0 and s != ref[c] and (not direction or ref[c] == -direction):
+                    raise _Crossed
+                if s != 0:
+                    ref[c] = s
+
+
+def _watched(func: Any, watch: _Watch) -> Any:
+    """``func`` with ``watch`` as its ``callback_step``, counting its evaluations; a module
+    where ``func`` is one (its tensors are found as the module's own)."""
+    if isinstance(func, torch.nn.Module):
+        return _WatchedModule(func, watch)
+    return _WatchedFunction(func, watch)
+
+
+class _WatchedFunction:
+    def __init__(self, func: Any, watch: _Watch) -> None:
+        self.func, self.watch = func, watch
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.watch.evaluations += 1
+        return self.func(t, y)
+
+    def callback_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
+        self.watch.callback_step(t0, y0, dt)
+
+
+class _WatchedModule(torch.nn.Module):
+    def __init__(self, func: torch.nn.Module, watch: _Watch) -> None:
+        super().__init__()
+        self.func, self.watch = func, watch
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.watch.evaluations += 1
+        return self.func(t, y)
+
+    # Called as a function: a module's hooks would cost more than the evaluation of a small
+    # system (``func``'s own are kept).
+    __call__ = forward
+
+    def callback_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
+        self.watch.callback_step(t0, y0, dt)
+
+
+def _has_callbacks(seg: Segment) -> bool:
+    """Whether the dynamics define step callbacks (the one-pass path would call them for steps
+    the pass that differentiates the event calls them for again)."""
+    return any(hasattr(seg.func, name) for name in StepCallbacks.NAMES)
+
+
+def _signs(g: torch.Tensor, ref: torch.Tensor, t: float) -> torch.Tensor:
+    """The signs of the conditions ``g`` at ``t``, or an error where they are not ``ref``'s
+    number or not finite."""
+    g = g.reshape(-1)
+    if g.shape != ref.shape or not bool(torch.isfinite(g).all()):
+        raise RuntimeError(
+            f"`event_fn` returned {g.numel()} value(s) at t = {t:.6g}, "
+            + ("not all finite" if g.shape == ref.shape else f"not {ref.numel()}")
+            + "; it must return the same number of finite conditions at every time."
+        )
+    return torch.sign(g)
+
+
+def _crossing(ref: torch.Tensor, s_new: torch.Tensor, direction: int) -> torch.Tensor:
+    """Which conditions crossed: a sign that changed, or reached zero (in ``direction``)."""
+    crossed = (ref != 0) & (s_new != ref)
+    if direction:
+        crossed = crossed & (ref == -direction)
+    return crossed
 
 
 def _check_end(terminal: bool, t_end: float | None, t0: float, sign: float) -> float | None:
@@ -284,10 +465,12 @@ def _to_end(
     ends: list[float],
     t_end: float,
     nfe: NFECounter | None,
+    func: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``t_end`` and the state there: the search's steps again in the gradient mode, every step
     end ``t_cur`` plus a constant (they move with a learnable start, as the search's do) but
-    ``t_end`` itself, which the last step ends on."""
+    ``t_end`` itself, which the last step ends on (``func``: the dynamics, default the
+    segment's)."""
     inner = [e for e in ends if e != t_end]
 
     def at(t: float) -> torch.Tensor:
@@ -297,7 +480,8 @@ def _to_end(
     times = [t_cur, at(inner[-1]), end] if inner else [t_cur, end]
     layout: dict[str, Any] = {"controller": StepTo(inner[:-1])} if inner[:-1] else {"step": None}
     sol = odeint(
-        seg.func, y_cur, torch.stack(times), solver=seg.tableau, adjoint=seg.adjoint,
+        seg.func if func is None else func, y_cur, torch.stack(times), solver=seg.tableau,
+        adjoint=seg.adjoint,
         params=seg.dyn_params, compile=seg.compile, nfe=nfe, **layout,
     )  # fmt: skip
     return end, cast(Any, sol)[-1]
@@ -576,18 +760,8 @@ def _search(
     def check(before: Any, out: Stepped, token: Any) -> Any:
         nonlocal ref
         t_new, y_new = path.t_new, method.output(out[0])
-        g_new = event_fn(clock.new_tensor(t_new), y_new).reshape(-1)
-        if g_new.shape != ref.shape or not bool(torch.isfinite(g_new).all()):
-            raise RuntimeError(
-                f"`event_fn` returned {g_new.numel()} value(s) at t = {t_new:.6g}, "
-                + ("not all finite" if g_new.shape == ref.shape else f"not {ref.numel()}")
-                + "; it must return the same number of finite conditions at every time."
-            )
-        s_new = torch.sign(g_new)
-        # A crossing: a condition with a sign that changed it, or reached zero.
-        crossed = (ref != 0) & (s_new != ref)
-        if direction:
-            crossed = crossed & (ref == -direction)
+        s_new = _signs(event_fn(clock.new_tensor(t_new), y_new), ref, t_new)
+        crossed = _crossing(ref, s_new, direction)
         if bool(crossed.any()):
             found.append((path.t_now, t_new, before, crossed.nonzero().flatten().tolist()))
             path.stopped = True

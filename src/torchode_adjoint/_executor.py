@@ -480,12 +480,13 @@ class StepCallbacks:
     after them. ``t0`` is the step's start, ``y0`` the state there, ``dt`` its signed size
     (0-dim tensors)."""
 
-    __slots__ = ("on_step", "on_accept", "on_reject")
+    __slots__ = ("on_step", "on_accept", "on_reject", "_dt")
 
     NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
 
     def __init__(self, step: Any, accept: Any, reject: Any) -> None:
         self.on_step, self.on_accept, self.on_reject = step, accept, reject
+        self._dt: tuple[Any, torch.Tensor] | None = None  # the last step size, as a tensor
 
     @classmethod
     def of(cls, func: Any, suffix: str = "", *, judged: bool = True) -> StepCallbacks | None:
@@ -508,16 +509,21 @@ class StepCallbacks:
 
     def before(self, t0: torch.Tensor, y0: torch.Tensor, dt: Step) -> None:
         if self.on_step is not None:
-            self.on_step(t0, y0, _as_tensor(dt, t0))
+            self.on_step(t0, y0, self._as_tensor(dt, t0))
 
     def judged(self, accepted: bool, t0: torch.Tensor, y0: torch.Tensor, dt: Step) -> None:
         call = self.on_accept if accepted else self.on_reject
         if call is not None:
-            call(t0, y0, _as_tensor(dt, t0))
+            call(t0, y0, self._as_tensor(dt, t0))
 
-
-def _as_tensor(dt: Step, like: torch.Tensor) -> torch.Tensor:
-    return dt if isinstance(dt, torch.Tensor) else like.new_tensor(dt)
+    def _as_tensor(self, dt: Step, like: torch.Tensor) -> torch.Tensor:
+        """``dt`` as a 0-dim tensor; equal sizes in a row (fixed steps) share one."""
+        if isinstance(dt, torch.Tensor):
+            return dt
+        key, cached = (dt, like.dtype, like.device), self._dt
+        if cached is None or cached[0] != key:
+            cached = self._dt = (key, like.new_tensor(dt))
+        return cached[1]
 
 
 def run_steps(
