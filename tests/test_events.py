@@ -494,3 +494,25 @@ def test_the_one_pass_start_watches_a_condition_zero_at_t0_from_its_first_sign(
         found.append((float(t_e.detach()), float(torch.autograd.grad(t_e, w)[0])))
     assert abs(found[0][0] - math.pi) < 1e-3 and abs(found[1][0] - math.pi) < 1e-3
     assert found[0] == pytest.approx(found[1], rel=1e-6 if mode == "reversible" else 1e-10)
+
+
+def test_the_root_finder_closes_its_bracket_where_the_secant_lands_on_the_root() -> None:
+    # v' = -9.81 from v = 1 under Euler: the condition v + 3 is linear along the partial step,
+    # so the first secant lands on the root to rounding (t = 4 / 9.81 after t0); the next point
+    # must fall on its other side and close the bracket, not bisect from there (which took 45
+    # more evaluations).
+    calls: list[float] = []
+
+    def condition(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append(float(t))
+        return y[1] + 3.0
+
+    with torch.no_grad():
+        t_e, _ = odeint_event(lambda t, y: torch.stack([y[1], -9.81 + 0 * y[1]]),
+                              torch.tensor([2.0, 1.0], dtype=D), 0.1, event_fn=condition,
+                              solver="euler", step=0.05, adjoint=False)  # fmt: skip
+    assert abs(_f(t_e) - (0.1 + 4 / 9.81)) < 1e-14
+    steps = math.ceil((4 / 9.81) / 0.05)
+    # t0, each step's end, the root finder's (both ends, the secant, one past it), the signs
+    # after the event.
+    assert len(calls) <= 1 + steps + 4 + 1, len(calls)

@@ -829,9 +829,15 @@ def _locate(
     for _ in range(_MAX_ROOT_ITERATIONS):
         if abs(hi - lo) <= 4.0 * eps * max(abs(lo), abs(hi), 1e-300):
             break
-        t = hi - g_hi * (hi - lo) / (g_hi - g_lo)
-        if not (min(lo, hi) < t < max(lo, hi)):
+        t = hi - g_hi * (hi - lo) / (g_hi - g_lo)  # inside the bracket, but for rounding
+        if not math.isfinite(t):
             t = 0.5 * (lo + hi)
+        # At least ``tol`` inside the bracket (as Brent's method steps): where the secant lands
+        # on an end that is the root to rounding, the next point lies on the root's other side
+        # and the bracket closes, where bisecting from there took about 45 more evaluations (a
+        # condition linear along the step).
+        tol = eps * max(abs(lo), abs(hi), 1e-300)
+        t = min(max(t, min(lo, hi) + tol), max(lo, hi) - tol)
         g_t = g_at(t)
         if g_t == 0.0:
             return t
