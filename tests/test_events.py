@@ -219,8 +219,9 @@ def test_bad_input_and_failures_are_named() -> None:
         odeint_event(_decay(k), y0, 0.0, event_fn=lambda t, y: y.repeat(1 + int(t > 0.2)), **kw)
     with pytest.raises(ValueError, match="direction"):
         odeint_event(_decay(k), y0, 0.0, event_fn=lambda t, y: y.sum(), direction=2, **kw)
-    with pytest.raises(TypeError, match="structured state"):
-        odeint_event(_decay(k), (y0,), 0.0, event_fn=lambda t, y: y.sum(), **kw)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="floating-point tensor"):
+        odeint_event(_decay(k), torch.ones(1, dtype=torch.int64), 0.0,
+                     event_fn=lambda t, y: y.sum(), **kw)  # fmt: skip
     with pytest.raises(ValueError, match="embedded pair"):
         odeint_event(_decay(k), y0, 0.0, event_fn=lambda t, y: y.sum() - 0.5,
                      solver="rk4", rtol=1e-6, params=())  # fmt: skip
@@ -516,3 +517,36 @@ def test_the_root_finder_closes_its_bracket_where_the_secant_lands_on_the_root()
     # t0, each step's end, the root finder's (both ends, the secant, one past it), the signs
     # after the event.
     assert len(calls) <= 1 + steps + 4 + 1, len(calls)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_structured_state_is_solved_as_its_flat_vector(mode: str) -> None:
+    # A ball as a dict {"x": height, "v": velocity (1,)}: the event time, the state and the
+    # gradients are the closed form's and those of the same ball as one tensor.
+    g = torch.tensor(9.81, dtype=D, requires_grad=True)
+    x0 = torch.tensor(2.0, dtype=D, requires_grad=True)
+    kw = {"solver": "rk4", "step": 0.01, "adjoint": mode, "params": (g,)}
+    y0 = {"x": x0, "v": torch.tensor([1.0], dtype=D)}
+    t_s, sol = odeint_event(lambda t, y: {"x": y["v"][0], "v": -g * torch.ones(1, dtype=D)}, y0,
+                            0.0, event_fn=lambda t, y: y["x"], **kw)  # fmt: skip
+    assert set(sol) == {"x", "v"} and sol["x"].shape == (2,) and sol["v"].shape == (2, 1)
+    flat0 = torch.stack([x0, torch.tensor(1.0, dtype=D)])
+    t_f, sol_f = odeint_event(lambda t, y: torch.stack([y[1], -g]), flat0, 0.0,
+                              event_fn=lambda t, y: y[0], **kw)  # fmt: skip
+    exact = (1 + math.sqrt(1 + 4 * 9.81)) / 9.81
+    assert abs(_f(t_s) - exact) < 1e-12 and abs(_f(t_s) - _f(t_f)) < 1e-14
+    grads = torch.autograd.grad(t_s + sol["v"][1, 0], [g, x0])
+    grads_f = torch.autograd.grad(t_f + sol_f[1, 1], [g, x0], retain_graph=True)
+    for a, b in zip(grads, grads_f):
+        assert abs(_f(a) - _f(b)) < 1e-12
+    assert abs(_f(torch.autograd.grad(t_f, x0)[0]) - 1 / (9.81 * exact - 1)) < 1e-10
+
+
+def test_a_structured_state_names_what_is_wrong_and_needs_params_where_odeint_does() -> None:
+    k = torch.tensor(0.5, dtype=D, requires_grad=True)
+    with pytest.raises(TypeError, match=r"y0\[1\]"):
+        odeint_event(lambda t, y: y, (torch.ones(1, dtype=D), 1.0), 0.0,
+                     event_fn=lambda t, y: y[0])  # fmt: skip
+    with pytest.raises(ValueError, match="`params` is required"):
+        odeint_event(lambda t, y: (-k * y[0],), (torch.ones(1, dtype=D),), 0.0,
+                     event_fn=lambda t, y: y[0] - 0.5, adjoint="adjoint")  # fmt: skip

@@ -24,7 +24,8 @@ from ._compiled import Compile
 from ._dynamics import NFECounter
 from ._executor import Executor, StepCallbacks, dense_stage_times, run_steps
 from ._odeint import odeint
-from ._prepare import ModeName
+from ._prepare import ModeName, _resolve_params, resolve_mode
+from ._structure import StateStructure, StructuredDynamics
 from .controllers.error import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
@@ -51,11 +52,11 @@ _MAX_ROOT_ITERATIONS = 200
 
 
 def odeint_event(
-    func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    y0: torch.Tensor,
+    func: Callable[[torch.Tensor, Any], Any],
+    y0: Any,
     t0: torch.Tensor | float,
     *,
-    event_fn: EventFn,
+    event_fn: Callable[[torch.Tensor, Any], torch.Tensor],
     reverse_time: bool = False,
     direction: int = 0,
     terminal: bool = True,
@@ -76,8 +77,9 @@ def odeint_event(
     Parameters
     ----------
     func : callable ``(t, y) -> dy/dt``
-    y0 : Tensor
-        The initial state (one tensor).
+    y0 : Tensor, or a tuple, list or dict of Tensors
+        The initial state. A structured one is solved as its flat vector (as ``odeint``
+        does); ``func`` and ``event_fn`` get it in its structure, and ``solution`` has it.
     t0 : Tensor (0-dim) or float
         The start time; its gradient flows where it requires grad.
     event_fn : callable ``(t, y) -> Tensor``
@@ -121,7 +123,8 @@ def odeint_event(
     solution : Tensor, shape (2, ...) (``terminal=False``: (K + 2, ...))
         The states at ``t0`` and at the event time (``terminal=False``: at ``t0``, at each
         event and at ``t_end``), differentiable as ``odeint``'s with the event times'
-        dependence included.
+        dependence included; for a structured ``y0``, its structure with each tensor so
+        stacked.
 
     Raises
     ------
@@ -131,6 +134,15 @@ def odeint_event(
         condition has no time derivative along the solution at the root (the event time has
         no gradient there).
     """
+    structure = None
+    if not isinstance(y0, torch.Tensor):  # a tuple, list or dict: solved as its flat vector
+        structure = StateStructure.of(y0)  # raises, naming a part that is not a tensor
+        assert structure is not None
+        # The tensors to differentiate are the user's function's (a plain function in a mode
+        # that needs them raises here, as odeint does).
+        params = _resolve_params(func, params, resolve_mode(adjoint))
+        func, event_fn = StructuredDynamics(func, structure), _on_parts(event_fn, structure)
+        y0 = structure.flatten(y0)
     y0, t0_t, sign, dyn_params, g0 = _validate(
         func, y0, t0, event_fn, reverse_time, direction, params, max_steps, adjoint
     )
@@ -173,15 +185,31 @@ def odeint_event(
         out_y.append(y_cur)
     if nfe is not None:
         nfe.forward = evaluations + calls[0]
+
+    def result(event_t: torch.Tensor, rows: list[torch.Tensor], fired: bool) -> EventResult:
+        solution = torch.stack(rows)
+        return EventResult(
+            event_t, solution if structure is None else structure.unflatten(solution), fired
+        )
+
     if terminal:
         if out_t:
-            return EventResult(out_t[0], torch.stack([y0, out_y[0]]), True)
+            return result(out_t[0], [y0, out_y[0]], True)
         assert final is not None
-        return EventResult(final[0], torch.stack([y0, final[1]]), False)
+        return result(final[0], [y0, final[1]], False)
     if final is None:  # recorded up to an event on t_end itself
         final = (out_t[-1], out_y[-1])
     event_ts = torch.stack(out_t) if out_t else t0_t.detach().new_zeros((0,))
-    return EventResult(event_ts, torch.stack([y0, *out_y, final[1]]), bool(out_t))
+    return result(event_ts, [y0, *out_y, final[1]], bool(out_t))
+
+
+def _on_parts(event_fn: Callable[..., Any], structure: StateStructure) -> EventFn:
+    """``event_fn`` of a structured state as a condition on its flat vector."""
+
+    def condition(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return event_fn(t, structure.unflatten(y))
+
+    return condition
 
 
 class EventResult(tuple):  # type: ignore[type-arg]
@@ -192,13 +220,13 @@ class EventResult(tuple):  # type: ignore[type-arg]
     Parameters
     ----------
     event_t : Tensor
-    solution : Tensor
+    solution : Tensor, or the structure of a structured state
     fired : bool
     """
 
     fired: bool
 
-    def __new__(cls, event_t: torch.Tensor, solution: torch.Tensor, fired: bool) -> EventResult:
+    def __new__(cls, event_t: torch.Tensor, solution: Any, fired: bool) -> EventResult:
         out = super().__new__(cls, (event_t, solution))
         out.fired = fired
         return out
@@ -570,9 +598,8 @@ def _validate(
 ) -> tuple[torch.Tensor, torch.Tensor, float, Any, torch.Tensor]:
     if not isinstance(y0, torch.Tensor) or not (y0.is_floating_point() or y0.is_complex()):
         raise TypeError(
-            f"`y0` must be a floating-point tensor for odeint_event, got {type(y0).__name__}; "
-            "a structured state (tuple, list, dict) is not supported with events yet: "
-            "flatten it into one tensor."
+            f"`y0` must be a floating-point tensor (or a tuple, list or dict of them) for "
+            f"odeint_event, got {type(y0).__name__} of {getattr(y0, 'dtype', None)}."
         )
     if not callable(event_fn):
         raise TypeError(f"`event_fn` must be callable as event_fn(t, y), got {event_fn!r}.")
