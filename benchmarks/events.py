@@ -123,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         f"--repeats {args.repeats}` ({seconds:.0f} s). rk4, {args.steps} fixed steps over "
         "[0, 1] (`t_end=1`); medians of alternating repeats in one process.",
         "",
-        "With a gradient, fixed steps and `t_end`, `odeint_event` takes the steps to `t_end` in "
-        "the gradient mode first, the condition checked between them (the one-pass start); "
-        "'search first' is the path without it (as error-controlled steps still go), timed "
-        "beside it. 'fires' is a condition crossing zero at t = 0.5 (the pass stops there and "
-        "the search goes on from the step it crossed in).",
+        "With `t_end`, `odeint_event` takes the steps to `t_end` in the gradient mode first, "
+        "the condition checked between them (the one-pass start); 'search first' is the path "
+        "without it, timed beside it. 'fires' is a condition crossing zero at t = 0.5 (the "
+        "pass stops at the next read, and the search goes on from the start of the window it "
+        "crossed in).",
         "",
         "| workload | mode | pass | without event (ms) | event never fires (ms) | ratio "
         "| never fires, search first (ms) | fires at 0.5 (ms) | fires, search first (ms) |",

@@ -550,3 +550,96 @@ def test_a_structured_state_names_what_is_wrong_and_needs_params_where_odeint_do
     with pytest.raises(ValueError, match="`params` is required"):
         odeint_event(lambda t, y: (-k * y[0],), (torch.ones(1, dtype=D),), 0.0,
                      event_fn=lambda t, y: y[0] - 0.5, adjoint="adjoint")  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_error_controlled_event_that_never_fires_costs_odeints_solve(mode: str) -> None:
+    # dopri5 to t_end with a condition that stays positive: odeint's own solve (its steps, its
+    # evaluations, its values and gradients), the condition checked after each accepted step.
+    k = torch.tensor(0.7, dtype=D, requires_grad=True)
+    y0 = torch.tensor([1.0, -0.4], dtype=D, requires_grad=True)
+    kw = {"solver": "dopri5", "rtol": 1e-8, "atol": 1e-10, "params": (k,), "adjoint": mode}
+    counts = [NFECounter(), NFECounter()]
+    result = odeint_event(_decay(k), y0, 0.0, event_fn=lambda t, y: y.sum() + 2.0, t_end=2.0,
+                          nfe=counts[0], **kw)  # fmt: skip
+    ref = odeint(_decay(k), y0, torch.tensor([0.0, 2.0], dtype=D), nfe=counts[1], **kw)
+    assert not result.fired and counts[0].forward == counts[1].forward > 0
+    torch.testing.assert_close(result[1][1], ref[1], rtol=1e-13, atol=1e-13)
+    g = torch.autograd.grad(result[1][1].sum(), [y0, k])
+    g_ref = torch.autograd.grad(ref[1].sum(), [y0, k])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_error_controlled_event_found_by_the_one_pass_start_is_the_searchs(
+    mode, monkeypatch
+) -> None:
+    # The pass stops at the read after the crossing, and the search goes on from its window's
+    # start with a first step of its own: the steps from there differ from searching first, so
+    # the event agrees to the tolerance (rtol 1e-10), not to round-off.
+    from torchode_adjoint import _events
+
+    w = torch.tensor(3.0, dtype=D, requires_grad=True)
+    c = torch.tensor(0.2, dtype=D, requires_grad=True)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.stack([y[1], -w * w * y[0] - 0.3 * y[1]])
+
+    found = []
+    for one_pass in (True, False):
+        monkeypatch.setattr(_events.Segment, "one_pass", one_pass)
+        y0 = torch.tensor([1.0, 0.0], dtype=D, requires_grad=True)
+        t_e, sol = odeint_event(f, y0, 0.1, event_fn=lambda t, y: y[0] - c, terminal=False,
+                                t_end=2.5, solver="dopri5", rtol=1e-10, atol=1e-12,
+                                adjoint=mode, params=(w,))  # fmt: skip
+        loss = t_e.sum() + sol[-1].square().sum()
+        found.append([t_e.detach(), sol.detach(), *torch.autograd.grad(loss, [w, c, y0])])
+    assert len(found[0][0]) == 2
+    for a, b in zip(*found):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)
+
+
+def test_an_error_controlled_event_is_differentiated_on_the_steps_the_pass_accepted(
+    monkeypatch,
+) -> None:
+    # With a window of one step: the step ends handed to the pass that differentiates the event
+    # are the accepted ends of odeint's own solve (a sharp forcing makes it reject steps too,
+    # which must not count) up to the step the condition crossed in, then the search's.
+    from torchode_adjoint import _events
+
+    monkeypatch.setattr(_events._Watch, "WINDOW", 1)
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        push = 30.0 * torch.tanh(40.0 * (t - 0.3))
+        return torch.stack([y[1], -9.0 * y[0] - 0.3 * y[1] + push])
+
+    class Recorded(nn.Module):
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return f(t, y)
+
+        def callback_accept_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: object) -> None:
+            starts.append((float(t0.detach()), float(y0[0].detach())))
+
+    starts: list[tuple[float, float]] = []
+    kw = {"solver": "dopri5", "rtol": 1e-6, "atol": 1e-8, "params": ()}
+    y0 = torch.tensor([1.0, 0.0], dtype=D)
+    nfe = NFECounter()
+    odeint(Recorded(), y0, torch.tensor([0.0, 3.0], dtype=D), nfe=nfe, adjoint=False, **kw)
+    assert nfe.rejected > 0
+    level = 2.0
+    crossing = next(i for i, (_, x) in enumerate(starts) if x > level) - 1  # the step it is in
+    handed: list[list[float]] = []
+    spied = _events._differentiable_event
+
+    def spy(seg, y_cur, t_cur, t_start, ends, *rest):  # type: ignore[no-untyped-def]
+        handed.append(list(ends))
+        return spied(seg, y_cur, t_cur, t_start, ends, *rest)
+
+    monkeypatch.setattr(_events, "_differentiable_event", spy)
+    t_e, _ = odeint_event(f, y0.clone().requires_grad_(), 0.0, event_fn=lambda t, y: y[0] - level,
+                          t_end=3.0, adjoint="backprop", **kw)  # fmt: skip
+    accepted = [t for t, _ in starts[1 : crossing + 1]]
+    assert handed[0][: len(accepted)] == accepted
+    assert all(e > accepted[-1] for e in handed[0][len(accepted) :])
+    assert starts[crossing][0] < float(t_e.detach()) <= starts[crossing + 1][0]

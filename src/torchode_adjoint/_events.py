@@ -274,8 +274,8 @@ class Segment:
         graph = torch.is_grad_enabled()
         done: list[float] = []
         if (
-            self.one_pass and t_end is not None and self.control is None
-            and not _has_callbacks(self) and not y_cur.is_complex()
+            self.one_pass and t_end is not None and not _has_callbacks(self)
+            and not y_cur.is_complex()
         ):  # fmt: skip
             result = self._one_pass(t_cur, y_cur, ref, t_start, t_end, max_steps, nfe)
             if result[0] == "end":
@@ -324,11 +324,14 @@ class Segment:
         max_steps: int,
         nfe: NFECounter | None,
     ) -> tuple[Any, ...]:
-        """Fixed steps to ``t_end`` in the gradient mode, the condition checked between steps:
-        where it never crosses, that pass is the result (``("end", t_end, state)``: one pass,
-        no search); where it does, the pass stops at the step it crossed in, and
-        ``("fired", ends before that step, its start, the state there, the signs there)`` lets
-        the search go on from there."""
+        """The steps to ``t_end`` in the gradient mode (the search's fixed steps, or the error
+        control's accepted ones), the condition checked between steps: where it never crosses,
+        that pass is the result (``("end", t_end, state)``: one pass, no search); where it
+        does, the pass stops, and ``("fired", the step ends before the window it crossed in,
+        the window's start, the state there, the signs there)`` lets the search go on from
+        there."""
+        if self.control is not None:
+            return self._one_controlled_pass(t_cur, y_cur, ref, t_start, t_end, max_steps, nfe)
         assert self.step is not None
         h = self.sign * self.step
         ends: list[float] = []
@@ -349,6 +352,38 @@ class Segment:
             return "fired", ends[: watch.start], watch.t_start, watch.y_start, watch.ref_start
         return "end", end, y_end
 
+    def _one_controlled_pass(
+        self,
+        t_cur: torch.Tensor,
+        y_cur: torch.Tensor,
+        ref: torch.Tensor,
+        t_start: float,
+        t_end: float,
+        max_steps: int,
+        nfe: NFECounter | None,
+    ) -> tuple[Any, ...]:
+        """:meth:`_one_pass` with error-controlled steps: ``odeint`` to ``t_end`` with the
+        search's tolerances, the condition checked at each accepted step's end."""
+        control = self.control
+        assert control is not None
+        watch = _Watch(self.event_fn, ref, self.direction, t_start, y_cur.detach(), True)
+        watched = _watched(self.func, watch, "callback_accept_step")
+        end = t_cur.detach().new_tensor(t_end)
+        largest = None if math.isinf(control.max_step) else control.max_step
+        try:
+            sol = odeint(
+                watched, y_cur, torch.stack([t_cur, end]), solver=self.tableau,
+                rtol=control.rtol, atol=control.atol, step=largest, adjoint=self.adjoint,
+                params=self.dyn_params, compile=self.compile, nfe=nfe, max_steps=max_steps,
+            )  # fmt: skip
+            y_end = cast(Any, sol)[-1]
+            watch.finish(end, y_end)
+        except _Crossed:
+            self.calls[0] += watch.evaluations  # the stopped pass's evaluations
+            before = watch.starts[1 : watch.start + 1]  # the accepted steps' ends before it
+            return "fired", before, watch.t_start, watch.y_start, watch.ref_start
+        return "end", end, y_end
+
 
 class _Crossed(Exception):
     """A condition crossed zero in the last step (the pass that watched it stops)."""
@@ -366,15 +401,24 @@ class _Watch:
     WINDOW = 8
 
     def __init__(
-        self, event_fn: EventFn, ref: torch.Tensor, direction: int, t0: float, y0: torch.Tensor
-    ) -> None:
+        self, event_fn: EventFn, ref: torch.Tensor, direction: int, t0: float, y0: torch.Tensor,
+        record: bool = False,
+    ) -> None:  # fmt: skip
         self.event_fn, self.direction, self.like = event_fn, direction, ref
         self.ref: list[float] = ref.tolist()
         self.pending: list[torch.Tensor] = []
         self.steps = self.evaluations = self.start = 0
         self.t_start, self.y_start, self.ref_start = t0, y0, ref
+        # Each step's start (``record``: error-controlled steps, whose error the loop reads on
+        # the host anyway); fixed steps' are known beforehand.
+        self.record = record
+        self.starts: list[float] = []
 
     def callback_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
+        """Before each step (or, for error-controlled steps, after each accepted one): the
+        step's start ``t0``, the state there ``y0``."""
+        if self.record:
+            self.starts.append(float(t0.detach()))
         if self.steps:  # the first step starts where the conditions are known
             with torch.no_grad():
                 self.pending.append(self.event_fn(t0.detach(), y0.detach()).reshape(-1))
@@ -407,24 +451,23 @@ class _Watch:
                     ref[c] = s
 
 
-def _watched(func: Any, watch: _Watch) -> Any:
-    """``func`` with ``watch`` as its ``callback_step``, counting its evaluations; a module
-    where ``func`` is one (its tensors are found as the module's own)."""
-    if isinstance(func, torch.nn.Module):
-        return _WatchedModule(func, watch)
-    return _WatchedFunction(func, watch)
+def _watched(func: Any, watch: _Watch, callback: str = "callback_step") -> Any:
+    """``func`` with ``watch`` as its step callback ``callback`` (``callback_step`` before each
+    fixed step, ``callback_accept_step`` after each accepted one), counting its evaluations; a
+    module where ``func`` is one (its tensors are found as the module's own)."""
+    module = isinstance(func, torch.nn.Module)
+    out = _WatchedModule(func, watch) if module else _Watched(func, watch)
+    object.__setattr__(out, callback, watch.callback_step)
+    return out
 
 
-class _WatchedFunction:
+class _Watched:
     def __init__(self, func: Any, watch: _Watch) -> None:
         self.func, self.watch = func, watch
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.watch.evaluations += 1
         return self.func(t, y)
-
-    def callback_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
-        self.watch.callback_step(t0, y0, dt)
 
 
 class _WatchedModule(torch.nn.Module):
@@ -439,9 +482,6 @@ class _WatchedModule(torch.nn.Module):
     # Called as a function: a module's hooks would cost more than the evaluation of a small
     # system (``func``'s own are kept).
     __call__ = forward
-
-    def callback_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
-        self.watch.callback_step(t0, y0, dt)
 
 
 def _has_callbacks(seg: Segment) -> bool:
@@ -610,8 +650,9 @@ def _validate(
         if given or callable(adjoint.norm):
             raise ValueError(
                 f"`ContinuousAdjoint({(given or ['norm'])[0]}=...)` sets the backward pass's "
-                "error control, and odeint_event's backward pass takes the search's steps in "
-                "reverse: drop it (the forward's `rtol`/`atol` choose those steps)."
+                "error control, which odeint_event does not take: its backward pass takes the "
+                "forward's steps in reverse (or, for an error-controlled event that never fires, "
+                "controls them at the forward's tolerances): drop it."
             )
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"`max_steps` must be a positive int, got {max_steps!r}.")
