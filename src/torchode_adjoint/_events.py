@@ -324,65 +324,59 @@ class Segment:
         max_steps: int,
         nfe: NFECounter | None,
     ) -> tuple[Any, ...]:
-        """The steps to ``t_end`` in the gradient mode (the search's fixed steps, or the error
-        control's accepted ones), the condition checked between steps: where it never crosses,
-        that pass is the result (``("end", t_end, state)``: one pass, no search); where it
-        does, the pass stops, and ``("fired", the step ends before the window it crossed in,
-        the window's start, the state there, the signs there)`` lets the search go on from
-        there."""
-        if self.control is not None:
-            return self._one_controlled_pass(t_cur, y_cur, ref, t_start, t_end, max_steps, nfe)
-        assert self.step is not None
-        h = self.sign * self.step
+        """The steps to ``t_end`` in the gradient mode (the search's fixed steps, or with error
+        control ``odeint``'s own solve at the search's tolerances), the condition checked at
+        each (accepted) step's end: where it never crosses, that pass is the result
+        (``("end", t_end, state)``: one pass, no search); where it does, the pass stops, and
+        ``("fired", the step ends before the window it crossed in, the window's start, the
+        state there, the signs there)`` lets the search go on from there."""
+        fixed = self.control is None
         ends: list[float] = []
-        k = 0
-        while not ends or ends[-1] != t_end:  # the search's grid (see _Open.plan)
-            t_new = t_start + (k + 1) * h
-            ends.append(t_end if (t_new - t_end) * self.sign >= -1e-9 * abs(h) else t_new)
-            k += 1
-            if k > max_steps:  # the search raises, naming it
-                return "fired", [], t_start, y_cur.detach(), ref
-        watch = _Watch(self.event_fn, ref, self.direction, t_start, y_cur.detach())
-        watched = _watched(self.func, watch)
+        if fixed:
+            assert self.step is not None
+            h, k = self.sign * self.step, 0
+            while not ends or ends[-1] != t_end:  # the search's grid (see _Open.plan)
+                t_new = t_start + (k + 1) * h
+                ends.append(t_end if (t_new - t_end) * self.sign >= -1e-9 * abs(h) else t_new)
+                k += 1
+                if k > max_steps:  # the search raises, naming it
+                    return "fired", [], t_start, y_cur.detach(), ref
+        # Fixed steps' starts are known; error-controlled ones are recorded as accepted.
+        watch = _Watch(self.event_fn, ref, self.direction, t_start, y_cur.detach(), not fixed)
+        watched = _watched(self.func, watch, "callback_step" if fixed else "callback_accept_step")
         try:
-            end, y_end = _to_end(self, y_cur, t_cur, t_start, ends, t_end, nfe, func=watched)
+            if fixed:
+                end, y_end = _to_end(self, y_cur, t_cur, t_start, ends, t_end, nfe, func=watched)
+            else:
+                end, y_end = self._controlled_to_end(watched, y_cur, t_cur, t_end, max_steps, nfe)
             watch.finish(end, y_end)
         except _Crossed:
             self.calls[0] += watch.evaluations  # the stopped pass's evaluations
-            return "fired", ends[: watch.start], watch.t_start, watch.y_start, watch.ref_start
+            before = ends[: watch.start] if fixed else watch.starts[1 : watch.start + 1]
+            return "fired", before, watch.t_start, watch.y_start, watch.ref_start
         return "end", end, y_end
 
-    def _one_controlled_pass(
+    def _controlled_to_end(
         self,
-        t_cur: torch.Tensor,
+        func: Any,
         y_cur: torch.Tensor,
-        ref: torch.Tensor,
-        t_start: float,
+        t_cur: torch.Tensor,
         t_end: float,
         max_steps: int,
         nfe: NFECounter | None,
-    ) -> tuple[Any, ...]:
-        """:meth:`_one_pass` with error-controlled steps: ``odeint`` to ``t_end`` with the
-        search's tolerances, the condition checked at each accepted step's end."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t_end`` and the state there: ``odeint``'s error-controlled solve in the gradient
+        mode at the search's tolerances."""
         control = self.control
         assert control is not None
-        watch = _Watch(self.event_fn, ref, self.direction, t_start, y_cur.detach(), True)
-        watched = _watched(self.func, watch, "callback_accept_step")
         end = t_cur.detach().new_tensor(t_end)
-        largest = None if math.isinf(control.max_step) else control.max_step
-        try:
-            sol = odeint(
-                watched, y_cur, torch.stack([t_cur, end]), solver=self.tableau,
-                rtol=control.rtol, atol=control.atol, step=largest, adjoint=self.adjoint,
-                params=self.dyn_params, compile=self.compile, nfe=nfe, max_steps=max_steps,
-            )  # fmt: skip
-            y_end = cast(Any, sol)[-1]
-            watch.finish(end, y_end)
-        except _Crossed:
-            self.calls[0] += watch.evaluations  # the stopped pass's evaluations
-            before = watch.starts[1 : watch.start + 1]  # the accepted steps' ends before it
-            return "fired", before, watch.t_start, watch.y_start, watch.ref_start
-        return "end", end, y_end
+        sol = odeint(
+            func, y_cur, torch.stack([t_cur, end]), solver=self.tableau, rtol=control.rtol,
+            atol=control.atol, step=None if math.isinf(control.max_step) else control.max_step,
+            adjoint=self.adjoint, params=self.dyn_params, compile=self.compile, nfe=nfe,
+            max_steps=max_steps,
+        )  # fmt: skip
+        return end, cast(Any, sol)[-1]
 
 
 class _Crossed(Exception):
