@@ -87,7 +87,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _cases() -> list[tuple[str, str]]:
-    cases = [(s, m) for s in TABLEAUS for m in ("adjoint", "backprop", "checkpoint")]
+    # dopri8's continuous adjoint is left out: its 13-stage augmented step is the same
+    # generic tableau code as the other pairs' (dopri5 and tsit5 here), and its graph took 41 s
+    # to compile on the CI machine; dopri8 compiles here under backprop and checkpoint.
+    cases = [
+        (s, m)
+        for s in TABLEAUS
+        for m in ("adjoint", "backprop", "checkpoint")
+        if (s, m) != ("dopri8", "adjoint")
+    ]
     return [
         *cases,
         ("rk4", "reversible"),
