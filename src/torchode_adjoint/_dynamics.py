@@ -7,6 +7,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,6 +52,12 @@ class NFECounter:
     couplings : tuple of float
         The reversible mode's coupling of each step of the forward pass, where it is chosen per
         step (``Reversible()``, the default); empty otherwise.
+    samples : SampleCounts or None
+        With per-sample output times (a 2-D ``t``): each sample's steps of the forward pass,
+        ``samples.accepted`` and ``samples.rejected`` (int64 tensors of shape ``(B,)``); None
+        otherwise.
+    backward_samples : SampleCounts or None
+        The same for the continuous adjoint's per-sample backward pass.
     """
 
     forward: int = 0
@@ -60,12 +67,15 @@ class NFECounter:
     backward_accepted: int = 0
     backward_rejected: int = 0
     couplings: tuple[float, ...] = ()
+    samples: Any = None
+    backward_samples: Any = None
 
     def reset(self) -> None:
         """Zero every count (each solve starts from zero)."""
         self.forward = self.backward = self.accepted = self.rejected = 0
         self.backward_accepted = self.backward_rejected = 0
         self.couplings = ()
+        self.samples = self.backward_samples = None
 
 
 class Dynamics:

@@ -301,9 +301,7 @@ class Segment:
             return ("end", *_to_end(self, y_cur, t_cur, t_start, ends, t_end, nfe))
         t_e, j = event
         if graph:
-            event_t, y_event = _differentiable_event(
-                self, y_cur, t_cur, t_start, ends, t_e, j, nfe
-            )
+            event_t, y_event = _differentiable_event(self, y_cur, t_cur, t_start, ends, t_e, j, nfe)
         else:
             event_t, y_event = t_cur.new_tensor(t_e), y_found
         with torch.no_grad():

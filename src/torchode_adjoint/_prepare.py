@@ -38,9 +38,11 @@ from .controllers.fixed import (
     DEFAULT_STEP,
     Steps,
     StepTo,
+    TimeGrid,
     distinct_stage_times,
     make_grid,
 )
+from .controllers.per_sample import check_sample_times
 from .modes.adjoint import ContinuousAdjoint
 from .modes.base import Backprop, GradientMode
 from .modes.checkpoint import Checkpoint
@@ -577,6 +579,8 @@ def prepare(
     if not callable(func):
         raise TypeError(f"`func` must be callable as func(t, y), got {type(func).__name__}.")
     param_list = _resolve_params(func, params, config.mode)
+    if isinstance(t, torch.Tensor) and t.dim() == 2:
+        return _prepare_samples(func, y0, t, config, param_list, nfe)
     structure = StateStructure.of(y0)
     if structure is not None:
         func, y0 = structure.wrap(func), structure.flatten(y0)
@@ -607,6 +611,78 @@ def prepare(
         structure=structure,
         keep=keep,
     )
+
+
+def _prepare_samples(
+    func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    y0: State,
+    t: torch.Tensor,
+    config: SolveConfig,
+    params: list[torch.Tensor],
+    nfe: NFECounter | None,
+) -> Prepared:
+    """:func:`prepare` for per-sample output times (``t`` of shape ``(B, T)``)."""
+    if StateStructure.of(y0) is not None:
+        raise ValueError(
+            "per-sample output times (a 2-D `t`) need the state `y0` to be one real tensor "
+            "with the batch first; a tuple, list or dict state (or a complex one) is not "
+            "supported with them: pass a 1-D `t`, or concatenate the parts."
+        )
+    y0 = _check_y0(y0)
+    if t.device != y0.device:
+        raise ValueError(
+            f"`t` must be on the same device as `y0` ({y0.device}), got {t.device}; move it "
+            f"with `t.to({str(y0.device)!r})`."
+        )
+    if t.is_complex() or not t.is_floating_point():
+        raise TypeError(f"`t` must hold real floating-point times, got dtype {t.dtype}.")
+    samples = check_sample_times(t, y0)
+    control = config.control
+    if config.layout is not None or (
+        control is not None and (control.step_times or control.jump_times)
+    ):
+        raise ValueError(
+            "per-sample output times (a 2-D `t`) take equal steps or error-controlled ones; "
+            "`controller=StepTo(...)`, `step_t=` and `jump_t=` lay out steps shared by the "
+            "batch: pass a 1-D `t` with them."
+        )
+    if control is not None and control.norm is not None:
+        raise ValueError(
+            "per-sample output times (a 2-D `t`) measure each sample's error by its RMS; "
+            "`PIController(norm=...)` is not supported with them: leave `norm` out."
+        )
+    if any(isinstance(m, TemporalBatchNormBase) for m in training_norms(func)):
+        raise ValueError(
+            "a TemporalBatchNorm in training mode keeps statistics per evaluation time, and "
+            "per-sample output times (a 2-D `t`) evaluate each sample at its own times: use "
+            "`nn.GroupNorm` in the dynamics, or a 1-D `t`."
+        )
+    dtype = y0.dtype
+
+    def layout(row: Sequence[float]) -> TimeGrid:
+        return make_grid(row, config.step, torch.finfo(dtype).eps, max_steps=config.max_steps)
+
+    if control is None:  # every sample's steps laid out (and counted) before any is taken
+        grid = [layout(row) for row in samples.host][0]
+    else:
+        grid = make_grid(samples.host[0], None, torch.finfo(dtype).eps)
+    counter = nfe if nfe is not None else NFECounter()
+    counter.reset()
+    spec = SolveSpec(
+        func=func,
+        grid=grid,
+        check_finite=config.check_finite,
+        counter=counter,
+        executor=config.executor,
+        control=control,
+        samples=samples,
+        layout=layout,
+    )
+    if control is not None and control.default_tolerances:
+        spec = dataclasses.replace(spec, control=control.for_dtype(dtype))
+    elif control is not None:
+        warn_unreachable_rtol(control, dtype)
+    return Prepared(spec=spec, mode=config.mode, y0=y0, t=samples.t, params=params)
 
 
 @torch.compiler.disable  # (its `reason=` needs a newer PyTorch than the oldest supported)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +11,8 @@ from ._compiled import Compile
 from ._dynamics import NFECounter
 from ._executor import Executor
 from .controllers.error import ErrorControl
-from .controllers.fixed import Steps
+from .controllers.fixed import Steps, TimeGrid
+from .controllers.per_sample import SampleTimes
 from .solvers.protocol import Method
 
 __all__ = ["SolveSpec"]
@@ -40,6 +41,11 @@ class SolveSpec:
         compiled).
     control : ErrorControl or None
         Error-controlled steps (``rtol=``/``atol=``); None for the equal steps of ``grid``.
+    samples : SampleTimes or None
+        Per-sample output times (a 2-D ``t``): each sample is solved on its own row (``grid``
+        is then the first sample's, and ``layout`` lays out any sample's fixed steps).
+    layout : callable or None
+        With ``samples``: a sample's host times to its equal steps.
     """
 
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,6 +54,15 @@ class SolveSpec:
     counter: NFECounter
     executor: Executor
     control: ErrorControl | None = None
+    samples: SampleTimes | None = None
+    layout: Callable[[Sequence[float]], TimeGrid] | None = None
+
+    @property
+    def n_outputs(self) -> int:
+        """The number of output times after the first."""
+        if self.samples is not None:
+            return self.samples.count - 1
+        return len(self.grid.n_steps)
 
     @property
     def method(self) -> Method:

@@ -47,6 +47,7 @@ from ..solvers.protocol import MethodBase, Step, Stepped
 from ..solvers.runge_kutta import StepPlan, combine, plan_for
 from ..solvers.tableau import ButcherTableau
 from .base import BackwardJob, ForwardRecord, ForwardResult, GradientMode, Gradients
+from .per_sample import adjoint_backward
 
 __all__ = ["ContinuousAdjoint", "AugmentedMethod"]
 
@@ -118,6 +119,14 @@ class ContinuousAdjoint(GradientMode):
         # The pass without a gradient (it keeps nothing), and the states at the output times
         # only: memory independent of the number of steps.
         return self.integrate_only(f, y0, t, spec), ()
+
+    def forward_samples(
+        self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
+    ) -> ForwardResult:
+        return self.integrate_only(f, y0, t, spec), ()
+
+    def backward_samples(self, job: BackwardJob) -> Gradients:
+        return adjoint_backward(job, self.rtol, self.atol, self.norm)
 
     def backward(self, job: BackwardJob) -> Gradients:
         spec, grid = job.spec, job.spec.grid

@@ -33,6 +33,7 @@ import torch
 from .._compat import autocast_state, functorch_transforms_active
 from .._dynamics import Dynamics, frozen_batchnorm, module_tensors
 from .._executor import DenseStep, integrate, integrate_adaptive
+from .._per_sample import integrate_samples
 from .._reads import Reads
 from .._rng import RngState, SeededDraws
 from .._spec import SolveSpec
@@ -89,6 +90,9 @@ class ForwardRecord:
         past output times and interpolated there (dense output).
     times_grad : bool
         Whether the output times need a gradient (the forward pass sees them detached).
+    samples : object or None
+        A per-sample forward pass's record for a replaying backward pass (its tries and kept
+        carries).
     """
 
     device: torch.device
@@ -102,6 +106,7 @@ class ForwardRecord:
     couplings: tuple[float, ...] | None = None
     dense_steps: tuple[tuple[float, float, float], ...] | None = None
     times_grad: bool = False
+    samples: Any = None
 
     @staticmethod
     def start(device: torch.device) -> ForwardRecord:
@@ -195,12 +200,16 @@ class BackwardJob:
         k = times.index(time) if time in times else 0
         here = self.grads[k - 1] if k >= 1 else None
         entered = here is not None and not bool(torch.isfinite(here).all())
-        where = f"at t = {time:.6g}" if j == 0 or entered else (
-            f"between t = {self._finite[j - 1][0]:.6g} and t = {time:.6g}"
+        where = (
+            f"at t = {time:.6g}"
+            if j == 0 or entered
+            else (f"between t = {self._finite[j - 1][0]:.6g} and t = {time:.6g}")
         )
         control = self.spec.control
-        fix = "reduce `step`" if control is None else (
-            f"tighten `rtol`/`atol` ({control.describe()} now)"
+        fix = (
+            "reduce `step`"
+            if control is None
+            else (f"tighten `rtol`/`atol` ({control.describe()} now)")
         )
         source = (
             "the incoming gradient dL/dy is itself NaN or infinite (check the loss)"
@@ -283,6 +292,8 @@ class GradientMode:
     replays_randomness: ClassVar[bool] = True
     supports_double_backward: ClassVar[bool] = False
     interpolates: ClassVar[bool] = True
+    #: Whether per-sample output times (a 2-D ``t``) are supported.
+    per_sample: ClassVar[bool] = True
     #: Whether the backward pass replays the forward's steps (it cannot replay ``jump_t``'s
     #: evaluation just after a jump).
     replays_steps: ClassVar[bool] = False
@@ -310,6 +321,12 @@ class GradientMode:
         self, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         """The states at ``t[1:]``, differentiable as the mode promises."""
+        if spec.samples is not None and not self.per_sample:
+            raise ValueError(
+                f"per-sample output times (a 2-D `t`) are not supported with "
+                f"adjoint={self.name!r}; use adjoint='backprop', 'checkpoint' or 'adjoint', or "
+                "a 1-D `t` shared by the batch."
+            )
         # torch.func runs custom Functions under its own transforms; ours cannot be (see below).
         if functorch_transforms_active():
             raise RuntimeError(
@@ -325,7 +342,7 @@ class GradientMode:
             spec.counter.forward, spec.counter.backward = f.nfe, 0
             return states
         out = _Solve.apply(self, spec, y0, t, *params)
-        return list(out[: len(spec.grid.n_steps)])
+        return list(out[: spec.n_outputs])
 
     def integrate_only(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec
@@ -333,6 +350,8 @@ class GradientMode:
         """The states at ``t[1:]`` when no gradient is needed (inference): the mode's method,
         keeping nothing for a backward pass (and the steps its passes with a gradient take: a
         mode that replays recorded steps ends a step on every output time here too)."""
+        if spec.samples is not None:
+            return sample_states(f, y0, spec)
         control = spec.control
         if control is not None and not self.interpolates:
             control = dataclasses.replace(control, interpolate=False)
@@ -355,6 +374,16 @@ class GradientMode:
 
     def backward(self, job: BackwardJob) -> Gradients:
         """The gradients, computed from the saved tensors by re-evaluating ``job.f``."""
+        raise NotImplementedError
+
+    def forward_samples(
+        self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
+    ) -> ForwardResult:
+        """:meth:`forward` with per-sample output times (``spec.samples``)."""
+        raise NotImplementedError
+
+    def backward_samples(self, job: BackwardJob) -> Gradients:
+        """:meth:`backward` with per-sample output times (``job.spec.samples``)."""
         raise NotImplementedError
 
     def __str__(self) -> str:
@@ -385,6 +414,10 @@ class Backprop(GradientMode):
         self, spec: SolveSpec, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         f = Dynamics(spec.func)
+        if spec.samples is not None:
+            states = sample_states(f, y0, spec)
+            spec.counter.forward, spec.counter.backward = f.nfe, 0
+            return states
         states = integrate(
             f,
             y0,
@@ -397,6 +430,18 @@ class Backprop(GradientMode):
         )
         spec.counter.forward, spec.counter.backward = f.nfe, 0
         return states
+
+
+def sample_states(
+    f: Dynamics, y0: torch.Tensor, spec: SolveSpec, record: Any = None
+) -> list[torch.Tensor]:
+    """A per-sample forward pass (``spec.samples``): the states at each sample's output times
+    after the first, ``record`` keeping its tries for a replaying backward pass."""
+    assert spec.samples is not None and spec.layout is not None
+    return integrate_samples(
+        f, y0, spec.samples, spec.executor, spec.control, spec.layout,
+        check_finite=spec.check_finite, counter=spec.counter, record=record,
+    )  # fmt: skip
 
 
 class _Solve(torch.autograd.Function):
@@ -417,7 +462,8 @@ class _Solve(torch.autograd.Function):
         record = ForwardRecord.start(y0.device)
         record.times_grad = t.requires_grad
         before = RngState.capture(y0.device)
-        states, extra = mode.forward(f, y0, t.detach(), spec, record)
+        forward = mode.forward if spec.samples is None else mode.forward_samples
+        states, extra = forward(f, y0, t.detach(), spec, record)
         # Paths are named from the user's dynamics, not from the structured-state wrapper.
         func = spec.func
         root = func.dynamics if isinstance(func, StructuredDynamics) else func
@@ -488,7 +534,7 @@ class _Solve(torch.autograd.Function):
             need_p=bool(params) and any(ctx.needs_input_grad[4:]),
         )
         with torch.enable_grad(), frozen_batchnorm(spec.func), record.autocast_replayed():
-            grads = mode.backward(job)
+            grads = (mode.backward if spec.samples is None else mode.backward_samples)(job)
         spec.counter.backward = job.f.nfe
         job.check_finite(mode.name)
         grad_params = list(grads.params) if job.need_p else [None] * len(params)

@@ -41,6 +41,7 @@ from .base import (
     RngState,
     recorded_solve,
 )
+from .per_sample import checkpoint_backward, checkpoint_forward
 
 __all__ = ["Checkpoint"]
 
@@ -87,6 +88,14 @@ class Checkpoint(GradientMode):
                 f"`every` must be a positive int, got {self.every!r}; pass e.g. "
                 "`Checkpoint(every=1)` to keep every step's state, or 10 for every tenth."
             )
+
+    def forward_samples(
+        self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord
+    ) -> ForwardResult:
+        return checkpoint_forward(f, y0, spec, record, self.every), ()
+
+    def backward_samples(self, job: BackwardJob) -> Gradients:
+        return checkpoint_backward(job)
 
     def forward(
         self, f: Dynamics, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec, record: ForwardRecord

@@ -129,6 +129,7 @@ class Reversible(GradientMode):
     """
 
     name: ClassVar[str] = "reversible"
+    per_sample: ClassVar[bool] = False
     interpolates: ClassVar[bool] = True  # under error control, past output times (dense)
     replays_steps: ClassVar[bool] = True
     saves_y0: ClassVar[bool] = True
@@ -348,9 +349,7 @@ class Reversible(GradientMode):
             k = leg.interval
             vjp.at_step(0, k, k)
             vjp.inside = [
-                (theta, g)
-                for j, theta in inside.get(k, ())
-                if (g := job.grads[j - 1]) is not None
+                (theta, g) for j, theta in inside.get(k, ()) if (g := job.grads[j - 1]) is not None
             ]
             return state
 

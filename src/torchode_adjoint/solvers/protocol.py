@@ -100,7 +100,7 @@ class Method(Protocol):
     def derivative(self, carry: Any) -> torch.Tensor | None:
         """``f(t, y)`` at the carry's time where the carry holds it (first same as last)."""
 
-    def interpolate(self, carry: Any, h: float, dense: Any, theta: float) -> torch.Tensor:
+    def interpolate(self, carry: Any, h: Step, dense: Any, theta: Any) -> torch.Tensor:
         """The solution at ``t + theta h`` inside a step from ``carry`` with dense
         information ``dense``."""
 
@@ -124,7 +124,7 @@ class MethodBase:
     def derivative(self, carry: Any) -> torch.Tensor | None:
         return None
 
-    def interpolate(self, carry: Any, h: float, dense: Any, theta: float) -> torch.Tensor:
+    def interpolate(self, carry: Any, h: Step, dense: Any, theta: Any) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no interpolant")
 
 

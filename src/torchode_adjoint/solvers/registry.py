@@ -249,6 +249,7 @@ TSIT5 = _tsit5()
 """Tsitouras 5(4) (2011): first same as last, six new evaluations per step; smaller error
 constants than Dormand--Prince."""
 
+
 def _dopri8() -> ButcherTableau:
     # Prince & Dormand's RK8(7)13M (J. Comput. Appl. Math. 7, 1981), in the rational
     # approximations of their Table 2 (as in RKSUITE): the order conditions hold to about 1e-18.

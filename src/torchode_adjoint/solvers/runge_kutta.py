@@ -102,10 +102,11 @@ def rk_increment(
     return combine(None, h, plan.weights, rk_stages(f, y, h, ts, plan))
 
 
-def dense_terms(tableau: ButcherTableau, theta: float) -> list[tuple[int, float]]:
+def dense_terms(tableau: ButcherTableau, theta: Any) -> list[tuple[int, Any]]:
     """The weights ``b_i(theta)`` of the tableau's continuous extension at ``theta`` (its
     non-zero ones, as ``combine`` takes them): the increment to ``t + theta h`` is
-    ``h sum_i b_i(theta) k_i``."""
+    ``h sum_i b_i(theta) k_i``. ``theta`` is a float, or a tensor of one per sample (shape
+    ``(B, 1, ..., 1)``), which gives tensor weights (every stage with a dense row kept)."""
     dense = tableau.b_dense
     if dense is None:
         raise NotImplementedError(f"{tableau.name!r} has no continuous extension")
@@ -114,7 +115,7 @@ def dense_terms(tableau: ButcherTableau, theta: float) -> list[tuple[int, float]
         w = 0.0
         for p in range(len(row) - 1, -1, -1):  # Horner: sum_p row[p] theta**(p + 1)
             w = (w + row[p]) * theta
-        if w != 0.0:
+        if isinstance(w, torch.Tensor) or w != 0.0:
             terms.append((i, w))
     return terms
 
@@ -175,8 +176,10 @@ class RungeKutta(MethodBase):
         """Whether the tableau has a continuous extension (dense output)."""
         return self.tableau.b_dense is not None
 
-    def interpolate(self, carry: Any, h: float, ks: Sequence[Any], theta: float) -> torch.Tensor:
-        """The solution at ``t + theta h`` inside a step from ``carry`` with stages ``ks``."""
+    def interpolate(self, carry: Any, h: Step, ks: Sequence[Any], theta: Any) -> torch.Tensor:
+        """The solution at ``t + theta h`` inside a step from ``carry`` with stages ``ks``
+        (``h`` and ``theta`` tensors of one per sample, shape ``(B, 1, ..., 1)``, in a
+        per-sample solve)."""
         return combine(self.output(carry), h, dense_terms(self.tableau, theta), ks)
 
     def derivative(self, carry: Any) -> torch.Tensor | None:
