@@ -192,7 +192,7 @@ class Coupled(MethodBase):
         """Under error control with a pair that has a continuous extension (dense output)."""
         return self.estimate and self.tableau.b_dense is not None
 
-    def interpolate(self, carry: Any, h: float, dense: Any, theta: float) -> torch.Tensor:
+    def interpolate(self, carry: Any, h: Step, dense: Any, theta: Any) -> torch.Tensor:
         """The solution at ``t_n + theta h`` inside the step from ``carry``:
         ``(1 - w) y_n + w z_n + h sum_i b_i(theta) k_i`` with ``w = theta (1 - lam)`` and
         ``k_i`` the stages of the base step from ``z_n``: ``y_n`` at ``theta = 0``,
