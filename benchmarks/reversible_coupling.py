@@ -35,9 +35,7 @@ def step_matrix(solver: str, z: float, lam: float) -> np.ndarray:
     tableau = get_solver(solver)
     r, r_back = tableau.stability(z), tableau.stability(-z)
     # y1 = lam y + (R - lam) z;  z1 = z - (R(-z) - 1) y1
-    return np.array(
-        [[lam, r - lam], [lam * (1.0 - r_back), 1.0 + (1.0 - r_back) * (r - lam)]]
-    )
+    return np.array([[lam, r - lam], [lam * (1.0 - r_back), 1.0 + (1.0 - r_back) * (r - lam)]])
 
 
 def chosen(solver: str, z: float, smallest: float = 0.5) -> float:

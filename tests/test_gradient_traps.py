@@ -86,8 +86,10 @@ class RecordedDropout(nn.Module):
 @pytest.mark.parametrize(
     ("solver", "reference"),
     [
-        ("rk4", lambda f, y, t, lams: reversible_rk_reference(f, get_solver("rk4"), y, t, [5, 6],
-                                                                lams)),  # fmt: skip
+        (
+            "rk4",
+            lambda f, y, t, lams: reversible_rk_reference(f, get_solver("rk4"), y, t, [5, 6], lams),
+        ),  # fmt: skip
         ("reversible_heun", lambda f, y, t, lams: reversible_heun_reference(f, y, t, [5, 6])),
     ],
 )

@@ -75,8 +75,11 @@ def test_noise_rebound_between_two_solves_of_one_backward_raises_naming_it(solve
     noise kept on the module."""
     f = Noisy()
     block = ODEBlock(
-        f, solver=solver, step=0.25, adjoint=_compiled(mode, compile),
-        compile=COMPILED if compile else False
+        f,
+        solver=solver,
+        step=0.25,
+        adjoint=_compiled(mode, compile),
+        compile=COMPILED if compile else False,
     )
     x = torch.randn(4, 3, dtype=D)
     f.e = torch.randn(3, dtype=D)
@@ -98,8 +101,11 @@ def test_noise_rebound_between_two_solves_of_one_backward_raises_naming_it(solve
 def test_a_buffer_modified_in_place_after_the_solve_raises_naming_it(solver, mode, compile):
     f = Noisy()
     block = ODEBlock(
-        f, solver=solver, step=0.25, adjoint=_compiled(mode, compile),
-        compile=COMPILED if compile else False
+        f,
+        solver=solver,
+        step=0.25,
+        adjoint=_compiled(mode, compile),
+        compile=COMPILED if compile else False,
     )
     loss = block(torch.randn(2, 3, dtype=D)).pow(2).sum()
     with torch.no_grad():

@@ -41,7 +41,9 @@ def make_net(seed: int = 0, dim: int = 3) -> nn.Module:
 
 def sample_times(batch: int) -> torch.Tensor:
     """Rows of different spans and spacings; one runs backwards in time."""
-    rows = [torch.linspace(0.0, 0.3 + 0.1 * b, 6, dtype=DT) ** (1.0 + 0.2 * b) for b in range(batch)]
+    rows = [
+        torch.linspace(0.0, 0.3 + 0.1 * b, 6, dtype=DT) ** (1.0 + 0.2 * b) for b in range(batch)
+    ]
     t = torch.stack(rows)
     t[3] = torch.linspace(0.5, -0.2, 6, dtype=DT)
     return t
@@ -138,7 +140,9 @@ def test_fixed_steps_lay_out_each_row_as_a_shared_t_would() -> None:
     t = sample_times(5)
     nfe = NFECounter()
     odeint(Field(net, RATES), y0, t, solver="euler", step=0.05, adjoint="backprop", nfe=nfe)
-    spans = [sum(math.ceil(abs(b - a) / 0.05 - 1e-9) for a, b in zip(r[:-1], r[1:])) for r in t.tolist()]
+    spans = [
+        sum(math.ceil(abs(b - a) / 0.05 - 1e-9) for a, b in zip(r[:-1], r[1:])) for r in t.tolist()
+    ]
     assert nfe.samples.accepted.tolist() == spans
     assert nfe.forward == max(spans)  # one evaluation of the batch per step of the longest row
 

@@ -262,8 +262,14 @@ def test_a_scalar_part_beside_a_vector_has_the_gradients_of_the_concatenation(
     options = Compile(backend="aot_eager", steps=2) if compile else False
     nfe = NFECounter()
     logp, z = odeint(
-        f, (logp0, z0), T, solver=solver, step=0.1, adjoint=_compiled(mode, compile),
-        compile=options, nfe=nfe
+        f,
+        (logp0, z0),
+        T,
+        solver=solver,
+        step=0.1,
+        adjoint=_compiled(mode, compile),
+        compile=options,
+        nfe=nfe,
     )
     assert logp.shape == (3, *scalar_shape) and z.shape == (3, 3)
     inputs = (logp0, z0, *f.parameters())

@@ -57,7 +57,11 @@ def test_odeint_adjoint_maps_its_options_to_the_continuous_adjoint(monkeypatch) 
         (lambda f, y, t: tdq.odeint(f, y, t, method="explicit_adams"), "'explicit_adams' has no"),
         (
             lambda f, y, t: tdq.odeint(
-                f, y, t, event_fn=lambda t, y: y.sum(), method="euler",
+                f,
+                y,
+                t,
+                event_fn=lambda t, y: y.sum(),
+                method="euler",
                 options={"grid_constructor": lambda f, y, t: t},
             ),
             "grid_constructor` with events",
@@ -97,8 +101,14 @@ def test_a_callable_norm_gets_torchdiffeqs_arguments_forward_and_backward() -> N
     def f(t, y):
         return (-w[0] * y[0], -w[1] * frozen * y[1])
 
-    ys = tdq.odeint_adjoint(f, y0, torch.tensor([0.0, 1.0], dtype=D), options={"norm": norm},
-                            adjoint_params=(w, frozen), adjoint_options={"norm": adjoint_norm})
+    ys = tdq.odeint_adjoint(
+        f,
+        y0,
+        torch.tensor([0.0, 1.0], dtype=D),
+        options={"norm": norm},
+        adjoint_params=(w, frozen),
+        adjoint_options={"norm": adjoint_norm},
+    )
     assert set(forward) == {((), (2, 3))}
     (ys[0][-1] + ys[1][-1].sum()).backward()
     assert set(backward) == {((), (), (2, 3), (), (2, 3), (2,))}

@@ -206,10 +206,12 @@ class _Sizer:
 
     def factor(self, ratio: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         c, q = self.control, self.q
-        f = c.safety * ratio.pow(-c.beta1 / q) * previous.clamp(min=1e-4).pow(c.beta2 / q)
-        f = f.clamp(c.factor_min, c.factor_max)
-        f = torch.where(ratio == 0.0, torch.full_like(f, c.factor_max), f)
-        return torch.where(torch.isfinite(ratio), f, torch.full_like(f, c.factor_min))
+        # ratio 0 gives inf and an infinite ratio 0: the clamp makes them factor_max and
+        # factor_min, as the host rule; a NaN ratio (an overflow) shrinks by factor_min.
+        f = ratio.pow(-c.beta1 / q).mul_(c.safety)
+        if c.beta2:
+            f = f * previous.clamp(min=1e-4).pow(c.beta2 / q)
+        return f.clamp_(c.factor_min, c.factor_max).nan_to_num_(nan=c.factor_min)
 
 
 def first_steps(
@@ -484,11 +486,11 @@ class SampleSteps:
         if self._sizer is not None:
             assert small is not None and overflow is not None
             going = t_new != self.t_end
-            flags = [accept.any(), going.any(), n_out.max(), small.any(), overflow.any()]
-            read = torch.stack([x.to(torch.long) for x in flags]).tolist()
-            any_accept, self._done, most = bool(read[0]), not read[1], int(read[2])
-            unsafe = bool(read[4])
-            if read[3]:
+            flags = torch.stack([accept, going, small, overflow]).any(1)
+            read = torch.cat([flags.long(), n_out.max().view(1)]).tolist()
+            any_accept, self._done, most = bool(read[0]), not read[1], int(read[4])
+            unsafe = bool(read[3])
+            if read[2]:
                 self._too_small(small)
         assert self._trial is not None
         self.taken = SampleStep(

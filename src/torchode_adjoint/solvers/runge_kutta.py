@@ -26,6 +26,7 @@ __all__ = [
     "rk_increment",
     "RungeKutta",
     "dense_terms",
+    "sample_dense_weights",
 ]
 
 
@@ -46,6 +47,14 @@ def combine(
         for m, coef in terms[1:]:
             out = torch.add(out, ks[m], alpha=coef * h)
         return out
+    if h.dim() > 0 and not torch.compiler.is_compiling():
+        # One step size per sample (shape (B, 1, ..., 1)), eager: fused terms, then one
+        # multiply-add of the step.
+        m0, c0 = terms[0]
+        acc = torch.mul(ks[m0], c0)
+        for m, coef in terms[1:]:
+            acc = torch.add(acc, ks[m], alpha=coef)
+        return acc * h if y is None else torch.addcmul(y, acc, h)
     # No `alpha=`/`value=` coefficients here: this path is also the compiled one, and
     # torch.compile's inductor drops the `alpha` of `add(x, mm(a, b), alpha=c)` when it rewrites
     # it to `addmm` (pytorch/pytorch#167313), which a stage that is a matrix product triggers.
@@ -120,6 +129,23 @@ def dense_terms(tableau: ButcherTableau, theta: Any) -> list[tuple[int, Any]]:
     return terms
 
 
+def sample_dense_weights(tableau: ButcherTableau, theta: torch.Tensor) -> torch.Tensor:
+    """:func:`dense_terms` for one ``theta`` per sample: the weights ``b_i(theta_b)`` of every
+    stage, shape ``(B, stages)``, from one product of the powers of ``theta`` with the
+    tableau's polynomial coefficients."""
+    dense = tableau.b_dense
+    if dense is None:
+        raise NotImplementedError(f"{tableau.name!r} has no continuous extension")
+    degree = max(len(row) for row in dense)
+    coefs = theta.new_tensor([[*row, *([0.0] * (degree - len(row)))] for row in dense])
+    powers = theta[:, None] ** torch.arange(1, degree + 1, device=theta.device, dtype=theta.dtype)
+    weights = powers @ coefs.T
+    stages = len(tableau.c)
+    if weights.shape[1] < stages:  # stages without a dense row weigh nothing
+        weights = torch.nn.functional.pad(weights, (0, stages - weights.shape[1]))
+    return weights
+
+
 @dataclass(frozen=True)
 class RungeKutta(MethodBase):
     """An explicit Runge--Kutta method, for every tableau: its dense information is the stage
@@ -180,7 +206,16 @@ class RungeKutta(MethodBase):
         """The solution at ``t + theta h`` inside a step from ``carry`` with stages ``ks``
         (``h`` and ``theta`` tensors of one per sample, shape ``(B, 1, ..., 1)``, in a
         per-sample solve)."""
-        return combine(self.output(carry), h, dense_terms(self.tableau, theta), ks)
+        y = self.output(carry)
+        if not isinstance(theta, torch.Tensor):
+            return combine(y, h, dense_terms(self.tableau, theta), ks)
+        # One theta per sample: the weights of every sample at once, one batched product.
+        assert isinstance(h, torch.Tensor)
+        batch = y.shape[0]
+        weights = sample_dense_weights(self.tableau, theta.reshape(batch))
+        stages = torch.stack([k.reshape(batch, -1) for k in ks], 2)
+        acc = torch.bmm(stages, weights.unsqueeze(2)).view_as(y)
+        return torch.addcmul(y, acc, h)
 
     def derivative(self, carry: Any) -> torch.Tensor | None:
         """``f(t, y)`` at the carry's time where the carry holds it (first same as last)."""
