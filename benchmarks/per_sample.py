@@ -190,7 +190,7 @@ def report(results: dict[str, Any]) -> str:
             def ms(key: str, row: dict = row) -> str:
                 return f"{1e3 * row[key]:.1f}" if key in row else "-"
 
-            def ratio(key: str, row: dict = row) -> str:
+            def ratio(key: str, row: dict = row, ref: dict | None = ref) -> str:
                 if ref is None or key not in row or key not in ref:
                     return "-"
                 return f"{row[key] / ref[key]:.2f}x"
