@@ -274,3 +274,18 @@ def test_the_speed_comparison_times_every_workload_once_each() -> None:
     times = speed_against.measure(1)
     assert set(times) == set(speed_against.workloads())
     assert all(0.0 < ms < 60_000.0 for ms in times.values()), times
+
+
+def test_the_per_sample_benchmark_counts_every_candidate(tmp_path):
+    from benchmarks import per_sample
+
+    per_sample.main(["--batch", "8", "--repeats", "1", "--threads", "1",
+                     "--output-dir", str(tmp_path)])  # fmt: skip
+    result = json.loads((tmp_path / "results.json").read_text())
+    for case in result["cases"]:
+        rows = case["rows"]
+        shared, own = rows["shared t (one norm)"], rows["per-sample t"]
+        # One shared norm steps every sample as the stiffest; per-sample steps are fewer.
+        assert shared["steps sum"] == 8 * shared["steps max"] > own["steps sum"]
+        assert own["forward s"] > 0 and own["backprop s"] > 0 and own["checkpoint s"] > 0
+    assert "## linear system" in (tmp_path / "report.md").read_text()
