@@ -51,8 +51,9 @@ def odeint(
     Parameters
     ----------
     func : callable ``(t, y) -> dy/dt``
-        ``t`` arrives as a 0-dim tensor with ``y0``'s (real) dtype and device; the result must
-        have ``y``'s structure, shapes and dtypes.
+        ``t`` arrives as a 0-dim tensor with ``y0``'s (real) dtype and device (with per-sample
+        times, as one time per sample of shape ``(B, 1, ..., 1)``); the result must have
+        ``y``'s structure, shapes and dtypes.
     y0 : Tensor, or tuple, list or dict of Tensors
         Initial state, any shape (a batch is usually the first dimension), floating point or
         complex. A (nested) tuple, list or dict of tensors is a state made of parts: ``func``
@@ -62,7 +63,10 @@ def odeint(
         Output times, strictly increasing or strictly decreasing, on ``y0``'s device; a single
         time returns ``y0`` there (shape ``(1, *y0.shape)``, no step, as torchdiffeq). They are
         used in ``y0``'s real dtype (float64 for complex128); their gradient flows back in their
-        own dtype.
+        own dtype. Shape ``(B, T)``: one row per sample of ``y0`` (its first dimension), each
+        sample solved on its own times with its own steps and error control, the result of shape
+        ``(T, B, ...)`` (backprop, checkpoint and the continuous adjoint; see
+        :doc:`/per_sample`).
     solver : str, ButcherTableau or ReversibleHeun, default "euler"
         A name from :func:`~torchode_adjoint.available_solvers` or a tableau;
         ``"reversible_heun"`` pairs with ``adjoint="reversible"`` or ``"backprop"`` only.
