@@ -104,3 +104,20 @@ def observe(n: int, n_times: int, n_obs: int, *, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     keys = torch.rand(n, n_times, generator=g)
     return keys.argsort(dim=1)[:, :n_obs].sort(dim=1).values
+
+
+def solve_rows(times: torch.Tensor, start: float, pad: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample output times that start at ``start`` and hold each sample's observation
+    times (``times``, shape (n, k), sorted), for a per-sample solve: shape (n, k + 1), and the
+    column of each observation in its row, shape (n, k).
+
+    A row is ``[start, times...]``; where a sample's first observation is at ``start`` itself,
+    the row is its observations and one time ``pad`` after the last (a row's times are strictly
+    increasing, and every row has the same length).
+    """
+    at_start = times[:, :1] == start
+    ahead = torch.cat([torch.full_like(times[:, :1], start), times], dim=1)
+    behind = torch.cat([times, times[:, -1:] + pad], dim=1)
+    rows = torch.where(at_start, behind, ahead)
+    columns = torch.arange(times.shape[1], device=times.device) + (~at_start).long()
+    return rows, columns
