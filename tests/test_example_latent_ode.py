@@ -138,3 +138,50 @@ def test_the_report_gives_a_spread_only_for_two_seeds_or_more(tmp_path: Path) ->
     ode = next(line for line in report.splitlines() if line.startswith("| latent_ode | 0."))
     assert "0.2000 (n=1)" in rnn and "sd" not in rnn.split("|")[2]
     assert "0.1550 (sd 0.0071; n=2)" in ode
+
+
+def test_solve_rows_hold_each_spirals_observations_after_its_start() -> None:
+    from torchode_adjoint.datasets.spirals import solve_rows
+
+    grid = torch.linspace(0.0, 2.0, 21)
+    idx = observe(50, 21, 6, seed=3)
+    idx[0] = torch.tensor([0, 2, 4, 6, 8, 10])  # one spiral observed at the start itself
+    times = grid.expand(50, -1).gather(1, idx)
+    rows, columns = solve_rows(times, 0.0, 0.1)
+    assert rows.shape == (50, 7) and bool((rows.diff(dim=1) > 0).all())
+    assert bool((rows[:, 0] == 0.0).all())
+    assert torch.equal(rows.gather(1, columns), times)
+    assert columns[0].tolist() == [0, 1, 2, 3, 4, 5] and rows[0, -1] == times[0, -1] + 0.1
+
+
+@pytest.mark.parametrize("adjoint", ["backprop", "adjoint"])
+def test_per_sample_times_train_the_latent_ode_at_each_spirals_own_times(
+    tmp_path: Path, adjoint: str
+) -> None:
+    """The ELBO's predictions at the observations are the same whether the ODE is solved on
+    the shared grid or at each spiral's own times (to the solver's tolerance); training runs."""
+    from torchode_adjoint import odeint
+    from torchode_adjoint.datasets.spirals import solve_rows
+
+    model = LatentODE()
+    data = make_spirals(8, 20, seed=1)
+    idx = observe(8, 20, 5, seed=1)
+    times = data.times.expand(8, -1).gather(1, idx)
+    values = data.noisy.gather(1, idx[..., None].expand(-1, -1, 2))
+
+    def solve(dyn, z0, grid):
+        return odeint(dyn, z0, grid, solver="dopri5", rtol=1e-6, atol=1e-8, adjoint=adjoint)
+
+    torch.manual_seed(0)
+    shared, _, _ = model(times, values, data.times, solve, sample=False)
+    rows, columns = solve_rows(times, 0.0, float(data.times[1]))
+    own, _, _ = model(times, values, rows, solve, sample=False)
+    at_shared = shared.gather(1, idx[..., None].expand(-1, -1, 2))
+    at_own = own.gather(1, columns[..., None].expand(-1, -1, 2))
+    torch.testing.assert_close(at_own, at_shared, rtol=1e-4, atol=1e-5)
+    argv = ["--spirals", "20", "--iterations", "4", "--n-obs", "6", "--seeds", "0",
+            "--models", "latent_ode", "--per-sample-times", "--adjoint", adjoint,
+            "--output-dir", str(tmp_path), "--no-progress", "--no-plot"]  # fmt: skip
+    assert _example().main(argv) == 0
+    record = json.loads((tmp_path / "results.json").read_text())[0]
+    assert record["training_times"] == "per-sample" and record["nfe_forward_per_iter"] > 0
