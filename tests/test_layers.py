@@ -12,7 +12,14 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "torchode_adjoint"
 
 # How a solve is differentiated: the modes/ folder. Nothing below may import one of these.
-MODES = {"modes", "modes.base", "modes.adjoint", "modes.checkpoint", "modes.reversible"}
+MODES = {
+    "modes",
+    "modes.base",
+    "modes.adjoint",
+    "modes.checkpoint",
+    "modes.reversible",
+    "modes.per_sample",
+}
 # Data, numerics and the executor: tableaus, the registry, methods and their steps (solvers/),
 # the step controllers (controllers/), states, one call of the dynamics, the VJP, the compiled
 # step, the executor.
@@ -28,7 +35,9 @@ SOLVER_LAYER = {
     "controllers",
     "controllers.fixed",
     "controllers.error",
+    "controllers.per_sample",
     "_executor",
+    "_per_sample",
     "_structure",
     "_rng",
     "_compat",

@@ -103,16 +103,13 @@ def sample_pass(
     interpolate: bool,
     record: SampleRecord | None = None,
     on_step: Callable[[SampleStep, Any, Stepped, Any], Any] | None = None,
-    differentiated: bool = False,
 ) -> Any:
     """One per-sample pass through the one loop; the last carry.
 
     After each accepted try the samples that accepted take the step, the outputs they reached
     are written into ``outputs`` (the interpolant at their own times where ``interpolate``, else
     the state the step ended on), ``record`` keeps the try, and ``on_step(taken, before, out,
-    merged)`` returns the carry to go on from (an adjoint's incoming gradients). Where the
-    try is ``differentiated`` and a sample that rejected it overflowed, the try is taken again
-    with that sample's step at zero (see :attr:`SampleStep.unsafe`).
+    merged)`` returns the carry to go on from (an adjoint's incoming gradients).
     """
     method = executor.method
     count = times.count
@@ -123,9 +120,6 @@ def sample_pass(
         if record is not None:
             record.before(before)
             record.steps.append(taken)
-        if taken.unsafe and differentiated:
-            h = sample_view(taken.masked(), method.output(before))
-            out = executor.step(f, before, h, taken.ts, dense=True)
         merged = merge(taken.accept, out[0], before)
         if outputs is not None:
             _write(outputs, method, times, taken, before, out, merged, interpolate, count)
@@ -214,12 +208,12 @@ def integrate_samples(
         controller = SampleSteps(
             times, method.nodes, y0, control=control, error_order=order, h0=h0,
             dense=interpolate, ratio=state_ratio(control), max_steps=control.max_steps,
+            retake=torch.is_grad_enabled(),
         )  # fmt: skip
     outputs = SampleOutputs(y0, times.count, y0)
     sample_pass(
-        executor, f, carry, controller, times, outputs, interpolate=interpolate, record=record,
-        differentiated=torch.is_grad_enabled(),
-    )  # fmt: skip
+        executor, f, carry, controller, times, outputs, interpolate=interpolate, record=record
+    )
     _count(counter, controller.counts, control is not None)
     states = outputs.states()
     if check_finite:

@@ -323,6 +323,10 @@ class SampleSteps:
         ``ratio(carry, out) -> (B,)``: each sample's error ratio of a try (error control).
     max_steps : int
         The most tries of the batch.
+    retake : bool, default False
+        The pass is differentiated: a try in which a sample that rejected overflowed is taken
+        again, with that sample's step at zero, before it is accepted (see
+        :attr:`SampleStep.unsafe`).
     """
 
     def __init__(
@@ -338,9 +342,12 @@ class SampleSteps:
         dense: bool = False,
         ratio: Callable[[Any, Stepped], torch.Tensor] | None = None,
         max_steps: int = 10_000_000,
+        retake: bool = False,
     ) -> None:
         self.times, self.nodes, self.like = times, tuple(nodes), like
         self.control, self.dense, self.ratio, self.max_steps = control, dense, ratio, max_steps
+        self.retake = retake
+        self._pending: SampleStep | None = None
         t = times.t
         batch = times.batch
         self.direction = times.direction
@@ -371,6 +378,9 @@ class SampleSteps:
         return carry
 
     def plan(self) -> Try | None:
+        pending = self._pending
+        if pending is not None:  # the same try again, the overflowed samples' steps at zero
+            return Try(sample_view(pending.masked(), self.like), pending.ts, dense=True)
         if self._done:
             return None
         if self._sizer is None:
@@ -393,6 +403,9 @@ class SampleSteps:
         return Try(sample_view(h, self.like), ts, dense=self.dense)
 
     def judge(self, carry: Any, out: Stepped) -> bool:
+        if self._pending is not None:  # the try taken again: decided already
+            self.taken, self._pending = self._pending, None
+            return True
         self.tries += 1
         if self.tries > self.max_steps:
             raise RuntimeError(
@@ -415,7 +428,11 @@ class SampleSteps:
         self.previous = torch.where(accept, ratio, self.previous)
         small = alive & (size < self._smallest(end))
         overflow = alive & ~accept & ~torch.isfinite(ratio)
-        return self._move(end, accept, small, overflow)
+        any_accept = self._move(end, accept, small, overflow)
+        if any_accept and self.retake and self.taken is not None and self.taken.unsafe:
+            self._pending = self.taken
+            return False
+        return any_accept
 
     def passed(self, carry: Any) -> Any:
         return carry

@@ -211,6 +211,7 @@ def adjoint_backward(
         controller = SampleSteps(
             times, method.nodes, y, control=control, error_order=method.error_order, h0=h0,
             ratio=_augmented_ratio(control), max_steps=control.max_steps,
+            retake=bool(job.vjp_params),
         )  # fmt: skip
     g_p = [torch.zeros_like(p) for p in job.vjp_params]
 
@@ -228,9 +229,8 @@ def adjoint_backward(
         return (y_m, a_m)
 
     y_end, a_end = sample_pass(
-        executor, products, (y, a), controller, times, None, interpolate=False,
-        on_step=on_step, differentiated=bool(job.vjp_params),
-    )  # fmt: skip
+        executor, products, (y, a), controller, times, None, interpolate=False, on_step=on_step
+    )
     job.spec.counter.backward_samples = controller.counts
     if control is not None:
         job.spec.counter.backward_accepted = int(controller.counts.accepted.sum())
