@@ -213,8 +213,8 @@ class RungeKutta(MethodBase):
         assert isinstance(h, torch.Tensor)
         batch = y.shape[0]
         weights = sample_dense_weights(self.tableau, theta.reshape(batch))
-        stages = torch.stack([k.reshape(batch, -1) for k in ks], 2)
-        acc = torch.bmm(stages, weights.unsqueeze(2)).view_as(y)
+        shape = (weights.shape[1], batch, *([1] * (y.dim() - 1)))
+        acc = (torch.stack(list(ks)) * weights.T.reshape(shape)).sum(0)
         return torch.addcmul(y, acc, h)
 
     def derivative(self, carry: Any) -> torch.Tensor | None:
