@@ -28,7 +28,7 @@ from .controllers.per_sample import (
     SampleSteps,
     SampleTimes,
     first_steps,
-    sample_rms,
+    sample_ratio,
     sample_view,
 )
 from .solvers.protocol import Method, Stepped
@@ -158,14 +158,13 @@ def _write(
 
 
 def state_ratio(control: ErrorControl) -> Callable[[Any, Stepped], torch.Tensor]:
-    """Each sample's error ratio of a try of a method on the state: the RMS of
-    ``err / (atol + rtol * max(|y0|, |y1|))`` over the sample."""
+    """Each sample's error ratio of a try of a method on the state
+    (:func:`~torchode_adjoint.controllers.per_sample.sample_ratio`)."""
 
     def ratio(carry: Any, out: Stepped) -> torch.Tensor:
         y0 = carry[0] if isinstance(carry, tuple) else carry
         y1 = out[0][0] if isinstance(out[0], tuple) else out[0]
-        scale = control.atol + control.rtol * torch.maximum(y0.abs(), y1.abs())
-        return sample_rms(out[1] / scale)
+        return sample_ratio(out[1], y0, y1, control)
 
     return ratio
 

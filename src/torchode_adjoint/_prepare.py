@@ -622,12 +622,16 @@ def _prepare_samples(
     nfe: NFECounter | None,
 ) -> Prepared:
     """:func:`prepare` for per-sample output times (``t`` of shape ``(B, T)``)."""
-    if StateStructure.of(y0) is not None:
-        raise ValueError(
-            "per-sample output times (a 2-D `t`) need the state `y0` to be one real tensor "
-            "with the batch first; a tuple, list or dict state (or a complex one) is not "
-            "supported with them: pass a 1-D `t`, or concatenate the parts."
-        )
+    structure = StateStructure.of(y0)
+    if structure is not None:
+        batch = t.shape[0] if t.dim() == 2 else None
+        if structure.batch != (batch,):
+            raise ValueError(
+                f"per-sample output times `t` of shape {tuple(t.shape)} need every part of the "
+                f"state `y0` to have the batch ({batch} samples) as its first dimension, got "
+                f"{structure!r}; give each part the batch first, or pass a 1-D `t`."
+            )
+        func, y0 = structure.wrap(func), structure.flatten(y0)
     y0 = _check_y0(y0)
     if t.device != y0.device:
         raise ValueError(
@@ -637,7 +641,7 @@ def _prepare_samples(
     if t.is_complex() or not t.is_floating_point():
         raise TypeError(f"`t` must hold real floating-point times, got dtype {t.dtype}.")
     samples = check_sample_times(t, y0)
-    control = config.control
+    control = _control_for(config.control, structure)
     if config.layout is not None or (
         control is not None and (control.step_times or control.jump_times)
     ):
@@ -682,7 +686,9 @@ def _prepare_samples(
         spec = dataclasses.replace(spec, control=control.for_dtype(dtype))
     elif control is not None:
         warn_unreachable_rtol(control, dtype)
-    return Prepared(spec=spec, mode=config.mode, y0=y0, t=samples.t, params=params)
+    return Prepared(
+        spec=spec, mode=config.mode, y0=y0, t=samples.t, params=params, structure=structure
+    )
 
 
 @torch.compiler.disable  # (its `reason=` needs a newer PyTorch than the oldest supported)

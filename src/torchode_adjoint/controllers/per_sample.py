@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..solvers.protocol import Stepped
-from .error import FLOOR, STRETCH, ErrorControl
+from .error import FLOOR, STRETCH, ErrorControl, _tolerance_of
 from .fixed import TimeGrid
 from .protocol import Try
 
@@ -44,6 +44,7 @@ __all__ = [
     "check_sample_times",
     "sample_view",
     "sample_rms",
+    "sample_ratio",
     "first_steps",
 ]
 
@@ -57,6 +58,20 @@ def sample_rms(x: torch.Tensor) -> torch.Tensor:
     """The RMS of each sample (over every dimension but the first): shape ``(B,)``."""
     flat = x.reshape(x.shape[0], -1)
     return torch.linalg.vector_norm(flat, dim=1) / math.sqrt(max(flat.shape[1], 1))
+
+
+def sample_ratio(
+    err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, control: ErrorControl
+) -> torch.Tensor:
+    """Each sample's error ratio (shape ``(B,)``): the RMS of ``err / (atol + rtol * max(|y0|,
+    |y1|))`` over the sample, or, for a structured state (``control.parts``), over each part
+    with its own tolerances, the largest part's value counting (as a shared solve's norm)."""
+    rtol = _tolerance_of(control.rtol, y0, control)
+    atol = _tolerance_of(control.atol, y0, control)
+    scaled = err / (atol + rtol * torch.maximum(y0.abs(), y1.abs()))
+    if not control.parts:
+        return sample_rms(scaled)
+    return torch.stack([sample_rms(scaled[:, o : o + n]) for o, n in control.parts]).amax(0)
 
 
 @dataclass(frozen=True, eq=False)

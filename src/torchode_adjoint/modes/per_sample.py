@@ -43,7 +43,7 @@ from ..controllers.per_sample import (
     SampleStep,
     SampleSteps,
     first_steps,
-    sample_rms,
+    sample_ratio,
     sample_view,
 )
 from ..solvers.methods import runge_kutta_tableau
@@ -202,7 +202,7 @@ def adjoint_backward(
             safety=control.safety, factor_min=control.factor_min,
             factor_max=control.factor_max, beta1=control.beta1, beta2=control.beta2,
             max_step=control.max_step, min_step=control.min_step,
-            max_steps=control.max_steps,
+            max_steps=control.max_steps, parts=control.parts,
         )  # fmt: skip
         t_end = sample_view(times.t[:, 0], y)
         with torch.no_grad():
@@ -247,10 +247,7 @@ def _initial(job: BackwardJob) -> torch.Tensor:
 
 def _augmented_ratio(control: ErrorControl) -> Any:
     def ratio(carry: Any, out: Stepped) -> torch.Tensor:
-        parts = []
-        for before, after, err in zip(carry, out[0], out[1]):
-            scale = control.atol + control.rtol * torch.maximum(before.abs(), after.abs())
-            parts.append(sample_rms(err / scale))
+        parts = [sample_ratio(e, b, a, control) for b, a, e in zip(carry, out[0], out[1])]
         return torch.maximum(parts[0], parts[1])
 
     return ratio
