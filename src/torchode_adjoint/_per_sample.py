@@ -122,7 +122,8 @@ def sample_pass(
             record.steps.append(taken)
         merged = merge(taken.accept, out[0], before)
         if outputs is not None:
-            _write(outputs, method, times, taken, before, out, merged, interpolate, count)
+            inside = interpolate and taken.inside
+            _write(outputs, method, times, taken, before, out, merged, inside, count)
         if on_step is not None:
             merged = on_step(taken, before, out, merged)
         return merged

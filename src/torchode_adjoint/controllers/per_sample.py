@@ -190,6 +190,9 @@ class SampleStep:
     n_out: torch.Tensor
     most: int
     unsafe: bool = False
+    inside: bool = True
+    """Whether an output time some sample reached lies inside its step (to interpolate), not
+    on its end."""
 
     def masked(self) -> torch.Tensor:
         """The step with zero for the samples that rejected it (their stages are then
@@ -514,14 +517,19 @@ class SampleSteps:
         self.next_out = first + n_out
         self.counts.accepted += accept
         self.counts.rejected += (t_old != self.t_end) & ~accept
-        most, any_accept, unsafe = 1, True, False
+        most, any_accept, unsafe, inside = 1, True, False, False
         if self._sizer is not None:
             assert small is not None and overflow is not None
             going = t_new != self.t_end
-            flags = torch.stack([accept, going, small, overflow]).any(1)
+            masks = [accept, going, small, overflow]
+            if self.dense:  # an output passed inside a step, not on its end: interpolate
+                on = self.times.t.gather(1, first.clamp(max=self.times.count - 1)[:, None])
+                masks.append((n_out > 1) | ((n_out == 1) & (on[:, 0] != t_new)))
+            flags = torch.stack(masks).any(1)
             read = torch.cat([flags.long(), n_out.max().view(1)]).tolist()
-            any_accept, self._done, most = bool(read[0]), not read[1], int(read[4])
+            any_accept, self._done, most = bool(read[0]), not read[1], int(read[-1])
             unsafe = bool(read[3])
+            inside = self.dense and bool(read[4])
             if read[2]:
                 self._too_small(small)
         assert self._trial is not None
@@ -535,6 +543,7 @@ class SampleSteps:
             n_out=n_out,
             most=most,
             unsafe=unsafe,
+            inside=inside,
         )
         self.t_now = t_new
         return any_accept
