@@ -372,7 +372,8 @@ class SampleSteps:
         self.t_now = t[:, 0].clone()
         self.t_end = t[:, -1]
         self.next_out = torch.ones(batch, dtype=torch.long, device=t.device)
-        self.counts = SampleCounts.zeros(batch, t.device)
+        self._accepted = torch.zeros(batch, dtype=torch.long, device=t.device)
+        self._tried = torch.zeros(batch, dtype=torch.long, device=t.device)
         self.tries = 0
         self._done = False
         self.taken: SampleStep | None = None
@@ -390,6 +391,11 @@ class SampleSteps:
             self._sizer = _Sizer(control, error_order)
             self.h_abs = h0
             self.previous = torch.ones_like(h0)
+
+    @property
+    def counts(self) -> SampleCounts:
+        """Each sample's accepted and rejected steps so far."""
+        return SampleCounts(self._accepted.clone(), self._tried - self._accepted)
 
     # -- the loop's protocol -------------------------------------------------------------
     def start(self, carry: Any) -> Any:
@@ -515,8 +521,8 @@ class SampleSteps:
             reached = ((self.times.t - t_new[:, None]) * d <= 0).sum(1)
             n_out = (reached - first).clamp(min=0)
         self.next_out = first + n_out
-        self.counts.accepted += accept
-        self.counts.rejected += (t_old != self.t_end) & ~accept
+        self._accepted += accept
+        self._tried += t_old != self.t_end
         most, any_accept, unsafe, inside = 1, True, False, False
         if self._sizer is not None:
             assert small is not None and overflow is not None
