@@ -344,3 +344,15 @@ def test_backprop_gives_second_derivatives_through_per_sample_steps() -> None:
     central = torch.stack([(grad(k + eye[i]) - grad(k - eye[i])) / 2e-5 for i in range(2)])
     assert close(hessian, central, 1e-6)
     assert float(hessian[0, 0]) > 0.1  # not a vanishing second derivative
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "adjoint"])
+def test_a_non_finite_gradient_names_the_sample(mode: str) -> None:
+    """An incoming gradient that is NaN for one sample: the backward pass says which."""
+    t = torch.tensor([[0.0, 0.5, 1.0], [0.0, 1.0, 2.0]], dtype=DT)
+    y0 = torch.ones(2, 2, dtype=DT, requires_grad=True)
+    y = odeint(lambda s, x: -x, y0, t, solver="rk4", step=0.1, adjoint=mode, params=())
+    weight = torch.ones_like(y)
+    weight[1, 1] = float("nan")
+    with pytest.raises(RuntimeError, match="sample 1"):
+        (y * weight).sum().backward()

@@ -236,8 +236,14 @@ def check_samples_finite(values: torch.Tensor, times: SampleTimes, what: str = "
         return
     b = int((~finite).any(1).nonzero()[0, 0])
     j = int((~finite[b]).nonzero()[0, 0])
+    where = (
+        f"by its output time t[{b}, {j}] = {times.host[b][j]:.6g}"
+        if what == "state"
+        else "in the backward pass (a NaN or infinite dL/dy of that sample from the loss makes "
+        "it so too)"
+    )
     raise RuntimeError(
-        f"the {what} of sample {b} became NaN or infinite by its output time t[{b}, {j}] = "
-        f"{times.host[b][j]:.6g}: reduce `step` or tighten `rtol`/`atol`, or check the "
-        "dynamics of that sample (pass `check_finite=False` to return it unchecked)."
+        f"the {what} of sample {b} became NaN or infinite {where}: reduce `step` or tighten "
+        "`rtol`/`atol`, or check the dynamics of that sample (pass `check_finite=False` to "
+        "return it unchecked)."
     )

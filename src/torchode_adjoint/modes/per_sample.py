@@ -119,6 +119,8 @@ def checkpoint_backward(job: BackwardJob) -> Gradients:
     if cot is None:  # no try was accepted: nothing integrated
         return Gradients(y0=None, t=None, params=[None] * len(params))
     gy0 = _backward_through(_parts(start), None, None, [y0], params, g_p, cot)[0]
+    if spec.check_finite:
+        check_samples_finite(gy0[:, None], times, "gradient dL/dy0")
     return Gradients(y0=gy0, t=None, params=[_zero_none(g, p) for g, p in zip(g_p, params)])
 
 
