@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchode_adjoint import NFECounter, PIController, StepTo, odeint
+from torchode_adjoint import Checkpoint, NFECounter, PIController, StepTo, odeint
 
 MODES = ["backprop", "checkpoint", "adjoint"]
 DT = torch.float64
@@ -356,3 +356,17 @@ def test_a_non_finite_gradient_names_the_sample(mode: str) -> None:
     weight[1, 1] = float("nan")
     with pytest.raises(RuntimeError, match="sample 1"):
         (y * weight).sum().backward()
+
+
+@pytest.mark.parametrize("every", [3, 7])
+def test_checkpoint_segments_of_several_tries_give_backprops_gradient(every: int) -> None:
+    kw = SOLVES["dopri5"]
+    net = make_net(3)
+    y0 = torch.randn(5, 3, dtype=DT)
+    t = sample_times(5)
+    w = torch.randn(6, 5, 3, dtype=DT)
+    _, _, g_y0, g_p = solve_batch(net, y0, t, w, "backprop", kw)
+    _, _, c_y0, c_p = solve_batch(net, y0, t, w, Checkpoint(every=every), kw)
+    assert close(c_y0, g_y0, 1e-12)
+    for a, b in zip(c_p, g_p):
+        assert close(a, b, 1e-12)
