@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -297,9 +298,9 @@ def validate_args(args: argparse.Namespace) -> None:
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        # A file of this process's own: the ranks of a distributed run probe the same folder.
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
     except OSError as err:
         raise UsageError(
             f"--output-dir {str(out)!r} cannot be created or written ({err.strerror}); pass a "
