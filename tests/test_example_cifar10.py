@@ -375,3 +375,18 @@ def test_the_threads_help_says_what_auto_measures() -> None:
         )
         assert " ".join(THREADS_HELP.split()) in " ".join(proc.stdout.split()), command
     assert "/proc/stat" in THREADS_HELP
+
+
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path: Path, capsys) -> None:
+    (tmp_path / "a_file").write_text("")
+    bad = tmp_path / "a_file" / "runs"  # under a file: cannot be created
+    rc = compare.main(["--data-dir", str(tmp_path / "none"), "--no-download", "--quick",
+                       "--output-dir", str(bad)])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--output-dir" in err and "Traceback" not in err
+    # A writable one leaves no probe file behind.
+    good = tmp_path / "runs"
+    compare.main(["--data-dir", str(tmp_path / "none"), "--no-download", "--quick",
+                  "--output-dir", str(good)])  # fmt: skip
+    assert good.is_dir() and not list(good.glob(".write-test*"))
