@@ -207,12 +207,6 @@ class SampleCounts:
     accepted: torch.Tensor
     rejected: torch.Tensor
 
-    @staticmethod
-    def zeros(batch: int, device: torch.device) -> SampleCounts:
-        """Counters at zero."""
-        z = torch.zeros(batch, dtype=torch.long, device=device)
-        return SampleCounts(z, z.clone())
-
 
 class _Sizer:
     """The I/PI rule of :class:`~torchode_adjoint.controllers.error.StepSizeController`, per
