@@ -370,3 +370,31 @@ def test_checkpoint_segments_of_several_tries_give_backprops_gradient(every: int
     assert close(c_y0, g_y0, 1e-12)
     for a, b in zip(c_p, g_p):
         assert close(a, b, 1e-12)
+
+
+def test_random_draws_in_the_dynamics_are_refused_by_the_replaying_modes() -> None:
+    """Dropout in training mode: the per-sample checkpoint replay does not replay the draws, so
+    it raises (as the continuous adjoint does) instead of differentiating other draws."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    t = torch.tensor([[0.0, 0.5, 1.0], [0.0, 0.7, 1.5]])
+    y0 = torch.randn(2, 3, requires_grad=True)
+    for mode in ("checkpoint", "adjoint"):
+        y = odeint(lambda s, y: net(y), y0, t, solver="rk4", step=0.1, adjoint=mode,
+                   params=list(net.parameters()))  # fmt: skip
+        with pytest.raises(RuntimeError, match="random numbers"):
+            y.sum().backward()
+
+
+def test_torch_func_grad_through_backprop_per_sample() -> None:
+    t = torch.tensor([[0.0, 0.5, 1.0], [0.0, 0.7, 1.5]], dtype=DT)
+    y0 = torch.randn(2, 3, dtype=DT)
+
+    def loss(a: torch.Tensor) -> torch.Tensor:
+        y = odeint(lambda s, y: -y, a, t, solver="dopri5", rtol=1e-10, atol=1e-12,
+                   adjoint="backprop", params=())  # fmt: skip
+        return y[-1].sum()
+
+    g = torch.func.grad(loss)(y0)
+    exact = torch.exp(-t[:, -1:]).expand(2, 3)  # d y(T)/d y0 of dy/dt = -y
+    assert close(g, exact, 1e-8)
