@@ -398,3 +398,12 @@ def test_torch_func_grad_through_backprop_per_sample() -> None:
     g = torch.func.grad(loss)(y0)
     exact = torch.exp(-t[:, -1:]).expand(2, 3)  # d y(T)/d y0 of dy/dt = -y
     assert close(g, exact, 1e-8)
+
+
+def test_integer_per_sample_times_are_cast_and_boolean_ones_refused() -> None:
+    y0 = torch.ones(2, 1, dtype=DT)
+    y = odeint(lambda s, y: -y, y0, torch.tensor([[0, 1], [0, 2]]), solver="rk4", step=0.01,
+               params=())  # fmt: skip
+    assert close(y[-1, :, 0], torch.exp(-torch.tensor([1.0, 2.0], dtype=DT)), 1e-9)
+    with pytest.raises(TypeError, match="`t`"):
+        odeint(lambda s, y: -y, y0, torch.tensor([[False, True], [False, True]]), params=())

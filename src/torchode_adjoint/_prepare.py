@@ -638,8 +638,8 @@ def _prepare_samples(
             f"`t` must be on the same device as `y0` ({y0.device}), got {t.device}; move it "
             f"with `t.to({str(y0.device)!r})`."
         )
-    if t.is_complex() or not t.is_floating_point():
-        raise TypeError(f"`t` must hold real floating-point times, got dtype {t.dtype}.")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"`t` must hold real times, got dtype {t.dtype}.")
     samples = check_sample_times(t, y0)
     control = _control_for(config.control, structure)
     if config.layout is not None or (
