@@ -363,6 +363,7 @@ class SampleSteps:
         t = times.t
         batch = times.batch
         self.direction = times.direction
+        self._signed = t * self.direction[:, None]
         self.t_now = t[:, 0].clone()
         self.t_end = t[:, -1]
         self.next_out = torch.ones(batch, dtype=torch.long, device=t.device)
@@ -410,7 +411,7 @@ class SampleSteps:
             index = self.next_out.clamp(max=self.times.count - 1)[:, None]
             stop = self.times.t.gather(1, index)[:, 0]
         remaining = (stop - self.t_now).abs()
-        hh = self.h_abs.clamp(max=self._max_step)
+        hh = self.h_abs if math.isinf(self._max_step) else self.h_abs.clamp(max=self._max_step)
         last = hh * STRETCH >= remaining
         end = torch.where(last, stop, self.t_now + self.direction * hh)
         end = torch.where(alive, end, self.t_now)
@@ -443,9 +444,10 @@ class SampleSteps:
         grown = torch.maximum(hh, size * factor)
         shrunk = size * factor.clamp(max=1.0)
         self.h_abs = torch.where(alive, torch.where(accept, grown, shrunk), self.h_abs)
-        self.previous = torch.where(accept, ratio, self.previous)
+        if self._sizer.control.beta2:  # the PI rule's memory of the last accepted ratio
+            self.previous = torch.where(accept, ratio, self.previous)
         small = alive & (size < self._smallest(end))
-        overflow = alive & ~accept & ~torch.isfinite(ratio)
+        overflow = alive & ~torch.isfinite(ratio)  # (a non-finite ratio is never accepted)
         any_accept = self._move(end, accept, small, overflow)
         if any_accept and self.retake and self.taken is not None and self.taken.unsafe:
             self._pending = self.taken
@@ -511,8 +513,8 @@ class SampleSteps:
         t_new = torch.where(accept, end, t_old)
         first = self.next_out
         if n_out is None:
-            d = self.direction[:, None]
-            reached = ((self.times.t - t_new[:, None]) * d <= 0).sum(1)
+            # Along each sample's direction: an output is reached where d t_j <= d t_new.
+            reached = (self._signed <= (t_new * self.direction)[:, None]).sum(1)
             n_out = (reached - first).clamp(min=0)
         self.next_out = first + n_out
         self._accepted += accept
