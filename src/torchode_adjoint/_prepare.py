@@ -42,7 +42,7 @@ from .controllers.fixed import (
     distinct_stage_times,
     make_grid,
 )
-from .controllers.per_sample import check_sample_times
+from .controllers.per_sample import check_row, check_sample_times
 from .modes.adjoint import ContinuousAdjoint
 from .modes.base import Backprop, GradientMode
 from .modes.checkpoint import Checkpoint
@@ -238,14 +238,7 @@ def check_times(t: object, y0: torch.Tensor, minimum: int = 2) -> tuple[torch.Te
         )
     t_cast = t.to(y0.dtype)
     host = t_cast.detach().cpu().tolist()
-    if not all(math.isfinite(v) for v in host):
-        raise ValueError(f"`t` must hold finite times, got {host}.")
-    diffs = [b - a for a, b in zip(host[:-1], host[1:])]
-    if not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
-        raise ValueError(
-            f"`t` must be strictly increasing or strictly decreasing (no repeated times, in "
-            f"{y0.dtype}), got {host}."
-        )
+    check_row(host, "`t`", y0.dtype)
     return t_cast, host
 
 
@@ -598,12 +591,8 @@ def prepare(
         executor=config.executor,
         control=_control_for(config.control, structure),
     )
-    if spec.control is not None and spec.control.default_tolerances:
-        spec = dataclasses.replace(spec, control=spec.control.for_dtype(y0.dtype))
-    elif spec.control is not None:
-        warn_unreachable_rtol(spec.control, y0.dtype)
     return Prepared(
-        spec=spec,
+        spec=_fitted(spec, y0.dtype),
         mode=config.mode,
         y0=y0,
         t=t_cast,
@@ -667,7 +656,7 @@ def _prepare_samples(
         return make_grid(row, config.step, torch.finfo(dtype).eps, max_steps=config.max_steps)
 
     if control is None:  # every sample's steps laid out (and counted) before any is taken
-        grid = [layout(row) for row in samples.host][0]
+        grid = [layout(row) for row in samples.host][0]  # (the first's stands for the spec)
     else:
         grid = make_grid(samples.host[0], None, torch.finfo(dtype).eps)
     counter = nfe if nfe is not None else NFECounter()
@@ -682,13 +671,25 @@ def _prepare_samples(
         samples=samples,
         layout=layout,
     )
-    if control is not None and control.default_tolerances:
-        spec = dataclasses.replace(spec, control=control.for_dtype(dtype))
-    elif control is not None:
-        warn_unreachable_rtol(control, dtype)
     return Prepared(
-        spec=spec, mode=config.mode, y0=y0, t=samples.t, params=params, structure=structure
+        spec=_fitted(spec, dtype),
+        mode=config.mode,
+        y0=y0,
+        t=samples.t,
+        params=params,
+        structure=structure,
     )
+
+
+def _fitted(spec: SolveSpec, dtype: torch.dtype) -> SolveSpec:
+    """``spec`` with the default tolerances fitted to ``dtype``, or a warning where the
+    user's ``rtol`` is below what ``dtype`` resolves."""
+    control = spec.control
+    if control is not None and control.default_tolerances:
+        return dataclasses.replace(spec, control=control.for_dtype(dtype))
+    if control is not None:
+        warn_unreachable_rtol(control, dtype)
+    return spec
 
 
 @torch.compiler.disable  # (its `reason=` needs a newer PyTorch than the oldest supported)

@@ -42,6 +42,7 @@ __all__ = [
     "SampleSteps",
     "ReplaySteps",
     "check_sample_times",
+    "check_row",
     "sample_view",
     "sample_rms",
     "sample_ratio",
@@ -144,15 +145,21 @@ def check_sample_times(t: torch.Tensor, y0: torch.Tensor) -> SampleTimes:
     t_cast = t.detach().to(y0.dtype)
     host: list[list[float]] = t_cast.cpu().tolist()
     for b, row in enumerate(host):
-        if not all(math.isfinite(v) for v in row):
-            raise ValueError(f"`t[{b}]` (the times of sample {b}) must be finite, got {row}.")
-        diffs = [q - p for p, q in zip(row[:-1], row[1:])]
-        if not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
-            raise ValueError(
-                f"`t[{b}]` (the times of sample {b}) must be strictly increasing or strictly "
-                f"decreasing (no repeated times, in {y0.dtype}), got {row}."
-            )
+        check_row(row, f"`t[{b}]` (the times of sample {b})", y0.dtype)
     return SampleTimes(t_cast, host)
+
+
+def check_row(row: Sequence[float], name: str, dtype: torch.dtype) -> None:
+    """Raise a ValueError naming ``name`` where the host times ``row`` are not finite or not
+    strictly monotonic (in ``dtype``)."""
+    if not all(math.isfinite(v) for v in row):
+        raise ValueError(f"{name} must hold finite times, got {row}.")
+    diffs = [q - p for p, q in zip(row[:-1], row[1:])]
+    if not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+        raise ValueError(
+            f"{name} must be strictly increasing or strictly decreasing (no repeated times, in "
+            f"{dtype}), got {row}."
+        )
 
 
 @dataclass(frozen=True, eq=False)

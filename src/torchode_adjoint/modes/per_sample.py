@@ -22,6 +22,7 @@ Gradients with respect to per-sample times are not computed (refused where ``t``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,14 +199,14 @@ def adjoint_backward(
         assert spec.layout is not None
         controller = SampleSteps(times, method.nodes, y, grid=spec.layout)
     else:
-        control = ErrorControl(
+        # The forward's controller with the adjoint's own tolerances where given; the first
+        # step is the backward pass's own (as the shared-t adjoint's).
+        control = dataclasses.replace(
+            control,
             rtol=control.rtol if rtol is None else rtol,
             atol=control.atol if atol is None else atol,
-            safety=control.safety, factor_min=control.factor_min,
-            factor_max=control.factor_max, beta1=control.beta1, beta2=control.beta2,
-            max_step=control.max_step, min_step=control.min_step,
-            max_steps=control.max_steps, parts=control.parts,
-        )  # fmt: skip
+            first_step=None,
+        )
         t_end = sample_view(times.t[:, 0], y)
         with torch.no_grad():
             f_end = job.f(t_end, y)
